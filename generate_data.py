@@ -1,0 +1,735 @@
+"""Build captioned image data (COCO layout + one pickle) that every other script reads.
+
+Question answered: which images, captions, categories and boxes do the diffusion and retrieval
+experiments run on? Either a procedural world of coloured shapes (default, no download, with a
+category-balanced `pretrain` split and a COCO-shaped long-tailed `train` split), or a real COCO
+2014/2017 folder turned into the same pickle.
+
+Commands:
+    python generate_data.py --quick                         # smoke run, ~500 images, a few seconds
+    python generate_data.py                                 # shapes: 10k pretrain, 5k train, 500 val, 1k test
+    python generate_data.py --splits train,test --imbalance 50 --size 128
+    python generate_data.py --source coco --coco-root ~/coco   # captions_val2017.json etc. under annotations/
+    python generate_data.py --source coco --coco-root ~/coco --coco-splits train2017=train,val2017=val,val2017=test
+
+Outputs (shapes): <out>/annotations/{instances,captions}_<split>.json, <out>/<split>/<image_id:012d>.png
+and <out>/data.pkl (read it with `utils.load_data`). Outputs (coco): <out>/data.pkl only; its image
+paths point into --coco-root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import functools
+import multiprocessing as mp
+import os
+import pickle
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from utils import DEFAULT_DATA, REPO, UserError, check, cli, load_data, read_json, write_json
+
+SOURCES = ("shapes", "coco")
+SPLITS = ("pretrain", "train", "val", "test")
+SPLIT_IDS = {name: i + 1 for i, name in enumerate(SPLITS)}  # part of every image's seed and id
+ID_BLOCK = 10**8  # image_id = split_id * ID_BLOCK + index + 1: unique across splits, stable across runs
+DEFAULT_COUNTS = {"pretrain": 10000, "train": 5000, "val": 500, "test": 1000}
+QUICK_COUNTS = {"pretrain": 200, "train": 200, "val": 50, "test": 50}
+DEFAULT_COCO_OUT = REPO / "data" / "coco"
+SUPERSAMPLE = 4
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "heart",
+          "hexagon", "diamond", "ring", "pentagon", "crescent", "arrow")
+SUPERCATEGORIES = {
+    "circle": "round", "ring": "round", "crescent": "round",
+    "square": "polygon", "triangle": "polygon", "hexagon": "polygon", "diamond": "polygon", "pentagon": "polygon",
+    "star": "symbol", "cross": "symbol", "heart": "symbol", "arrow": "symbol",
+}
+CATEGORIES = tuple({"id": i + 1, "name": s, "supercategory": SUPERCATEGORIES[s]} for i, s in enumerate(SHAPES))
+# Saturated, bright and about 30-60 degrees apart in hue, so a small object still reads as its colour.
+COLORS = {
+    "red": (220, 30, 30), "orange": (250, 140, 0), "yellow": (245, 225, 20), "green": (30, 190, 50),
+    "cyan": (20, 200, 220), "blue": (30, 70, 235), "purple": (150, 50, 220), "pink": (245, 100, 190),
+}
+SIZES = {"small": 0.18, "large": 0.30}  # object extent as a fraction of the image side
+ROWS = ("top", "middle", "bottom")
+COLS = ("left", "center", "right")
+CELLS = tuple((r, c) for r in range(3) for c in range(3))
+JITTER = 0.08  # centre jitter inside a cell, fraction of the image side
+MAX_OBJECTS = 3
+BACKGROUNDS = ("solid", "vgradient", "hgradient", "noise")
+NUMBER_WORDS = ("one", "two", "three")
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+
+# Approximate COCO train2017 instances per category, sorted descending (person ... hair drier).
+# From memory of the published per-category statistics; only the curve's shape is used.
+COCO_TRAIN2017_INSTANCES = (
+    262465, 43867, 38491, 24715, 24342, 20650, 15714, 14358, 12884, 12354, 11431, 10806, 10759, 9973,
+    9838, 9509, 9458, 9076, 8725, 8720, 8652, 8147, 7913, 7852, 7770, 7308, 7179, 7113, 6646, 6613,
+    6587, 6496, 6434, 6399, 6353, 6347, 6334, 6192, 6165, 6126, 6069, 5851, 5821, 5805, 5779, 5703,
+    5610, 5543, 5513, 5508, 5479, 5303, 5135, 5131, 4970, 4812, 4793, 4768, 4571, 4373, 4192, 4157,
+    3747, 3334, 3276, 2918, 2855, 2685, 2682, 2637, 2262, 1983, 1954, 1865, 1673, 1481, 1294, 1285,
+    225, 198,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--source", default="shapes", help=f"where images come from: {' or '.join(SOURCES)}")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: {DEFAULT_DATA.parent} for shapes, {DEFAULT_COCO_OUT} for coco)")
+    parser.add_argument("--splits", default=None,
+                        help=f"comma-separated subset of {','.join(SPLITS)} (default: all that the source has)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (>= 0)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    shapes = parser.add_argument_group("shapes source")
+    shapes.add_argument("--size", type=int, default=64, help="image side in pixels, 32..256")
+    for split in SPLITS:
+        shapes.add_argument(f"--n-{split}", type=int, default=DEFAULT_COUNTS[split],
+                            help=f"images in {split} (default {DEFAULT_COUNTS[split]}; 0 leaves the split out)")
+    shapes.add_argument("--imbalance", type=float, default=100.0,
+                        help="train split: commonest/rarest category instance ratio (>= 1)")
+    shapes.add_argument("--quick", action="store_true",
+                        help=f"small run for smoke tests: {QUICK_COUNTS} images (overrides --n-*)")
+    coco = parser.add_argument_group("coco source")
+    coco.add_argument("--coco-root", type=Path, default=None,
+                      help="folder with annotations/captions_<name>.json, instances_<name>.json and <name>/ images")
+    coco.add_argument("--coco-splits", default=None,
+                      help="NAME=SPLIT,... e.g. train2017=train,val2017=val,val2017=test; a name mapped to k splits "
+                           "is divided into k seeded parts (default: train*=train, val*=val+test)")
+    args = parser.parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    check(args.source in SOURCES, f"unknown --source {args.source!r}; choose one of {', '.join(SOURCES)}")
+    check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
+    check(args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
+    if args.splits is not None:
+        args.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+        for split in args.splits:
+            check(split in SPLITS, f"unknown split {split!r} in --splits; valid splits: {', '.join(SPLITS)}")
+        check(args.splits, "--splits is empty")
+    if args.source == "shapes":
+        check(32 <= args.size <= 256, f"--size must be in 32..256 pixels, got {args.size}")
+        check(args.imbalance >= 1, f"--imbalance must be >= 1, got {args.imbalance}")
+        for split in SPLITS:
+            n = getattr(args, f"n_{split}")
+            check(0 <= n < ID_BLOCK, f"--n-{split} must be in 0..{ID_BLOCK - 1}, got {n}")
+        check(args.coco_root is None, "--coco-root needs --source coco")
+    else:
+        check(args.coco_root is not None, "--source coco needs --coco-root DIR")
+    args.out = args.out or (DEFAULT_DATA.parent if args.source == "shapes" else DEFAULT_COCO_OUT)
+
+
+# --------------------------------------------------------------------------- shapes: sampling
+def category_probs(imbalance: float) -> np.ndarray:
+    """Long-tail probabilities by rank, commonest first: COCO's sorted curve at 12 ranks, max/min = imbalance."""
+    log_counts = np.log(np.asarray(COCO_TRAIN2017_INSTANCES, dtype=np.float64))
+    ranks = np.linspace(0, len(log_counts) - 1, len(SHAPES))
+    curve = np.interp(ranks, np.arange(len(log_counts)), log_counts)
+    curve = (curve - curve.min()) / (curve.max() - curve.min()) * np.log(imbalance)
+    probs = np.exp(curve)
+    return probs / probs.sum()
+
+
+def train_category_order(seed: int) -> list[str]:
+    """Which shape gets which long-tail rank (commonest first): a permutation seeded by --seed only."""
+    rng = np.random.default_rng([seed, 0])
+    return [SHAPES[i] for i in rng.permutation(len(SHAPES))]
+
+
+def shape_probs(order: list[str], rank_probs: np.ndarray) -> np.ndarray:
+    """Per-shape probabilities in SHAPES order, from shapes ranked commonest first."""
+    probs = np.zeros(len(SHAPES))
+    for name, p in zip(order, rank_probs):
+        probs[SHAPES.index(name)] = p
+    return probs
+
+
+def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """One generator per image, so images can be made in any order, by any worker."""
+    return np.random.default_rng([seed, SPLIT_IDS[split], index])
+
+
+def sample_objects(rng: np.random.Generator, probs: np.ndarray | None = None) -> list[dict]:
+    """Draw 1-3 objects in distinct cells; each object's category from `probs` (None: uniform)."""
+    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    cells = rng.choice(len(CELLS), size=n, replace=False)
+    shapes = rng.choice(len(SHAPES), size=n, p=probs)
+    objects = []
+    for cell, shape in zip(cells, shapes):
+        size = list(SIZES)[int(rng.integers(len(SIZES)))]
+        row, col = CELLS[int(cell)]
+        jitter = rng.uniform(-JITTER, JITTER, size=2)
+        objects.append({
+            "shape": SHAPES[int(shape)],
+            "color": list(COLORS)[int(rng.integers(len(COLORS)))],
+            "size": size,
+            "cell": [row, col],
+            "center": [float((col + 0.5) / 3 + jitter[0]), float((row + 0.5) / 3 + jitter[1])],
+            "brightness": float(rng.uniform(0.85, 1.1)),
+        })
+    return objects
+
+
+def _hue(rgb) -> float:
+    return colorsys.rgb_to_hsv(*(v / 255 for v in rgb))[0] * 360
+
+
+def _muted_color(rng: np.random.Generator, avoid_hues: list[float]) -> list[int]:
+    """A dark-to-mid, low-saturation colour whose hue stays >= 45 degrees from every object's hue (else grey)."""
+    value = rng.uniform(0.2, 0.5)
+    saturation = rng.uniform(0.0, 0.25)
+    hue = rng.uniform(0, 360)
+    rgb = [int(round(v * 255)) for v in colorsys.hsv_to_rgb(hue / 360, saturation, value)]
+    hue = _hue(rgb)  # rounding a dark, greyish colour can move its hue a lot: test the colour we draw
+    if any(min(abs(hue - h), 360 - abs(hue - h)) < 45 for h in avoid_hues):
+        rgb = [int(round(value * 255))] * 3
+    return rgb
+
+
+def sample_background(objects: list[dict], rng: np.random.Generator) -> dict:
+    """A background spec (kind, two colours, noise seed) that contrasts with the scene's object colours."""
+    hues = [_hue(COLORS[o["color"]]) for o in objects]
+    return {
+        "kind": BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))],
+        "colors": [_muted_color(rng, hues), _muted_color(rng, hues)],
+        "noise_seed": int(rng.integers(2**31)),
+    }
+
+
+# --------------------------------------------------------------------------- shapes: rendering
+@functools.lru_cache(maxsize=None)
+def _unit_polygon(shape: str) -> tuple[tuple[float, float], ...]:
+    """Outline of a polygonal shape, centred at 0, extent about [-1, 1], y pointing down."""
+    def regular(k, radius=1.0, start=-90.0):
+        angles = np.deg2rad(start + 360.0 * np.arange(k) / k)
+        return np.stack([radius * np.cos(angles), radius * np.sin(angles)], 1)
+
+    if shape == "square":
+        pts = np.array([[-0.8, -0.8], [0.8, -0.8], [0.8, 0.8], [-0.8, 0.8]])
+    elif shape == "triangle":
+        pts = np.array([[0.0, -0.9], [1.0, 0.82], [-1.0, 0.82]])
+    elif shape == "star":
+        outer, inner = regular(5), regular(5, 0.45, -54.0)
+        pts = np.stack([outer, inner], 1).reshape(-1, 2) + [0, 0.1]
+    elif shape == "cross":
+        a, w = 0.95, 0.32
+        pts = np.array([[-w, -a], [w, -a], [w, -w], [a, -w], [a, w], [w, w], [w, a], [-w, a],
+                        [-w, w], [-a, w], [-a, -w], [-w, -w]])
+    elif shape == "heart":
+        t = np.linspace(0, 2 * np.pi, 72, endpoint=False)
+        x = 16 * np.sin(t) ** 3
+        y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t))
+        pts = np.stack([x, y], 1)
+        pts = (pts - (pts.max(0) + pts.min(0)) / 2) / (np.abs(pts).max() * 0.98)
+    elif shape == "hexagon":
+        pts = regular(6, 1.0, 0.0)
+    elif shape == "diamond":
+        pts = np.array([[0.0, -1.0], [0.68, 0.0], [0.0, 1.0], [-0.68, 0.0]])
+    elif shape == "pentagon":
+        pts = regular(5) + [0, 0.095]
+    elif shape == "arrow":
+        pts = np.array([[-1.0, -0.22], [0.15, -0.22], [0.15, -0.65], [1.0, 0.0],
+                        [0.15, 0.65], [0.15, 0.22], [-1.0, 0.22]])
+    else:
+        raise KeyError(shape)
+    return tuple(map(tuple, pts.tolist()))
+
+
+def _draw_mask(shape: str, cx: float, cy: float, radius: float, side: int) -> Image.Image:
+    """The object's mask on a side x side 8-bit canvas (supersampled side), 255 inside."""
+    mask = Image.new("L", (side, side), 0)
+    draw = ImageDraw.Draw(mask)
+
+    def disc(x, y, r, fill):
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
+
+    if shape == "circle":
+        disc(cx, cy, 0.92 * radius, 255)
+    elif shape == "ring":
+        disc(cx, cy, 0.95 * radius, 255)
+        disc(cx, cy, 0.55 * radius, 0)
+    elif shape == "crescent":  # a disc minus an offset disc
+        disc(cx, cy, 0.95 * radius, 255)
+        disc(cx + 0.42 * radius, cy - 0.12 * radius, 0.78 * radius, 0)
+    else:
+        draw.polygon([(cx + x * radius, cy + y * radius) for x, y in _unit_polygon(shape)], fill=255)
+    return mask
+
+
+def _background_array(spec: dict, size: int) -> np.ndarray:
+    a, b = (np.asarray(c, dtype=np.float32) for c in spec["colors"])
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)
+    if spec["kind"] == "vgradient":
+        bg = a + (b - a) * ramp[:, None, None] + np.zeros((1, size, 1), np.float32)
+    elif spec["kind"] == "hgradient":
+        bg = a + (b - a) * ramp[None, :, None] + np.zeros((size, 1, 1), np.float32)
+    else:
+        bg = np.broadcast_to(a, (size, size, 3)).astype(np.float32)
+    if spec["kind"] == "noise":  # light grey grain, same on all channels so it adds no hue
+        noise = np.random.default_rng(spec["noise_seed"]).normal(0.0, 5.0, size=(size, size, 1))
+        bg = bg + noise.astype(np.float32)
+    return bg
+
+
+def _place(obj: dict, size: int) -> tuple[float, float, float]:
+    """Centre (x, y) and radius in output pixels; the centre is kept far enough in for the object to fit."""
+    check(obj["size"] in SIZES, f"unknown size {obj['size']!r}; choose one of {', '.join(SIZES)}")
+    frac = SIZES[obj["size"]]
+    row, col = obj["cell"]
+    fx, fy = obj.get("center") or ((col + 0.5) / 3, (row + 0.5) / 3)
+    lo, hi = frac / 2 + 0.02, 1 - frac / 2 - 0.02
+    return float(np.clip(fx, lo, hi)) * size, float(np.clip(fy, lo, hi)) * size, frac * size / 2
+
+
+def _mask_bbox(mask: np.ndarray) -> list[float]:
+    """Tight [x, y, w, h] of a boolean mask, in pixels (COCO convention: the box bounds the mask)."""
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+
+
+def _render(objects: list[dict], size: int, background) -> tuple[Image.Image, list[np.ndarray], list[list[float]]]:
+    """Render a scene; also return each object's output-resolution mask and tight bbox [x, y, w, h]."""
+    if background is None:
+        background = {"kind": "solid", "colors": [[96, 96, 96], [96, 96, 96]], "noise_seed": 0}
+    elif isinstance(background, np.random.Generator):
+        background = sample_background(objects, background)
+    canvas = _background_array(background, size)
+    big = size * SUPERSAMPLE
+    masks, boxes = [], []
+    for obj in objects:
+        check(obj["shape"] in SHAPES, f"unknown shape {obj['shape']!r}; choose one of {', '.join(SHAPES)}")
+        check(obj["color"] in COLORS, f"unknown colour {obj['color']!r}; choose one of {', '.join(COLORS)}")
+        cx, cy, radius = _place(obj, size)
+        mask_big = _draw_mask(obj["shape"], cx * SUPERSAMPLE, cy * SUPERSAMPLE, radius * SUPERSAMPLE, big)
+        alpha = np.asarray(mask_big.resize((size, size), Image.LANCZOS), dtype=np.float32)[..., None] / 255.0
+        color = np.clip(np.asarray(COLORS[obj["color"]], np.float32) * obj.get("brightness", 1.0), 0, 255)
+        canvas = canvas * (1.0 - alpha) + color * alpha
+        mask = alpha[..., 0] >= 0.5  # the pixels the object covers at least half of
+        masks.append(mask)
+        boxes.append(_mask_bbox(mask))
+    image = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
+    return image, masks, boxes
+
+
+def render_scene(objects: list[dict], size: int = 64, background=None) -> Image.Image:
+    """Render objects (dicts with shape, color, size, cell; optional center [fx, fy] and brightness) to an RGB image.
+
+    Without `center` an object sits in the middle of its cell. `background` is None (flat grey), a spec from
+    `sample_background`, or a numpy Generator to draw one from.
+    """
+    return _render(objects, size, background)[0]
+
+
+# --------------------------------------------------------------------------- shapes: captions
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def position_phrase(cell) -> str:
+    """'in the top left', ..., 'in the center'."""
+    row, col = cell
+    return "in the center" if (row, col) == (1, 1) else f"in the {ROWS[row]} {COLS[col]}"
+
+
+def _phrase(obj: dict, color: bool = True, size: bool = False, position: bool = False) -> str:
+    words = ([obj["size"]] if size else []) + ([obj["color"]] if color else []) + [obj["shape"]]
+    text = f"{_article(words[0])} {' '.join(words)}"
+    return f"{text} {position_phrase(obj['cell'])}" if position else text
+
+
+def _join(parts: list[str]) -> str:
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def true_relations(a: dict, b: dict) -> list[str]:
+    """Relation words that hold for `a <relation> b`, from their cells (rows top to bottom, cols left to right)."""
+    (ra, ca), (rb, cb) = a["cell"], b["cell"]
+    rels = []
+    if ca < cb:
+        rels.append("to the left of")
+    if ca > cb:
+        rels.append("to the right of")
+    if ra < rb:
+        rels.append("above")
+    if ra > rb:
+        rels.append("below")
+    return rels
+
+
+def _caption(kind: str, objects: list[dict], rng: np.random.Generator) -> str:
+    def coin(p: float = 0.5) -> bool:
+        return bool(rng.random() < p)
+
+    prefix = ("", "", "a picture of ", "an image of ", "a drawing of ")[int(rng.integers(5))]
+    n = len(objects)
+    order = [objects[i] for i in rng.permutation(n)]
+    if kind == "list":
+        return prefix + _join([_phrase(o, color=coin(0.8), size=coin(0.4)) for o in order])
+    if kind == "count":
+        noun = ("shape", "object")[int(rng.integers(2))] + ("s" if n > 1 else "")
+        return f"{NUMBER_WORDS[n - 1]} {noun}: " + _join([_phrase(o, color=coin(0.7), size=coin(0.4)) for o in order])
+    if kind == "color":
+        if coin():
+            return prefix + _join([f"{_article(o['shape'])} {o['shape']} in {o['color']}" for o in order])
+        colors = list(dict.fromkeys(o["color"] for o in order))
+        head = f"{_join(colors)} shapes" if n > 1 else f"{_article(colors[0])} {colors[0]} shape"
+        return f"{head}: " + _join([_phrase(o, color=False) for o in order])
+    if kind == "size":
+        return prefix + _join([_phrase(o, color=coin(), size=True) for o in order])
+    if kind == "position":
+        return prefix + _join([_phrase(o, color=coin(0.7), size=coin(0.4), position=True) for o in order])
+    if kind == "relation":
+        pairs = [(a, b) for a in order for b in order if a is not b]
+        a, b = pairs[int(rng.integers(len(pairs)))]
+        rels = true_relations(a, b)
+        text = f"{_phrase(a, size=coin(0.4))} {rels[int(rng.integers(len(rels)))]} {_phrase(b, size=coin(0.4))}"
+        rest = [o for o in order if o is not a and o is not b]
+        if rest:
+            text += ", and " + _phrase(rest[0], color=coin(0.7), position=coin())
+        return text
+    raise KeyError(kind)
+
+
+def make_captions(objects: list[dict], rng: np.random.Generator, n: int = 5) -> list[str]:
+    """`n` different captions from varied templates; each names every object's shape, relations are true.
+
+    A relation caption comes first whenever two objects exist (they always sit in different cells).
+    """
+    kinds = ["list", "count", "color", "size", "position"]
+    first = ["relation"] if len(objects) >= 2 else []
+    plan = first + [kinds[i] for i in rng.permutation(len(kinds))]
+    all_kinds = kinds + first
+    captions: list[str] = []
+    for attempt in range(200 * n):
+        kind = plan[attempt] if attempt < len(plan) else all_kinds[int(rng.integers(len(all_kinds)))]
+        text = _caption(kind, objects, rng)
+        if text not in captions:
+            captions.append(text)
+        if len(captions) == n:
+            return captions
+    raise ValueError(f"cannot make {n} different captions for {describe(objects)!r}")
+
+
+def describe(objects: list[dict]) -> str:
+    """One canonical caption: every object with size, colour, shape and position, in reading order."""
+    if not objects:
+        return "an empty background"
+    ordered = sorted(objects, key=lambda o: tuple(o["cell"]))
+    return _join([_phrase(o, color=True, size=True, position=True) for o in ordered])
+
+
+# --------------------------------------------------------------------------- shapes: one split
+def image_id_for(split: str, index: int) -> int:
+    return SPLIT_IDS[split] * ID_BLOCK + index + 1
+
+
+def make_image(seed: int, split: str, index: int, size: int, probs: np.ndarray | None):
+    """Sample, render and caption one image. Returns (image, record, areas)."""
+    rng = image_rng(seed, split, index)
+    objects = sample_objects(rng, probs)
+    image, masks, boxes = _render(objects, size, sample_background(objects, rng))
+    image_id = image_id_for(split, index)
+    record = {
+        "image_id": image_id,
+        "path": f"{split}/{image_id:012d}.png",
+        "width": size,
+        "height": size,
+        "captions": make_captions(objects, rng),
+        "category_ids": [SHAPES.index(o["shape"]) + 1 for o in objects],
+        "bboxes": boxes,
+        "objects": [{"shape": o["shape"], "color": o["color"], "size": o["size"], "cell": list(o["cell"])}
+                    for o in objects],
+    }
+    return image, record, [float(m.sum()) for m in masks]
+
+
+def _make_chunk(task):
+    """Worker: make images [start, stop) of a split and write their PNGs."""
+    out, seed, split, start, stop, size, probs = task
+    results = []
+    for index in range(start, stop):
+        image, record, areas = make_image(seed, split, index, size, probs)
+        image.save(Path(out) / record["path"], format="PNG")
+        results.append((record, areas))
+    return results
+
+
+def _pool_map(fn, tasks: list, workers: int, total: int, desc: str, weight=lambda result: 1):
+    """Ordered map with a progress bar; processes only when they help."""
+    results = []
+    with tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
+        if workers == 1 or len(tasks) == 1:
+            iterator = map(fn, tasks)
+            pool = None
+        else:
+            ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+            pool = ctx.Pool(min(workers, len(tasks)))
+            iterator = pool.imap(fn, tasks)
+        try:
+            for result in iterator:
+                results.append(result)
+                bar.update(weight(result))
+        finally:
+            if pool is not None:
+                pool.close()
+                pool.join()
+    return results
+
+
+def make_split(out: Path, seed: int, split: str, n: int, size: int, probs, workers: int):
+    """All images of a split (PNG files written); returns (records, areas per record)."""
+    (out / split).mkdir(parents=True, exist_ok=True)
+    chunk = max(1, min(250, -(-n // (4 * workers))))
+    tasks = [(str(out), seed, split, s, min(s + chunk, n), size, probs) for s in range(0, n, chunk)]
+    chunks = _pool_map(_make_chunk, tasks, workers, n, f"{split} images", weight=len)
+    pairs = [pair for part in chunks for pair in part]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def write_coco_json(out: Path, split: str, records: list[dict], areas: list[list[float]], seed: int) -> None:
+    info = {"description": f"procedural shapes, split {split}, from generate_data.py", "version": "1.0", "seed": seed}
+    images = [{"id": r["image_id"], "file_name": r["path"], "width": r["width"], "height": r["height"]}
+              for r in records]
+    instances, captions = [], []
+    for rec, rec_areas in zip(records, areas):
+        for j, (obj, bbox, area) in enumerate(zip(rec["objects"], rec["bboxes"], rec_areas)):
+            instances.append({
+                "id": rec["image_id"] * 10 + j + 1, "image_id": rec["image_id"],
+                "category_id": rec["category_ids"][j], "bbox": bbox, "area": area, "iscrowd": 0,
+                "attributes": {"color": obj["color"], "size": obj["size"], "cell": obj["cell"]},
+            })
+        for j, text in enumerate(rec["captions"]):
+            captions.append({"id": rec["image_id"] * 10 + j + 1, "image_id": rec["image_id"], "caption": text})
+    ann = out / "annotations"
+    write_json(ann / f"instances_{split}.json", {"info": info, "licenses": [], "images": images,
+                                                   "annotations": instances, "categories": list(CATEGORIES)})
+    write_json(ann / f"captions_{split}.json", {"info": info, "licenses": [], "images": images,
+                                                  "annotations": captions})
+
+
+def build_shapes(args: argparse.Namespace) -> dict:
+    """Render every requested split; write COCO json files; return the pickle's dict."""
+    order = train_category_order(args.seed)
+    rank_probs = category_probs(args.imbalance)
+    counts = QUICK_COUNTS if args.quick else {s: getattr(args, f"n_{s}") for s in SPLITS}
+    data = {
+        "version": 1, "source": "shapes", "seed": args.seed, "image_size": args.size,
+        "categories": [dict(c) for c in CATEGORIES], "colors": list(COLORS), "sizes": list(SIZES),
+        "train_category_order": order, "train_category_probs": [float(p) for p in rank_probs],
+        "splits": {},
+    }
+    for split in args.splits or SPLITS:
+        if counts[split] == 0:
+            continue
+        probs = shape_probs(order, rank_probs) if split == "train" else None
+        records, areas = make_split(args.out, args.seed, split, counts[split], args.size, probs, args.workers)
+        write_coco_json(args.out, split, records, areas, args.seed)
+        data["splits"][split] = records
+    check(data["splits"], "no images to make: every requested split has 0 images")
+    return data
+
+
+# --------------------------------------------------------------------------- coco source
+def parse_coco_mapping(text: str | None, names: list[str]) -> dict[str, list[str]]:
+    """COCO annotation name -> our splits. Default: train* -> train, val* -> val and test."""
+    mapping: dict[str, list[str]] = {}
+    if text is None:
+        for name in names:
+            if name.startswith("train"):
+                mapping[name] = ["train"]
+            elif name.startswith("val"):
+                mapping[name] = ["val", "test"]
+    else:
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            name, sep, split = item.partition("=")
+            check(sep == "=", f"bad --coco-splits item {item!r}; write NAME=SPLIT, e.g. val2017=test")
+            check(split in SPLITS, f"unknown split {split!r} in --coco-splits; valid splits: {', '.join(SPLITS)}")
+            check(name in names, f"no captions_{name}.json for --coco-splits item {item!r}; found: {', '.join(names)}")
+            mapping.setdefault(name, []).append(split)
+    targets = [s for splits in mapping.values() for s in splits]
+    dup = sorted({s for s in targets if targets.count(s) > 1})
+    if dup:
+        raise UserError(f"split {dup[0]!r} would get images from several COCO sets; choose with --coco-splits")
+    return mapping
+
+
+def read_coco_json(path: Path) -> dict:
+    check(path.is_file(), f"COCO annotation file not found: {path}")
+    data = read_json(path)
+    check(isinstance(data, dict) and isinstance(data.get("images"), list) and isinstance(data.get("annotations"), list),
+          f"{path} is not a COCO annotation file (needs 'images' and 'annotations' lists)")
+    return data
+
+
+def find_image_dir(root: Path, name: str) -> Path:
+    for folder in (root / name, root / "images" / name):
+        if folder.is_dir():
+            return folder
+    raise UserError(f"no image folder for {name}: looked for {root / name} and {root / 'images' / name}")
+
+
+def probe_image(path: str) -> str | None:
+    """'missing', 'unreadable' or None (usable), cheaply: PIL's verify reads the file without decoding it."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for broken files
+        return "unreadable"
+    return None
+
+
+def _probe_chunk(paths: list[str]) -> list[str | None]:
+    return [probe_image(p) for p in paths]
+
+
+def coco_records(root: Path, name: str, captions: dict, instances: dict, out: Path) -> list[dict]:
+    """One record per image of a COCO annotation set (paths relative to `out`), before probing the files."""
+    folder = find_image_dir(root, name)
+    texts: dict[int, list[str]] = {}
+    for ann in captions["annotations"]:
+        texts.setdefault(ann["image_id"], []).append(" ".join(str(ann["caption"]).split()))
+    objects: dict[int, list[dict]] = {}
+    for ann in instances["annotations"]:
+        objects.setdefault(ann["image_id"], []).append(ann)
+    records = []
+    for img in sorted(captions["images"], key=lambda im: im["id"]):
+        anns = objects.get(img["id"], [])
+        records.append({
+            "image_id": int(img["id"]),
+            "path": Path(os.path.relpath(folder / img["file_name"], out.resolve())).as_posix(),
+            "width": int(img.get("width", 0)), "height": int(img.get("height", 0)),
+            "captions": texts.get(img["id"], []),
+            "category_ids": [int(a["category_id"]) for a in anns],
+            "bboxes": [[float(v) for v in a["bbox"]] for a in anns],
+            "objects": [],
+        })
+    return records
+
+
+def build_coco(args: argparse.Namespace) -> dict:
+    """Read a COCO folder into the pickle's dict: split, probe images, drop the unusable ones."""
+    root = args.coco_root.expanduser().resolve()  # physical paths, so '..' in relative paths resolves right
+    check(root.is_dir(), f"COCO root not found: {root}")
+    ann_dir = root / "annotations"
+    check(ann_dir.is_dir(), f"no annotations folder in {root} (expected {ann_dir})")
+    names = sorted(p.name[len("captions_"):-len(".json")] for p in ann_dir.glob("captions_*.json"))
+    check(names, f"no captions_<name>.json files in {ann_dir}")
+    mapping = parse_coco_mapping(args.coco_splits, names)
+    available = {s for splits in mapping.values() for s in splits}
+    wanted = args.splits or [s for s in SPLITS if s in available]
+    for split in wanted:
+        check(split in available, f"split {split!r} has no COCO source here; map one with --coco-splits NAME={split}")
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)  # paths like out/../coco/x.jpg only resolve once out exists
+    categories: dict[int, dict] = {}
+    splits: dict[str, list[dict]] = {}
+    for name, targets in mapping.items():
+        if not set(targets) & set(wanted):
+            continue
+        captions = read_coco_json(ann_dir / f"captions_{name}.json")
+        instances = read_coco_json(ann_dir / f"instances_{name}.json")
+        for cat in instances.get("categories", []):
+            categories[int(cat["id"])] = {"id": int(cat["id"]), "name": cat["name"],
+                                          "supercategory": cat.get("supercategory", "")}
+        records = coco_records(root, name, captions, instances, out)
+        # A seeded shuffle divides one COCO set (e.g. val2017) into several splits (val, test).
+        rng = np.random.default_rng([args.seed, *name.encode()])
+        parts = np.array_split(rng.permutation(len(records)), len(targets))
+        for split, part in zip(targets, parts):
+            if split in wanted:
+                splits[split] = [records[i] for i in sorted(part)]
+
+    skipped: dict[str, Counter] = {}
+    for split in [s for s in SPLITS if s in splits]:
+        splits[split], skipped[split] = drop_unusable(out, splits[split], args.workers, split)
+        check(splits[split], f"no usable images left for split {split!r} "
+                             f"({', '.join(f'{v} {k}' for k, v in sorted(skipped[split].items()))})")
+    for split, counter in skipped.items():
+        if counter:
+            details = ", ".join(f"{v} {k}" for k, v in sorted(counter.items()))
+            print(f"{split}: skipped {sum(counter.values())} of {sum(counter.values()) + len(splits[split])} "
+                  f"images ({details})")
+    return {"version": 1, "source": "coco", "seed": args.seed, "image_size": None,
+            "categories": [categories[k] for k in sorted(categories)], "colors": [], "sizes": [],
+            "splits": {s: splits[s] for s in SPLITS if s in splits}}
+
+
+def drop_unusable(out: Path, records: list[dict], workers: int, split: str) -> tuple[list[dict], Counter]:
+    """Keep records whose image file exists, is readable and which have captions; count the rest by reason."""
+    paths = [str(out / r["path"]) for r in records]
+    chunk = 256
+    tasks = [paths[s:s + chunk] for s in range(0, len(paths), chunk)]
+    verdicts = [v for part in _pool_map(_probe_chunk, tasks, workers, len(paths), f"{split} images", weight=len)
+                for v in part]
+    kept, skipped = [], Counter()
+    for rec, verdict in zip(records, verdicts):
+        verdict = verdict or (None if rec["captions"] else "without captions")
+        if verdict:
+            skipped[verdict] += 1
+        else:
+            kept.append(rec)
+    return kept, skipped
+
+
+# --------------------------------------------------------------------------- output
+def write_pickle(path: Path, data: dict) -> None:
+    """Atomic write: a crash never leaves a half pickle where the other scripts look."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as fh:
+        pickler = pickle.Pickler(fh, protocol=pickle.HIGHEST_PROTOCOL)
+        # No memo: bytes then depend only on content, not on which strings the worker processes happened
+        # to share, so a seed gives the same file with any --workers. The data has no cycles.
+        pickler.fast = True
+        pickler.dump(data)
+    os.replace(tmp, path)
+
+
+def print_summary(data: dict, path: Path, seconds: float) -> None:
+    sizes = ", ".join(f"{split} {len(recs)}" for split, recs in data["splits"].items())
+    print(f"wrote {path} ({data['source']}): {sizes} images in {seconds:.1f} s")
+    if "train" in data["splits"]:
+        names = {c["id"]: c["name"] for c in data["categories"]}
+        counts = Counter(c for rec in data["splits"]["train"] for c in rec["category_ids"])
+        present = [counts.get(k, 0) for k in names]
+        print("train instances per category: " + ", ".join(
+            f"{names[k]} {counts[k]}" for k in sorted(names, key=lambda k: -counts.get(k, 0))))
+        if present and min(present) > 0:
+            print(f"train commonest/rarest instance ratio: {max(present) / min(present):.1f}")
+        else:
+            print(f"train commonest/rarest instance ratio: inf ({present.count(0)} of {len(present)} categories "
+                  "have no instance)")
+
+
+def main(argv=None) -> dict:
+    # 1. arguments
+    args = parse_args(argv)
+    start = time.perf_counter()
+    # 2. images, captions and annotations
+    data = build_shapes(args) if args.source == "shapes" else build_coco(args)
+    # 3. the pickle every other script reads; check that the loader accepts it
+    path = args.out / "data.pkl"
+    write_pickle(path, data)
+    load_data(path, splits=list(data["splits"]))
+    print_summary(data, path, time.perf_counter() - start)
+    return data
+
+
+if __name__ == "__main__":
+    cli(main)

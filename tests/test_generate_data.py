@@ -1,0 +1,398 @@
+"""Tests for generate_data.py: determinism, COCO layout, vocabulary, true captions, long tail, COCO loader, errors.
+
+Run from the repo root: .venv/bin/pytest tests/test_generate_data.py -q
+"""
+
+import colorsys
+import json
+import pickle
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # tests import the scripts as modules; no conftest needed
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+import generate_data as gd  # noqa: E402
+from utils import UserError, load_data  # noqa: E402
+
+SMALL = ["--n-pretrain", "120", "--n-train", "80", "--n-val", "0", "--n-test", "40"]
+
+ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")  # spelled out: the test's own truth
+COLOR_RE = "|".join(gd.COLORS)
+SHAPE_RE = "|".join(gd.SHAPES)
+PHRASE = rf"an? (?:(?:small|large) )?(?:(?:{COLOR_RE}) )?(?:{SHAPE_RE})"
+RELATION_RE = re.compile(rf"({PHRASE}) (to the left of|to the right of|above|below) ({PHRASE})")
+POSITION_RE = re.compile(rf"({PHRASE}) in the (center|(?:top|middle|bottom) (?:left|center|right))")
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Same seed serially and with 2 processes; another seed on the test split only."""
+    base = tmp_path_factory.mktemp("shapes")
+    gd.main(["--out", str(base / "a"), "--seed", "0", "--workers", "1", *SMALL])
+    gd.main(["--out", str(base / "b"), "--seed", "0", "--workers", "2", *SMALL])
+    gd.main(["--out", str(base / "c"), "--seed", "1", "--workers", "1", "--splits", "test", "--n-test", "40"])
+    return base
+
+
+@pytest.fixture(scope="module")
+def data(runs):
+    return load_data(runs / "a" / "data.pkl")
+
+
+def _records(data):
+    return [rec for recs in data["splits"].values() for rec in recs]
+
+
+# --------------------------------------------------------------------------- determinism
+def _pngs(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def test_same_seed_gives_identical_pickle_and_images_serial_or_parallel(runs):
+    assert (runs / "a" / "data.pkl").read_bytes() == (runs / "b" / "data.pkl").read_bytes()
+    a, b = _pngs(runs / "a"), _pngs(runs / "b")
+    assert len(a) == 240 and a == b
+
+
+def test_different_seed_gives_different_data(runs):
+    with open(runs / "a" / "data.pkl", "rb") as fh:
+        a = pickle.load(fh)
+    with open(runs / "c" / "data.pkl", "rb") as fh:
+        c = pickle.load(fh)
+    assert list(c["splits"]) == ["test"]  # --splits test made only that split
+    assert not (runs / "c" / "pretrain").exists()
+    same_captions = sum(x["captions"] == y["captions"] for x, y in zip(a["splits"]["test"], c["splits"]["test"]))
+    assert same_captions == 0
+    a_png, c_png = _pngs(runs / "a" / "test"), _pngs(runs / "c" / "test")
+    assert a_png.keys() == c_png.keys()
+    assert sum(a_png[k] == c_png[k] for k in a_png) == 0
+    assert a["train_category_order"] != c["train_category_order"]
+
+
+# --------------------------------------------------------------------------- COCO json files
+@pytest.mark.parametrize("split", ["pretrain", "train", "test"])
+def test_coco_json_is_valid_and_matches_pickle(runs, data, split):
+    out = runs / "a"
+    inst = json.loads((out / "annotations" / f"instances_{split}.json").read_text())
+    caps = json.loads((out / "annotations" / f"captions_{split}.json").read_text())
+    image_ids = [im["id"] for im in inst["images"]]
+    assert len(set(image_ids)) == len(image_ids) == len(data["splits"][split])
+    assert [im["id"] for im in caps["images"]] == image_ids
+    for im in inst["images"]:
+        assert (out / im["file_name"]).is_file() and im["file_name"] == f"{split}/{im['id']:012d}.png"
+        assert (im["width"], im["height"]) == (64, 64)
+        assert Image.open(out / im["file_name"]).size == (64, 64)
+
+    ann_ids = [a["id"] for a in inst["annotations"]]
+    assert len(set(ann_ids)) == len(ann_ids)
+    assert {c["id"] for c in inst["categories"]} == set(range(1, 13))
+    assert {c["supercategory"] for c in inst["categories"]} == {"round", "polygon", "symbol"}
+    for ann in inst["annotations"]:
+        assert ann["image_id"] in set(image_ids) and ann["iscrowd"] == 0 and 1 <= ann["category_id"] <= 12
+        x, y, w, h = ann["bbox"]
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 64 and y + h <= 64
+        assert 0.3 * w * h < ann["area"] <= w * h + 1e-6  # shapes fill a good part of their box
+        assert set(ann["attributes"]) == {"color", "size", "cell"}
+        assert ann["attributes"]["color"] in gd.COLORS and ann["attributes"]["size"] in gd.SIZES
+
+    per_image = Counter(a["image_id"] for a in caps["annotations"])
+    assert set(per_image) == set(image_ids) and set(per_image.values()) == {5}
+    by_image = {}
+    for ann in caps["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann["caption"])
+    for rec in data["splits"][split]:
+        assert len(set(by_image[rec["image_id"]])) == 5
+        assert by_image[rec["image_id"]] == rec["captions"]
+        boxes = [a["bbox"] for a in inst["annotations"] if a["image_id"] == rec["image_id"]]
+        assert boxes == rec["bboxes"] and len(boxes) == len(rec["objects"]) == len(rec["category_ids"])
+
+
+# --------------------------------------------------------------------------- vocabulary and captions
+def test_vocabulary_covers_categories_colours_sizes(data):
+    objects = [o for rec in _records(data) for o in rec["objects"]]
+    assert len({o["shape"] for o in objects}) >= 10
+    assert len({o["color"] for o in objects}) >= 8
+    assert {o["size"] for o in objects} == {"small", "large"}
+    assert {len(rec["objects"]) for rec in _records(data)} == {1, 2, 3}
+    assert len(gd.SHAPES) == 12 and len(gd.COLORS) == 8 and len(gd.CELLS) == 9
+    for rec in _records(data):
+        assert rec["category_ids"] == [gd.SHAPES.index(o["shape"]) + 1 for o in rec["objects"]]
+        assert len({tuple(o["cell"]) for o in rec["objects"]}) == len(rec["objects"])  # distinct cells
+
+
+def test_every_caption_names_every_objects_shape(data):
+    for rec in _records(data):
+        assert len(rec["captions"]) == len(set(rec["captions"])) == 5
+        for caption in rec["captions"]:
+            for obj in rec["objects"]:
+                assert re.search(rf"\b{obj['shape']}\b", caption), (caption, rec["objects"])
+
+
+def _fits(phrase, obj):
+    words = phrase.split()[1:]
+    return words[-1] == obj["shape"] and all(w in (obj["size"], obj["color"]) for w in words[:-1])
+
+
+def _holds(relation, a, b):
+    (ra, ca), (rb, cb) = a["cell"], b["cell"]
+    return {"to the left of": ca < cb, "to the right of": ca > cb, "above": ra < rb, "below": ra > rb}[relation]
+
+
+def _centre(box):
+    return box[0] + box[2] / 2, box[1] + box[3] / 2
+
+
+def _holds_in_pixels(relation, box_a, box_b):
+    (xa, ya), (xb, yb) = _centre(box_a), _centre(box_b)
+    return {"to the left of": xa < xb, "to the right of": xa > xb, "above": ya < yb, "below": ya > yb}[relation]
+
+
+def test_relation_captions_are_true_in_cells_and_pixels(data):
+    seen = Counter()
+    for rec in _records(data):
+        objs, boxes = rec["objects"], rec["bboxes"]
+        for caption in rec["captions"]:
+            for m in RELATION_RE.finditer(caption):
+                a_text, relation, b_text = m.groups()
+                pairs = [(i, j) for i in range(len(objs)) for j in range(len(objs))
+                         if i != j and _fits(a_text, objs[i]) and _fits(b_text, objs[j])]
+                assert any(_holds(relation, objs[i], objs[j]) and _holds_in_pixels(relation, boxes[i], boxes[j])
+                           for i, j in pairs), (caption, objs, boxes)
+                seen[relation] += 1
+    assert sum(seen.values()) >= 100 and set(seen) == set(gd.RELATIONS)
+
+
+def test_relation_and_position_captions_are_true_on_many_scenes():
+    relations = positions = 0
+    for i in range(400):
+        rng = np.random.default_rng(i)
+        objs = gd.sample_objects(rng)
+        for caption in gd.make_captions(objs, rng):
+            for m in RELATION_RE.finditer(caption):
+                a_text, relation, b_text = m.groups()
+                assert any(_holds(relation, a, b) for a in objs for b in objs
+                           if a is not b and _fits(a_text, a) and _fits(b_text, b)), (caption, objs)
+                relations += 1
+            for m in POSITION_RE.finditer(caption):
+                name = m.group(2)
+                row, _, col = name.partition(" ")
+                cell = [1, 1] if name == "center" else [ROWS.index(row), COLS.index(col)]
+                assert any(_fits(m.group(1), o) and o["cell"] == cell for o in objs), (caption, objs)
+                positions += 1
+    assert relations > 200 and positions > 200
+
+
+def test_describe_is_canonical():
+    objs = [{"shape": "circle", "color": "blue", "size": "small", "cell": [1, 1]},
+            {"shape": "star", "color": "red", "size": "large", "cell": [0, 0]}]
+    assert gd.describe(objs) == "a large red star in the top left and a small blue circle in the center"
+    assert gd.describe([{"shape": "arrow", "color": "orange", "size": "small", "cell": [2, 1]}]) == \
+        "a small orange arrow in the bottom center"
+
+
+# --------------------------------------------------------------------------- rendering
+def test_render_scene_draws_the_labelled_object_antialiased():
+    obj = {"shape": "circle", "color": "red", "size": "large", "cell": [1, 1]}
+    image = np.asarray(gd.render_scene([obj], 64))
+    assert image.shape == (64, 64, 3)
+    assert np.abs(image[32, 32].astype(int) - gd.COLORS["red"]).max() <= 2
+    assert np.abs(image[2, 2].astype(int) - 96).max() <= 2  # default flat grey background
+    assert np.abs(image[32, 4].astype(int) - 96).max() <= 2  # left of a centred circle is background
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 5  # soft edges from supersampling
+    star = np.asarray(gd.render_scene([dict(obj, shape="star")], 64))
+    assert (np.abs(star.astype(int) - image.astype(int)).sum(-1) > 30).sum() > 50
+
+
+def test_render_scene_is_deterministic_for_a_generator():
+    objs = gd.sample_objects(np.random.default_rng(3))
+    a = gd.render_scene(objs, 96, np.random.default_rng(7)).tobytes()
+    b = gd.render_scene(objs, 96, np.random.default_rng(7)).tobytes()
+    c = gd.render_scene(objs, 96, np.random.default_rng(8)).tobytes()
+    assert a == b and a != c
+
+
+def test_background_never_shares_an_objects_hue():
+    for i in range(300):
+        rng = np.random.default_rng(i)
+        objs = gd.sample_objects(rng)
+        spec = gd.sample_background(objs, rng)
+        for color in spec["colors"]:
+            assert max(color) <= 130  # dark to mid, so saturated object colours stand out
+            hue, saturation, _ = colorsys.rgb_to_hsv(*(v / 255 for v in color))
+            for obj in objs:
+                assert np.linalg.norm(np.subtract(color, gd.COLORS[obj["color"]])) > 100
+                obj_hue = colorsys.rgb_to_hsv(*(v / 255 for v in gd.COLORS[obj["color"]]))[0]
+                gap = abs(hue - obj_hue) * 360
+                assert saturation < 0.02 or min(gap, 360 - gap) >= 45, (color, obj["color"])
+
+
+# --------------------------------------------------------------------------- long tail
+def _shape_counts(probs, n_scenes=3000, seed=0):
+    rng = np.random.default_rng(seed)
+    counts = Counter(o["shape"] for _ in range(n_scenes) for o in gd.sample_objects(rng, probs))
+    return np.array([counts.get(s, 0) for s in gd.SHAPES])
+
+
+@pytest.mark.parametrize("imbalance", [100.0, 10.0])
+def test_train_categories_are_long_tailed(imbalance):
+    rank_probs = gd.category_probs(imbalance)
+    assert rank_probs.max() / rank_probs.min() == pytest.approx(imbalance)
+    assert np.all(np.diff(rank_probs) <= 0)  # commonest first, like COCO's sorted curve
+    counts = _shape_counts(gd.shape_probs(gd.train_category_order(0), rank_probs))
+    assert counts.min() > 0
+    assert imbalance / 2 <= counts.max() / counts.min() <= imbalance * 2
+
+
+def test_pretrain_and_test_are_balanced(data):
+    counts = _shape_counts(None)
+    assert counts.max() / counts.min() < 1.3
+    order = data["train_category_order"]
+    assert sorted(order) == sorted(gd.SHAPES)
+    assert max(data["train_category_probs"]) / min(data["train_category_probs"]) == pytest.approx(100)
+    train = Counter(c for rec in data["splits"]["train"] for c in rec["category_ids"])
+    assert train.most_common(1)[0][0] == gd.SHAPES.index(order[0]) + 1  # the head category dominates
+
+
+def test_coco_curve_is_80_sorted_counts():
+    counts = gd.COCO_TRAIN2017_INSTANCES
+    assert len(counts) == 80 and list(counts) == sorted(counts, reverse=True)
+    assert counts[0] > 200_000 and counts[-1] < 300
+
+
+# --------------------------------------------------------------------------- COCO source
+def _png(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 6), color).save(path)
+
+
+def make_coco(root):
+    """train2017: images 1-4 (4 missing); val2017 (under images/): 11-16 (16 is garbage bytes)."""
+    ann = root / "annotations"
+    ann.mkdir(parents=True)
+    categories = [{"id": 1, "name": "person", "supercategory": "person"},
+                  {"id": 3, "name": "car", "supercategory": "vehicle"}]
+    sets = {"train2017": (root / "train2017", [1, 2, 3, 4]), "val2017": (root / "images" / "val2017", range(11, 17))}
+    for name, (folder, ids) in sets.items():
+        images = [{"id": i, "file_name": f"{i:012d}.png", "width": 8, "height": 6} for i in ids]
+        captions = [{"id": 100 * i + k, "image_id": i, "caption": f"image {i} caption {k} "}
+                    for i in ids for k in range(5 + (i % 2))]
+        instances = [{"id": 1000 + i, "image_id": i, "category_id": 1, "bbox": [0, 0, 4, 3], "area": 12, "iscrowd": 0}
+                     for i in ids if i != 3]
+        instances.append({"id": 2001, "image_id": ids[0], "category_id": 3, "bbox": [1, 1, 2, 2], "area": 4,
+                          "iscrowd": 0})
+        (ann / f"captions_{name}.json").write_text(json.dumps({"images": images, "annotations": captions}))
+        (ann / f"instances_{name}.json").write_text(json.dumps(
+            {"images": images, "annotations": instances, "categories": categories}))
+        for i in ids:
+            if i != 4:
+                _png(folder / f"{i:012d}.png", (i * 10, 0, 0))
+    (root / "images" / "val2017" / "000000000016.png").write_bytes(b"\x89PNG garbage, not an image" * 10)
+    return root
+
+
+def _coco(tmp_path, *extra):
+    return gd.main(["--source", "coco", "--coco-root", str(tmp_path / "coco"), "--out", str(tmp_path / "out"),
+                    "--workers", "1", *extra])
+
+
+def test_coco_loader_builds_pickle_and_skips_bad_images(tmp_path, capsys):
+    make_coco(tmp_path / "coco")
+    _coco(tmp_path)
+    out = capsys.readouterr().out
+    assert "train: skipped 1 of 4 images (1 missing)" in out
+    assert re.search(r"(val|test): skipped 1 of 3 images \(1 unreadable\)", out)
+
+    data = load_data(tmp_path / "out" / "data.pkl")
+    assert data["source"] == "coco" and data["image_size"] is None and data["colors"] == [] and data["sizes"] == []
+    assert "train_category_order" not in data
+    assert data["categories"] == [{"id": 1, "name": "person", "supercategory": "person"},
+                                  {"id": 3, "name": "car", "supercategory": "vehicle"}]
+    assert list(data["splits"]) == ["train", "val", "test"]
+    train = {r["image_id"]: r for r in data["splits"]["train"]}
+    assert sorted(train) == [1, 2, 3]
+    assert train[1]["category_ids"] == [1, 3] and train[1]["bboxes"] == [[0, 0, 4, 3], [1, 1, 2, 2]]
+    assert train[3]["category_ids"] == [] and train[3]["bboxes"] == []
+    assert train[1]["captions"] == [f"image 1 caption {k}" for k in range(6)]  # all of them, whitespace tidied
+    assert len(train[2]["captions"]) == 5
+    val = {r["image_id"] for r in data["splits"]["val"]}
+    test = {r["image_id"] for r in data["splits"]["test"]}
+    assert not val & test and val | test == {11, 12, 13, 14, 15}
+    for rec in [r for recs in data["splits"].values() for r in recs]:
+        assert Path(rec["path"]).is_file() and (rec["width"], rec["height"]) == (8, 6) and rec["objects"] == []
+        assert Image.open(rec["path"]).getpixel((0, 0)) == (rec["image_id"] * 10, 0, 0)
+
+    # the stored paths are relative to the pickle's folder
+    with open(tmp_path / "out" / "data.pkl", "rb") as fh:
+        raw = pickle.load(fh)
+    assert raw["splits"]["train"][0]["path"] == "../coco/train2017/000000000001.png"
+
+
+def test_coco_split_mapping_is_seeded_and_explicit(tmp_path):
+    make_coco(tmp_path / "coco")
+    first = _coco(tmp_path, "--seed", "5")
+    again = _coco(tmp_path, "--seed", "5")
+    assert first["splits"] == again["splits"]
+    only_test = _coco(tmp_path, "--coco-splits", "val2017=test", "--splits", "test")
+    assert list(only_test["splits"]) == ["test"]
+    assert [r["image_id"] for r in only_test["splits"]["test"]] == [11, 12, 13, 14, 15]
+
+
+@pytest.mark.parametrize("setup, extra, message", [
+    (lambda root: None, [], "COCO root not found: "),
+    (lambda root: (root / "annotations" / "instances_val2017.json").unlink(), [],
+     "COCO annotation file not found: .*instances_val2017\\.json$"),
+    (lambda root: (root / "annotations" / "captions_val2017.json").write_text("{not json"), [],
+     "captions_val2017\\.json is not valid JSON \\(Expecting property name enclosed in double quotes at line 1\\)"),
+    (lambda root: (root / "annotations" / "captions_train2017.json").write_text('{"images": 3}'), [],
+     "captions_train2017\\.json is not a COCO annotation file"),
+    (lambda root: [p.unlink() for p in (root / "train2017").glob("*.png")], [],
+     re.escape("no usable images left for split 'train' (4 missing)")),
+    (lambda root: None, ["--splits", "train,bogus"],
+     re.escape("unknown split 'bogus' in --splits; valid splits: pretrain, train, val, test")),
+    (lambda root: None, ["--splits", "pretrain"],
+     re.escape("split 'pretrain' has no COCO source here; map one with --coco-splits NAME=pretrain")),
+    (lambda root: None, ["--coco-splits", "val2017=holdout"],
+     re.escape("unknown split 'holdout' in --coco-splits; valid splits: pretrain, train, val, test")),
+    (lambda root: None, ["--coco-splits", "val2014=test"],
+     re.escape("no captions_val2014.json for --coco-splits item 'val2014=test'; found: train2017, val2017")),
+])
+def test_coco_errors_are_one_clear_line(tmp_path, setup, extra, message):
+    root = tmp_path / "coco"
+    if "root not found" not in message:
+        make_coco(root)
+        setup(root)
+    with pytest.raises(UserError, match=message):
+        _coco(tmp_path, *extra)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--size", "16"], "--size must be in 32..256 pixels, got 16"),
+    (["--size", "300"], "--size must be in 32..256 pixels, got 300"),
+    (["--n-train", "-5"], "--n-train must be in 0..99999999, got -5"),
+    (["--n-pretrain", "-1"], "--n-pretrain must be in 0..99999999, got -1"),
+    (["--source", "imagenet"], "unknown --source 'imagenet'; choose one of shapes, coco"),
+    (["--splits", "train,valid"], "unknown split 'valid' in --splits; valid splits: pretrain, train, val, test"),
+    (["--imbalance", "0.5"], "--imbalance must be >= 1, got 0.5"),
+    (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--source", "coco"], "--source coco needs --coco-root DIR"),
+])
+def test_bad_arguments_are_rejected(argv, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        gd.parse_args(argv)
+
+
+def test_cli_prints_one_error_line_and_exits_2():
+    proc = subprocess.run([sys.executable, "generate_data.py", "--source", "coco", "--coco-root", "/nonexistent"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: COCO root not found: /nonexistent"]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""

