@@ -553,14 +553,18 @@ def load_pipeline(name: str = "shapes-tiny", device=None, dtype=None, scheduler:
     device = device or pick_device()
     dtype = dtype or pick_dtype(device)
     cls = getattr(diffusers, spec["pipeline"] or "DiffusionPipeline")
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # hub retries print warnings; our error below says it in one line
     try:
-        pipe = cls.from_pretrained(spec["id"], torch_dtype=dtype)
+        pipe = cls.from_pretrained(spec["id"], dtype=dtype)
     except Exception as err:  # offline / uncached / gated: one line, not a stack of HTTP errors
         if Path(spec["id"]).is_dir():
             raise UserError(f"cannot load the pipeline in {spec['id']}: {type(err).__name__}: {err}") from None
         raise UserError(f"model {spec['id']!r} is not in the local Hugging Face cache and cannot be downloaded here: "
                         f"download it once while online (huggingface-cli download {spec['id']}) or pass a local "
                         "folder") from None
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
     scheduler = scheduler or spec["scheduler"]
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
