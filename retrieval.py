@@ -25,7 +25,7 @@ import numpy as np
 
 from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, UserError, cached, category_names,
                    check, cli, encode_images, encode_texts, init_wandb, l2_normalize, load_data, load_image_encoder,
-                   load_text_encoder, make_run_dir, pick_device, write_json)
+                   finish_run, load_text_encoder, make_run_dir, pick_device)
 
 KS = (1, 5, 10)
 LOSSES = ("triplet", "ntxent")
@@ -611,7 +611,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         first = [names[r["category_ids"][0]] if r["category_ids"] else "none" for r in test]
         plot_umap(img_emb, txt_emb, first, [first[i] for i in te[2]], run_dir / "umap.png", args.seed)
     metrics["timings"]["total_s"] = round(time.time() - t0, 2)
-    write_json(run_dir / "metrics.json", metrics)
+    finish_run(run_dir, metrics)
     if wb:
         wb.log({f"{d}/{k}": v for d in ("img2txt", "txt2img") for k, v in metrics[d].items()})
         wb.finish()

@@ -165,7 +165,7 @@ def library_versions() -> dict[str, str]:
 
 
 def make_run_dir(task: str, run_name: str | None, config: dict, outputs: str | os.PathLike = OUTPUTS) -> Path:
-    """Create `outputs/<task>/<run_name>/`, write its config.json and point `latest` at it.
+    """Create `outputs/<task>/<run_name>/` and write its config.json (`finish_run` moves `latest` there).
 
     Args:
         task: task folder name ("retrieval", "task_a", ...).
@@ -188,8 +188,18 @@ def make_run_dir(task: str, run_name: str | None, config: dict, outputs: str | o
         "started": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     write_json(run_dir / "config.json", full)
-    update_latest(run_dir)
     return run_dir
+
+
+def finish_run(run_dir: Path, metrics: dict) -> None:
+    """Write the run's metrics.json, then point `latest` at it: `latest` never shows a half-written run.
+
+    Args:
+        run_dir: from `make_run_dir`.
+        metrics: the run's metrics dict.
+    """
+    write_json(Path(run_dir) / "metrics.json", metrics)
+    update_latest(Path(run_dir))
 
 
 def update_latest(run_dir: Path) -> None:
