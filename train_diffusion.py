@@ -1,0 +1,814 @@
+"""Train a small text-to-image latent diffusion model from scratch on captioned images (COCO-style captions).
+
+Question answered: can a tiny Stable-Diffusion-shaped model (tokenizer, CLIP text encoder, KL autoencoder,
+conditional UNet), trained on CPU in about an hour, draw the shapes world from its captions: shape, colour,
+size, position and relations? The result is saved so that
+`StableDiffusionPipeline.from_pretrained(OUT)` restores everything, tokenizer included, as for sd-turbo.
+
+Stages (each resumable; the checkpoint folder keeps what is finished):
+    1. tokenizer: a word-level BPE (CLIP format, `</w>` suffix) trained on the captions
+    2. AutoencoderKL (64 px -> 16x16x4 latents), object-weighted L1 + MSE + small KL; PSNR on held-out images
+    3. latents of every training image, encoded once (posterior mean and std; one sample drawn per step)
+    4. CLIPTextModel + UNet2DConditionModel trained jointly (DDPM noise, v-prediction, min-SNR weighting, 10% empty
+       captions for classifier-free guidance, EMA weights, AdamW with warmup + cosine)
+    5. StableDiffusionPipeline with a DPM-Solver++ sampler, EMA weights in fp16, model card, training log
+
+Commands:
+    python train_diffusion.py --quick --split train --out /tmp/sd-quick       # smoke run, < 60 s on CPU
+    python train_diffusion.py --threads 1 --vae-minutes 10 --max-minutes 70  # the shipped model (~70 min CPU)
+    python train_diffusion.py --threads 1 --decoder-minutes 48                # optional, beside the run above
+                                                                              # once its latents exist
+Run the same command again to resume from the latest checkpoint; Ctrl-C saves one before exiting. On a
+machine whose cores are shared with other jobs, --threads 1 is several times faster than 2 (no OpenMP
+stalls). models/shapes-sd-tiny was made by the second command (stopped after the latents and restarted
+with --max-minutes 58) with the third running beside it; see its training_log.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from utils import (DEFAULT_DATA, REPO, UserError, check, cli, git_commit, image_grid, library_versions, load_data,
+                   pick_device, pick_dtype, set_seed, write_json)
+
+DEFAULT_OUT = REPO / "models" / "shapes-sd-tiny"
+CHECKPOINTS = REPO / "checkpoints"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# Prompts drawn into every samples grid: single objects (shape, colour, size, position) and relations.
+SAMPLE_PROMPTS = (
+    "a small red star",
+    "a large blue hexagon",
+    "a green circle in the top left",
+    "a small yellow triangle in the bottom right",
+    "a red star to the left of a small blue circle",
+    "a purple heart above an orange square",
+    "a large cyan ring in the center",
+    "a pink arrow below a green cross",
+)
+QUICK = dict(max_images=64, vae_channels="8,16", vae_crop=0, vae_steps=4, vae_batch_size=8, text_hidden=32,
+             text_layers=1, text_heads=2, unet_channels="32,64", unet_layers=1, attn_head_dim=8, max_steps=4,
+             batch_size=8, warmup_steps=1, ckpt_every=2, sample_every=0, sample_steps=2, eval_images=16, threads=1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = parser.add_argument_group("data and folders")
+    io.add_argument("--data", type=Path, nargs="+", default=[DEFAULT_DATA],
+                    help="one or more data.pkl files from generate_data.py (their --split images are pooled)")
+    io.add_argument("--split", default="pretrain", help="split to train on, e.g. pretrain or train")
+    io.add_argument("--eval-split", default="val",
+                    help="split of the first --data file for the autoencoder's held-out PSNR (e.g. val, test)")
+    io.add_argument("--max-images", type=int, default=0, help="use at most this many training images (0: all)")
+    io.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"pipeline folder to write (default {DEFAULT_OUT})")
+    io.add_argument("--ckpt-dir", type=Path, default=None,
+                    help="checkpoint folder (default: checkpoints/<name of --out>); resumed when it exists")
+    io.add_argument("--fresh", action="store_true", help="delete --ckpt-dir first instead of resuming")
+    vae = parser.add_argument_group("autoencoder")
+    vae.add_argument("--vae-channels", default="16,32,64",
+                     help="AutoencoderKL block widths, comma-separated; k blocks downsample by 2^(k-1)")
+    vae.add_argument("--latent-channels", type=int, default=4, help="latent channels (>= 1)")
+    vae.add_argument("--vae-steps", type=int, default=700, help="autoencoder optimiser steps (> 0)")
+    vae.add_argument("--vae-crop", type=int, default=0,
+                     help="autoencoder trains on random square crops of this side in pixels, a multiple of 8 "
+                          "(fully convolutional, so 4x cheaper at 32 than at 64; 0: whole images)")
+    vae.add_argument("--vae-batch-size", type=int, default=16, help="autoencoder images per step (> 0)")
+    vae.add_argument("--vae-lr", type=float, default=2e-3, help="autoencoder AdamW learning rate (> 0)")
+    vae.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term against L1 (>= 0)")
+    vae.add_argument("--vae-minutes", type=float, default=0,
+                     help="stop the autoencoder stage after this many minutes (0: only --vae-steps)")
+    vae.add_argument("--decoder-minutes", type=float, default=0,
+                     help="instead of the usual run: fine-tune only the finished autoencoder's decoder for this many "
+                          "minutes, then exit. The encoder stays frozen, so the latents (and a UNet training on "
+                          "them in another process) stay valid; the final save reads the updated decoder")
+    net = parser.add_argument_group("text encoder and UNet")
+    net.add_argument("--text-hidden", type=int, default=128,
+                     help="CLIP text encoder width (= UNet cross-attention dim)")
+    net.add_argument("--text-layers", type=int, default=2, help="CLIP text encoder layers (>= 1)")
+    net.add_argument("--text-heads", type=int, default=4, help="CLIP attention heads (must divide --text-hidden)")
+    net.add_argument("--unet-channels", default="32,64,96",
+                     help="UNet block widths, comma-separated, one per resolution level; the first level is "
+                          "convolution only, the others have self- and cross-attention")
+    net.add_argument("--unet-layers", type=int, default=1, help="UNet resnet layers per block (>= 1)")
+    net.add_argument("--attn-head-dim", type=int, default=32, help="UNet attention head size (divides each width)")
+    train = parser.add_argument_group("diffusion training")
+    train.add_argument("--max-steps", type=int, default=2500,
+                       help="UNet optimiser steps; the cosine schedule ends here (> 0)")
+    train.add_argument("--max-minutes", type=float, default=0,
+                       help="time budget of this run in minutes, all stages; training checkpoints and stops "
+                            "cleanly when it is reached, then the pipeline is saved (0: no limit)")
+    train.add_argument("--batch-size", type=int, default=32, help="images per UNet step (> 0)")
+    train.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (> 0)")
+    train.add_argument("--warmup-steps", type=int, default=50, help="linear warm-up steps (>= 0)")
+    train.add_argument("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (>= 0)")
+    train.add_argument("--cfg-dropout", type=float, default=0.1,
+                       help="fraction of captions replaced by the empty one (classifier-free guidance), 0..1")
+    train.add_argument("--ema-decay", type=float, default=0.999, help="maximum EMA decay, 0..1 (warm-up schedule)")
+    train.add_argument("--prediction-type", default="v_prediction", choices=("v_prediction", "epsilon"),
+                       help="UNet target: v_prediction (default; its x0 estimate stays sane at high noise early in "
+                            "training, where epsilon's is amplified up to 1/sqrt(alpha_bar) ~ 150x) or epsilon")
+    train.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR loss weighting gamma (0: plain MSE)")
+    train.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every this many steps (> 0)")
+    train.add_argument("--sample-every", type=int, default=400, help="samples grid every this many steps (0: never)")
+    sample = parser.add_argument_group("sampling (grids and the recommended setting)")
+    sample.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps (> 0)")
+    sample.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (>= 1)")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, default=0, help="seed of every random draw (>= 0)")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    run.add_argument("--dtype", default="auto",
+                     help="autocast dtype for training on GPU: float32, bfloat16, float16 or auto (CPU: float32)")
+    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    run.add_argument("--eval-images", type=int, default=500, help="held-out images for the autoencoder PSNR (> 0)")
+    run.add_argument("--quick", action="store_true",
+                     help="tiny models, a few steps, 64 images: the whole script in < 60 s on CPU (for tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if parser.get_default(key) == getattr(args, key):  # flags given explicitly win over --quick
+                setattr(args, key, value)
+    check_args(args)
+    return args
+
+
+def _widths(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        widths = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated integers, got {text!r}") from None
+    check(len(widths) >= 2 and all(w > 0 for w in widths), f"{flag} needs >= 2 positive widths, got {text!r}")
+    return widths
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for path in args.data:
+        check(path.is_file(), f"data file not found: {path}")
+    for name in ("vae_steps", "vae_batch_size", "max_steps", "batch_size", "ckpt_every", "sample_steps",
+                 "eval_images", "latent_channels", "text_hidden", "text_layers", "text_heads", "unet_layers",
+                 "attn_head_dim"):
+        value = getattr(args, name)
+        check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
+    for name in ("max_images", "vae_crop", "decoder_minutes", "warmup_steps", "sample_every", "threads", "seed",
+                 "max_minutes", "vae_minutes", "kl_weight", "weight_decay", "snr_gamma"):
+        value = getattr(args, name)
+        check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
+    check(args.lr > 0 and args.vae_lr > 0, f"learning rates must be > 0, got --lr {args.lr}, --vae-lr {args.vae_lr}")
+    check(0 <= args.cfg_dropout <= 1, f"--cfg-dropout must be in 0..1, got {args.cfg_dropout}")
+    check(0 < args.ema_decay < 1, f"--ema-decay must be in (0, 1), got {args.ema_decay}")
+    check(args.guidance >= 1, f"--guidance must be >= 1, got {args.guidance}")
+    check(args.text_hidden % args.text_heads == 0,
+          f"--text-heads {args.text_heads} must divide --text-hidden {args.text_hidden}")
+    check(args.vae_crop % 8 == 0, f"--vae-crop must be a multiple of 8 pixels, got {args.vae_crop}")
+    args.vae_widths = _widths(args.vae_channels, "--vae-channels")
+    args.unet_widths = _widths(args.unet_channels, "--unet-channels")
+    for width in args.unet_widths:
+        check(width % args.attn_head_dim == 0, f"--attn-head-dim {args.attn_head_dim} must divide UNet width {width}")
+    args.ckpt_dir = args.ckpt_dir or CHECKPOINTS / args.out.name
+
+
+# --------------------------------------------------------------------------- 1. data and tokenizer
+def load_images_and_captions(args) -> tuple[torch.Tensor, list[list[str]], torch.Tensor | None]:
+    """Training images (uint8 N x 3 x H x W), their captions, and held-out images for the PSNR (or None)."""
+    from PIL import Image
+
+    records = []
+    for i, path in enumerate(args.data):
+        data = load_data(path)
+        check(args.split in data["splits"], f"unknown split {args.split!r} in {path}; it has {sorted(data['splits'])}")
+        records += data["splits"][args.split]
+        if i == 0:
+            held_out = data["splits"].get(args.eval_split, [])[: args.eval_images]
+    check(records, f"split {args.split!r} has no images")
+    if args.max_images:
+        records = records[: args.max_images]
+
+    def read(recs):
+        arrays = [np.asarray(Image.open(r["path"]).convert("RGB")) for r in tqdm(recs, desc="images", leave=False)]
+        shapes = {a.shape for a in arrays}
+        check(len(shapes) == 1, f"training images must share one size; found {sorted(shapes)[:3]}")
+        side = arrays[0].shape[0]
+        check(arrays[0].shape[1] == side and side % 8 == 0, f"images must be square with a side divisible by 8; "
+                                                            f"got {arrays[0].shape[:2]}")
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+    images = read(records)
+    eval_images = read(held_out) if held_out else None
+    captions = [[" ".join(c.lower().split()) for c in r["captions"]] for r in records]
+    return images, captions, eval_images
+
+
+def build_tokenizer(captions: list[list[str]], folder: Path):
+    """A CLIP-format BPE (vocab.json + merges.txt) whose merges run until every caption word is one token.
+
+    The HF `tokenizers` trainer does the counting and merging; CLIPTokenizer then reads the two files like
+    openai/clip-vit-large-patch14's, so pipelines load it the usual way.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    if not (folder / "vocab.json").is_file():
+        texts = [c for caps in captions for c in caps]
+        bpe = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
+        # CLIP splits letters, digits and punctuation runs apart; Whitespace() cuts the same places for our text.
+        bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+        alphabet = [chr(c) for c in range(33, 127)]  # printable ASCII, so unseen words still tokenize
+        trainer = trainers.BpeTrainer(vocab_size=5000, min_frequency=1, special_tokens=[BOS, EOS],
+                                      initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False)
+        bpe.train_from_iterator(texts, trainer)
+        model = json.loads(bpe.to_str())["model"]
+        vocab = dict(model["vocab"])
+        for ch in alphabet:  # CLIP's vocab has every base symbol also as a word end
+            vocab.setdefault(ch + "</w>", len(vocab))
+        merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+        tok = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"),
+                            bos_token=BOS, eos_token=EOS, unk_token=EOS, pad_token=EOS)
+        longest = max(len(ids) for ids in tok(texts).input_ids)
+        tok.model_max_length = 8 * math.ceil((longest + 4) / 8)  # room for prompts longer than any caption
+        tok.save_pretrained(folder)
+    tok = CLIPTokenizer.from_pretrained(folder)
+    probe = "a red star to the left of a blue circle"
+    check(len(tok(probe).input_ids) == len(probe.split()) + 2,
+          f"tokenizer in {folder} splits caption words; delete it to rebuild")
+    return tok
+
+
+def tokenize(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+# --------------------------------------------------------------------------- 2. autoencoder
+def make_vae(args, side: int):
+    from diffusers import AutoencoderKL
+
+    widths = args.vae_widths
+    groups = math.gcd(32, *widths)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=args.latent_channels,
+                         block_out_channels=widths, layers_per_block=1, norm_num_groups=groups, sample_size=side,
+                         mid_block_add_attention=False,  # convolutions only: trains on crops, costs less
+                         down_block_types=("DownEncoderBlock2D",) * len(widths),
+                         up_block_types=("UpDecoderBlock2D",) * len(widths))
+
+
+def to_unit(images: torch.Tensor, device) -> torch.Tensor:
+    return images.to(device).float() / 127.5 - 1.0
+
+
+def object_weighted_loss(recon: torch.Tensor, x: torch.Tensor, boost: float = 5.0) -> torch.Tensor:
+    """L1 + MSE with saturated pixels weighted up to 1 + boost times.
+
+    Objects are saturated colours and backgrounds muted, so this spends the short training on the shapes
+    (their colour and outline) rather than on background grain that no small latent can keep anyway.
+    """
+    saturation = (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) / 2  # 0..1
+    weight = 1 + boost * saturation
+    err = recon - x
+    return ((err.abs() + err.pow(2)) * weight).mean() / weight.mean()
+
+
+def random_crop(images: torch.Tensor, side: int, gen: torch.Generator) -> torch.Tensor:
+    """One random side x side window for the whole batch (side 0 or >= the image: the whole images)."""
+    if not side or side >= images.shape[-1]:
+        return images
+    top, left = (int(v) for v in torch.randint(images.shape[-1] - side + 1, (2,), generator=gen))
+    return images[..., top:top + side, left:left + side]
+
+
+def psnr(vae, images: torch.Tensor, device, batch: int = 64) -> float:
+    """Mean PSNR (dB, pixels in 0..255) of posterior-mean reconstructions."""
+    values = []
+    vae.eval()
+    with torch.inference_mode():
+        for start in range(0, len(images), batch):
+            x = to_unit(images[start:start + batch], device)
+            recon = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            mse = ((recon - x) * 127.5).round().pow(2).flatten(1).mean(1)
+            values.append(10 * torch.log10(255.0**2 / mse.clamp(min=1e-10)))
+    return float(torch.cat(values).mean())
+
+
+def train_vae(args, images, eval_images, device, deadline: float) -> tuple:
+    """Train (or resume, or load) the autoencoder; returns (vae, info dict)."""
+    from diffusers import AutoencoderKL
+
+    done = args.ckpt_dir / "vae"
+    if (done / "config.json").is_file():
+        info = json.loads((args.ckpt_dir / "vae_info.json").read_text())
+        return AutoencoderKL.from_pretrained(done).to(device), info
+    vae = make_vae(args, images.shape[-1]).to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 *
+                                              (1 + math.cos(math.pi * min(s, args.vae_steps) / args.vae_steps)))
+    gen = torch.Generator().manual_seed(args.seed)
+    state_path = args.ckpt_dir / "vae_state.pt"
+    step, losses, seconds = 0, [], 0.0
+    if state_path.is_file():
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        vae.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"]); step, losses, seconds = state["step"], state["losses"], state["seconds"]
+
+    def save():
+        atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "gen": gen.get_state(), "step": step, "losses": losses, "seconds": seconds}, state_path)
+
+    vae_deadline = time.time() + 60 * args.vae_minutes if args.vae_minutes else float("inf")
+    vae.train()
+    bar = tqdm(total=args.vae_steps, initial=step, desc="autoencoder")
+    start = time.time() - seconds
+    try:
+        while step < args.vae_steps and time.time() < min(deadline, vae_deadline):
+            idx = torch.randint(len(images), (args.vae_batch_size,), generator=gen)
+            x = to_unit(random_crop(images[idx], args.vae_crop, gen), device)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+            recon = vae.decode(z).sample
+            rec = object_weighted_loss(recon, x)
+            loss = rec + args.kl_weight * posterior.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step(); sched.step()
+            step += 1
+            losses.append(round(rec.item(), 5))
+            bar.update(1); bar.set_postfix(loss=f"{float(rec):.4f}")
+            if step % 250 == 0:
+                seconds = time.time() - start
+                save()
+    except KeyboardInterrupt:
+        seconds = time.time() - start
+        save()
+        raise
+    bar.close()
+    seconds = time.time() - start
+    info = {"steps": step, "seconds": round(seconds, 1), "final_loss": losses[-1] if losses else None,
+            "loss_curve": losses[:: max(1, len(losses) // 200)]}
+    info["psnr_db"] = round(psnr(vae, eval_images, device), 2) if eval_images is not None else None
+    info["psnr_images"] = 0 if eval_images is None else len(eval_images)
+    vae.save_pretrained(done)
+    write_json(args.ckpt_dir / "vae_info.json", info)
+    state_path.unlink(missing_ok=True)
+    return vae, info
+
+
+def save_vae_atomically(vae, folder: Path) -> None:
+    """save_pretrained into a sibling folder, then swap it in (a reader never sees half a model)."""
+    tmp, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(old, ignore_errors=True)
+    vae.save_pretrained(tmp)
+    os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old)
+
+
+def finetune_decoder(args, images, eval_images, device) -> dict:
+    """More decoder training on posterior samples of the frozen encoder; updates ckpt_dir/vae in place."""
+    from diffusers import AutoencoderKL
+
+    folder = args.ckpt_dir / "vae"
+    check((folder / "config.json").is_file(), f"no finished autoencoder in {folder}; run the usual training first")
+    vae = AutoencoderKL.from_pretrained(folder).to(device)
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=args.vae_lr / 2, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    info = json.loads((args.ckpt_dir / "vae_info.json").read_text())
+    start, total, step = time.time(), 60 * args.decoder_minutes, 0
+    vae.train()
+    bar = tqdm(desc="decoder")
+    while time.time() - start < total:
+        for group in opt.param_groups:  # linear decay over the time budget
+            group["lr"] = args.vae_lr / 2 * max(0.02, 1 - (time.time() - start) / total)
+        idx = torch.randint(len(images), (args.vae_batch_size,), generator=gen)
+        x = to_unit(random_crop(images[idx], args.vae_crop, gen), device)
+        with torch.no_grad():
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+        loss = object_weighted_loss(vae.decode(z).sample, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 200 == 0:
+            save_vae_atomically(vae, folder)
+    bar.close()
+    info["decoder_finetune_steps"] = info.get("decoder_finetune_steps", 0) + step
+    info["decoder_finetune_seconds"] = round(info.get("decoder_finetune_seconds", 0) + time.time() - start, 1)
+    info["psnr_db"] = round(psnr(vae, eval_images, device), 2) if eval_images is not None else None
+    save_vae_atomically(vae, folder)
+    write_json(args.ckpt_dir / "vae_info.json", info)
+    return info
+
+
+def encode_latents(args, vae, images, device) -> dict:
+    """Posterior mean and std of every training image (fp16, CPU), encoded once; plus 1/std for scaling."""
+    path = args.ckpt_dir / "latents.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    vae.eval()
+    means, stds = [], []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(images), 256), desc="latents", leave=False):
+            dist = vae.encode(to_unit(images[start:start + 256], device)).latent_dist
+            means.append(dist.mean.cpu()); stds.append(dist.std.cpu())
+    mean, std = torch.cat(means), torch.cat(stds)
+    scaling = float(1.0 / torch.sqrt(mean.var() + std.pow(2).mean()))  # std of posterior samples
+    latents = {"mean": mean.half(), "std": std.half(), "scaling_factor": scaling}
+    atomic_save(latents, path)
+    return latents
+
+
+# --------------------------------------------------------------------------- 3. text encoder, UNet, training
+def make_text_encoder(args, tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=args.text_hidden,
+                            intermediate_size=4 * args.text_hidden, num_hidden_layers=args.text_layers,
+                            num_attention_heads=args.text_heads, max_position_embeddings=tokenizer.model_max_length,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, projection_dim=args.text_hidden)
+    return CLIPTextModel(config)
+
+
+def make_unet(args, latent_side: int):
+    from diffusers import UNet2DConditionModel
+
+    levels = len(args.unet_widths)
+    return UNet2DConditionModel(
+        sample_size=latent_side, in_channels=args.latent_channels, out_channels=args.latent_channels,
+        block_out_channels=args.unet_widths, layers_per_block=args.unet_layers,
+        # No attention at the full latent resolution (its self-attention costs most); text enters below it.
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=args.text_hidden, attention_head_dim=args.attn_head_dim,
+        norm_num_groups=math.gcd(32, *args.unet_widths))
+
+
+def make_noise_scheduler(prediction_type: str = "v_prediction"):
+    from diffusers import DDPMScheduler
+
+    # DDPM's linear betas: at 16x16 latents SD's scaled-linear schedule leaves too much signal at t=T.
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                         prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+
+
+def make_sampler(noise_scheduler):
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler.from_config(noise_scheduler.config, algorithm_type="dpmsolver++",
+                                                   solver_order=2)
+
+
+def atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def lr_lambda(args):
+    def fn(step: int) -> float:
+        if step < args.warmup_steps:
+            return (step + 1) / args.warmup_steps
+        progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+    return fn
+
+
+class Trainer:
+    """Joint CLIPTextModel + UNet training on precomputed latents, with EMA, checkpoints and sample grids."""
+
+    def __init__(self, args, tokenizer, vae, latents, captions, device):
+        from diffusers.training_utils import EMAModel
+
+        self.args, self.tokenizer, self.vae, self.device = args, tokenizer, vae, device
+        self.mean, self.std = latents["mean"], latents["std"]
+        self.scaling = latents["scaling_factor"]
+        self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in _chunks_of_five(captions)])  # N x 5 x L
+        self.empty = tokenize(tokenizer, [""])[0]
+        self.text_encoder = make_text_encoder(args, tokenizer).to(device).train()
+        self.unet = make_unet(args, self.mean.shape[-1]).to(device).train()
+        self.noise_scheduler = make_noise_scheduler(args.prediction_type)
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(args))
+        ema = dict(decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
+        self.ema_unet = EMAModel(self.unet.parameters(), **ema)
+        self.ema_text = EMAModel(self.text_encoder.parameters(), **ema)
+        self.gen = torch.Generator().manual_seed(args.seed + 1)
+        self.step, self.seconds, self.log = 0, 0.0, []
+        self.autocast = pick_dtype(device, args.dtype) if device.type == "cuda" else None
+        self.alphas = self.noise_scheduler.alphas_cumprod.to(device)
+        self.state_path = args.ckpt_dir / "state.pt"
+        if self.state_path.is_file():
+            self.load()
+        self.resumed_from_step = self.step
+
+    # ---- checkpoints
+    def save(self) -> None:
+        atomic_save({"unet": self.unet.state_dict(), "text": self.text_encoder.state_dict(),
+                     "ema_unet": self.ema_unet.state_dict(), "ema_text": self.ema_text.state_dict(),
+                     "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
+                     "torch_rng": torch.get_rng_state(), "step": self.step, "seconds": self.seconds,
+                     "log": self.log}, self.state_path)
+
+    def load(self) -> None:
+        state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+        self.unet.load_state_dict(state["unet"]); self.text_encoder.load_state_dict(state["text"])
+        self.ema_unet.load_state_dict(state["ema_unet"]); self.ema_text.load_state_dict(state["ema_text"])
+        self.ema_unet.to(self.device); self.ema_text.to(self.device)
+        self.opt.load_state_dict(state["opt"]); self.sched.load_state_dict(state["sched"])
+        self.gen.set_state(state["gen"]); torch.set_rng_state(state["torch_rng"])
+        self.step, self.seconds, self.log = state["step"], state["seconds"], state["log"]
+
+    # ---- one step
+    def batch(self):
+        args, n = self.args, len(self.mean)
+        idx = torch.randint(n, (args.batch_size,), generator=self.gen)
+        which = torch.randint(5, (args.batch_size,), generator=self.gen)
+        ids = self.tokens[idx, which]
+        drop = torch.rand(args.batch_size, generator=self.gen) < args.cfg_dropout
+        ids[drop] = self.empty
+        eps = torch.randn(self.mean[idx].shape, generator=self.gen)
+        latents = (self.mean[idx].float() + self.std[idx].float() * eps) * self.scaling
+        noise = torch.randn(latents.shape, generator=self.gen)
+        t = torch.randint(self.noise_scheduler.config.num_train_timesteps, (args.batch_size,), generator=self.gen)
+        return latents.to(self.device), ids.to(self.device), noise.to(self.device), t.to(self.device)
+
+    def train_step(self) -> float:
+        latents, ids, noise, t = self.batch()
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            cond = self.text_encoder(ids)[0]
+            pred = self.unet(noisy, t, cond).sample
+        v_pred = self.args.prediction_type == "v_prediction"
+        target = self.noise_scheduler.get_velocity(latents, noise, t) if v_pred else noise
+        loss = F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
+        if self.args.snr_gamma:
+            # min-SNR-gamma (Hang et al. 2023): down-weights easy low-noise steps; converges faster.
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.noise_scheduler, t)
+            loss = loss * torch.clamp(snr, max=self.args.snr_gamma) / (snr + 1 if v_pred else snr)
+        loss = loss.mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
+        self.opt.step(); self.sched.step()
+        self.ema_unet.step(self.unet.parameters()); self.ema_text.step(self.text_encoder.parameters())
+        self.step += 1
+        return float(loss)
+
+    def run(self, deadline: float) -> bool:
+        """Train until --max-steps or the deadline; returns True when the step budget is done."""
+        args = self.args
+        bar = tqdm(total=args.max_steps, initial=self.step, desc="unet+text")
+        start, recent = time.time() - self.seconds, []
+        try:
+            while self.step < args.max_steps and time.time() < deadline:
+                recent.append(self.train_step())
+                bar.update(1)
+                if self.step % 10 == 0 or self.step == args.max_steps:
+                    self.seconds = time.time() - start
+                    loss = float(np.mean(recent))
+                    self.log.append({"step": self.step, "loss": round(loss, 5), "lr": self.sched.get_last_lr()[0],
+                                     "seconds": round(self.seconds, 1)})
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.sched.get_last_lr()[0]:.1e}")
+                    recent = []
+                if self.step % args.ckpt_every == 0:
+                    self.seconds = time.time() - start
+                    self.save()
+                if args.sample_every and self.step % args.sample_every == 0:
+                    self.samples_grid(args.ckpt_dir / f"samples_{self.step:06d}.png")
+        except KeyboardInterrupt:
+            self.seconds = time.time() - start
+            self.save()
+            raise
+        bar.close()
+        self.seconds = time.time() - start
+        self.save()
+        return self.step >= args.max_steps
+
+    # ---- EMA pipeline, grids
+    def ema_modules(self):
+        """Copies of the text encoder and UNet holding the EMA weights (training weights stay untouched)."""
+        unet, text = copy.deepcopy(self.unet).eval(), copy.deepcopy(self.text_encoder).eval()
+        self.ema_unet.copy_to(unet.parameters()); self.ema_text.copy_to(text.parameters())
+        return text, unet
+
+    def pipeline(self):
+        from diffusers import StableDiffusionPipeline
+
+        text, unet = self.ema_modules()
+        vae = copy.deepcopy(self.vae).eval()
+        vae.register_to_config(scaling_factor=self.scaling)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=self.tokenizer, unet=unet,
+                                       scheduler=make_sampler(self.noise_scheduler), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def samples_grid(self, path: Path, seeds: int = 4) -> None:
+        pipe = self.pipeline()
+        images = generate(pipe, SAMPLE_PROMPTS, seeds, self.args.sample_steps, self.args.guidance, self.args.seed)
+        image_grid(images, len(SAMPLE_PROMPTS), seeds, row_labels=SAMPLE_PROMPTS,
+                   col_labels=[f"seed {self.args.seed + s}" for s in range(seeds)], cell=64).save(path)
+
+
+def _chunks_of_five(captions: list[list[str]]) -> list[list[str]]:
+    """Exactly five captions per image (repeat when fewer), so they stack into one tensor."""
+    check(all(captions_ for captions_ in captions), "every training image needs at least one caption")
+    return [(caps * 5)[:5] for caps in captions]
+
+
+def generate(pipe, prompts, seeds: int, steps: int, guidance: float, seed: int) -> list:
+    """`seeds` images per prompt, row-major; image (p, s) uses its own generator seeded `seed + s`."""
+    images = []
+    for prompt in prompts:
+        generators = [torch.Generator().manual_seed(seed + s) for s in range(seeds)]
+        out = pipe([prompt] * seeds, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                   output_type="pil")
+        images += out.images
+    return images
+
+
+# --------------------------------------------------------------------------- 4. final save
+def count_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def save_pipeline(trainer: Trainer, out: Path) -> dict:
+    """EMA pipeline in fp16 with safetensors, written to a temp folder then swapped in."""
+    pipe = trainer.pipeline()
+    counts = {"vae": count_params(pipe.vae), "text_encoder": count_params(pipe.text_encoder),
+              "unet": count_params(pipe.unet)}
+    pipe.to(torch.float16)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    # transformers 5 writes only tokenizer.json; keep CLIP's two files too, for readers of either format.
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(trainer.args.ckpt_dir / "tokenizer" / name, tmp / "tokenizer" / name)
+    return {"tmp": tmp, "params": counts}
+
+
+def model_card(args, info: dict) -> str:
+    p = info["params"]
+    vae = info["vae"]
+    psnr_text = f"{vae['psnr_db']:.2f} dB on {vae['psnr_images']} held-out `{args.eval_split}` images" \
+        if vae["psnr_db"] is not None else "not measured (no held-out split)"
+    data = ", ".join(os.path.relpath(Path(d).resolve(), REPO) if Path(d).resolve().is_relative_to(REPO) else str(d)
+                     for d in args.data)
+    return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [stable-diffusion, text-to-image, shapes, from-scratch]
+---
+
+# {args.out.name}
+
+A tiny Stable-Diffusion-shaped text-to-image model trained from scratch with `train_diffusion.py` on the
+procedural shapes world (`generate_data.py`): 64x64 images of 1-3 coloured shapes on muted backgrounds,
+five template captions each (shape, colour, size, 3x3 position, left/right/above/below relations).
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{args.out.name}", torch_dtype=torch.float32)  # fp16 on GPU
+image = pipe("a red star to the left of a small blue circle", num_inference_steps={args.sample_steps},
+             guidance_scale={args.guidance}, generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+## Recommended sampling
+DPM-Solver++ (2nd order, the saved scheduler), {args.sample_steps} steps, guidance scale {args.guidance},
+64x64 (the default). Prompts should follow the caption grammar (lower case; the 12 shapes, 8 colours,
+small/large, "in the top left" ... "in the center", "to the left of" / "to the right of" / "above" / "below").
+
+## Data
+{info['n_images']} images of split `{args.split}` from {data} (each with 5 captions; one drawn per step,
+{args.cfg_dropout:.0%} replaced by the empty caption for classifier-free guidance). No flips or other
+augmentation that would change left/right/top/bottom.
+
+## Architecture ({sum(p.values()) / 1e6:.2f} M parameters, stored in fp16)
+| part | details | parameters |
+|---|---|---|
+| tokenizer | CLIP-format BPE trained on the captions, {info['vocab_size']} tokens, every caption word one token, max length {info['max_length']} | - |
+| text encoder | CLIPTextModel, {args.text_layers} layers, width {args.text_hidden}, {args.text_heads} heads (trained jointly with the UNet) | {p['text_encoder']:,} |
+| autoencoder | AutoencoderKL, blocks {args.vae_widths}, {args.latent_channels} latent channels, {info['latent_side']}x{info['latent_side']} latents, scaling factor {info['scaling_factor']:.4f} | {p['vae']:,} |
+| UNet | UNet2DConditionModel, blocks {args.unet_widths}, {args.unet_layers} resnet(s) per block, self- and cross-attention at every level but the first, head size {args.attn_head_dim} | {p['unet']:,} |
+
+## Training
+- hardware: {info['hardware']}
+- autoencoder: {vae['steps']} steps of batch {args.vae_batch_size}, object-weighted L1 + MSE + {args.kl_weight:g} x KL, {vae['seconds'] / 60:.1f} min,
+  then {vae.get('decoder_finetune_steps', 0)} decoder-only steps ({vae.get('decoder_finetune_seconds', 0) / 60:.1f} min, encoder frozen);
+  reconstruction PSNR {psnr_text}
+- text encoder + UNet: {info['steps']} steps of batch {args.batch_size} ({info['train_minutes']:.1f} min,
+  {info['steps_per_second']:.2f} steps/s), DDPM noise (linear betas 1e-4..0.02, 1000 steps, {args.prediction_type.replace('_', '-')}),
+  min-SNR-{args.snr_gamma:g} weighting, AdamW lr {args.lr:g} (warm-up {args.warmup_steps}, cosine),
+  EMA (max decay {args.ema_decay}) weights saved
+- final loss (mean of the last 10 steps): {info['final_loss']}
+- loss curve, timings and the full configuration: `training_log.json`
+
+## Fidelity
+TO BE FILLED IN: `metrics.json` in this folder holds the oracle numbers (fraction of generated images whose
+shapes, colours, sizes and positions match the prompt, measured by `fidelity.py`).
+
+## Limitations
+Only knows the shapes world's vocabulary and 64x64 images; words outside the caption grammar are ignored or
+confuse it. The UNet saw only {info['steps'] * args.batch_size:,} training examples ({info['train_minutes']:.0f} min on
+{info['hardware']}), so many prompts fail: check `metrics.json` before relying on it.
+"""
+
+
+def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_start: float) -> dict:
+    from diffusers import AutoencoderKL
+
+    # The decoder may have been fine-tuned by a --decoder-minutes process meanwhile: the folder is the truth.
+    trainer.vae = AutoencoderKL.from_pretrained(args.ckpt_dir / "vae").to(device)
+    vae_info = json.loads((args.ckpt_dir / "vae_info.json").read_text())
+    saved = save_pipeline(trainer, args.out)
+    tmp = saved["tmp"]
+    log = trainer.log
+    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU, {torch.get_num_threads()} torch thread(s) on a {os.cpu_count()}-core machine")
+    info = {
+        "params": saved["params"], "vae": vae_info, "n_images": n_images, "vocab_size": len(trainer.tokenizer),
+        "max_length": trainer.tokenizer.model_max_length, "latent_side": trainer.mean.shape[-1],
+        "scaling_factor": trainer.scaling, "hardware": hardware, "steps": trainer.step,
+        "train_minutes": trainer.seconds / 60, "steps_per_second": trainer.step / max(trainer.seconds, 1e-9),
+        "final_loss": float(np.mean([r["loss"] for r in log[-1:]])) if log else None,
+        "resumed_from_step": trainer.resumed_from_step,
+    }
+    (tmp / "README.md").write_text(model_card(args, info))
+    config = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "data" else v)
+              for k, v in vars(args).items()}
+    write_json(tmp / "training_log.json", {
+        "config": config, "git_commit": git_commit(), "versions": library_versions(), "device": str(device),
+        "hardware": hardware, "params": info["params"], "vae": vae_info, "scaling_factor": trainer.scaling,
+        "steps": trainer.step, "resumed_from_step": trainer.resumed_from_step,
+        "train_seconds": round(trainer.seconds, 1),
+        "steps_per_second": round(info["steps_per_second"], 3),
+        "wall_seconds_this_run": round(time.time() - wall_start, 1), "loss_curve": log,
+    })
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    os.replace(tmp, args.out)
+    return info
+
+
+def main(argv=None) -> dict:
+    # 1. arguments, device, checkpoint folder
+    args = parse_args(argv)
+    wall_start = time.time()
+    deadline = wall_start + 60 * args.max_minutes if args.max_minutes else float("inf")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    set_seed(args.seed)  # for library code we do not control; our own draws use explicit generators
+    if args.fresh and args.ckpt_dir.exists():
+        shutil.rmtree(args.ckpt_dir)
+    args.ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    # 2. images, captions, tokenizer
+    images, captions, eval_images = load_images_and_captions(args)
+    tokenizer = build_tokenizer(captions, args.ckpt_dir / "tokenizer")
+
+    if args.decoder_minutes:  # a side job beside the main training: decoder only, then exit
+        info = finetune_decoder(args, images, eval_images, device)
+        print(f"decoder: {info['decoder_finetune_steps']} fine-tuning steps in total, PSNR {info['psnr_db']} dB")
+        return info
+
+    # 3. autoencoder, then the latents of every training image
+    vae, vae_info = train_vae(args, images, eval_images, device, deadline)
+    print(f"autoencoder: {vae_info['steps']} steps, PSNR {vae_info['psnr_db']} dB")
+    latents = encode_latents(args, vae, images, device)
+    del images
+
+    # 4. text encoder + UNet
+    trainer = Trainer(args, tokenizer, vae, latents, captions, device)
+    trainer.run(deadline)
+
+    # 5. pipeline, model card, training log
+    info = finish(trainer, args, vae_info, len(captions), device, wall_start)
+    print(f"saved {args.out}: {trainer.step} steps in {trainer.seconds / 60:.1f} min, "
+          f"{sum(info['params'].values()) / 1e6:.2f} M parameters")
+    return info
+
+
+if __name__ == "__main__":
+    cli(main)
