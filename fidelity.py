@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import generate_data as gd
 from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, REPO, UserError, cached, check, cli, encode_images,
                    encode_texts, generate_images, image_grid, library_versions, load_data, load_image_encoder,
-                   load_pipeline, load_text_encoder, make_run_dir, pick_device, read_json, resolve_model,
+                   load_pipeline, load_rgb, load_text_encoder, make_run_dir, pick_device, read_json, resolve_model,
                    update_latest, write_json)
 
 COMMANDS = ("train-oracle", "evaluate-model")
@@ -614,7 +614,7 @@ def dataset_scenes(path: str, split: str = "test") -> tuple[np.ndarray, np.ndarr
     if data.get("source") != "shapes" or split not in data["splits"]:
         return None
     records = data["splits"][split]
-    images = to_uint8_64(_open_rgb([r["path"] for r in records]))
+    images = to_uint8_64([load_rgb(r["path"]) for r in records])
     return images, np.stack([scene_labels(r["objects"]) for r in records])
 
 
@@ -837,7 +837,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         paths = [real[i]["path"] for i in np.concatenate([ref, other])]
         stats = [(p, Path(p).stat().st_size, int(Path(p).stat().st_mtime)) for p in paths]
         real_feats = cached(["fd-real", DEFAULT_IMAGE_ENCODER, FD_RES, stats],
-                            lambda: fd_features(enc, info, to_uint8_64(_open_rgb(paths)), "real features"))
+                            lambda: fd_features(enc, info, to_uint8_64([load_rgb(p) for p in paths]), "real features"))
         gen_feats = fd_features(enc, info, fd_images, "generated features")
         metrics["fd"] = frechet_distance(gen_feats, real_feats[:len(ref)])
         metrics["fd_real_vs_real"] = frechet_distance(real_feats[len(ref):], real_feats[:len(ref)])
@@ -862,12 +862,6 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     print(format_summary(metrics))
     print(f"wrote {out}")
     return metrics
-
-
-def _open_rgb(paths: Sequence[str]) -> list[np.ndarray]:
-    from PIL import Image
-
-    return [np.asarray(Image.open(p).convert("RGB")) for p in paths]
 
 
 def format_summary(m: dict) -> str:

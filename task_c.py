@@ -28,7 +28,7 @@ import numpy as np
 
 import retrieval
 from utils import (DEFAULT_DATA, category_names, check, cli, finish_run, load_data, make_run_dir, read_json,
-                   write_json)
+                   write_json, write_text)
 
 # How each --rule ranks categories (lowest first), the metric it ranks by, and what it means in words.
 RULES: dict[str, tuple[Callable[[dict], float], str, str]] = {
@@ -432,13 +432,6 @@ def problem_markdown(m: dict) -> str:
                      f"{_ci(r['txt2img_R@10_ci95'])}, {upper} the overall {_f(t2i_all)}), img2txt R@10 "
                      f"{_f(r['img2txt_R@10'])}, hit@1 {_f(r['hit@1'])}")
     return "\n".join(lines) + "\n"
-
-
-def write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def print_summary(spearman: dict, targets: dict, run_dir: Path) -> None:

@@ -107,10 +107,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         path: destination file.
         obj: a JSON-serialisable object (numpy scalars are converted).
     """
+    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temp file then rename).
+
+    Args:
+        path: destination file.
+        text: its contents.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -409,7 +419,7 @@ def encode_images(model, info: dict, images: Iterable, batch_size: int = 64, des
     images = list(images)
     feats = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=len(images) <= batch_size):
-        batch = np.stack([_to_rgb_array(im) for im in images[start:start + batch_size]])
+        batch = np.stack([load_rgb(im) for im in images[start:start + batch_size]])
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
         x = F.interpolate(x, size=(info["res"], info["res"]), mode="bilinear", align_corners=False, antialias=True)
         x = ((x - mean) / std).to(device)
@@ -418,7 +428,12 @@ def encode_images(model, info: dict, images: Iterable, batch_size: int = 64, des
     return np.concatenate(feats) if feats else np.zeros((0, info["dim"]), np.float32)
 
 
-def _to_rgb_array(image) -> np.ndarray:
+def load_rgb(image) -> np.ndarray:
+    """An HxWx3 uint8 array from a path, PIL image or (grey or RGB) array.
+
+    Args:
+        image: the image or its path.
+    """
     from PIL import Image
 
     if isinstance(image, np.ndarray):
