@@ -711,6 +711,20 @@ def fd_real_vs_real(real_feats: np.ndarray, n: int, seed: int = 0) -> float:
     return frechet_distance(real_feats[other], real_feats[ref])
 
 
+def diversity(features: np.ndarray) -> float:
+    """Mean pairwise distance between L2-normalised feature vectors (0: identical images; more: more varied).
+
+    Used across seeds of one prompt: a sampler that collapses every seed to the same picture scores near 0.
+    """
+    f = features.astype(np.float64)
+    if len(f) < 2:
+        return float("nan")
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    d2 = np.clip(2.0 - 2.0 * f @ f.T, 0.0, None)
+    iu = np.triu_indices(len(f), k=1)
+    return float(np.sqrt(d2[iu]).mean())
+
+
 # --------------------------------------------------------------------------- alignment
 def alignment_score(images, texts: Sequence[str], heads_path: str | Path = DEFAULT_HEADS, device=None) -> np.ndarray:
     """A CLIPScore stand-in: 100 * max(cos, 0) between our retrieval model's image and text embeddings.

@@ -520,13 +520,58 @@ def image_grid(images: Sequence, rows: int, cols: int, row_labels: Sequence[str]
     return grid
 
 
+# --------------------------------------------------------------------------- statistics / resources
+def mean_ci95(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """Mean and percentile-bootstrap 95% CI of the mean (NaNs dropped).
+
+    Args:
+        values: 1-d numbers (per prompt, per query, per seed ...).
+        n_boot: bootstrap resamples.
+        seed: resampling seed.
+
+    Returns:
+        (mean, (lo, hi)); NaNs when there are no values, (mean, (mean, mean)) for one value.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return float("nan"), (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    boots = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
+    lo, hi = np.percentile(boots, [2.5, 97.5])
+    return float(x.mean()), (float(lo), float(hi))
+
+
+def reset_peak_memory(device) -> None:
+    """Start a new peak-memory window (CUDA only; on CPU the process peak RSS cannot be reset)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device) -> float:
+    """Peak memory in MiB: CUDA's allocator peak on a GPU, else the process's peak resident set size."""
+    import resource
+
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return kib / 1024
+
+
 # --------------------------------------------------------------------------- diffusion models
 SHAPES_MODEL = REPO / "models" / "shapes-sd-tiny"
+SHAPES_MODEL_4K = REPO / "models" / "shapes-sd-tiny-4k"  # the same model stopped at 4,601 steps (see its card)
 # Short name -> where the weights live and the settings their authors recommend. `scheduler` None keeps
 # the one saved with the model. Hub ids need a cached download (this repo never assumes a network).
 MODEL_REGISTRY: dict[str, dict[str, Any]] = {
     "shapes-tiny": {"id": str(SHAPES_MODEL), "pipeline": "StableDiffusionPipeline", "scheduler": None,
                     "steps": 20, "guidance": 5.0, "size": 64},
+    "shapes-tiny-4k": {"id": str(SHAPES_MODEL_4K), "pipeline": "StableDiffusionPipeline", "scheduler": None,
+                       "steps": 20, "guidance": 5.0, "size": 64},
     "sd21": {"id": "stabilityai/stable-diffusion-2-1", "pipeline": "StableDiffusionPipeline",
              "scheduler": "DPMSolverMultistepScheduler", "steps": 25, "guidance": 7.5, "size": 768},
     "sd-turbo": {"id": "stabilityai/sd-turbo", "pipeline": "StableDiffusionPipeline", "scheduler": None,
