@@ -719,10 +719,10 @@ def diversity(features: np.ndarray) -> float:
     f = features.astype(np.float64)
     if len(f) < 2:
         return float("nan")
+    from scipy.spatial.distance import pdist
+
     f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
-    d2 = np.clip(2.0 - 2.0 * f @ f.T, 0.0, None)
-    iu = np.triu_indices(len(f), k=1)
-    return float(np.sqrt(d2[iu]).mean())
+    return float(pdist(f).mean())
 
 
 # --------------------------------------------------------------------------- alignment
