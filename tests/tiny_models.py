@@ -72,3 +72,29 @@ def tiny_sdxl_pipeline(tmp: Path):
                                      text_encoder_2=CLIPTextModelWithProjection(config),
                                      tokenizer=tiny_clip_tokenizer(tmp / "tok"),
                                      tokenizer_2=tiny_clip_tokenizer(tmp / "tok2"), unet=unet, scheduler=scheduler)
+
+
+def tiny_sd3_pipeline(tmp: Path):
+    """A StableDiffusion3Pipeline (SD 3.5 class) with random weights, 64x64 output.
+
+    The T5 encoder is a 1-layer random T5EncoderModel read through the character CLIP tokenizer (a T5 tokenizer
+    needs a sentencepiece file from the hub); the pipeline only calls the tokenizer, so the class does not matter.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                        joint_attention_dim=64, pooled_projection_dim=64, out_channels=4)
+    config = _text_config(projection_dim=32)
+    t5 = T5Config(vocab_size=100, d_model=64, d_kv=8, d_ff=37, num_layers=1, num_heads=4, pad_token_id=2,
+                  eos_token_id=1, decoder_start_token_id=0)
+    vae = _vae()
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5035)  # SD3's VAE latents are shifted and scaled
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
+                                    vae=vae, text_encoder=CLIPTextModelWithProjection(config),
+                                    tokenizer=tiny_clip_tokenizer(tmp / "tok"),
+                                    text_encoder_2=CLIPTextModelWithProjection(config),
+                                    tokenizer_2=tiny_clip_tokenizer(tmp / "tok2"),
+                                    text_encoder_3=T5EncoderModel(t5), tokenizer_3=tiny_clip_tokenizer(tmp / "tok3"))

@@ -1,0 +1,371 @@
+"""Task A: open text-to-image models side by side, measured: size, speed, memory, prompt fidelity, Fréchet distance.
+
+Every model runs at its own recommended settings (registry: steps, guidance, scheduler; turbo models 1-4 steps
+and guidance 0) on one shared prompt list with shared seeds (image k uses seed + k). Prompt fidelity is the
+oracle's "every named attribute right" rate in the shapes world (fidelity.py), or the alignment score of our
+retrieval model (a CLIPScore stand-in) with `--fidelity alignment` or on other data. The Fréchet distance in
+EfficientNet-Lite0 space is printed next to its real-vs-real floor at the same n: at n ~ 100 two real sets are
+already far apart, so only differences well above the floor mean anything.
+
+Quick (tiny settings, well under a minute on one core):
+    python task_a.py --quick --threads 1
+Default (shapes-tiny vs shapes-tiny-4k, 24 single + 24 two-object prompts x 2 seeds, ~2 min on one busy core):
+    python task_a.py --run-name default
+Hub models (need a cached download; GPU advised):
+    python task_a.py --models sd21,sd-turbo,sdxl,sdxl-turbo,sd35-medium --fidelity alignment
+Writes outputs/task_a/<run_name>/: metrics.json ({"models": {name: {params, sec_per_image, peak_mem_mb, fidelity,
+fd, ...}}}), results.md, grid.png (rows prompts, columns models), config.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+import fidelity
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, cached, check, cli, finish_run, generate_images,
+                   image_grid, init_wandb, load_data, load_image_encoder, load_pipeline, load_rgb, make_run_dir,
+                   mean_ci95, peak_memory_mb, pick_device, pick_dtype, reset_peak_memory, resolve_model, write_text)
+
+DEFAULT_MODELS = "shapes-tiny,shapes-tiny-4k"
+FIDELITY_MODES = ("auto", "oracle", "alignment")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
+QUICK = {"n_prompts": 2, "seeds_per_prompt": 2, "batch_size": 2, "max_steps": 2, "grid_rows": 2}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", default=DEFAULT_MODELS,
+                   help="comma-separated registry names (shapes-tiny, shapes-tiny-4k, sd21, sd-turbo, sdxl, "
+                        "sdxl-turbo, sd35-medium), local pipeline folders or hub ids")
+    p.add_argument("--n-prompts", type=int, default=24, help="prompts per kind (shapes world) or data captions")
+    p.add_argument("--kinds", default="single,two", help="prompt kinds in the shapes world: single, two")
+    p.add_argument("--seeds-per-prompt", type=int, default=2, help="images per prompt (seeds seed + k)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompt list and of image k's noise (seed + k)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps for every model (default: each model's own)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (= one timed batch)")
+    p.add_argument("--timed-batches", type=int, default=3, help="timed batches after the warm-up batch (>= 3)")
+    p.add_argument("--fidelity", default="auto",
+                   help="auto (oracle on shapes data, else alignment), oracle, or alignment (retrieval heads)")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="data.pkl with the real images for FD (test, then val)")
+    p.add_argument("--oracle", default=str(fidelity.DEFAULT_ORACLE), help="oracle folder (fidelity.py train-oracle)")
+    p.add_argument("--heads", default=str(fidelity.DEFAULT_HEADS), help="retrieval heads.pt for --fidelity alignment")
+    p.add_argument("--no-fd", action="store_true", help="skip the Fréchet distance")
+    p.add_argument("--grid-rows", type=int, default=6, help="prompts shown in grid.png (first seed of each)")
+    p.add_argument("--run-name", default=None, help="run folder name under outputs/task_a (default: timestamp)")
+    p.add_argument("--outputs", default=str(OUTPUTS), help="outputs root")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (fp32 CPU, bf16/fp16 GPU)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--wandb", action="store_true", help="log each model's numbers to wandb (offline unless WANDB_MODE)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK['n_prompts']} prompts per kind x {QUICK['seeds_per_prompt']} seeds, "
+                        f"batches of {QUICK['batch_size']}, <= {QUICK['max_steps']} steps")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.n_prompts = min(args.n_prompts, QUICK["n_prompts"])
+        args.seeds_per_prompt = min(args.seeds_per_prompt, QUICK["seeds_per_prompt"])
+        args.batch_size = min(args.batch_size, QUICK["batch_size"])
+        args.grid_rows = min(args.grid_rows, QUICK["grid_rows"])
+    args.run_name = args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    check_args(args)
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    check(bool(args.models), "--models is empty; give registry names, folders or hub ids separated by commas")
+    args.specs = [resolve_model(m) for m in args.models]  # unknown names fail here, before anything slow
+    names = [s["name"] for s in args.specs]
+    check(len(set(names)) == len(names), f"--models names a model twice: {', '.join(names)}")
+    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    for kind in args.kinds:
+        check(kind in fidelity.KINDS, f"unknown prompt kind {kind!r} in --kinds; choose from {', '.join(fidelity.KINDS)}")
+    check(bool(args.kinds), "--kinds is empty")
+    check(args.fidelity in FIDELITY_MODES, f"unknown --fidelity {args.fidelity!r}; choose one of {', '.join(FIDELITY_MODES)}")
+    for name in ("n_prompts", "seeds_per_prompt", "batch_size"):
+        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check(args.timed_batches >= 3, f"--timed-batches must be >= 3 (a median of fewer is not a timing), "
+                                   f"got {args.timed_batches}")
+    check(args.steps is None or args.steps > 0, f"--steps must be positive, got {args.steps}")
+    check(args.grid_rows >= 0, f"--grid-rows must be >= 0, got {args.grid_rows}")
+    check(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
+    check(Path(args.data).is_file(), f"data file not found: {args.data} (run `python generate_data.py` first)")
+
+
+# --------------------------------------------------------------------------- 1. prompts and scoring
+def build_prompts(args: argparse.Namespace, data: dict) -> tuple[list[dict | None], list[str], str]:
+    """(structured prompts or None, texts, source): the shapes grammar, or first captions of real test images."""
+    if data.get("source") == "shapes":
+        prompts = [p for kind in args.kinds for p in fidelity.make_prompts(kind, args.n_prompts, args.seed)]
+        return prompts, [p["text"] for p in prompts], "shapes grammar (" + "+".join(args.kinds) + ")"
+    records = data["splits"]["test"]
+    pick = np.random.default_rng([args.seed, 5]).permutation(len(records))[:args.n_prompts]
+    return [None] * len(pick), [records[i]["captions"][0] for i in pick], "first captions of random test images"
+
+
+def fidelity_mode(args: argparse.Namespace, data: dict) -> str:
+    """The oracle only reads the shapes world; anything else is scored by the alignment score."""
+    if args.fidelity == "auto":
+        return "oracle" if data.get("source") == "shapes" else "alignment"
+    check(args.fidelity != "oracle" or data.get("source") == "shapes",
+          f"--fidelity oracle needs shapes-world data; {args.data} is {data.get('source')!r} (use alignment)")
+    return args.fidelity
+
+
+def score_fidelity(mode: str, images: np.ndarray, prompts: list, texts: list[str], oracle, args) -> dict:
+    """Mean fidelity with a bootstrap 95% CI over images, plus the oracle's per-kind attribute rates."""
+    if mode == "oracle":
+        scores = oracle.score(images, prompts)
+        values = [float(s["all"]) for s in scores]
+        kinds = {k: fidelity.summarize_scores([s for s, p in zip(scores, prompts) if _kind(p) == k])
+                 for k in args.kinds}
+        detail = {"per_kind": kinds, "attributes": fidelity.summarize_scores(scores)}
+        metric = "oracle all-correct rate"
+    else:
+        values = fidelity.alignment_score(images, texts, args.heads, oracle)
+        detail, metric = {}, "alignment score (0-100, retrieval heads)"
+    mean, ci = mean_ci95(values, seed=args.seed)
+    return {"fidelity": mean, "fidelity_ci95": list(ci), "fidelity_metric": metric, **detail}
+
+
+def _kind(prompt: dict) -> str:
+    return "single" if prompt["relation"] is None else "two"
+
+
+# --------------------------------------------------------------------------- 2. one model
+def count_params(pipe) -> dict[str, int]:
+    """Parameters per component (denoiser, text encoders, VAE) and their total."""
+    out = {}
+    for name in COMPONENTS:
+        module = getattr(pipe, name, None)
+        if module is not None and hasattr(module, "parameters"):
+            out[name] = int(sum(p.numel() for p in module.parameters()))
+    out["total"] = int(sum(out.values()))
+    return out
+
+
+def weights_fingerprint(pipe) -> str:
+    """A short hash of the denoiser's first and last weight tensors: equal fingerprints flag identical models."""
+    import hashlib
+
+    module = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    params = list(module.parameters())
+    digest = hashlib.sha1()
+    for p in (params[0], params[-1]):
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def timed_generation(pipe, texts: list[str], seeds: list[int], steps: int, guidance: float, size, args):
+    """All images in batches, each batch timed; extra batches run when there are too few to time after a warm-up.
+
+    Returns:
+        (uint8 images, seconds per image of each timed batch: the first batch is the warm-up and not counted).
+    """
+    images, per_image = [], []
+    bs = args.batch_size
+    chunks = [(texts[s:s + bs], seeds[s:s + bs]) for s in range(0, len(texts), bs)]
+    for i, (t, s) in enumerate(chunks):
+        t0 = time.perf_counter()
+        images.append(generate_images(pipe, t, s, steps, guidance, size, batch_size=bs, progress=False))
+        if i > 0 and len(t) == bs:  # a short last batch would time a different batch size
+            per_image.append((time.perf_counter() - t0) / len(t))
+    while len(per_image) < args.timed_batches:  # timing only: repeat the first batch, images discarded
+        t, s = chunks[0]
+        t = (t * bs)[:bs]
+        s = (s * bs)[:bs]
+        t0 = time.perf_counter()
+        generate_images(pipe, t, s, steps, guidance, size, batch_size=bs, progress=False)
+        per_image.append((time.perf_counter() - t0) / bs)
+    return np.concatenate(images), per_image
+
+
+def evaluate_model(model: str, texts, prompts, seeds, mode, oracle, real_feats, enc, args, device, dtype) -> tuple:
+    """Load one model (registry name, folder or hub id) at its recommended settings, time it, score it. Returns (row, 64-px images)."""
+    reset_peak_memory(device)
+    t0 = time.time()
+    pipe, settings = load_pipeline(model, device=device, dtype=dtype)
+    load_s = time.time() - t0
+    steps = args.steps or settings["steps"]
+    if args.quick:
+        steps = min(steps, QUICK["max_steps"])
+    guidance = settings["guidance"]
+    generated, per_image = timed_generation(pipe, texts, seeds, steps, guidance, settings["size"], args)
+    sec = statistics.median(per_image)
+    peak = peak_memory_mb(device)
+    small = fidelity.to_uint8_64(generated)
+    row = {"id": settings["id"], "params": count_params(pipe), "weights_fingerprint": weights_fingerprint(pipe),
+           "steps": steps, "guidance": guidance,
+           "scheduler": settings["scheduler"], "size": int(generated.shape[1]), "dtype": settings["dtype"],
+           "device": settings["device"], "sec_per_image": sec, "images_per_s": 1.0 / sec if sec > 0 else None,
+           "sec_per_image_batches": per_image, "batch_size": args.batch_size, "peak_mem_mb": peak,
+           "peak_mem_kind": "CUDA allocator peak" if device.type == "cuda" else
+                            "process peak RSS so far (CPU peak cannot be reset between models)",
+           "load_s": round(load_s, 2)}
+    row.update(score_fidelity(mode, small, prompts, texts, oracle if mode == "oracle" else device, args))
+    row["fd"] = row["fd_real_vs_real"] = None
+    if real_feats is not None:
+        n = len(small)
+        gen = fidelity.fd_features(enc[0], enc[1], small, "generated features")
+        row["fd"] = fidelity.frechet_distance(gen, real_feats[:n])
+        row["fd_real_vs_real"] = fidelity.frechet_distance(real_feats[n:2 * n], real_feats[:n])
+        row["fd_n"] = n
+    del pipe
+    return row, small
+
+
+def real_features(args: argparse.Namespace, n: int, device):
+    """EfficientNet features of 2n real images (the reference set and the floor's second set), cached on disk."""
+    real = fidelity.real_pool(args.data, 2 * n)
+    ref, other = fidelity.real_reference_split(len(real), n, args.seed)
+    paths = [real[i]["path"] for i in np.concatenate([ref, other])]
+    enc = load_image_encoder(DEFAULT_IMAGE_ENCODER, device)
+    stats = [(p, Path(p).stat().st_size, int(Path(p).stat().st_mtime)) for p in paths]
+    feats = cached(["fd-real", DEFAULT_IMAGE_ENCODER, fidelity.FD_RES, stats],
+                   lambda: fidelity.fd_features(enc[0], enc[1], fidelity.to_uint8_64([load_rgb(p) for p in paths]),
+                                                "real features"))
+    return feats, enc
+
+
+# --------------------------------------------------------------------------- 3. report
+def _f(v, fmt=".3f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def results_markdown(m: dict) -> str:
+    lines = [f"# Task A: {len(m['models'])} models side by side", "",
+             f"{m['n_images']} images per model: {m['n_prompts']} prompts ({m['prompt_source']}) x "
+             f"{m['seeds_per_prompt']} seeds, image k with seed {m['seed']} + k, the same for every model. "
+             f"Fidelity: {m['fidelity_metric']}, mean with bootstrap 95% CI over images. Time: median seconds per "
+             f"image over {m['timed_batches']}+ timed batches of {m['batch_size']} after a warm-up batch, on "
+             f"{m['device']} ({m['threads']} torch threads).", "",
+             "| model | steps | guidance | scheduler | params (denoiser / text / VAE) | s/image | images/s | "
+             "peak MB | fidelity [95% CI] | FD (real-vs-real floor) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in m["models"].items():
+        p = r["params"]
+        den = p.get("unet", p.get("transformer", 0))
+        text = sum(v for k, v in p.items() if k.startswith("text_encoder"))
+        fd = "skipped" if r["fd"] is None else f"{r['fd']:.1f} ({r['fd_real_vs_real']:.1f}, n={r['fd_n']})"
+        lines.append(f"| {name} | {r['steps']} | {r['guidance']} | {r['scheduler']} | {den / 1e6:.2f}M / "
+                     f"{text / 1e6:.2f}M / {p.get('vae', 0) / 1e6:.2f}M | {r['sec_per_image']:.3f} | "
+                     f"{_f(r['images_per_s'], '.2f')} | {r['peak_mem_mb']:.0f} | {_f(r['fidelity'])} "
+                     f"[{_f(r['fidelity_ci95'][0])}, {_f(r['fidelity_ci95'][1])}] | {fd} |")
+    lines += ["", comparison_sentence(m), ""]
+    same = same_weights(m)
+    if same:
+        lines += ["**Identical weights**: " + "; ".join(" = ".join(g) for g in same) + " (same denoiser fingerprint), "
+                  "so any difference between them above is timing noise, not the model.", ""]
+    if any(r.get("per_kind") for r in m["models"].values()):
+        lines += ["## Oracle attribute rates (share of images with the named attribute right)", "",
+                  "| model | prompts | shape | colour | size | position | count | all |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in m["models"].items():
+            for kind, s in (r.get("per_kind") or {}).items():
+                lines.append(f"| {name} | {kind} (n={s['n']}) | " + " | ".join(_f(s[a]) for a in fidelity.ATTRIBUTES) + " |")
+        lines.append("")
+    lines += [f"Peak memory: {next(iter(m['models'].values()))['peak_mem_kind']}.", "", "![grid](grid.png)", ""]
+    return "\n".join(lines)
+
+
+def comparison_sentence(m: dict) -> str:
+    """Which model is most faithful and fastest, and whether the fidelity CIs separate them (from the numbers)."""
+    rows = m["models"]
+    if len(rows) < 2:
+        return "One model only: nothing to compare."
+    best = max(rows, key=lambda n: rows[n]["fidelity"])
+    fastest = min(rows, key=lambda n: rows[n]["sec_per_image"])
+    others = [n for n in rows if n != best]
+    separated = [n for n in others if rows[n]["fidelity_ci95"][1] < rows[best]["fidelity_ci95"][0]]
+    sep = ("its CI lies above that of " + ", ".join(separated)) if separated else "but the 95% CIs overlap"
+    if separated and len(separated) < len(others):
+        sep += "; it overlaps with " + ", ".join(n for n in others if n not in separated)
+    return (f"Highest fidelity: {best} ({rows[best]['fidelity']:.3f}); {sep}. Fastest: {fastest} "
+            f"({rows[fastest]['sec_per_image']:.3f} s/image).")
+
+
+def same_weights(m: dict) -> list[list[str]]:
+    """Groups of models whose denoiser weights are identical (by fingerprint)."""
+    groups: dict[str, list[str]] = {}
+    for name, r in m["models"].items():
+        groups.setdefault(r["weights_fingerprint"], []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def write_grid(path: Path, images: dict[str, np.ndarray], texts: list[str], rows: list[int]) -> None:
+    names = list(images)
+    cells = [images[n][i] for i in rows for n in names]
+    labels = [texts[i][:40] for i in rows]
+    image_grid(cells, len(rows), len(names), row_labels=labels, col_labels=[n[:14] for n in names]).save(path)
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.time()
+    device = pick_device(args.device)
+    dtype = pick_dtype(device, args.dtype)
+
+    # 1. data, prompts, shared seeds, and the scorer (oracle or retrieval heads)
+    data = load_data(args.data, splits=["test"])
+    mode = fidelity_mode(args, data)
+    prompts, texts, source = build_prompts(args, data)
+    texts = [t for t in texts for _ in range(args.seeds_per_prompt)]
+    prompts = [p for p in prompts for _ in range(args.seeds_per_prompt)]
+    seeds = [args.seed + k for k in range(len(texts))]
+    oracle = fidelity.Oracle.load(args.oracle, device) if mode == "oracle" else None
+    if mode == "alignment":
+        check(Path(args.heads).is_file(), f"retrieval checkpoint not found: {args.heads} (run `python retrieval.py`)")
+    config = {k: v for k, v in vars(args).items() if k != "specs"}
+    run_dir = make_run_dir("task_a", args.run_name, config, args.outputs)
+    run = init_wandb(args.wandb, "task_a", config, args.run_name)
+
+    # 2. real features for FD (the reference set and, for the floor, a second disjoint set of the same size)
+    real_feats, enc = (None, None) if args.no_fd else real_features(args, len(texts), device)
+
+    # 3. every model at its own settings on the same prompts and seeds
+    metrics = {"models": {}, "n_prompts": len(texts) // args.seeds_per_prompt, "seeds_per_prompt": args.seeds_per_prompt,
+               "n_images": len(texts), "seed": args.seed, "prompt_source": source, "fidelity_mode": mode,
+               "batch_size": args.batch_size, "timed_batches": args.timed_batches, "device": str(device),
+               "threads": torch.get_num_threads()}
+    images = {}
+    for model, spec in zip(args.models, args.specs):
+        print(f"{spec['name']}: generating {len(texts)} images")
+        row, images[spec["name"]] = evaluate_model(model, texts, prompts, seeds, mode, oracle, real_feats, enc, args,
+                                                   device, dtype)
+        metrics["models"][spec["name"]] = row
+        metrics["fidelity_metric"] = row["fidelity_metric"]
+        if run is not None:
+            run.log({f"{spec['name']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+        print(f"  {row['sec_per_image']:.3f} s/image, fidelity {row['fidelity']:.3f} "
+              f"[{row['fidelity_ci95'][0]:.3f}, {row['fidelity_ci95'][1]:.3f}], FD {_f(row['fd'], '.1f')} "
+              f"(floor {_f(row['fd_real_vs_real'], '.1f')})")
+
+    # 4. grid, table, metrics
+    shown = [i * args.seeds_per_prompt for i in range(min(args.grid_rows, metrics["n_prompts"]))]
+    if shown:
+        write_grid(run_dir / "grid.png", images, texts, shown)
+    write_text(run_dir / "results.md", results_markdown(metrics))
+    metrics["seconds"] = round(time.time() - t_start, 1)
+    finish_run(run_dir, metrics)
+    if run is not None:
+        run.finish()
+    print(comparison_sentence(metrics))
+    for group in same_weights(metrics):
+        print(f"note: {' and '.join(group)} have identical denoiser weights")
+    print(f"wrote {run_dir} ({metrics['seconds']} s)")
+    return metrics
+
+
+if __name__ == "__main__":
+    cli(main)
