@@ -1,0 +1,858 @@
+"""Task E: does imagining the query help retrieval, and can the same model edit an image by text?
+
+Two applications of the diffusion model, both measured.
+
+1. Imagine-then-retrieve (generative query expansion). For each text query (a test caption) the model
+   draws k = 1..k_max images (one seeded generator per image); the retrieval model's image head embeds
+   them, and they are fused with the query's text embedding in two ways, each with its weight w chosen
+   on `val` queries against the `val` index (mAP, ties to the smaller w, so w = 0 = text-only can win):
+   - weighted sum:  q = (1 - w) * text + w * normalise(mean of the k image embeddings), one FAISS search;
+   - reciprocal-rank fusion: score(d) = (1 - w) / (c + rank_text(d)) + w * mean_j 1 / (c + rank_j(d)),
+     ranks from one FAISS search per query and per image (c = 60, Cormack et al. 2009).
+   R@1/5/10 and mAP on the test index, next to text-only, with 95% bootstrap CIs over queries of the
+   metric and of the paired difference, overall, on queries whose image holds a target category
+   (task_c's targets.json, else the 3 rarest training categories) and on two-object relational
+   captions; plus the added seconds per query (generation + embedding + fusion).
+2. Text-guided editing: StableDiffusionImg2ImgPipeline built from the same components (no reload) edits
+   rendered single-object scenes of known content, changing the colour or the shape; the oracle scores
+   each edit (success = the edited attribute is now right AND shape/colour/size/cell/count otherwise
+   kept) for each img2img `strength`.
+
+Quick (smoke run: ~30 CPU-seconds with the shipped model, under a minute):
+    python task_e.py --quick
+Default (~175 CPU-seconds with one torch thread, so about 3 minutes on one idle core and less on two; 100 test
+and 24 val queries x 4 images, 16 edits x 5 strengths; part of `make demo`):
+    python task_e.py --run-name default
+More queries for tighter CIs:
+    python task_e.py --n-queries 500 --n-subset-queries 200 --n-val-queries 100
+Writes outputs/task_e/<run_name>/: metrics.json, config.json, results.md, recall_vs_k.png,
+edit_success.png, edit_grid.png (and generated/, the resumable generation chunks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import fidelity
+import generate_data as gd
+import retrieval
+from utils import (DEFAULT_DATA, OUTPUTS, UserError, category_names, check, cli, encode_images, finish_run,
+                   generate_images, image_grid, l2_normalize, load_data, load_image_encoder, load_pipeline,
+                   make_run_dir, mean_ci95, pick_device, pyplot, read_json, write_text)
+
+MAX_K = 8  # generated images per query at most; also the seed stride per query (seeds seed + MAX_K * caption + i)
+FUSIONS = ("weighted", "rrf")
+SUBSETS = ("overall", "targets", "relational")
+METRICS = ("R@1", "R@5", "R@10", "AP")
+EDIT_KINDS = ("color", "shape")
+KEPT_KEYS = ("shape", "color", "size", "position", "count")
+DEFAULT_WEIGHTS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
+DEFAULT_STRENGTHS = "0.3,0.5,0.7,0.9,1.0"
+VAL_SEED_OFFSET = 10**7  # val queries' seeds never coincide with test queries'
+CHUNK_QUERIES = 32  # queries per resumable generation chunk
+QUICK = {"n_queries": 4, "n_subset_queries": 2, "n_val_queries": 2, "n_edits": 1, "bootstrap": 200}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="data.pkl from generate_data.py")
+    p.add_argument("--heads", default=str(OUTPUTS / "retrieval" / "latest" / "heads.pt"),
+                   help="retrieval heads.pt (retrieval.py); its encoders and input side are used")
+    p.add_argument("--targets", default=str(OUTPUTS / "task_c" / "latest" / "targets.json"),
+                   help="task_c targets.json naming the target categories; when missing, the 3 rarest training "
+                        "categories are used")
+    p.add_argument("--model", default="shapes-tiny", help="registry name, local diffusers folder or cached hub id")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: recommended)")
+    p.add_argument("--k-max", type=int, default=4, help=f"images generated per query; k = 1..k_max is reported (1..{MAX_K})")
+    p.add_argument("--n-queries", type=int, default=60, help="random test captions (the 'overall' queries)")
+    p.add_argument("--n-subset-queries", type=int, default=20,
+                   help="extra random test captions for each of the target and relational subsets (0 = none)")
+    p.add_argument("--n-val-queries", type=int, default=24, help="random val captions the fusion weights are chosen on")
+    p.add_argument("--eval-split", default="test", help="split of the reported queries and index")
+    p.add_argument("--val-split", default="val", help="split the fusion weights are chosen on")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="comma-separated fusion weights w in [0, 1] to choose from")
+    p.add_argument("--rrf-c", type=float, default=60.0, help="reciprocal-rank-fusion constant c (> 0)")
+    p.add_argument("--n-edits", type=int, default=8, help="edited source scenes per edit kind (0 = skip editing)")
+    p.add_argument("--edit-kinds", default=",".join(EDIT_KINDS), help=f"comma-separated: {', '.join(EDIT_KINDS)}")
+    p.add_argument("--strengths", default=DEFAULT_STRENGTHS, help="comma-separated img2img strengths in (0, 1]")
+    p.add_argument("--oracle", default=str(fidelity.DEFAULT_ORACLE), help="oracle folder (fidelity.py train-oracle)")
+    p.add_argument("--grid-rows", type=int, default=8, help="edit examples shown in edit_grid.png")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the queries (>= 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
+    p.add_argument("--seed", type=int, default=0, help="seed of the query draw, the bootstrap and every image's noise")
+    p.add_argument("--run-name", default=None, help="run folder under outputs/task_e (default: timestamp); the same "
+                                                    "name resumes the generation")
+    p.add_argument("--outputs", default="outputs", help="outputs root")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: {n_queries} + 2 x {n_subset_queries} test and {n_val_queries} val queries, "
+                        "{n_edits} edits per kind, {bootstrap} resamples".format(**QUICK))
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            setattr(args, key, min(getattr(args, key), value))
+    args.run_name = args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    check_args(args)
+    return args
+
+
+def parse_floats(text: str, flag: str) -> list[float]:
+    """Comma-separated numbers, with a one-line error naming the flag."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    check(len(values) > 0, f"{flag} needs at least one value")
+    return values
+
+
+def check_args(args: argparse.Namespace) -> None:
+    check(1 <= args.k_max <= MAX_K, f"--k-max must be between 1 and {MAX_K}, got {args.k_max}")
+    check(args.n_queries >= 1, f"--n-queries must be >= 1, got {args.n_queries}")
+    check(args.n_subset_queries >= 0, f"--n-subset-queries must be >= 0, got {args.n_subset_queries}")
+    check(args.n_val_queries >= 1, f"--n-val-queries must be >= 1, got {args.n_val_queries}")
+    check(args.n_edits >= 0, f"--n-edits must be >= 0, got {args.n_edits}")
+    check(args.bootstrap >= 1, f"--bootstrap must be >= 1, got {args.bootstrap}")
+    check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    check(args.grid_rows >= 1, f"--grid-rows must be >= 1, got {args.grid_rows}")
+    check(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
+    check(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    check(args.rrf_c > 0, f"--rrf-c must be > 0, got {args.rrf_c}")
+    args.weight_grid = sorted(set(parse_floats(args.weights, "--weights")))
+    for w in args.weight_grid:
+        check(0 <= w <= 1, f"--weights must lie in [0, 1], got {w:g}")
+    args.strength_list = sorted(set(parse_floats(args.strengths, "--strengths")))
+    for s in args.strength_list:
+        check(0 < s <= 1, f"--strengths must lie in (0, 1], got {s:g}")
+    args.edit_kind_list = [k.strip() for k in args.edit_kinds.split(",") if k.strip()]
+    check(args.edit_kind_list and set(args.edit_kind_list) <= set(EDIT_KINDS),
+          f"--edit-kinds must be a comma-separated subset of {', '.join(EDIT_KINDS)}, got {args.edit_kinds!r}")
+    check(Path(args.data).is_file(), f"data file not found: {args.data} (run `python generate_data.py` first)")
+    check(Path(args.heads).is_file(), f"retrieval checkpoint not found: {args.heads} (run `python retrieval.py` first)")
+
+
+# --------------------------------------------------------------------------- 1. queries and subsets
+def is_relational(caption: str) -> bool:
+    """Whether a caption states a two-object relation ("... to the left of ...", "above", ...)."""
+    padded = f" {caption} "
+    return any(f" {rel} " in padded for rel in gd.RELATIONS)
+
+
+def target_categories(targets_path: str, data: dict, train: list[dict], k: int = 3) -> dict:
+    """Target category ids: task_c's targets.json when it names categories of this data, else the k rarest."""
+    ids = {name: cid for cid, name in category_names(data).items()}
+    path = Path(targets_path)
+    if path.is_file():
+        names = [t["category"] for t in read_json(path).get("targets", [])]
+        if names and all(n in ids for n in names):
+            return {"source": str(path.resolve()), "names": names, "ids": [ids[n] for n in names]}
+    counts = retrieval.image_counts(train)
+    rarest = sorted(ids.values(), key=lambda c: (counts.get(c, 0), category_names(data)[c]))[:k]
+    names = [category_names(data)[c] for c in rarest]
+    return {"source": f"the {k} rarest training categories ({path} missing or names other categories)",
+            "names": names, "ids": rarest, "train_counts": [counts.get(c, 0) for c in rarest]}
+
+
+def draw_queries(captions: list[str], cap2img: np.ndarray, records: list[dict], target_ids: Sequence[int],
+                 n_overall: int, n_subset: int, seed: int) -> dict:
+    """Seeded query draw: a random pool (overall) plus extra random pools for the two subsets.
+
+    The target subset is (overall pool + target pool) restricted to captions whose image holds a target
+    category (the per-category convention of retrieval.py); the relational subset is (overall pool +
+    relational pool) restricted to relational captions. Each is a uniform random sample of its subset.
+
+    Returns:
+        {"ids": sorted caption indices, "masks": {subset: bool array over ids}, "pools": sizes}.
+    """
+    rng = np.random.default_rng([seed, 5])
+    n_cap = len(captions)
+    has_target = np.array([any(c in target_ids for c in records[i]["category_ids"]) for i in cap2img], dtype=bool)
+    relational = np.array([is_relational(c) for c in captions], dtype=bool)
+    pool_a = rng.choice(n_cap, min(n_overall, n_cap), replace=False)
+    in_a = np.zeros(n_cap, dtype=bool)
+    in_a[pool_a] = True
+
+    def extra(member: np.ndarray) -> np.ndarray:
+        cand = np.flatnonzero(member & ~in_a)
+        return rng.choice(cand, min(n_subset, len(cand)), replace=False) if n_subset and len(cand) else cand[:0]
+
+    pool_b, pool_c = extra(has_target), extra(relational)
+    ids = np.unique(np.concatenate([pool_a, pool_b, pool_c]))
+    in_b, in_c = np.isin(ids, pool_b), np.isin(ids, pool_c)
+    masks = {"overall": in_a[ids], "targets": (in_a[ids] | in_b) & has_target[ids],
+             "relational": (in_a[ids] | in_c) & relational[ids]}
+    return {"ids": ids, "masks": masks, "pools": {"overall": len(pool_a), "targets_extra": len(pool_b),
+                                                  "relational_extra": len(pool_c)}}
+
+
+# --------------------------------------------------------------------------- 2. generation (resumable)
+def query_seeds(caption_ids: np.ndarray, k: int, base: int) -> np.ndarray:
+    """(n, k) seeds: image i of caption c gets base + MAX_K * c + i, whatever the query subset or k_max."""
+    return base + MAX_K * np.asarray(caption_ids, dtype=np.int64)[:, None] + np.arange(k)[None, :]
+
+
+def model_fingerprint(settings: dict) -> str:
+    """What generated images depend on besides prompt and seed: sampler settings and, for a local model, the
+    size and mtime of its weight files (a retrained model in the same folder gets a new fingerprint)."""
+    keys = {k: settings.get(k) for k in ("id", "steps", "guidance", "size", "scheduler", "dtype", "device")}
+    folder = Path(str(settings.get("id")))
+    if folder.is_dir():
+        keys["weights"] = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                                 for p in folder.rglob("*.safetensors"))
+    return json.dumps(keys, sort_keys=True, default=str)
+
+
+def generate_for_queries(pipe, settings: dict, texts: list[str], seeds: np.ndarray, folder: Path,
+                         batch_size: int, desc: str) -> tuple[np.ndarray, dict, int]:
+    """k images per query as uint8 (n, k, H, W, 3), in chunks saved to `folder` so a rerun resumes.
+
+    A saved chunk is reused only when its prompts, seeds and model fingerprint all match.
+
+    Returns:
+        (images, {"wall_s", "cpu_s"} spent generating (saved with each chunk, so resumed chunks keep their
+        cost; cpu_s is process CPU time, all threads), number of images generated in this call).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    n, k = seeds.shape
+    out, seconds, fresh = [], {"wall_s": 0.0, "cpu_s": 0.0}, 0
+    fingerprint = model_fingerprint(settings)
+    for start in tqdm(range(0, n, CHUNK_QUERIES), desc=desc, leave=False):
+        chunk_texts = texts[start:start + CHUNK_QUERIES]
+        chunk_seeds = seeds[start:start + CHUNK_QUERIES]
+        path = folder / f"{start:06d}.npz"
+        if path.is_file():
+            saved = np.load(path)
+            if saved["seeds"].shape == chunk_seeds.shape and np.array_equal(saved["seeds"], chunk_seeds) \
+                    and list(saved["texts"]) == list(chunk_texts) and str(saved["model"]) == fingerprint:
+                out.append(saved["images"])
+                seconds["wall_s"] += float(saved["seconds"])
+                seconds["cpu_s"] += float(saved["cpu_seconds"])
+                continue
+        t, cpu = time.perf_counter(), time.process_time()
+        flat = generate_images(pipe, [s for s in chunk_texts for _ in range(k)], chunk_seeds.ravel().tolist(),
+                               settings["steps"], settings["guidance"], settings["size"], batch_size=batch_size,
+                               progress=False)
+        spent, spent_cpu = time.perf_counter() - t, time.process_time() - cpu
+        images = flat.reshape(len(chunk_texts), k, *flat.shape[1:])
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, images=images, seeds=chunk_seeds, texts=np.asarray(chunk_texts), seconds=spent,
+                 cpu_seconds=spent_cpu, model=np.asarray(fingerprint))
+        tmp.replace(path)
+        out.append(images)
+        seconds["wall_s"] += spent
+        seconds["cpu_s"] += spent_cpu
+        fresh += images.shape[0] * k
+    return np.concatenate(out), seconds, fresh
+
+
+def image_encoder_for(meta: dict, device):
+    """The heads' image backbone with the input side it was trained at (as retrieval.FeatureExtractor uses it)."""
+    model, info = load_image_encoder(meta["image_encoder"], device)
+    return model, dict(info, res=meta.get("image_res") or info["res"])
+
+
+def embed_generated(heads, encoder, images: np.ndarray) -> np.ndarray:
+    """Normalised retrieval embeddings (n, k, d) of generated images (n, k, H, W, 3), encoded as the data's are."""
+    n, k = images.shape[:2]
+    feats = encode_images(*encoder, list(images.reshape(n * k, *images.shape[2:])), desc="generated features")
+    return retrieval.embed(heads, "image", feats).reshape(n, k, -1)
+
+
+# --------------------------------------------------------------------------- 3. fusion
+def weighted_queries(text_emb: np.ndarray, gen_emb: np.ndarray, w: float) -> np.ndarray:
+    """(1 - w) * text + w * normalise(mean of the k image embeddings); w = 0 returns the text rows exactly.
+
+    Not renormalised: an inner-product ranking does not change when a query is scaled, and leaving it
+    keeps w = 0 bit-identical to text-only.
+
+    Args:
+        text_emb: (n, d) normalised text embeddings.
+        gen_emb: (n, k, d) normalised embeddings of the k generated images.
+        w: weight of the images in [0, 1].
+    """
+    mean = l2_normalize(gen_emb.mean(axis=1))
+    return ((1.0 - w) * text_emb + w * mean).astype(np.float32)
+
+
+def full_ranking(index, queries: np.ndarray) -> np.ndarray:
+    """(n, N) database ids of every item, best first, from a FAISS search over the whole index."""
+    return retrieval.search(index, queries, index.ntotal)[1]
+
+
+def reciprocal_ranks(ids: np.ndarray, c: float) -> np.ndarray:
+    """(n, N) 1 / (c + rank) per database item, rank 1 = best, from full rankings `ids` (n, N)."""
+    n, size = ids.shape
+    rr = np.empty((n, size), dtype=np.float64)
+    np.put_along_axis(rr, ids, 1.0 / (c + np.arange(1, size + 1, dtype=np.float64))[None, :].repeat(n, 0), axis=1)
+    return rr
+
+
+def rrf_ranking(text_rr: np.ndarray, image_rr: np.ndarray, w: float) -> np.ndarray:
+    """Ids ranked by (1 - w) * text_rr + w * image_rr, ties to the lower id.
+
+    Args:
+        text_rr: (n, N) reciprocal ranks of the text query's list.
+        image_rr: (n, N) mean reciprocal ranks of the k image queries' lists.
+        w: weight of the image lists.
+    """
+    return np.argsort(-((1.0 - w) * text_rr + w * image_rr), axis=1, kind="stable")
+
+
+class Fuser:
+    """Rankings of one query set under text-only, weighted-sum and RRF fusion, for any k <= k_max and w.
+
+    Args:
+        index: FAISS index of the split's images.
+        text_emb: (n, d) query text embeddings.
+        gen_emb: (n, k_max, d) generated-image embeddings.
+        c: RRF constant.
+    """
+
+    def __init__(self, index, text_emb: np.ndarray, gen_emb: np.ndarray, c: float):
+        self.index, self.text_emb, self.gen_emb, self.c = index, text_emb, gen_emb, c
+        self.text_ids = full_ranking(index, text_emb)
+        self.text_rr = reciprocal_ranks(self.text_ids, c)
+        # One list per generated image; the first k serve every smaller k.
+        self.image_rr = [reciprocal_ranks(full_ranking(index, gen_emb[:, j]), c) for j in range(gen_emb.shape[1])]
+
+    def ranking(self, method: str, k: int, w: float) -> np.ndarray:
+        if method == "text":
+            return self.text_ids
+        if method == "weighted":
+            return full_ranking(self.index, weighted_queries(self.text_emb, self.gen_emb[:, :k], w))
+        if method == "rrf":
+            return rrf_ranking(self.text_rr, np.mean(self.image_rr[:k], axis=0), w)
+        raise ValueError(f"unknown fusion {method!r}")
+
+
+def per_query_metrics(ids: np.ndarray, query_img: np.ndarray) -> dict[str, np.ndarray]:
+    """R@1/5/10 and AP per query (one relevant image per caption)."""
+    return retrieval.ranking_metrics(ids, query_img, np.ones(len(query_img)))
+
+
+def choose_weight(scores: dict[float, float]) -> float:
+    """The w with the highest validation score; ties go to the smaller w (text-only when nothing helps)."""
+    best = max(scores.values())
+    return min(w for w, s in scores.items() if s == best)
+
+
+def select_weights(val: Fuser, val_img: np.ndarray, grid: Sequence[float], k_max: int) -> dict:
+    """Per fusion method and k: val mAP for every w and the chosen w."""
+    out = {}
+    for method in FUSIONS:
+        out[method] = {}
+        for k in range(1, k_max + 1):
+            curve = {w: float(per_query_metrics(val.ranking(method, k, w), val_img)["AP"].mean()) for w in grid}
+            out[method][str(k)] = {"w": choose_weight(curve), "val_mAP": {f"{w:g}": v for w, v in curve.items()}}
+    return out
+
+
+def compare(fused: dict[str, np.ndarray], text: dict[str, np.ndarray], mask: np.ndarray, n_boot: int,
+            seed: int) -> dict:
+    """Mean and 95% CI of each metric on `mask`, and of its paired difference to text-only."""
+    out = {}
+    for name in METRICS:
+        key = "mAP" if name == "AP" else name
+        mean, ci = mean_ci95(fused[name][mask], n_boot, seed)
+        delta, dci = mean_ci95(fused[name][mask] - text[name][mask], n_boot, seed)
+        out[key] = {"mean": mean, "ci95": list(ci), "delta": delta, "delta_ci95": list(dci)}
+    return out
+
+
+# --------------------------------------------------------------------------- 4. editing
+def edit_cases(kinds: Sequence[str], n_per_kind: int, seed: int, size: int) -> list[dict]:
+    """Rendered single-object scenes of known content and, for each, a target with one attribute changed.
+
+    Returns:
+        Dicts with kind, source (uint8 image), source_prompt and target_prompt (structured prompts that
+        name shape, colour, size and cell), and the edit prompt text.
+    """
+    prompts = fidelity.make_prompts("single", n_per_kind * len(kinds), seed) if n_per_kind else []
+    cases = []
+    for i, prompt in enumerate(prompts):
+        rng = np.random.default_rng([seed, 11, i])
+        scene = fidelity.scene_for_prompt(prompt, rng)
+        image = np.asarray(gd.render_scene(scene, size, gd.sample_background(scene, rng)))
+        obj = {key: scene[0][key] for key in ("shape", "color", "size", "cell")}
+        kind = kinds[i % len(kinds)]
+        options = [v for v in (fidelity.COLOR_NAMES if kind == "color" else gd.SHAPES) if v != obj[kind]]
+        target = dict(obj, **{kind: options[int(rng.integers(len(options)))]})
+        source_prompt = {"objects": [obj], "relation": None}
+        target_prompt = {"objects": [target], "relation": None}
+        cases.append({"kind": kind, "source": image, "source_prompt": {"text": fidelity.prompt_text(source_prompt),
+                                                                       **source_prompt},
+                      "target_prompt": {"text": fidelity.prompt_text(target_prompt), **target_prompt}})
+    return cases
+
+
+def img2img_pipeline(pipe):
+    """An img2img pipeline sharing the text-to-image pipeline's modules (same weights, nothing reloaded)."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    components = {k: v for k, v in pipe.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet",
+                                                                      "scheduler", "safety_checker",
+                                                                      "feature_extractor", "image_encoder")}
+    edit = StableDiffusionImg2ImgPipeline(**components, requires_safety_checker=False)
+    edit.set_progress_bar_config(disable=True)
+    return edit
+
+
+def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
+    """Images encoded and decoded by the pipeline's VAE (latent mode, no noise): uint8 like the input."""
+    import torch
+    from PIL import Image
+
+    x = pipe.image_processor.preprocess([Image.fromarray(im) for im in images])
+    with torch.inference_mode():
+        vae = pipe.vae
+        latents = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()
+        decoded = vae.decode(latents).sample
+    out = pipe.image_processor.postprocess(decoded.float(), output_type="np")
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def run_edits(edit_pipe, cases: list[dict], strength: float, settings: dict, seed: int, batch_size: int) -> np.ndarray:
+    """Edit every source towards its target prompt at one strength; case i's noise comes from seed + i."""
+    import torch
+    from PIL import Image
+
+    out = []
+    for s in range(0, len(cases), batch_size):
+        batch = cases[s:s + batch_size]
+        gens = [torch.Generator("cpu").manual_seed(seed + s + i) for i in range(len(batch))]
+        images = edit_pipe(prompt=[c["target_prompt"]["text"] for c in batch],
+                           image=[Image.fromarray(c["source"]) for c in batch], strength=strength,
+                           num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
+                           generator=gens, output_type="np").images
+        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
+
+
+def edit_verdicts(scores: list[dict], cases: list[dict]) -> dict[str, np.ndarray]:
+    """Per case: edited attribute right, every other named attribute kept, and both (success)."""
+    edited = np.array([bool(s[c["kind"]]) for s, c in zip(scores, cases)])
+    kept = np.array([all(s[k] is not False for k in KEPT_KEYS if k != c["kind"]) for s, c in zip(scores, cases)])
+    return {"edited": edited, "kept": kept, "success": edited & kept}
+
+
+def summarize_edits(verdicts: dict[str, np.ndarray], kinds: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Rates with 95% bootstrap CIs, for all cases and per edit kind."""
+    out = {}
+    for group in ("all", *EDIT_KINDS):
+        mask = np.ones(len(kinds), bool) if group == "all" else kinds == group
+        if not mask.any():
+            continue
+        out[group] = {"n": int(mask.sum())}
+        for key, values in verdicts.items():
+            mean, ci = mean_ci95(values[mask].astype(float), n_boot, seed)
+            out[group][key] = {"rate": mean, "ci95": list(ci)}
+    return out
+
+
+def framed(image: np.ndarray, ok: bool, width: int = 2) -> np.ndarray:
+    """The image with a green (success) or red (failure) frame, for the edit grid."""
+    image = image.copy()
+    colour = (40, 200, 60) if ok else (220, 40, 40)
+    for sl in (np.s_[:width], np.s_[-width:]):
+        image[sl, :] = colour
+        image[:, sl] = colour
+    return image
+
+
+# --------------------------------------------------------------------------- 5. figures and report
+
+
+def plot_recall_vs_k(ret: dict, path: Path) -> None:
+    """R@10 (95% CI) against k for each fusion, text-only as a band, one panel per subset."""
+    plt = pyplot()
+    subsets = [s for s in SUBSETS if ret[s]["n"] > 0]
+    fig, axes = plt.subplots(1, len(subsets), figsize=(4.2 * len(subsets), 3.8), squeeze=False)
+    for ax, subset in zip(axes[0], subsets):
+        r = ret[subset]
+        text = r["text"]["R@10"]
+        ax.axhspan(*text["ci95"], color="grey", alpha=0.2)
+        ax.axhline(text["mean"], color="grey", label="text only")
+        ks = sorted(int(k) for k in r["weighted"])
+        for method, marker in (("weighted", "o"), ("rrf", "s"), ("image_only", "^")):
+            y = np.array([r[method][str(k)]["R@10"]["mean"] for k in ks])
+            ci = np.array([r[method][str(k)]["R@10"]["ci95"] for k in ks]).reshape(-1, 2)
+            ax.errorbar(np.array(ks) + {"weighted": -0.08, "rrf": 0, "image_only": 0.08}[method], y,
+                        yerr=np.abs(ci - y[:, None]).T, fmt=marker + "-", capsize=3, label=method.replace("_", " "))
+        ax.set_xticks(ks)
+        ax.set_xlabel("generated images per query (k)")
+        ax.set_title(f"{subset} ({r['n']} queries)")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("txt2img Recall@10 (95% CI)")
+    axes[0][-1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def plot_edit_success(edits: dict, path: Path) -> None:
+    """Edit success rate (95% CI) against img2img strength, for all edits and per kind."""
+    plt = pyplot()
+    strengths = [float(s) for s in edits["by_strength"]]
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for group, marker in (("all", "o"), ("color", "s"), ("shape", "^")):
+        rows = [edits["by_strength"][f"{s:g}"].get(group) for s in strengths]
+        if any(r is None for r in rows):
+            continue
+        y = np.array([r["success"]["rate"] for r in rows])
+        ci = np.array([r["success"]["ci95"] for r in rows])
+        ax.errorbar(strengths, y, yerr=np.abs(ci - y[:, None]).T, fmt=marker + "-", capsize=3,
+                    label=f"{group} ({rows[0]['n']} edits)")
+    ax.set_xlabel("img2img strength")
+    ax.set_ylabel("edit success (oracle, 95% CI)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("Edit success: edited attribute right, the rest kept", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def _f(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
+
+
+def _ci(ci) -> str:
+    return f"[{_f(ci[0])}, {_f(ci[1])}]"
+
+
+def _signed(x) -> str:
+    return "n/a" if x is None or not np.isfinite(x) else f"{x:+.3f}"
+
+
+def delta_verdict(delta_ci: Sequence[float]) -> str:
+    """What a paired-difference CI says, from its signs."""
+    lo, hi = delta_ci
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "undefined"
+    if lo > 0:
+        return "better than text-only (CI above 0)"
+    if hi < 0:
+        return "worse than text-only (CI below 0)"
+    return "no detectable difference (CI includes 0)"
+
+
+def retrieval_table(r: dict, chosen: dict, k_max: int) -> list[str]:
+    lines = ["| query | w (val) | R@1 | R@5 | R@10 [95% CI] | mAP | ΔR@10 [95% CI] | ΔmAP [95% CI] |",
+             "|---|---|---|---|---|---|---|---|"]
+    t = r["text"]
+    lines.append(f"| text only | - | {_f(t['R@1']['mean'])} | {_f(t['R@5']['mean'])} | {_f(t['R@10']['mean'])} "
+                 f"{_ci(t['R@10']['ci95'])} | {_f(t['mAP']['mean'])} | - | - |")
+    for method in ("weighted", "rrf", "image_only"):
+        for k in range(1, k_max + 1):
+            m = r[method][str(k)]
+            w = "1" if method == "image_only" else f"{chosen[method][str(k)]['w']:g}"
+            lines.append(f"| {method.replace('_', ' ')}, k={k} | {w} | {_f(m['R@1']['mean'])} | {_f(m['R@5']['mean'])}"
+                         f" | {_f(m['R@10']['mean'])} {_ci(m['R@10']['ci95'])} | {_f(m['mAP']['mean'])} | "
+                         f"{_signed(m['R@10']['delta'])} {_ci(m['R@10']['delta_ci95'])} | "
+                         f"{_signed(m['mAP']['delta'])} {_ci(m['mAP']['delta_ci95'])} |")
+    return lines
+
+
+def summary_lines(m: dict) -> list[str]:
+    """Headline sentences, each filled in from the metrics."""
+    lines = []
+    k = m["k_max"]
+    for subset in SUBSETS:
+        r = m["retrieval"][subset]
+        if r["n"] == 0:
+            lines.append(f"- {subset}: no queries drawn.")
+            continue
+        parts = []
+        for method in FUSIONS:
+            d, w = r[method][str(k)]["R@10"], m["fusion"][method][str(k)]["w"]
+            if w == 0:
+                parts.append(f"{method} (k={k}): val chose w=0, i.e. text-only rankings (generated images did not "
+                             "raise val mAP at any w > 0)")
+                continue
+            parts.append(f"{method} (k={k}, w={w:g}) ΔR@10 {_signed(d['delta'])} {_ci(d['delta_ci95'])}: "
+                         f"{delta_verdict(d['delta_ci95'])}")
+        io = r["image_only"][str(k)]["R@10"]
+        lines.append(f"- {subset} ({r['n']} queries, text-only R@10 {_f(r['text']['R@10']['mean'])}): "
+                     + "; ".join(parts) + f"; generated images alone (w=1) ΔR@10 {_signed(io['delta'])} "
+                     f"{_ci(io['delta_ci95'])}.")
+    c = m["cost"]
+    lines.append(f"- Cost: {_f(c['generate_s_per_image'])} s to generate and {_f(c['embed_s_per_image'])} s to embed "
+                 f"one image ({m['model']['device']}, batch {m['batch_size']}): k={k} adds "
+                 f"{_f(c['added_s_per_query']['weighted'][str(k)])} s per query (weighted) vs "
+                 f"{c['text_only_search_s_per_query'] * 1e3:.2f} ms for a text-only search.")
+    e = m.get("editing")
+    if e and e["by_strength"]:
+        best = max(e["by_strength"], key=lambda s: (e["by_strength"][s]["all"]["success"]["rate"], -float(s)))
+        b = e["by_strength"][best]["all"]
+        lines.append(f"- Editing: best success {_f(b['success']['rate'])} {_ci(b['success']['ci95'])} at strength "
+                     f"{best} over {b['n']} edits; the oracle reads {_f(e['source_oracle_correct'])} of the unedited "
+                     f"sources entirely right, {_f(e['vae_roundtrip_oracle_correct'])} after a VAE round trip.")
+    return lines
+
+
+def results_markdown(m: dict) -> str:
+    q = m["queries"]
+    lines = ["# Task E: imagine-then-retrieve and text-guided editing", "",
+             f"Model `{m['model']['name']}` ({m['model']['steps']} steps, guidance {m['model']['guidance']}, "
+             f"{m['model']['size']} px); retrieval heads `{m['heads']}`; data `{m['data']}`. "
+             f"{q['n_test']} {m['eval_split']} queries ({q['pools']['overall']} random, "
+             f"{q['pools']['targets_extra']} extra target, {q['pools']['relational_extra']} extra relational; "
+             f"index of {q['n_index_images']} images), {q['n_val']} {m['val_split']} queries for choosing w "
+             f"(index of {q['n_val_index_images']} images). 95% CIs: {m['n_bootstrap']} bootstrap resamples of the "
+             "queries; Δ = paired difference to text-only on the same queries.", "",
+             f"Target categories: {', '.join(m['targets']['names'])} (from {m['targets']['source']}); a query "
+             "counts as a target query when its image holds one. Relational: captions with "
+             f"{', '.join(repr(r) for r in gd.RELATIONS)}.", "",
+             "## Summary", "", *summary_lines(m), ""]
+    for subset in SUBSETS:
+        r = m["retrieval"][subset]
+        lines += [f"## Retrieval: {subset} ({r['n']} queries)", ""]
+        lines += retrieval_table(r, m["fusion"], m["k_max"]) if r["n"] else ["no queries"]
+        lines.append("")
+    lines += ["## How w was chosen", "",
+              f"On the {m['val_split']} queries, the w with the highest mAP (ties to the smaller w); w = 0 is "
+              "text-only. The curves are in metrics.json (`fusion.<method>.<k>.val_mAP`).", "",
+              "| method | " + " | ".join(f"k={k}" for k in range(1, m["k_max"] + 1)) + " |",
+              "|---|" + "---|" * m["k_max"]]
+    for method in FUSIONS:
+        lines.append(f"| {method} | " + " | ".join(f"{m['fusion'][method][str(k)]['w']:g}"
+                                                  for k in range(1, m["k_max"] + 1)) + " |")
+    sweep = m["test_sweep_R@10_overall_at_k_max"]
+    lines += ["", f"For reading only (not used to choose w): overall test R@10 at k={m['k_max']} for each w, text-only "
+              f"{_f(m['retrieval']['overall']['text']['R@10']['mean'])}:", "",
+              "| method | " + " | ".join(f"w={w}" for w in sweep["weighted"]) + " |",
+              "|---|" + "---|" * len(sweep["weighted"])]
+    for method in FUSIONS:
+        lines.append(f"| {method} | " + " | ".join(_f(v) for v in sweep[method].values()) + " |")
+    c = m["cost"]
+    lines += ["", "## Cost", "",
+              f"Generation {_f(c['generate_s_per_image'])} s per image, embedding {_f(c['embed_s_per_image'])} s per "
+              f"image (wall clock, batched, {m['model']['device']}, {m['threads']} torch threads, under whatever else "
+              f"the machine ran; in CPU seconds {_f(c['generate_cpu_s_per_image'])} and "
+              f"{_f(c['embed_cpu_s_per_image'])}). Added wall-clock seconds per query:", "",
+              "| k | weighted | rrf |", "|---|---|---|"]
+    for k in range(1, m["k_max"] + 1):
+        lines.append(f"| {k} | {_f(c['added_s_per_query']['weighted'][str(k)])} | "
+                     f"{_f(c['added_s_per_query']['rrf'][str(k)])} |")
+    e = m.get("editing")
+    if e and e["by_strength"]:
+        lines += ["", "## Text-guided editing (img2img, same components)", "",
+                  f"{e['n_cases']} rendered single-object scenes ({', '.join(f'{v} {k}' for k, v in e['n_by_kind'].items())}"
+                  " edits); the prompt describes the target (shape, colour, size, cell). Success: the oracle finds the "
+                  "edited attribute right and shape, colour, size, cell and object count otherwise unchanged. "
+                  f"The oracle reads {_f(e['source_oracle_correct'])} of the unedited sources entirely right, and "
+                  f"{_f(e['vae_roundtrip_oracle_correct'])} of them after a round trip through the model's VAE (no "
+                  "denoising): an upper bound on what any strength can keep.", "",
+                  "| strength | success (all) [95% CI] | colour edits | shape edits | edited attr. right | rest kept |",
+                  "|---|---|---|---|---|---|"]
+        for s, row in e["by_strength"].items():
+            a = row["all"]
+            per_kind = [f"{_f(row[k]['success']['rate'])} {_ci(row[k]['success']['ci95'])}" if k in row else "-"
+                        for k in EDIT_KINDS]
+            lines.append(f"| {s} | {_f(a['success']['rate'])} {_ci(a['success']['ci95'])} | {per_kind[0]} | "
+                         f"{per_kind[1]} | {_f(a['edited']['rate'])} | {_f(a['kept']['rate'])} |")
+        lines += ["", "Strength 1.0 replaces the source by pure noise: it is text-to-image generation, the reference "
+                  "an edit has to beat on keeping the rest."]
+    lines += ["", "## Figures", "", "- [R@10 vs k](recall_vs_k.png)"]
+    if e and e["by_strength"]:
+        lines += ["- [edit success vs strength](edit_success.png)",
+                  "- [edit grid](edit_grid.png) (rows: examples; columns: source, then strengths; frame green = "
+                  "success, red = failure)"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+def split_queries(fx, heads, records: list[dict], caption_ids: np.ndarray):
+    """Index of a split's images and the embeddings / owners / texts of the chosen captions."""
+    captions, cap2img = retrieval.flatten_captions(records)
+    img_emb = retrieval.embed(heads, "image", fx.images([r["path"] for r in records]))
+    texts = [captions[i] for i in caption_ids]
+    txt_emb = retrieval.embed(heads, "text", fx.texts(texts))
+    return retrieval.build_index(img_emb, "flat"), txt_emb, cap2img[caption_ids], texts
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    # 1. retrieval heads, data, targets, queries and the model (every bad input fails before slow work)
+    heads, meta = retrieval.load_heads(args.heads)
+    heads_cfg = Path(args.heads).parent / "config.json"
+    heads_data = read_json(heads_cfg).get("args", {}).get("data") if heads_cfg.is_file() else None
+    if heads_data and Path(heads_data).resolve() != Path(args.data).resolve():
+        print(f"warning: {args.heads} was trained on {heads_data}, not {args.data}")
+    data = load_data(args.data, [args.eval_split, args.val_split, "train"])
+    test, val = data["splits"][args.eval_split], data["splits"][args.val_split]
+    targets = target_categories(args.targets, data, data["splits"]["train"])
+    captions, cap2img = retrieval.flatten_captions(test)
+    draw = draw_queries(captions, cap2img, test, targets["ids"], args.n_queries, args.n_subset_queries, args.seed)
+    val_captions, _ = retrieval.flatten_captions(val)
+    val_ids = np.sort(np.random.default_rng([args.seed, 6]).choice(
+        len(val_captions), min(args.n_val_queries, len(val_captions)), replace=False))
+    device = pick_device(args.device)
+    pipe, settings = load_pipeline(args.model, device)
+    settings["steps"] = args.steps or settings["steps"]
+    settings["guidance"] = settings["guidance"] if args.guidance is None else args.guidance
+    for s in args.strength_list:
+        check(int(settings["steps"] * s) >= 1, f"--strengths {s:g} gives no denoising step at {settings['steps']} "
+                                               f"steps; use at least {1 / settings['steps']:g}")
+    oracle = fidelity.Oracle.load(args.oracle, device) if args.n_edits else None
+    run_dir = make_run_dir("task_e", args.run_name, {k: v for k, v in vars(args).items()}, args.outputs)
+    timings["load_s"] = round(time.time() - t0, 2)
+
+    # 2. text-only retrieval: embeddings and indexes of both splits
+    t = time.time()
+    fx = retrieval.FeatureExtractor(meta["image_encoder"], meta["text_encoder"], meta.get("image_res", 0), device)
+    test_index, test_txt, test_img, test_texts = split_queries(fx, heads, test, draw["ids"])
+    val_index, val_txt, val_img, val_texts = split_queries(fx, heads, val, val_ids)
+    t_search = time.perf_counter()
+    retrieval.search(test_index, test_txt, 10)
+    text_search_s = (time.perf_counter() - t_search) / len(test_txt)
+    timings["features_s"] = round(time.time() - t, 2)
+
+    # 3. imagine: k_max images per query (the first k serve every smaller k: same seeds, shared cost)
+    t = time.time()
+    test_gen, test_gen_s, _ = generate_for_queries(
+        pipe, settings, test_texts, query_seeds(draw["ids"], args.k_max, args.seed), run_dir / "generated" / "test",
+        args.batch_size, "imagine (test)")
+    val_gen, val_gen_s, _ = generate_for_queries(
+        pipe, settings, val_texts, query_seeds(val_ids, args.k_max, args.seed + VAL_SEED_OFFSET),
+        run_dir / "generated" / "val", args.batch_size, "imagine (val)")
+    n_gen = (len(test_texts) + len(val_texts)) * args.k_max
+    timings["generate_s"] = round(time.time() - t, 2)
+    t = time.time()
+    encoder = image_encoder_for(meta, device)
+    t_embed, cpu_embed = time.perf_counter(), time.process_time()
+    test_emb = embed_generated(heads, encoder, test_gen)
+    val_emb = embed_generated(heads, encoder, val_gen)
+    embed_s_per_image = (time.perf_counter() - t_embed) / n_gen
+    embed_cpu_s_per_image = (time.process_time() - cpu_embed) / n_gen
+    timings["embed_s"] = round(time.time() - t, 2)
+
+    # 4. fuse: choose w on val, then measure on the test queries against text-only
+    t = time.time()
+    val_fuser = Fuser(val_index, val_txt, val_emb, args.rrf_c)
+    chosen = select_weights(val_fuser, val_img, args.weight_grid, args.k_max)
+    fuser = Fuser(test_index, test_txt, test_emb, args.rrf_c)
+    per_q = {"text": per_query_metrics(fuser.text_ids, test_img)}
+    fuse_s: dict[str, float] = {}
+    for method in FUSIONS:
+        per_q[method] = {}
+        for k in range(1, args.k_max + 1):
+            tf = time.perf_counter()
+            per_q[method][str(k)] = per_query_metrics(fuser.ranking(method, k, chosen[method][str(k)]["w"]), test_img)
+            fuse_s[f"{method}{k}"] = (time.perf_counter() - tf) / len(test_txt)
+    # RRF's own searches (one per generated image) happened inside Fuser: time them once per image list.
+    tf = time.perf_counter()
+    full_ranking(test_index, test_emb[:, 0])
+    image_search_s = (time.perf_counter() - tf) / len(test_txt)
+    per_q["image_only"] = {str(k): per_query_metrics(fuser.ranking("weighted", k, 1.0), test_img)
+                           for k in range(1, args.k_max + 1)}
+    ret = {}
+    for subset in SUBSETS:
+        mask = draw["masks"][subset]
+        ret[subset] = {"n": int(mask.sum())}
+        if not mask.any():
+            continue
+        ret[subset]["text"] = compare(per_q["text"], per_q["text"], mask, args.bootstrap, args.seed)
+        for method in (*FUSIONS, "image_only"):
+            ret[subset][method] = {k: compare(v, per_q["text"], mask, args.bootstrap, args.seed)
+                                   for k, v in per_q[method].items()}
+    # Fixed-w test curves for reading only (w was chosen on val above, never here).
+    test_sweep = {method: {f"{w:g}": float(per_query_metrics(fuser.ranking(method, args.k_max, w), test_img)["R@10"]
+                                           [draw["masks"]["overall"]].mean()) for w in args.weight_grid}
+                  for method in FUSIONS}
+    gen_s_per_image = (test_gen_s["wall_s"] + val_gen_s["wall_s"]) / n_gen
+    per_image = gen_s_per_image + embed_s_per_image
+    cost = {"generate_s_per_image": gen_s_per_image, "embed_s_per_image": embed_s_per_image,
+            "generate_cpu_s_per_image": (test_gen_s["cpu_s"] + val_gen_s["cpu_s"]) / n_gen,
+            "embed_cpu_s_per_image": embed_cpu_s_per_image,
+            "text_only_search_s_per_query": text_search_s,
+            "added_s_per_query": {
+                "weighted": {str(k): k * per_image + fuse_s[f"weighted{k}"] for k in range(1, args.k_max + 1)},
+                "rrf": {str(k): k * (per_image + image_search_s) + fuse_s[f"rrf{k}"]
+                        for k in range(1, args.k_max + 1)}},
+            "note": "wall-clock seconds; generation and embedding per image are batch averages; added = k * "
+                    "(generate + embed) + fusion (+ k image searches for rrf); *_cpu_s_* = process CPU seconds (all "
+                    "threads), which contention on a shared machine does not inflate"}
+    timings["fuse_s"] = round(time.time() - t, 2)
+
+    # 5. edit: rendered scenes, one attribute changed by img2img at each strength, scored by the oracle
+    t = time.time()
+    editing = None
+    if args.n_edits:
+        cases = edit_cases(args.edit_kind_list, args.n_edits, args.seed, settings["size"])
+        kinds = np.array([c["kind"] for c in cases])
+        sources = np.stack([c["source"] for c in cases])
+        source_ok = [s["all"] for s in oracle.score(sources, [c["source_prompt"] for c in cases])]
+        # What survives the VAE alone bounds what any strength can keep.
+        roundtrip_ok = [s["all"] for s in oracle.score(vae_roundtrip(pipe, sources),
+                                                       [c["source_prompt"] for c in cases])]
+        edit_pipe = img2img_pipeline(pipe)
+        edited, by_strength = {}, {}
+        for strength in tqdm(args.strength_list, desc="edit strengths", leave=False):
+            edited[strength] = run_edits(edit_pipe, cases, strength, settings, args.seed, args.batch_size)
+            verdicts = edit_verdicts(oracle.score(edited[strength], [c["target_prompt"] for c in cases]), cases)
+            by_strength[f"{strength:g}"] = summarize_edits(verdicts, kinds, args.bootstrap, args.seed)
+            by_strength[f"{strength:g}"]["_success"] = verdicts["success"]
+        rows = min(args.grid_rows, len(cases))
+        cells, labels = [], []
+        for i in range(rows):
+            src, tgt = cases[i]["source_prompt"]["objects"][0], cases[i]["target_prompt"]["objects"][0]
+            labels.append(f"{src['color']} {src['shape']} -> {tgt['color']} {tgt['shape']}")
+            cells.append(cases[i]["source"])
+            cells += [framed(edited[s][i], bool(by_strength[f"{s:g}"]["_success"][i])) for s in args.strength_list]
+        image_grid(cells, rows, 1 + len(args.strength_list), row_labels=labels,
+                   col_labels=["source"] + [f"s={s:g}" for s in args.strength_list]).save(run_dir / "edit_grid.png")
+        for row in by_strength.values():
+            row.pop("_success")
+        editing = {"n_cases": len(cases), "n_by_kind": {k: int((kinds == k).sum()) for k in args.edit_kind_list},
+                   "source_oracle_correct": float(np.mean(source_ok)),
+                   "vae_roundtrip_oracle_correct": float(np.mean(roundtrip_ok)), "strengths": args.strength_list,
+                   "by_strength": by_strength,
+                   "examples": [{"kind": c["kind"], "source": c["source_prompt"]["text"],
+                                 "target": c["target_prompt"]["text"]} for c in cases[:rows]]}
+    timings["edit_s"] = round(time.time() - t, 2)
+
+    # 6. metrics, figures and the report, generated from the numbers above
+    metrics = {
+        "model": settings, "heads": str(Path(args.heads).resolve()), "heads_data": heads_data,
+        "data": str(Path(args.data).resolve()), "eval_split": args.eval_split, "val_split": args.val_split,
+        "targets": targets, "k_max": args.k_max, "batch_size": args.batch_size, "threads": args.threads or "default",
+        "n_bootstrap": args.bootstrap, "rrf_c": args.rrf_c, "weight_grid": args.weight_grid,
+        "queries": {"n_test": len(test_texts), "n_val": len(val_texts), "pools": draw["pools"],
+                    "subsets": {s: int(draw["masks"][s].sum()) for s in SUBSETS},
+                    "n_index_images": len(test), "n_val_index_images": len(val),
+                    "examples": test_texts[:5]},
+        "fusion": chosen, "retrieval": ret, "test_sweep_R@10_overall_at_k_max": test_sweep, "cost": cost,
+        "editing": editing,
+    }
+    plot_recall_vs_k(ret, run_dir / "recall_vs_k.png")
+    if editing:
+        plot_edit_success(editing, run_dir / "edit_success.png")
+        write_text(run_dir / "results.md", results_markdown(metrics))
+    timings["total_s"] = round(time.time() - t0, 2)
+    metrics["timings"] = timings
+    finish_run(run_dir, metrics)
+    print("\n".join(summary_lines(metrics)))
+    print(f"wrote {run_dir} in {timings['total_s']:.0f} s")
+    return metrics
+
+
+if __name__ == "__main__":
+    cli(main)

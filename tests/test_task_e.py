@@ -1,0 +1,354 @@
+"""task_e.py: a quick run end to end on a tiny random-weight pipeline, determinism and resume, the fusion math
+by hand, the query draw, the editing cases and verdicts, and bad inputs."""
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import generate_data as gd
+import retrieval
+import task_e
+from tiny_models import tiny_sd_pipeline
+from utils import UserError, l2_normalize, load_data
+
+METRIC_KEYS = {"R@1", "R@5", "R@10", "mAP"}
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd") / "pipe"
+    tiny_sd_pipeline(folder.parent).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_model):
+    from utils import load_pipeline
+
+    pipe, settings = load_pipeline(str(tiny_model), task_e.pick_device("cpu"))
+    return pipe, dict(settings, steps=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_heads(tmp_path_factory):
+    """Untrained heads with the real backbones' sizes: retrieval quality is irrelevant to what is tested here."""
+    import torch
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("heads") / "heads.pt"
+    retrieval.save_heads(path, retrieval.build_heads(1280, 384, hidden=32, dim=16),
+                         {"in_image": 1280, "in_text": 384, "hidden": 32, "dim": 16, "image_encoder": "efficientnet-lite0",
+                          "text_encoder": "all-MiniLM-L6-v2", "image_res": 128})
+    return path
+
+
+def _args(tiny_data, tiny_heads, tiny_model, out, run_name, *extra):
+    return ["--data", str(tiny_data), "--heads", str(tiny_heads), "--model", str(tiny_model), "--steps", "2",
+            "--strengths", "0.5,1", "--targets", str(out / "no-targets.json"), "--quick", "--outputs", str(out),
+            "--run-name", run_name, "--device", "cpu", "--k-max", "2", *extra]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_data, tiny_heads, tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("task_e")
+    return out, task_e.main(_args(tiny_data, tiny_heads, tiny_model, out, "q"))
+
+
+def _without_timings(metrics):
+    m = dict(metrics)
+    m.pop("timings")
+    m.pop("cost")
+    return m
+
+
+# --------------------------------------------------------------------------- the quick run
+def test_quick_run_writes_metrics_figures_and_report(quick_run, tiny_data):
+    out, metrics = quick_run
+    run = out / "task_e" / "q"
+    assert (out / "task_e" / "latest").resolve() == run.resolve()
+    for name in ("metrics.json", "config.json", "results.md", "recall_vs_k.png", "edit_success.png", "edit_grid.png"):
+        assert (run / name).stat().st_size > 0, name
+    assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+
+    # queries: 4 random + 2 extra target + 2 extra relational, 2 val; subsets hold what they claim
+    assert metrics["k_max"] == 2
+    q = metrics["queries"]
+    assert q["pools"] == {"overall": 4, "targets_extra": 2, "relational_extra": 2} and q["n_val"] == 2
+    assert q["n_test"] == 8 and q["n_index_images"] == 200 and q["n_val_index_images"] == 100
+    assert q["subsets"]["overall"] == 4 and q["subsets"]["targets"] >= 2 and q["subsets"]["relational"] >= 2
+    # no targets.json: the 3 rarest training categories of this data
+    train = load_data(tiny_data)["splits"]["train"]
+    counts = retrieval.image_counts(train)
+    all_counts = sorted(counts.get(c["id"], 0) for c in load_data(tiny_data)["categories"])
+    assert metrics["targets"]["source"].startswith("the 3 rarest training categories")
+    assert sorted(metrics["targets"]["train_counts"]) == all_counts[:3]
+
+    grid = metrics["weight_grid"]
+    for method in task_e.FUSIONS:
+        assert set(metrics["fusion"][method]) == {"1", "2"}
+        for k, row in metrics["fusion"][method].items():
+            assert row["w"] in grid and len(row["val_mAP"]) == len(grid)
+            assert row["val_mAP"][f"{row['w']:g}"] == max(row["val_mAP"].values())
+    for subset in task_e.SUBSETS:
+        r = metrics["retrieval"][subset]
+        assert r["n"] == q["subsets"][subset]
+        text = r["text"]
+        assert set(text) == METRIC_KEYS and all(text[m]["delta"] == 0 for m in METRIC_KEYS)
+        for method in ("weighted", "rrf", "image_only"):
+            assert set(r[method]) == {"1", "2"}
+            for row in r[method].values():
+                assert set(row) == METRIC_KEYS
+                assert row["R@1"]["mean"] <= row["R@5"]["mean"] <= row["R@10"]["mean"]
+                for m in METRIC_KEYS:
+                    lo, hi = row[m]["ci95"]
+                    assert 0 <= lo <= row[m]["mean"] <= hi <= 1
+                    assert row[m]["delta"] == pytest.approx(row[m]["mean"] - text[m]["mean"])
+                    assert row[m]["delta_ci95"][0] <= row[m]["delta"] <= row[m]["delta_ci95"][1]
+        # w = 0 chosen on val means exactly text-only numbers on test
+        for method in task_e.FUSIONS:
+            for k, row in r[method].items():
+                if metrics["fusion"][method][k]["w"] == 0:
+                    assert all(row[m]["delta"] == 0 and row[m]["mean"] == text[m]["mean"] for m in METRIC_KEYS)
+
+    cost = metrics["cost"]
+    assert cost["generate_s_per_image"] > 0 and cost["embed_s_per_image"] > 0
+    assert cost["generate_cpu_s_per_image"] > 0 and cost["embed_cpu_s_per_image"] > 0
+    added = cost["added_s_per_query"]["weighted"]
+    assert 0 < added["1"] < added["2"]
+
+    e = metrics["editing"]
+    assert 0 <= e["vae_roundtrip_oracle_correct"] <= 1 and e["source_oracle_correct"] in (0, 0.5, 1)
+    assert e["n_cases"] == 2 and e["n_by_kind"] == {"color": 1, "shape": 1} and list(e["by_strength"]) == ["0.5", "1"]
+    for row in e["by_strength"].values():
+        a = row["all"]
+        assert a["n"] == 2 and a["success"]["rate"] <= min(a["edited"]["rate"], a["kept"]["rate"])
+        assert row["color"]["n"] == row["shape"]["n"] == 1
+
+    report = (run / "results.md").read_text()
+    assert f"| text only | - | {metrics['retrieval']['overall']['text']['R@1']['mean']:.3f} |" in report
+    assert "(recall_vs_k.png)" in report and "(edit_grid.png)" in report
+    assert len(list((run / "generated" / "test").glob("*.npz"))) == 1
+
+
+def test_a_rerun_resumes_and_gives_the_same_numbers(quick_run, tiny_data, tiny_heads, tiny_model):
+    out, first = quick_run
+    chunk = out / "task_e" / "q" / "generated" / "test" / "000000.npz"
+    before = chunk.stat().st_mtime_ns
+    resumed = task_e.main(_args(tiny_data, tiny_heads, tiny_model, out, "q"))
+    assert chunk.stat().st_mtime_ns == before  # read back, not regenerated
+    assert _without_timings(resumed) == _without_timings(first)  # fusion, bootstrap and edits are seeded
+    assert resumed["cost"]["generate_s_per_image"] == first["cost"]["generate_s_per_image"]  # its saved cost
+
+
+def test_generation_chunks_resume_only_for_the_same_prompts_seeds_and_model(tiny_pipe, tmp_path):
+    pipe, settings = tiny_pipe
+    seeds = task_e.query_seeds(np.array([3, 7]), 2, base=5)
+    np.testing.assert_array_equal(seeds, [[29, 30], [61, 62]])  # base + MAX_K * caption + i
+    images, _, fresh = task_e.generate_for_queries(pipe, settings, ["a red star", "a blue ring"], seeds, tmp_path,
+                                                   4, "test")
+    assert images.shape == (2, 2, 64, 64, 3) and images.dtype == np.uint8 and fresh == 4
+    assert not np.array_equal(images[0, 0], images[0, 1])  # one generator per image
+    again, _, fresh = task_e.generate_for_queries(pipe, settings, ["a red star", "a blue ring"], seeds, tmp_path,
+                                                  4, "test")
+    assert fresh == 0 and np.array_equal(again, images)
+    regenerated, _, fresh = task_e.generate_for_queries(pipe, settings, ["a red star", "a blue ring"], seeds,
+                                                        tmp_path / "other", 4, "test")
+    assert fresh == 4 and np.array_equal(regenerated, images)  # same seeds, same images
+    _, _, fresh = task_e.generate_for_queries(pipe, settings, ["a red star", "a blue ring"], seeds + 1, tmp_path,
+                                              4, "test")
+    assert fresh == 4  # other seeds: the saved chunk does not match, so it is regenerated
+    _, _, fresh = task_e.generate_for_queries(pipe, dict(settings, guidance=7.0), ["a red star", "a blue ring"],
+                                              seeds + 1, tmp_path, 4, "test")
+    assert fresh == 4  # same prompts and seeds, other sampler settings: regenerated too
+
+
+def test_model_fingerprint_changes_when_the_weights_or_settings_do(tiny_model, tmp_path):
+    import os
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    settings = {"id": str(folder), "steps": 2, "guidance": 5.0, "size": 64}
+    before = task_e.model_fingerprint(settings)
+    assert before == task_e.model_fingerprint(dict(settings))
+    assert before != task_e.model_fingerprint(dict(settings, steps=3))
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
+    assert task_e.model_fingerprint(settings) != before
+
+
+def test_vae_roundtrip_keeps_shape_and_dtype(tiny_pipe):
+    pipe, _ = tiny_pipe
+    images = np.stack([c["source"] for c in task_e.edit_cases(["color"], 2, seed=0, size=64)])
+    out = task_e.vae_roundtrip(pipe, images)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, task_e.vae_roundtrip(pipe, images))  # no sampling: the latent mode
+
+
+# --------------------------------------------------------------------------- fusion by hand
+def _unit(rng, *shape):
+    x = rng.normal(size=shape).astype(np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_weighted_query_at_w0_is_the_text_query_bit_for_bit_and_at_w1_the_image_mean():
+    rng = np.random.default_rng(0)
+    text, gen = _unit(rng, 5, 8), _unit(rng, 5, 3, 8)
+    np.testing.assert_array_equal(task_e.weighted_queries(text, gen, 0.0), text)
+    np.testing.assert_allclose(task_e.weighted_queries(text, gen, 1.0), l2_normalize(gen.mean(1)), atol=1e-7)
+    half = task_e.weighted_queries(text, gen, 0.5)
+    np.testing.assert_allclose(half, 0.5 * text + 0.5 * l2_normalize(gen.mean(1)), atol=1e-7)
+
+
+def test_both_fusions_at_w0_rank_exactly_as_text_only():
+    rng = np.random.default_rng(1)
+    db, text, gen = _unit(rng, 50, 8), _unit(rng, 6, 8), _unit(rng, 6, 4, 8)
+    fuser = task_e.Fuser(retrieval.build_index(db), text, gen, c=60.0)
+    _, expected = retrieval.brute_force_search(db, text, 50)
+    np.testing.assert_array_equal(fuser.text_ids, expected)
+    for method in task_e.FUSIONS:
+        for k in (1, 4):
+            np.testing.assert_array_equal(fuser.ranking(method, k, 0.0), expected)
+            assert not np.array_equal(fuser.ranking(method, k, 1.0), expected)  # the images do change the ranking
+
+
+def test_reciprocal_rank_fusion_on_a_toy_ranking():
+    text_rr = task_e.reciprocal_ranks(np.array([[0, 1, 2]]), c=1.0)
+    np.testing.assert_allclose(text_rr, [[1 / 2, 1 / 3, 1 / 4]])  # rank 1 -> 1 / (c + 1)
+    image_rr = task_e.reciprocal_ranks(np.array([[2, 1, 0]]), c=1.0)
+    # w = 0.6: doc 0 = 0.4/2 + 0.6/4 = 0.35, doc 1 = 1/3, doc 2 = 0.4/4 + 0.6/2 = 0.40
+    np.testing.assert_array_equal(task_e.rrf_ranking(text_rr, image_rr, 0.6), [[2, 0, 1]])
+    # w = 0.4: doc 0 = 0.6/2 + 0.4/4 = 0.40, doc 1 = 1/3, doc 2 = 0.6/4 + 0.4/2 = 0.35
+    np.testing.assert_array_equal(task_e.rrf_ranking(text_rr, image_rr, 0.4), [[0, 2, 1]])
+    # w = 0.5: docs 0 and 2 tie at 0.375; the tie goes to the lower id
+    np.testing.assert_array_equal(task_e.rrf_ranking(text_rr, image_rr, 0.5), [[0, 2, 1]])
+    # two image lists are averaged: [1, 0, 2] and [2, 1, 0] -> doc 1 = (1/2 + 1/3) / 2 wins at w = 1
+    two = np.mean([task_e.reciprocal_ranks(np.array([[1, 0, 2]]), 1.0), image_rr], axis=0)
+    np.testing.assert_allclose(two, [[(1 / 3 + 1 / 4) / 2, (1 / 2 + 1 / 3) / 2, (1 / 4 + 1 / 2) / 2]])
+    np.testing.assert_array_equal(task_e.rrf_ranking(text_rr, two, 1.0), [[1, 2, 0]])
+
+
+def test_choose_weight_takes_the_best_and_ties_go_to_the_smaller_w():
+    assert task_e.choose_weight({0.0: 0.3, 0.5: 0.4, 1.0: 0.2}) == 0.5
+    assert task_e.choose_weight({0.0: 0.4, 0.5: 0.4, 1.0: 0.4}) == 0.0
+    assert task_e.choose_weight({0.2: 0.1, 0.7: 0.3, 0.9: 0.3}) == 0.7
+
+
+def test_compare_gives_the_paired_difference_on_the_mask():
+    fused = {"R@1": np.array([1.0, 0, 1, 1, 0]), "R@5": np.ones(5), "R@10": np.ones(5), "AP": np.full(5, 0.5)}
+    text = {"R@1": np.array([0.0, 0, 1, 1, 1]), "R@5": np.ones(5), "R@10": np.ones(5), "AP": np.full(5, 0.25)}
+    out = task_e.compare(fused, text, np.array([True, True, True, True, False]), 500, seed=0)
+    assert set(out) == METRIC_KEYS
+    assert out["R@1"]["mean"] == 0.75 and out["R@1"]["delta"] == 0.25  # the 5th query is masked out
+    assert out["mAP"]["delta"] == 0.25 and out["mAP"]["delta_ci95"] == [0.25, 0.25]
+    assert 0 <= out["R@1"]["delta_ci95"][0] < 0.25 < out["R@1"]["delta_ci95"][1] <= 1
+    assert task_e.delta_verdict(out["mAP"]["delta_ci95"]).startswith("better")
+    assert task_e.delta_verdict([-0.2, -0.1]).startswith("worse")
+    assert task_e.delta_verdict([-0.1, 0.1]).startswith("no detectable")
+
+
+# --------------------------------------------------------------------------- query draw
+def test_relational_captions():
+    assert task_e.is_relational("a red star to the left of a blue ring")
+    assert task_e.is_relational("a green pentagon above a large purple cross")
+    assert not task_e.is_relational("a red star in the top left")
+    assert not task_e.is_relational("two shapes: a star and a ring")
+
+
+def test_query_draw_is_seeded_and_each_subset_holds_only_its_queries(tiny_data):
+    records = load_data(tiny_data)["splits"]["test"]
+    captions, cap2img = retrieval.flatten_captions(records)
+    targets = [1, 2]
+    draw = task_e.draw_queries(captions, cap2img, records, targets, 30, 10, seed=4)
+    again = task_e.draw_queries(captions, cap2img, records, targets, 30, 10, seed=4)
+    np.testing.assert_array_equal(draw["ids"], again["ids"])
+    assert not np.array_equal(draw["ids"], task_e.draw_queries(captions, cap2img, records, targets, 30, 10, 5)["ids"])
+    assert draw["masks"]["overall"].sum() == 30 and draw["pools"] == {"overall": 30, "targets_extra": 10,
+                                                                      "relational_extra": 10}
+    ids = draw["ids"]
+    for i in ids[draw["masks"]["targets"]]:
+        assert set(records[cap2img[i]]["category_ids"]) & set(targets)
+    for i in ids[draw["masks"]["relational"]]:
+        assert any(rel in captions[i] for rel in gd.RELATIONS)
+    assert draw["masks"]["targets"].sum() >= 10 and draw["masks"]["relational"].sum() >= 10
+    assert len(ids) == len(set(ids.tolist()))
+
+
+# --------------------------------------------------------------------------- editing
+def test_edit_cases_change_exactly_one_attribute():
+    cases = task_e.edit_cases(["color", "shape"], 3, seed=2, size=64)
+    assert [c["kind"] for c in cases] == ["color", "shape"] * 3
+    again = task_e.edit_cases(["color", "shape"], 3, seed=2, size=64)
+    for c, c2 in zip(cases, again):
+        assert c["source"].shape == (64, 64, 3) and c["source"].dtype == np.uint8
+        np.testing.assert_array_equal(c["source"], c2["source"])
+        src, tgt = c["source_prompt"]["objects"][0], c["target_prompt"]["objects"][0]
+        assert [k for k in src if src[k] != tgt[k]] == [c["kind"]]
+        assert src["size"] in gd.SIZES and src["cell"] is not None  # everything the oracle checks is named
+        assert c["target_prompt"]["text"] == task_e.fidelity.prompt_text(c["target_prompt"])
+    assert task_e.edit_cases(["color"], 0, seed=2, size=64) == []
+
+
+def test_edit_verdicts_need_the_edit_and_everything_else_kept():
+    cases = [{"kind": "color"}, {"kind": "color"}, {"kind": "shape"}, {"kind": "shape"}]
+    ok = {"shape": True, "color": True, "size": True, "position": True, "count": True, "all": True}
+    scores = [ok, dict(ok, shape=False, all=False), dict(ok, shape=False, all=False), dict(ok, count=False, all=False)]
+    v = task_e.edit_verdicts(scores, cases)
+    np.testing.assert_array_equal(v["edited"], [True, True, False, True])
+    np.testing.assert_array_equal(v["kept"], [True, False, True, False])
+    np.testing.assert_array_equal(v["success"], [True, False, False, False])
+    s = task_e.summarize_edits(v, np.array([c["kind"] for c in cases]), 200, seed=0)
+    assert s["all"]["n"] == 4 and s["all"]["success"]["rate"] == 0.25
+    assert s["color"]["success"]["rate"] == 0.5 and s["shape"]["success"]["rate"] == 0.0
+
+
+# --------------------------------------------------------------------------- bad inputs
+@pytest.mark.parametrize("flags, message", [
+    (["--k-max", "0"], "--k-max must be between 1 and 8, got 0"),
+    (["--k-max", "9"], "--k-max must be between 1 and 8, got 9"),
+    (["--strengths", "0,0.5"], "--strengths must lie in (0, 1], got 0"),
+    (["--strengths", "0.5,1.5"], "--strengths must lie in (0, 1], got 1.5"),
+    (["--strengths", "0.5,high"], "--strengths must be comma-separated numbers, got '0.5,high'"),
+    (["--weights", "0,1.2"], "--weights must lie in [0, 1], got 1.2"),
+    (["--n-queries", "0"], "--n-queries must be >= 1, got 0"),
+    (["--edit-kinds", "size"], "--edit-kinds must be a comma-separated subset of color, shape, got 'size'"),
+    (["--rrf-c", "0"], "--rrf-c must be > 0, got 0.0"),
+])
+def test_bad_arguments(flags, message, tiny_data, tiny_heads):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        task_e.parse_args(["--data", str(tiny_data), "--heads", str(tiny_heads), *flags])
+
+
+def test_missing_heads(tiny_data, tmp_path):
+    with pytest.raises(UserError, match=f"^{re.escape(f'retrieval checkpoint not found: {tmp_path}/h.pt')} "
+                                        r"\(run `python retrieval.py` first\)$"):
+        task_e.parse_args(["--data", str(tiny_data), "--heads", str(tmp_path / "h.pt")])
+
+
+@pytest.mark.parametrize("model, message", [
+    ("nobody/no-such-model", "model 'nobody/no-such-model' is not in the local Hugging Face cache and cannot be "
+                             "downloaded here"),
+    ("no-such-model", "unknown model 'no-such-model': not a registry name"),
+])
+def test_unknown_model_offline(model, message, tiny_data, tiny_heads, tmp_path):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}"):
+        task_e.main(["--data", str(tiny_data), "--heads", str(tiny_heads), "--model", model, "--quick",
+                     "--outputs", str(tmp_path)])
+    assert not (tmp_path / "task_e").exists()  # nothing written before the model loads
+
+
+def test_strength_too_small_for_the_steps(tiny_data, tiny_heads, tiny_model, tmp_path):
+    with pytest.raises(UserError, match=r"^--strengths 0\.3 gives no denoising step at 2 steps; use at least 0\.5$"):
+        task_e.main(_args(tiny_data, tiny_heads, tiny_model, tmp_path, "x") + ["--strengths", "0.3,0.5"])
+
+
+def test_cli_prints_one_line_error():
+    out = subprocess.run([sys.executable, "task_e.py", "--k-max", "0"], capture_output=True, text=True,
+                         cwd=task_e.Path(task_e.__file__).parent, timeout=60)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == ["error: --k-max must be between 1 and 8, got 0"]
