@@ -1,0 +1,902 @@
+"""Benchmarks: how much faster are our generation and retrieval paths than the plain way, measured side by side?
+
+Three parts, each timed in this one run on this machine, reported as ratios of measured seconds:
+- generation: the shipped model on CPU called as a new user calls plain diffusers (from_pretrained, one
+  image per call, the pipeline's defaults: 50 steps, its saved scheduler, guidance 7.5, PIL output) vs our
+  path (utils.load_pipeline + utils.generate_images: batched, the registry's steps and guidance, numpy
+  output), then each further CPU optimisation added ablation-style and kept only when it helps. Both image
+  sets are scored by the fidelity oracle on the same structured prompts: equal fidelity is checked, not
+  assumed.
+- sd21: an SD 2.1-architecture pipeline with random weights at 512 px on a GPU: fp32 one-image calls vs
+  half precision + SDPA + batching + channels_last (+ torch.compile with --compile). Skipped without a
+  GPU; `--sd21-scale tiny` builds the same architecture shrunk, to run the code path on a CPU.
+- retrieval: FAISS exact search vs a per-row Python loop and vs vectorised numpy on the same embeddings
+  (the retrieval run's test embeddings when present), with the top-k compared; then index build and
+  search time for random 256-d vectors (100k and 1M by default) with flat, IVF and HNSW indexes and the
+  approximate indexes' recall@10 against flat.
+
+Quick (< 40 s; what the test runs):
+    python bench.py --quick
+Default (<= 5 min on 2 idle cores):
+    python bench.py --run-name default
+One part only:
+    python bench.py --only retrieval
+On a lent GPU, with torch.compile:
+    python bench.py --only sd21 --compile
+Writes outputs/bench/<run_name>/: config.json (arguments and hardware), metrics.json, results.md,
+generation_grid.png; outputs/bench/latest points at the newest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import math
+import os
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from utils import (DEFAULT_DATA, UserError, check, cli, finish_run, generate_images, image_grid, load_data, load_pipeline,
+                   make_run_dir, mean_ci95, peak_memory_mb, pick_device, pick_dtype, read_json, reset_peak_memory,
+                   resolve_model, write_text)
+
+PARTS = ("generation", "sd21", "retrieval")
+INDEX_KINDS = ("flat", "ivf", "hnsw")
+SD21_SCALES = ("full", "tiny")
+FIDELITY_TOLERANCE = 0.01  # "equal fidelity": oracle scores within 1 point
+KEEP_MIN_GAIN = 1.02  # an optimisation is kept when it makes our path at least 2% faster (timing noise is ~1%)
+TIE_TOLERANCE = 1e-5  # two scores this close are a tie: either id may come first
+ANCHOR = ("diffusers' 'Speed up inference' / SDXL optimisation guide reports about 3x from bf16, SDPA, "
+          "channels_last and torch.compile on SDXL")
+MIN_SIZE = 100  # random-vector database sizes must be at least this (IVF needs training points)
+QUICK = {"n_images": 2, "batch_size": 2, "sizes": "10000,50000", "queries": 200, "naive_queries": 300,
+         "hnsw_max_n": 10000, "sd21_images": 2, "sd21_steps": 2, "sd21_batch": 2}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run: {', '.join(PARTS)}")
+    p.add_argument("--run-name", default=None, help="run folder name under outputs/bench (default: timestamp)")
+    p.add_argument("--outputs", default="outputs", help="outputs root")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run (< 40 s): {QUICK['n_images']} images, sizes {QUICK['sizes']}, "
+                        f"{QUICK['naive_queries']} loop queries, HNSW only up to {QUICK['hnsw_max_n']}")
+    p.add_argument("--threads", type=int, default=0, help="torch and FAISS CPU threads (0 = their defaults)")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompts, image seeds and random vectors")
+    # generation on CPU
+    p.add_argument("--model", default="shapes-tiny", help="registry name or pipeline folder for the CPU generation part")
+    p.add_argument("--n-images", type=int, default=48,
+                   help="images per configuration (half single-object, half two-object prompts)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call on our path")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed runs of each CPU generation configuration (the fastest counts; >1 resists noise)")
+    p.add_argument("--oracle", default=None, help="fidelity oracle folder (default: models/shapes-oracle)")
+    # SD 2.1 architecture
+    p.add_argument("--sd21-scale", default="full",
+                   help=f"{' or '.join(SD21_SCALES)}: full = SD 2.1's sizes at 512 px (GPU only); tiny = the same "
+                        "architecture shrunk, 64 px, runs on CPU")
+    p.add_argument("--sd21-images", type=int, default=8, help="images per configuration in the sd21 part")
+    p.add_argument("--sd21-steps", type=int, default=25, help="sampling steps in the sd21 part (same for every configuration)")
+    p.add_argument("--sd21-batch", type=int, default=8, help="images per call in the batched sd21 configurations")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet in the sd21 part")
+    # retrieval
+    p.add_argument("--retrieval-run", default="outputs/retrieval/latest",
+                   help="retrieval run folder whose test embeddings are searched (random vectors when it has no heads)")
+    p.add_argument("--data", default=None, help="data.pkl for those embeddings (default: the one the run was trained on)")
+    p.add_argument("--k", type=int, default=10, help="neighbours retrieved per query")
+    p.add_argument("--naive-queries", type=int, default=0,
+                   help="queries run through the Python loop and its competitors (0 = all test captions)")
+    p.add_argument("--sizes", default="100000,1000000", help="comma-separated database sizes of random vectors")
+    p.add_argument("--dim", type=int, default=256, help="dimension of the random vectors")
+    p.add_argument("--queries", type=int, default=1000, help="random queries per database size")
+    p.add_argument("--indexes", default=",".join(INDEX_KINDS), help=f"comma-separated FAISS indexes: {', '.join(INDEX_KINDS)}")
+    p.add_argument("--nlist", type=int, default=0, help="IVF lists (0 = round(sqrt(n)))")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
+    p.add_argument("--hnsw-max-n", type=int, default=100000,
+                   help="largest database HNSW is built for (its build takes ~50 s per 100k vectors on one core)")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    args.run_name = args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    check_args(args)
+    return args
+
+
+def _split_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def parse_sizes(text: str) -> list[int]:
+    """Database sizes from "100000,1000000" (a one-line error names the bad entry)."""
+    sizes = []
+    for part in _split_list(text) or [text]:
+        try:
+            value = int(part)
+        except ValueError:
+            value = None
+        check(value is not None and value >= MIN_SIZE,
+              f"--sizes takes comma-separated integers >= {MIN_SIZE}, got {part!r}")
+        sizes.append(value)
+    return sizes
+
+
+def check_args(args: argparse.Namespace) -> None:
+    args.parts = _split_list(args.only)
+    check(bool(args.parts), "--only names no part; choose from " + ", ".join(PARTS))
+    for part in args.parts:
+        check(part in PARTS, f"unknown --only part {part!r}; choose from {', '.join(PARTS)}")
+    args.index_kinds = _split_list(args.indexes)
+    for kind in args.index_kinds:
+        check(kind in INDEX_KINDS, f"unknown index {kind!r} in --indexes; choose from {', '.join(INDEX_KINDS)}")
+    check("flat" in args.index_kinds, "--indexes must include flat: it is the exact reference for recall@10")
+    args.size_list = parse_sizes(args.sizes)
+    check(args.sd21_scale in SD21_SCALES, f"unknown --sd21-scale {args.sd21_scale!r}; choose {' or '.join(SD21_SCALES)}")
+    for name in ("n_images", "batch_size", "repeats", "sd21_images", "sd21_steps", "sd21_batch", "k", "dim", "queries",
+                 "nprobe", "hnsw_max_n"):
+        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("threads", "naive_queries", "nlist"):
+        check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check(args.k <= min(args.size_list), f"--k {args.k} is more than the smallest database size {min(args.size_list)}")
+    if "generation" in args.parts:
+        resolve_model(args.model)  # a one-line error for an unknown model or missing folder, before any work
+
+
+# --------------------------------------------------------------------------- shared measuring helpers
+def hardware_info(threads: int) -> dict:
+    """CPU model, cores, torch / FAISS threads, GPU name and the load average (contention) at the start."""
+    import torch
+
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": usable_cores(),
+            "torch_threads": torch.get_num_threads(), "threads_flag": threads,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "platform": platform.platform()}
+    # The 1-min load average before our work is other processes' demand: >= 0.5 means they share the CPU with us.
+    info["contended"] = info["load_avg_1m_at_start"] >= 0.5
+    try:
+        import faiss
+
+        info["faiss_threads"] = faiss.omp_get_max_threads()
+    except ImportError:
+        pass
+    return info
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (the affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def quiet_loading() -> None:
+    """No "Loading pipeline components" bars from diffusers / transformers between the timing lines."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def set_threads(n: int) -> None:
+    """Pin torch's and FAISS's CPU threads (0 keeps their defaults)."""
+    if n <= 0:
+        return
+    import faiss
+    import torch
+
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def ratio(baseline_s: float, other_s: float) -> float:
+    """How many times faster `other` is than `baseline`: a ratio of two measured durations."""
+    return float(baseline_s / other_s) if other_s > 0 else float("nan")
+
+
+def timed(fn: Callable, sync: Callable[[], None] = lambda: None):
+    """(seconds, result) of `fn()`, with `sync()` before the clock stops (CUDA work is asynchronous)."""
+    t = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - t, result
+
+
+def timed_best(fn: Callable, repeats: int):
+    """(fastest seconds of `repeats` runs, result of the last run)."""
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        seconds, result = timed(fn)
+        best = min(best, seconds)
+    return best, result
+
+
+def _yes_no(flag) -> str:
+    return "-" if flag is None else ("yes" if flag else "no")
+
+
+def _f(x, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+# --------------------------------------------------------------------------- 1. generation on CPU
+def structured_prompts(n: int, seed: int) -> list[dict]:
+    """`n` structured prompts, single-object and two-object alternating (first half of each kind)."""
+    import fidelity
+
+    singles = fidelity.make_prompts("single", max(1, (n + 1) // 2), seed)
+    twos = fidelity.make_prompts("two", max(1, n // 2), seed) if n > 1 else []
+    mixed = [p for pair in zip(singles, twos) for p in pair] + singles[len(twos):]
+    return mixed[:n]
+
+
+def load_plain_pipeline(model_id: str):
+    """The pipeline as a new user loads it from its folder, with the dtype the model card asks for.
+
+    The bare `from_pretrained(folder)` is not enough for the shipped model: its text encoder config says
+    float16, transformers loads it so, and the first call fails with a dtype mismatch; the model card's
+    `torch_dtype=torch.float32` is what a user copies.
+    """
+    import diffusers
+    import torch
+
+    verbosity = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch_dtype's deprecation notice
+            pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_id, torch_dtype=torch.float32)
+    except Exception as err:  # offline hub id, another pipeline class: one line, not a stack of loader errors
+        raise UserError(f"plain StableDiffusionPipeline.from_pretrained({model_id!r}) failed: "
+                        f"{type(err).__name__}: {err}") from None
+    finally:
+        diffusers.utils.logging.set_verbosity(verbosity)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call_defaults(pipe) -> dict:
+    """The pipeline's own defaults for steps and guidance (what a call without them uses)."""
+    import inspect
+
+    params = inspect.signature(pipe.__call__).parameters
+    return {k: params[k].default for k in ("num_inference_steps", "guidance_scale")}
+
+
+def plain_generate(pipe, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+    """One `pipe(prompt, generator=...)` call per image with every other argument at the pipeline's default."""
+    import torch
+
+    images = [pipe(text, generator=torch.Generator().manual_seed(int(s))).images[0] for text, s in zip(prompts, seeds)]
+    return np.stack([np.asarray(im.convert("RGB")) for im in images])
+
+
+def fidelity_of(oracle, images: np.ndarray, prompts: list[dict]) -> tuple[dict, list[dict]]:
+    """Oracle summary (per attribute and "all") and the per-image scores."""
+    import fidelity
+
+    scores = oracle.score(images, prompts)
+    return fidelity.summarize_scores(scores), scores
+
+
+def compare_fidelity(a: list[dict], b: list[dict], seed: int) -> dict:
+    """Per attribute: the difference b - a in oracle score, its paired 95% bootstrap CI over prompts, within 1 point?"""
+    import fidelity
+
+    out = {}
+    for key in fidelity.ATTRIBUTES:
+        pairs = [(x[key], y[key]) for x, y in zip(a, b) if x.get(key) is not None and y.get(key) is not None]
+        if not pairs:
+            continue
+        diffs = [float(y) - float(x) for x, y in pairs]
+        mean, ci = mean_ci95(diffs, seed=seed)
+        out[key] = {"diff": mean, "ci95": list(ci), "within_1pt": abs(mean) <= FIDELITY_TOLERANCE, "n": len(pairs)}
+    return out
+
+
+def ablation_configs(cores: int) -> list[tuple[str, str]]:
+    """(name, what it changes) of each CPU optimisation tried on top of our path, in order."""
+    return [("inference_mode", "run under torch.inference_mode() instead of the pipeline's no_grad"),
+            ("channels_last", "UNet and VAE weights in channels_last memory format"),
+            ("fused_qkv", "pipe.fuse_qkv_projections(): one matmul for q, k, v"),
+            ("threads", f"torch.set_num_threads({cores}) (all usable cores)")]
+
+
+class OurPath:
+    """Our generation path with switchable CPU optimisations; `generate` times one configuration."""
+
+    def __init__(self, pipe, settings: dict, batch_size: int):
+        self.pipe, self.settings, self.batch_size = pipe, settings, batch_size
+        self.on: set[str] = set()
+
+    def apply(self, name: str, enable: bool, cores: int, default_threads: int) -> None:
+        import torch
+
+        fmt = torch.channels_last if enable else torch.contiguous_format
+        if name == "channels_last":
+            self.pipe.unet.to(memory_format=fmt)
+            self.pipe.vae.to(memory_format=fmt)
+        elif name == "fused_qkv":
+            self.pipe.fuse_qkv_projections() if enable else self.pipe.unfuse_qkv_projections()
+        elif name == "threads":
+            torch.set_num_threads(cores if enable else default_threads)
+        (self.on.add if enable else self.on.discard)(name)
+
+    def generate(self, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
+                 batch_size: int | None = None) -> np.ndarray:
+        import contextlib
+
+        import torch
+
+        ctx = torch.inference_mode() if "inference_mode" in self.on else contextlib.nullcontext()
+        with ctx:
+            return generate_images(self.pipe, list(prompts), list(seeds), steps, guidance, self.settings["size"],
+                                   batch_size=batch_size or self.batch_size, progress=False)
+
+
+def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
+    """Plain diffusers vs our path on CPU, with per-optimisation ablation and the oracle's fidelity of each."""
+    import torch
+
+    import fidelity
+
+    device = torch.device("cpu")
+    spec = resolve_model(args.model)
+    prompts = structured_prompts(args.n_images, args.seed)
+    texts = [p["text"] for p in prompts]
+    seeds = [args.seed * 100_000 + i for i in range(len(prompts))]
+    oracle = fidelity.Oracle.load(*([args.oracle] if args.oracle else []), device=device)
+    default_threads = torch.get_num_threads()
+    cores = usable_cores()
+    rows: list[dict] = []
+    images: dict[str, np.ndarray] = {}
+    scores: dict[str, list[dict]] = {}
+
+    def record(name: str, seconds: float, imgs: np.ndarray, **extra) -> dict:
+        summary, per_image = fidelity_of(oracle, imgs, prompts)
+        images[name], scores[name] = imgs, per_image
+        row = {"config": name, "seconds": seconds, "images": len(imgs), "images_per_s": len(imgs) / seconds,
+               "fidelity": summary, **extra}
+        rows.append(row)
+        base = rows[0]["seconds"]
+        print(f"  {name:<44} {seconds:7.2f} s  {row['images_per_s']:6.2f} img/s  x{ratio(base, seconds):5.2f} vs plain"
+              f"  oracle all {_f(summary['all'])}")
+        return row
+
+    # a. plain diffusers, as a new user calls it (one warm-up call first, as for every configuration)
+    plain = load_plain_pipeline(spec["id"])
+    defaults = call_defaults(plain)
+    plain(texts[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    print(f"generation on CPU ({spec['name']}, {len(prompts)} images, torch threads {default_threads}):")
+    seconds, imgs = timed_best(lambda: plain_generate(plain, texts, seeds), args.repeats)
+    record("plain diffusers (1 image/call)", seconds, imgs, steps=defaults["num_inference_steps"],
+           guidance=defaults["guidance_scale"], batch_size=1, scheduler=type(plain.scheduler).__name__, output="PIL")
+    del plain
+    plain_steps, plain_guidance = defaults["num_inference_steps"], defaults["guidance_scale"]
+
+    # b. our path at the plain path's settings (50 steps, guidance 7.5): the batching speed-up alone
+    pipe, settings = load_pipeline(args.model, device=device, dtype=torch.float32)
+    ours = OurPath(pipe, settings, args.batch_size)
+    ours.generate(texts[:2], seeds[:2], 2, settings["guidance"], batch_size=2)  # warm-up
+    seconds, imgs = timed_best(lambda: ours.generate(texts, seeds, plain_steps, plain_guidance), args.repeats)
+    record("batched, plain settings", seconds, imgs, steps=plain_steps, guidance=plain_guidance,
+           batch_size=args.batch_size,
+           scheduler=settings["scheduler"], output="np")
+
+    # c. our path: batched, the registry's steps and guidance
+    steps, guidance = settings["steps"], settings["guidance"]
+    seconds, imgs = timed_best(lambda: ours.generate(texts, seeds, steps, guidance), args.repeats)
+    record("ours: batched + registry sampling", seconds, imgs, steps=steps, guidance=guidance,
+           batch_size=args.batch_size, scheduler=settings["scheduler"], output="np", optimisations=[])
+    best = rows[-1]
+
+    # d. each CPU optimisation on top of the best so far; kept only when it makes the path >= 2% faster
+    ablation = []
+    for name, what in ablation_configs(cores):
+        if name == "threads" and (args.threads or cores == default_threads):
+            why = (f"--threads {args.threads} pins the thread count" if args.threads
+                   else f"no-op: torch already uses all {default_threads} usable cores")
+            ablation.append({"optimisation": name, "what": what, "kept": False, "skipped": why})
+            continue
+        ours.apply(name, True, cores, default_threads)
+        ours.generate(texts[:2], seeds[:2], 2, guidance, batch_size=2)  # warm-up after the change
+        seconds, imgs = timed_best(lambda: ours.generate(texts, seeds, steps, guidance), args.repeats)
+        gain = ratio(best["seconds"], seconds)
+        kept = gain >= KEEP_MIN_GAIN
+        row = record(f"+ {name}", seconds, imgs, steps=steps, guidance=guidance, batch_size=args.batch_size,
+                     scheduler=settings["scheduler"], output="np", optimisations=sorted(ours.on))
+        ablation.append({"optimisation": name, "what": what, "seconds": seconds, "own_ratio": gain, "kept": kept})
+        if kept:
+            best = row
+        else:
+            ours.apply(name, False, cores, default_threads)
+
+    # e. the kept optimisations at the plain path's own sampling settings: a speed-up that cannot cost fidelity
+    if ours.on:
+        seconds, imgs = timed_best(lambda: ours.generate(texts, seeds, plain_steps, plain_guidance), args.repeats)
+        record("batched + kept optimisations, plain settings", seconds, imgs, steps=plain_steps,
+               guidance=plain_guidance, batch_size=args.batch_size, scheduler=settings["scheduler"], output="np",
+               optimisations=sorted(ours.on))
+    torch.set_num_threads(default_threads)
+
+    # f. the verdict: speed ratio of the best configuration and whether the oracle scores are within 1 point
+    plain_row, batched_row, base_row = rows[0], rows[1], rows[2]
+    equal = compare_fidelity(scores[plain_row["config"]], scores[best["config"]], args.seed)
+    equal_batched = compare_fidelity(scores[plain_row["config"]], scores[batched_row["config"]], args.seed)
+    within = all(v["within_1pt"] for v in equal.values())
+    # The fastest configuration whose every oracle score is within 1 point of the plain path's.
+    for row in rows[1:]:
+        row["fidelity_within_1pt_of_plain"] = all(
+            v["within_1pt"] for v in compare_fidelity(scores[plain_row["config"]], scores[row["config"]], args.seed).values())
+    equal_rows = [r for r in rows[1:] if r["fidelity_within_1pt_of_plain"]]
+    fastest_equal = min(equal_rows, key=lambda r: r["seconds"]) if equal_rows else None
+    result = {
+        "model": spec["name"], "model_id": spec["id"], "n_images": len(prompts), "repeats": args.repeats, "device": "cpu",
+        "torch_threads_default": default_threads, "configs": rows, "ablation": ablation,
+        "best_config": best["config"], "best_optimisations": best.get("optimisations", []),
+        "ratio_ours_vs_plain": ratio(plain_row["seconds"], best["seconds"]),
+        "ratio_batching_only": ratio(plain_row["seconds"], batched_row["seconds"]),
+        "ratio_sampler_only": ratio(batched_row["seconds"], base_row["seconds"]),
+        "ratio_optimisations_only": ratio(base_row["seconds"], best["seconds"]),
+        "fidelity_ours_minus_plain": equal, "fidelity_batched_minus_plain": equal_batched,
+        "equal_fidelity": within, "fidelity_tolerance": FIDELITY_TOLERANCE,
+        "fastest_equal_fidelity_config": fastest_equal["config"] if fastest_equal else None,
+        "ratio_at_equal_fidelity": ratio(plain_row["seconds"], fastest_equal["seconds"]) if fastest_equal else None,
+        "plain_call": "StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32); "
+                      "pipe(prompt, generator=torch.Generator().manual_seed(seed)) per image",
+        "plain_note": "from_pretrained(folder) without torch_dtype loads the shipped text encoder in float16 "
+                      "(its config's dtype) and the first call fails with a dtype mismatch on CPU",
+    }
+    save_generation_grid(run_dir / "generation_grid.png", images, [plain_row["config"], best["config"]], texts)
+    return result
+
+
+def save_generation_grid(path: Path, images: dict[str, np.ndarray], names: list[str], texts: list[str]) -> None:
+    """Plain vs our best images for the first 8 prompts, same seeds, one row each."""
+    cols = min(8, len(texts))
+    grid = image_grid([im for n in names for im in images[n][:cols]], len(names), cols,
+                      row_labels=["plain" if i == 0 else "ours" for i in range(len(names))],
+                      col_labels=[str(i) for i in range(cols)])
+    grid.save(path)
+
+
+# --------------------------------------------------------------------------- 2. SD 2.1 architecture
+def sd21_pipeline(scale: str, tokenizer_dir: Path):
+    """A StableDiffusionPipeline with SD 2.1's architecture and random weights (float32, CPU).
+
+    "full" uses SD 2.1's sizes (UNet 320/640/1280/1280, 5/10/20/20 heads, linear projections, 1024-d
+    cross-attention; CLIP text model 1024 hidden, 23 layers; the SD VAE); "tiny" keeps every block type and
+    layer count and shrinks the widths. The tokenizer is the shipped model's CLIP tokenizer (same class,
+    77 tokens); its vocabulary size sets the text model's.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    check((tokenizer_dir / "vocab.json").is_file(), f"CLIP tokenizer not found in {tokenizer_dir}")
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+    full = scale == "full"
+    width = (320, 640, 1280, 1280) if full else (32, 64, 64, 64)
+    heads = (5, 10, 20, 20) if full else (2, 4, 4, 4)
+    hidden = 1024 if full else 32
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64 if full else 8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=width,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, attention_head_dim=heads,
+        cross_attention_dim=hidden, use_linear_projection=True, upcast_attention=full, norm_num_groups=32)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+        num_hidden_layers=23 if full else 2, num_attention_heads=16 if full else 4, max_position_embeddings=77,
+        hidden_act="gelu", projection_dim=512 if full else 32, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512) if full else (32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        sample_size=512 if full else 64)
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                            prediction_type="v_prediction", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_sd21(args: argparse.Namespace) -> dict:
+    """fp32 one-image calls vs half precision + SDPA + batching + channels_last (+ compile), cumulative."""
+    import torch
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from utils import SHAPES_MODEL
+
+    if args.sd21_scale == "full" and not torch.cuda.is_available():
+        print("sd21: skipped: no GPU")
+        return {"status": "skipped: no GPU", "scale": args.sd21_scale}
+    device = pick_device()
+    half = pick_dtype(device)  # bf16 (fp16 where unsupported) on a GPU; float32 on CPU, where that step is a no-op
+    pipe = sd21_pipeline(args.sd21_scale, SHAPES_MODEL / "tokenizer").to(device)
+    size = 512 if args.sd21_scale == "full" else 64
+    texts = [p["text"] for p in structured_prompts(args.sd21_images, args.seed)]
+    seeds = [args.seed * 100_000 + i for i in range(len(texts))]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    steps, guidance = args.sd21_steps, 7.5
+
+    def one_per_call():
+        for t, s in zip(texts, seeds):
+            pipe(t, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size, output_type="np",
+                 generator=torch.Generator("cpu").manual_seed(s))
+
+    def batched():
+        generate_images(pipe, texts, seeds, steps, guidance, size, batch_size=args.sd21_batch, progress=False)
+
+    def set_attention(proc_cls):
+        pipe.unet.set_attn_processor(proc_cls())
+        pipe.vae.set_attn_processor(proc_cls())
+
+    # Each step is added on top of the previous ones; every configuration gets an untimed warm-up run.
+    steps_chain: list[tuple[str, Callable[[], None], Callable]] = [
+        ("fp32, classic attention, 1 image/call", lambda: set_attention(AttnProcessor), one_per_call),
+        (f"+ {str(half).replace('torch.', '')}" + ("" if device.type == "cuda" else " (half precision: GPU only)"),
+         lambda: pipe.to(dtype=half), one_per_call),
+        ("+ SDPA", lambda: set_attention(AttnProcessor2_0), one_per_call),
+        (f"+ batching ({args.sd21_batch}/call)", lambda: None, batched),
+        ("+ channels_last", lambda: pipe.unet.to(memory_format=torch.channels_last), batched),
+    ]
+    if args.compile:
+        def compile_unet():
+            # Default mode: max-autotune's kernel search can take longer than a lent GPU's 10-minute call.
+            pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+        steps_chain.append(("+ torch.compile (UNet)", compile_unet, batched))
+
+    rows = []
+    print(f"sd21 ({args.sd21_scale}, {size} px, {len(texts)} images, {steps} steps, {device}):")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # random weights can decode to NaN: the timing is the point
+        for name, change, run in steps_chain:
+            change()
+            warm_s, _ = timed(run, sync)
+            reset_peak_memory(device)
+            seconds, _ = timed(run, sync)
+            row = {"config": name, "seconds": seconds, "images_per_s": len(texts) / seconds, "warmup_s": warm_s,
+                   "peak_memory_mb": peak_memory_mb(device)}
+            row["ratio_vs_baseline"] = ratio(rows[0]["seconds"] if rows else seconds, seconds)
+            row["ratio_vs_previous"] = ratio(rows[-1]["seconds"] if rows else seconds, seconds)
+            rows.append(row)
+            print(f"  {name:<38} {seconds:8.2f} s  x{row['ratio_vs_baseline']:5.2f} vs fp32  "
+                  f"(step x{row['ratio_vs_previous']:.2f})")
+    final = rows[-1]["ratio_vs_baseline"]
+    return {"status": "ran", "scale": args.sd21_scale, "device": str(device),
+            "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None, "size": size,
+            "steps": steps, "guidance": guidance, "n_images": len(texts), "half_dtype": str(half).replace("torch.", ""),
+            "configs": rows, "ratio_optimised_vs_fp32": final, "anchor": ANCHOR,
+            "anchor_ratio": 3.0, "reaches_anchor": bool(final >= 3.0)}
+
+
+# --------------------------------------------------------------------------- 3. retrieval
+def naive_search(db: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The naive exact search: per query, a Python loop over database rows, one dot product each, then a sort.
+
+    Ties go to the lower id, as FAISS's flat index breaks them. Deliberately slow: it is the baseline.
+    """
+    out_ids = np.zeros((len(queries), k), np.int64)
+    out_scores = np.zeros((len(queries), k), np.float32)
+    for qi, q in enumerate(queries):
+        scores = [float(np.dot(q, row)) for row in db]
+        top = sorted(range(len(scores)), key=lambda j: (-scores[j], j))[:k]
+        out_ids[qi] = top
+        out_scores[qi] = [scores[j] for j in top]
+    return out_scores, out_ids
+
+
+def topk_agreement(ref_scores: np.ndarray, ref_ids: np.ndarray, scores: np.ndarray, ids: np.ndarray,
+                   tol: float = TIE_TOLERANCE) -> dict:
+    """Do two exact searches return the same top-k? Ids may differ only where the scores tie.
+
+    Args:
+        ref_scores: (n, k) reference scores.
+        ref_ids: (n, k) reference ids.
+        scores: (n, k) the other method's scores.
+        ids: (n, k) its ids.
+        tol: scores closer than this are ties.
+
+    Returns:
+        {"identical": bool, "n_queries", "rows_with_different_ids", "rows_differing_only_by_ties",
+         "rows_differing": rows whose ids differ beyond ties, "max_score_diff"}.
+    """
+    same_ids = (ref_ids == ids).all(axis=1)
+    score_gap = np.abs(ref_scores.astype(np.float64) - scores.astype(np.float64))
+    # Where ids differ but the score at every rank matches, the rows are permutations of tied items.
+    kth = ref_scores[:, -1:].astype(np.float64)
+    tie_ok = (score_gap <= tol).all(axis=1)
+    differing = ~same_ids
+    for i in np.flatnonzero(differing & tie_ok):
+        # ids outside the tie at the k-th score must be the same set
+        strict_ref = set(ref_ids[i][ref_scores[i] > kth[i, 0] + tol].tolist())
+        strict = set(ids[i][scores[i] > kth[i, 0] + tol].tolist())
+        tie_ok[i] = strict_ref == strict
+    bad = differing & ~tie_ok
+    return {"identical": bool(not bad.any()), "n_queries": int(len(ids)), "rows_with_different_ids": int(differing.sum()),
+            "rows_differing_only_by_ties": int((differing & tie_ok).sum()), "rows_differing": int(bad.sum()),
+            "max_score_diff": float(score_gap.max()) if score_gap.size else 0.0}
+
+
+def random_unit_vectors(n: int, dim: int, seed: int) -> np.ndarray:
+    """`n` random unit vectors (Gaussian, L2-normalised), float32."""
+    x = np.random.default_rng(seed).standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def load_embeddings(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, str]:
+    """(image db, caption queries, source): the retrieval run's test embeddings, else random unit vectors."""
+    import retrieval
+
+    run = Path(args.retrieval_run)
+    reason = f"no heads.pt in {run}"
+    if (run / "heads.pt").is_file():
+        trained_on = read_json(run / "config.json").get("args", {}).get("data") if (run / "config.json").is_file() else None
+        data_path = args.data or trained_on or str(DEFAULT_DATA)
+        if Path(data_path).is_file():
+            records = load_data(data_path, ["test"])["splits"]["test"]
+            heads, meta = retrieval.load_heads(run / "heads.pt")
+            fx = retrieval.FeatureExtractor(meta["image_encoder"], meta["text_encoder"], meta.get("image_res", 0))
+            img_f, txt_f, _ = retrieval.split_features(fx, records)
+            return (retrieval.embed(heads, "image", img_f), retrieval.embed(heads, "text", txt_f),
+                    f"test embeddings of {run.resolve()} on {data_path} ({len(records)} images)")
+        reason = f"data file {data_path} is missing"
+    db = random_unit_vectors(1000, args.dim, args.seed)
+    return db, random_unit_vectors(5000, args.dim, args.seed + 1), f"random unit vectors ({reason})"
+
+
+def bench_equal_results(args: argparse.Namespace) -> dict:
+    """FAISS flat vs the Python loop vs vectorised numpy on the same embeddings: same top-k, and the time ratios."""
+    import retrieval
+
+    db, queries, source = load_embeddings(args)
+    if args.naive_queries:
+        queries = queries[:args.naive_queries]
+    k = min(args.k, len(db))
+    print(f"retrieval, same embeddings ({source}): {len(queries)} queries x {len(db)} rows, top-{k}")
+    loop_s, (loop_scores, loop_ids) = timed(lambda: naive_search(db, queries, k))
+    numpy_s, (np_scores, np_ids) = timed(lambda: retrieval.brute_force_search(db, queries, k))
+    build_s, index = timed(lambda: retrieval.build_index(db, "flat"))
+    search_s, (faiss_scores, faiss_ids) = timed(lambda: retrieval.search(index, queries, k))
+    vs_loop = topk_agreement(loop_scores, loop_ids, faiss_scores, faiss_ids)
+    vs_numpy = topk_agreement(np_scores, np_ids, faiss_scores, faiss_ids)
+    out = {"source": source, "n_db": len(db), "n_queries": len(queries), "dim": int(db.shape[1]), "k": k,
+           "python_loop_s": loop_s, "numpy_s": numpy_s, "faiss_build_s": build_s, "faiss_search_s": search_s,
+           "ratio_faiss_vs_python_loop": ratio(loop_s, search_s),
+           "ratio_faiss_vs_python_loop_incl_build": ratio(loop_s, build_s + search_s),
+           "ratio_faiss_vs_numpy": ratio(numpy_s, search_s),
+           "same_topk_as_python_loop": vs_loop, "same_topk_as_numpy": vs_numpy}
+    print(f"  python loop {loop_s:.3f} s, numpy {numpy_s:.4f} s, faiss flat {search_s:.4f} s (+{build_s:.4f} s build): "
+          f"x{out['ratio_faiss_vs_python_loop']:.1f} vs loop, x{out['ratio_faiss_vs_numpy']:.1f} vs numpy; "
+          f"same top-{k}: {vs_loop['identical']} (loop), {vs_numpy['identical']} (numpy)")
+    return out
+
+
+def bench_index_scale(args: argparse.Namespace) -> list[dict]:
+    """Build and search time of each index for each database size; recall@k of approximate indexes vs flat."""
+    import retrieval
+
+    rows = []
+    queries = random_unit_vectors(args.queries, args.dim, args.seed + 7)
+    k = args.k
+    for n in args.size_list:
+        db = random_unit_vectors(n, args.dim, args.seed + n)
+        nlist = args.nlist or max(1, round(math.sqrt(n)))
+        flat_ids = None
+        for kind in args.index_kinds:
+            row = {"n": n, "index": kind, "dim": args.dim, "n_queries": len(queries), "k": k}
+            if kind == "hnsw" and n > args.hnsw_max_n:
+                row["skipped"] = f"n > --hnsw-max-n {args.hnsw_max_n} (build time grows to minutes on CPU)"
+                rows.append(row)
+                print(f"  n={n:>9,} {kind:<5} skipped ({row['skipped']})")
+                continue
+            kw = {"nlist": nlist, "nprobe": args.nprobe, "seed": args.seed} if kind == "ivf" else {}
+            build_s, index = timed(lambda: retrieval.build_index(db, kind, **kw))
+            search_s, (_, ids) = timed(lambda: retrieval.search(index, queries, k))
+            if kind == "flat":
+                flat_ids = ids
+            row.update({"build_s": build_s, "search_s": search_s, "queries_per_s": len(queries) / search_s,
+                        f"recall@{k}": recall_at_k(ids, flat_ids) if flat_ids is not None else None})
+            if kind == "ivf":
+                row.update({"nlist": int(index.nlist), "nprobe": int(index.nprobe)})
+            rows.append(row)
+            print(f"  n={n:>9,} {kind:<5} build {build_s:7.2f} s  search {search_s:7.3f} s "
+                  f"({row['queries_per_s']:,.0f} q/s)  recall@{k} vs flat {_f(row[f'recall@{k}'])}")
+            del index
+        del db
+    return rows
+
+
+def recall_at_k(ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean share of the exact top-k that an approximate search also returns."""
+    k = exact_ids.shape[1]
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ids, exact_ids)]))
+
+
+# --------------------------------------------------------------------------- 4. report
+def headline_ratios(m: dict) -> dict:
+    """The measured ratios, flat: name -> number (absent parts are left out)."""
+    out = {}
+    g = m.get("generation")
+    if g:
+        for key in ("ratio_ours_vs_plain", "ratio_at_equal_fidelity", "ratio_batching_only", "ratio_sampler_only",
+                    "ratio_optimisations_only"):
+            if g[key] is not None:
+                out[f"generation_{key[6:]}"] = g[key]
+    s = m.get("sd21")
+    if s and s.get("status") == "ran":
+        out["sd21_optimised_vs_fp32"] = s["ratio_optimised_vs_fp32"]
+    r = m.get("retrieval")
+    if r:
+        e = r["equal_results"]
+        for key in ("ratio_faiss_vs_python_loop", "ratio_faiss_vs_python_loop_incl_build", "ratio_faiss_vs_numpy"):
+            out[f"retrieval_{key[6:]}"] = e[key]
+    return out
+
+
+def results_markdown(m: dict) -> str:
+    """results.md, every sentence and table filled in from the metrics dict."""
+    hw = m["hardware"]
+    lines = ["# Benchmarks", "",
+             f"Run `{m['run_name']}`: {hw['cpu']}, {hw['cores_usable']} usable cores, torch threads "
+             f"{hw['torch_threads']}, GPU {hw['gpu'] or 'none'}. 1-min load average {hw['load_avg_1m_at_start']} "
+             f"before this run (other processes; 0 on an idle machine) and {m['load_avg_1m_at_end']} at its end: "
+             + ("**contended**: other work shared the CPU, so absolute times are slower than on an idle machine and "
+                "the ratios noisier. " if hw.get("contended") else "the machine was idle at the start. ")
+             + "Every ratio compares two times measured in this run, side by side.", ""]
+    if m["ratios"]:
+        lines += ["| ratio | value |", "|---|---|", *(f"| {k} | {_f(v, 2)} |" for k, v in m["ratios"].items()), ""]
+    g = m.get("generation")
+    if g:
+        lines += [f"## Generation on CPU ({g['model']}, {g['n_images']} images per configuration)", "",
+                  f"Plain: `{g['plain_call']}` ({g['plain_note']}).", "",
+                  "| configuration | steps | guidance | batch | seconds | images/s | x vs plain | oracle all | colour | shape "
+                  "| all scores within 1 point of plain |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        base = g["configs"][0]["seconds"]
+        for r in g["configs"]:
+            f = r["fidelity"]
+            lines.append(f"| {r['config']} | {r['steps']} | {r['guidance']} | {r['batch_size']} | {_f(r['seconds'], 2)} | "
+                         f"{_f(r['images_per_s'], 2)} | {_f(ratio(base, r['seconds']), 2)} | {_f(f['all'])} | "
+                         f"{_f(f['color'])} | {_f(f['shape'])} | "
+                         f"{_yes_no(r.get('fidelity_within_1pt_of_plain'))} |")
+        lines += ["", "Ablation (each optimisation on top of the best so far; kept when >= "
+                      f"{KEEP_MIN_GAIN:.2f}x; fastest of {g['repeats']} timed run(s) per configuration, so under "
+                      "contention a single ratio near 1 is within noise):", ""]
+        for a in g["ablation"]:
+            detail = a.get("skipped") or f"x{_f(a['own_ratio'], 3)} ({'kept' if a['kept'] else 'dropped'})"
+            lines.append(f"- {a['optimisation']}: {a['what']}: {detail}")
+        lines += ["", f"Best configuration: `{g['best_config']}`, x{_f(g['ratio_ours_vs_plain'], 2)} vs plain "
+                      f"(batching alone x{_f(g['ratio_batching_only'], 2)}, the registry's sampling settings "
+                      f"x{_f(g['ratio_sampler_only'], 2)}, the kept optimisations x{_f(g['ratio_optimisations_only'], 2)}).", "",
+                  f"Fidelity, best minus plain (oracle, same prompts and seeds; paired 95% bootstrap CI over "
+                  f"{g['n_images']} prompts):", "", "| attribute | plain | ours | diff | 95% CI | within 1 point |",
+                  "|---|---|---|---|---|---|"]
+        plain_f = g["configs"][0]["fidelity"]
+        best_f = next(r for r in g["configs"] if r["config"] == g["best_config"])["fidelity"]
+        for key, d in g["fidelity_ours_minus_plain"].items():
+            lines.append(f"| {key} | {_f(plain_f[key])} | {_f(best_f[key])} | {_f(d['diff'])} | "
+                         f"[{_f(d['ci95'][0])}, {_f(d['ci95'][1])}] | {'yes' if d['within_1pt'] else 'no'} |")
+        lines.append("")
+        if g["equal_fidelity"]:
+            lines.append("Equal fidelity: every oracle score of our path is within 1 point of the plain path's.")
+        else:
+            off = [k for k, d in g["fidelity_ours_minus_plain"].items() if not d["within_1pt"]]
+            same = [k for k, d in g["fidelity_batched_minus_plain"].items() if not d["within_1pt"]]
+            lines.append(f"NOT equal fidelity within 1 point: {', '.join(off)} differ by more than "
+                         f"{FIDELITY_TOLERANCE} (see the CIs: with {g['n_images']} prompts one image moves a score "
+                         f"by {1 / g['n_images']:.3f}). At the plain path's own settings, batching alone is "
+                         f"x{_f(g['ratio_batching_only'], 2)} faster with "
+                         + ("every oracle score within 1 point." if not same else
+                            f"{', '.join(same)} differing by more than 1 point (batched numerics differ slightly)."))
+        lines.append("")
+        if g["fastest_equal_fidelity_config"]:
+            lines.append(f"Fastest configuration at equal fidelity (every oracle score within 1 point of plain): "
+                         f"`{g['fastest_equal_fidelity_config']}`, x{_f(g['ratio_at_equal_fidelity'], 2)} vs plain.")
+        else:
+            lines.append("No configuration has every oracle score within 1 point of the plain path's.")
+        lines += ["", "Images: [generation_grid.png](generation_grid.png) (top plain, bottom ours; same seeds).", ""]
+    s = m.get("sd21")
+    if s:
+        lines += [f"## SD 2.1 architecture, random weights", ""]
+        if s["status"] != "ran":
+            lines += [f"{s['status']} (scale {s['scale']}).", ""]
+        else:
+            lines += [f"Scale {s['scale']}, {s['size']} px, {s['steps']} steps, {s['n_images']} images per configuration "
+                      f"on {s['gpu'] or s['device']}.", "",
+                      "| configuration | seconds | images/s | x vs fp32 | step x | peak MiB |", "|---|---|---|---|---|---|"]
+            for r in s["configs"]:
+                lines.append(f"| {r['config']} | {_f(r['seconds'], 2)} | {_f(r['images_per_s'], 2)} | "
+                             f"{_f(r['ratio_vs_baseline'], 2)} | {_f(r['ratio_vs_previous'], 2)} | "
+                             f"{_f(r['peak_memory_mb'], 0)} |")
+            lines += ["", f"Anchor: {s['anchor']}; measured x{_f(s['ratio_optimised_vs_fp32'], 2)} "
+                          f"({'reaches' if s['reaches_anchor'] else 'below'} 3x).", ""]
+    r = m.get("retrieval")
+    if r:
+        e = r["equal_results"]
+        lines += ["## Retrieval", "", f"Same embeddings: {e['source']}; {e['n_queries']} queries x {e['n_db']} rows, "
+                  f"top-{e['k']}.", "", "| method | seconds | FAISS flat is x faster | same top-k as FAISS |",
+                  "|---|---|---|---|",
+                  f"| Python loop (np.dot per row) | {_f(e['python_loop_s'], 4)} | {_f(e['ratio_faiss_vs_python_loop'], 1)} | "
+                  f"{e['same_topk_as_python_loop']['identical']} |",
+                  f"| numpy vectorised (retrieval.brute_force_search) | {_f(e['numpy_s'], 4)} | "
+                  f"{_f(e['ratio_faiss_vs_numpy'], 1)} | {e['same_topk_as_numpy']['identical']} |",
+                  f"| FAISS IndexFlatIP search (+ build) | {_f(e['faiss_search_s'], 4)} (+{_f(e['faiss_build_s'], 4)}) | 1 | - |",
+                  "", f"Rows whose ids differ only by tied scores: {e['same_topk_as_python_loop']['rows_differing_only_by_ties']} "
+                  f"(loop), {e['same_topk_as_numpy']['rows_differing_only_by_ties']} (numpy).", "",
+                  "Index build and search, random unit vectors (no cluster structure: the hardest case for "
+                  "approximate indexes):", "", "| n | index | build s | search s | queries/s | recall@k vs flat |",
+                  "|---|---|---|---|---|---|"]
+        for row in r["scale"]:
+            if "skipped" in row:
+                lines.append(f"| {row['n']:,} | {row['index']} | skipped: {row['skipped']} | | | |")
+            else:
+                rk = row.get(f"recall@{row['k']}")
+                lines.append(f"| {row['n']:,} | {row['index']} | {_f(row['build_s'], 2)} | {_f(row['search_s'], 3)} | "
+                             f"{row['queries_per_s']:,.0f} | {_f(rk) if row['index'] != 'flat' else 'exact'} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    t0 = time.time()
+
+    # 1. threads and hardware, recorded with the arguments before anything is timed
+    set_threads(args.threads)
+    quiet_loading()
+    hardware = hardware_info(args.threads)
+    run_dir = make_run_dir("bench", args.run_name, dict(vars(args), hardware=hardware), args.outputs)
+    metrics: dict = {"run_name": args.run_name, "quick": args.quick, "parts": args.parts, "hardware": hardware,
+                     "timings": {}}
+
+    # 2. generation on CPU: plain diffusers vs our path, at equal fidelity
+    if "generation" in args.parts:
+        t = time.time()
+        metrics["generation"] = bench_generation(args, run_dir)
+        metrics["timings"]["generation_s"] = round(time.time() - t, 2)
+
+    # 3. the SD 2.1 architecture (GPU; tiny scale on CPU)
+    if "sd21" in args.parts:
+        t = time.time()
+        metrics["sd21"] = bench_sd21(args)
+        metrics["timings"]["sd21_s"] = round(time.time() - t, 2)
+
+    # 4. retrieval: same results as the loop, then index scaling
+    if "retrieval" in args.parts:
+        t = time.time()
+        equal = bench_equal_results(args)
+        print(f"index build + search, random {args.dim}-d vectors, {args.queries} queries:")
+        metrics["retrieval"] = {"equal_results": equal, "scale": bench_index_scale(args)}
+        metrics["timings"]["retrieval_s"] = round(time.time() - t, 2)
+
+    # 5. ratios, results.md and metrics.json (latest moves last)
+    metrics["ratios"] = headline_ratios(metrics)
+    metrics["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
+    metrics["timings"]["total_s"] = round(time.time() - t0, 2)
+    write_text(run_dir / "results.md", results_markdown(metrics))
+    finish_run(run_dir, metrics)
+    print("ratios: " + ", ".join(f"{k} x{v:.2f}" for k, v in metrics["ratios"].items()))
+    print(f"wrote {run_dir} in {metrics['timings']['total_s']:.0f} s")
+    return metrics
+
+
+if __name__ == "__main__":
+    cli(main)
