@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 import retrieval
-from utils import (DEFAULT_DATA, category_names, check, cli, finish_run, load_data, make_run_dir, read_json,
+from utils import (DEFAULT_DATA, category_names, check, cli, finish_run, load_data, make_run_dir, pyplot, read_json,
                    write_json, write_text)
 
 # How each --rule ranks categories (lowest first), the metric it ranks by, and what it means in words.
@@ -256,18 +256,11 @@ def write_confusion_csv(path: Path, counts: np.ndarray, names: Sequence[str]) ->
 
 
 # --------------------------------------------------------------------------- 5. figures
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_confusion(counts: np.ndarray, names: Sequence[str], path: Path) -> None:
     """Heatmap of the row-normalised confusion matrix."""
-    plt = _pyplot()
+    plt = pyplot()
     side = 2.5 + 0.45 * len(names)
     fig, ax = plt.subplots(figsize=(side + 1, side))
     im = ax.imshow(row_normalise(counts), cmap="viridis", vmin=0)
@@ -284,7 +277,7 @@ def plot_confusion(counts: np.ndarray, names: Sequence[str], path: Path) -> None
 
 def plot_recall_vs_frequency(rows: list[dict], path: Path) -> None:
     """R@10 in both directions against log training frequency, txt2img with its 95% bootstrap CI."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in rows if np.isfinite(r["txt2img_R@10"])]
     x = np.array([max(r["train_count"], 1) for r in rows], dtype=float)
     t2i = np.array([r["txt2img_R@10"] for r in rows])
@@ -445,17 +438,6 @@ def print_summary(spearman: dict, targets: dict, run_dir: Path) -> None:
     print(f"wrote {run_dir}")
 
 
-def _nan_to_none(obj):
-    """NaN -> None throughout, so metrics.json stays strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
-        return None
-    return obj
-
-
 # --------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
@@ -532,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # 6. targets: the k weakest categories by the rule
     chosen = pick_targets(per_cat, args.rule, args.k_targets)
     targets = targets_record(rows, chosen, args, run)
-    write_json(run_dir / "targets.json", _nan_to_none(targets))
+    write_json(run_dir / "targets.json", targets)
 
     # 7. problem statement and metrics, generated from the numbers above
     metrics = {"data": targets["data"], "baseline_run": str(run), "eval_split": args.eval_split,
@@ -542,7 +524,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     write_text(run_dir / "problem.md", problem_markdown(metrics))
     timings["total_s"] = round(time.time() - t0, 2)
     metrics["timings"] = timings
-    metrics = _nan_to_none(metrics)
     finish_run(run_dir, metrics)
     print_summary(spearman, targets, run_dir)
     return metrics

@@ -660,10 +660,23 @@ def save_pipeline(trainer: Trainer, out: Path) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     pipe.save_pretrained(tmp, safe_serialization=True)
+    load_as_float32(tmp)
     # transformers 5 writes only tokenizer.json; keep CLIP's two files too, for readers of either format.
     for name in ("vocab.json", "merges.txt"):
         shutil.copy(trainer.args.ckpt_dir / "tokenizer" / name, tmp / "tokenizer" / name)
     return {"tmp": tmp, "params": counts}
+
+
+def load_as_float32(folder: Path) -> None:
+    """Keep fp16 weights on disk but make a bare `from_pretrained(folder)` load every part in fp32.
+
+    transformers 5 loads a model in the dtype its config names ("float16" after `pipe.to(fp16)`), while diffusers
+    loads the UNet and VAE in fp32: the text encoder's fp16 output would then hit fp32 layers and fail.
+    """
+    path = Path(folder) / "text_encoder" / "config.json"
+    config = json.loads(path.read_text())
+    config["dtype"] = "float32"
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def model_card(args, info: dict) -> str:

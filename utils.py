@@ -101,13 +101,30 @@ def pick_dtype(device, name: str | None = None):
 
 # --------------------------------------------------------------------------- files / run folders
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON atomically (temp file then rename), so an interrupted run never leaves half a file.
+    """Write strict JSON atomically (temp file then rename), so an interrupted run never leaves half a file.
 
     Args:
         path: destination file.
-        obj: a JSON-serialisable object (numpy scalars are converted).
+        obj: a JSON-serialisable object (numpy scalars and arrays are converted; NaN and inf become null).
     """
-    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    write_text(path, json.dumps(nan_to_none(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def nan_to_none(obj: Any) -> Any:
+    """NaN / inf -> None throughout dicts, lists, tuples and arrays, so JSON stays strict.
+
+    Args:
+        obj: nested containers of numbers.
+    """
+    if isinstance(obj, dict):
+        return {k: nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [nan_to_none(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return nan_to_none(obj.tolist())
+    if isinstance(obj, (float, np.floating)) and not np.isfinite(obj):
+        return None
+    return obj
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -518,6 +535,16 @@ def image_grid(images: Sequence, rows: int, cols: int, row_labels: Sequence[str]
     for c, text in enumerate(col_labels or []):
         draw.text((left + c * cell + 4, 3), text, fill="black")
     return grid
+
+
+def pyplot():
+    """matplotlib.pyplot on the headless Agg backend (imported only by the code that plots)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 # --------------------------------------------------------------------------- statistics / resources

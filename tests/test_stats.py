@@ -29,3 +29,12 @@ def test_diversity_zero_for_copies_and_larger_for_spread():
     assert fidelity.diversity(same) == 0.0
     assert np.isclose(fidelity.diversity(np.eye(4)), np.sqrt(2))
     assert np.isnan(fidelity.diversity(same[:1]))
+
+
+def test_write_json_is_strict_json(tmp_path):
+    import json
+
+    path = tmp_path / "m.json"
+    utils.write_json(path, {"a": float("nan"), "b": [1.0, np.float32("inf")], "c": np.array([np.nan, 2.0])})
+    assert json.loads(path.read_text()) == {"a": None, "b": [1.0, None], "c": [None, 2.0]}
+    assert "NaN" not in path.read_text()

@@ -30,7 +30,7 @@ def quick_run(tiny_data, tmp_path_factory):
 def pipe(quick_run):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(quick_run[0] / "pipe", torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(quick_run[0] / "pipe")  # fp16 on disk, fp32 when no dtype is given
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -116,11 +116,12 @@ def test_missing_data_file_and_unknown_split(tiny_data, tmp_path):
                               "--ckpt-dir", str(tmp_path / "c")])
 
 
-@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="models/shapes-sd-tiny not trained yet")
-def test_shipped_model_generates_a_64px_image_on_cpu():
+@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED.with_name("shapes-sd-tiny-4k")], ids=lambda p: p.name)
+def test_shipped_model_generates_a_64px_image_on_cpu(folder):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED, torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)  # as a new user calls it: no dtype given
+    assert {pipe.unet.dtype, pipe.text_encoder.dtype, pipe.vae.dtype} == {torch.float32}
     pipe.set_progress_bar_config(disable=True)
     images = pipe("a small red star", num_inference_steps=2, guidance_scale=5.0, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images

@@ -1,0 +1,135 @@
+"""The study on one page: collect every task's latest numbers into outputs/REPORT.md.
+
+Reads `outputs/<task>/latest/metrics.json` of each step of the study (retrieval baseline, task_a ... task_e,
+bench) and the shipped model's `models/shapes-sd-tiny/metrics.json`, states the headline results in
+sentences filled in from those numbers, and links each task's own tables and figures. A step that has not
+run yet is listed as missing; nothing here is typed in by hand.
+
+    python report.py                      # after `make demo` (which runs it last)
+    python report.py --outputs outputs --out outputs/REPORT.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from utils import REPO, check, cli, read_json, write_text
+
+TASKS = ("retrieval", "task_a", "task_b", "task_c", "task_d", "task_e", "bench")
+TITLES = {
+    "retrieval": "Retrieval baseline (`retrieval.py`)",
+    "task_a": "a. Open models side by side (`task_a.py`)",
+    "task_b": "b. Inference parameters, measured (`task_b.py`)",
+    "task_c": "c. Where retrieval fails (`task_c.py`)",
+    "task_d": "d. The fix: targeted synthetic images (`task_d.py`)",
+    "task_e": "e. Generative AI applied: imagine-then-retrieve and editing (`task_e.py`)",
+    "bench": "Benchmarks (`bench.py`)",
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--outputs", default="outputs", help="outputs root holding <task>/latest/")
+    p.add_argument("--model", default=str(REPO / "models" / "shapes-sd-tiny"), help="shipped model folder (its metrics.json)")
+    p.add_argument("--out", default=None, help="report path (default: <outputs>/REPORT.md)")
+    args = p.parse_args(argv)
+    check(Path(args.outputs).is_dir(), f"outputs folder not found: {args.outputs} (run `make demo` first)")
+    args.out = Path(args.out or Path(args.outputs) / "REPORT.md")
+    return args
+
+
+# --------------------------------------------------------------------------- formatting
+def f3(x) -> str:
+    """A number with 3 decimals ("n/a" for None / NaN)."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def ci(pair) -> str:
+    return f"[{f3(pair[0])}, {f3(pair[1])}]" if pair else "n/a"
+
+
+def delta(d: dict | None) -> str:
+    """A `{"mean", "ci95"}` dict as '+0.012 [−0.004, +0.030]'."""
+    if not d:
+        return "n/a"
+    lo, hi = d["ci95"]
+    return f"{d['mean']:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}])"
+
+
+def links(run: Path, root: Path) -> str:
+    """Markdown links to a run's tables and figures, relative to the report."""
+    files = sorted(p for p in run.iterdir() if p.suffix in (".md", ".png", ".gif", ".csv") and p.is_file())
+    return " · ".join(f"[{p.name}]({os.path.relpath(p, root)})" for p in files) or "no files"
+
+
+# --------------------------------------------------------------------------- one summary per task
+def retrieval_summary(m: dict) -> list[str]:
+    rows = ["| direction | R@1 | R@5 | R@10 | mAP |", "|---|---|---|---|---|"]
+    rows += [f"| {d} | " + " | ".join(f3(m[d][k]) for k in ("R@1", "R@5", "R@10", "mAP")) + " |"
+             for d in ("img2txt", "txt2img")]
+    return [f"{m['n_train_images']} training images, evaluated on {m['n_eval_images']} test images and "
+            f"{m['n_eval_captions']} captions.", ""] + rows
+
+
+def task_c_summary(m: dict) -> list[str]:
+    s = m["spearman"]["txt2img"]
+    targets = ", ".join(t["category"] for t in m["targets"]["targets"])
+    return [f"Spearman rho between a category's training frequency and its txt2img R@10: {f3(s['rho'])} "
+            f"(95% CI {ci(s['ci95'])}, {s['n_categories']} categories). Targets chosen by "
+            f"`{m['targets']['rule_name']}`: **{targets}**."]
+
+
+SUMMARIES: dict[str, Callable[[dict], list[str]]] = {"retrieval": retrieval_summary, "task_c": task_c_summary}
+
+
+def model_section(model_dir: Path) -> list[str]:
+    path = model_dir / "metrics.json"
+    if not path.is_file():
+        return ["## The shipped model", "", f"`{path}` is missing: run `python fidelity.py evaluate-model`.", ""]
+    m = read_json(path)
+    return ["## The shipped model (`models/shapes-sd-tiny`)", "",
+            f"Oracle accuracy on held-out renders {f3(m['oracle_accuracy_on_renders'])}. Prompt fidelity (all "
+            f"attributes right): single object {f3(m['single_object_all_correct'])} (target 0.90), two objects "
+            f"with a relation {f3(m['two_object_all_correct'])} (target 0.60). Single-object per attribute: shape "
+            f"{f3(m['single_object']['shape'])}, colour {f3(m['single_object']['color'])}, position "
+            f"{f3(m['single_object']['position'])}. FD {f3(m['fd'])} vs the real-vs-real floor "
+            f"{f3(m['fd_real_vs_real'])} (n = {m['fd_n']}). Sampler: {m['sampler']['scheduler']}, "
+            f"{m['sampler']['steps']} steps, guidance {m['sampler']['guidance']}.", ""]
+
+
+def task_section(task: str, outputs: Path, root: Path) -> list[str]:
+    run = outputs / task / "latest"
+    lines = [f"## {TITLES[task]}", ""]
+    if not (run / "metrics.json").is_file():
+        return lines + [f"Not run yet (no `{run}/metrics.json`).", ""]
+    m = read_json(run / "metrics.json")
+    summary = SUMMARIES.get(task)
+    if summary:
+        lines += summary(m) + [""]
+    lines += [f"Run `{run.resolve().name}`: {links(run.resolve(), root)}", ""]
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    outputs = Path(args.outputs)
+    root = args.out.parent
+    lines = ["# Study report", "",
+             "Generated by `python report.py` from each task's `outputs/<task>/latest/metrics.json`; "
+             "every number below is read from those files.", ""]
+    lines += model_section(Path(args.model))
+    for task in TASKS:
+        lines += task_section(task, outputs, root)
+    write_text(args.out, "\n".join(lines))
+    print(f"wrote {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    cli(main)
