@@ -43,7 +43,7 @@ import generate_data as gd
 from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, REPO, UserError, cached, check, cli, encode_images,
                    encode_texts, generate_images, image_grid, library_versions, load_data, load_image_encoder,
                    load_pipeline, load_rgb, load_text_encoder, make_run_dir, pick_device, read_json, resolve_model,
-                   update_latest, write_json)
+                   update_latest, write_json, write_text)
 
 COMMANDS = ("train-oracle", "evaluate-model")
 KINDS = ("single", "two")
@@ -871,11 +871,52 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     metrics["seconds"] = round(time.time() - t0, 1)
     metrics["evaluated"] = _dt.datetime.now().isoformat(timespec="seconds")
     merge_metrics(out, metrics)
+    card = out.parent / "README.md"
+    if args.out is None and card.is_file() and not args.quick:
+        update_card(card, metrics)
     if out.parent.parent.name == "fidelity" and args.out is None:  # a run folder under outputs/fidelity
         update_latest(out.parent)
     print(format_summary(metrics))
     print(f"wrote {out}")
     return metrics
+
+
+def card_fidelity_section(m: dict) -> str:
+    """The model card's "## Fidelity" section, every number taken from an evaluate-model metrics dict."""
+    targets = {"single_object": 0.90, "two_object": 0.60}
+    met = all(m.get(f"{k}_all_correct") is not None and m[f"{k}_all_correct"] >= t for k, t in targets.items())
+    sam = m["sampler"]
+    lines = [f"## Fidelity (measured; targets {'met' if met else 'NOT met'})",
+             f"`python fidelity.py evaluate-model --model {m['model']['name']}"
+             + (f" --heads {m['args']['heads']}`" if m["args"].get("heads") else "`"),
+             f"({m['n_prompts']} single-object and {m['n_prompts']} two-object prompts, seed {m['seed']}, "
+             f"{sam['scheduler']} {sam['steps']} steps, guidance {sam['guidance']}, {sam['device']}; judged by the "
+             f"oracle, whose whole-scene accuracy on held-out renders is {m['oracle_accuracy_on_renders']}). "
+             "Fraction of images with each specified attribute right:", "",
+             "| prompts | shape | colour | size | position | count | all |", "|---|---|---|---|---|---|---|"]
+    for key, label in (("single_object", "single object"), ("two_object", "two objects + relation")):
+        if m.get(key):
+            lines.append(f"| {label} | " + " | ".join(
+                "n/a" if m[key][a] is None else f"{m[key][a]:.3f}" for a in ATTRIBUTES) + " |")
+    lines += ["", "Targets: " + ", ".join(
+        f"{k.replace('_', '-')} all-correct >= {t:.2f} (measured "
+        f"{'n/a' if m.get(k + '_all_correct') is None else format(m[k + '_all_correct'], '.3f')})"
+        for k, t in targets.items()) + "."]
+    if m.get("fd") is not None:
+        lines.append(f"Fréchet distance in EfficientNet-Lite0 space {m['fd']:.1f} against a real-vs-real floor of "
+                     f"{m['fd_real_vs_real']:.1f} (n = {m['fd_n']})"
+                     + (f"; alignment score {m['alignment']:.1f}/100." if m.get("alignment") is not None else "."))
+    lines.append("`fidelity_grid.png` shows renders of the prompts next to generations.")
+    return "\n".join(lines) + "\n"
+
+
+def update_card(card: Path, metrics: dict) -> None:
+    """Replace the card's "## Fidelity" section (up to the next "## ") with the measured one."""
+    text = card.read_text()
+    match = re.search(r"^## Fidelity.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    if match is None:
+        return
+    write_text(card, text[:match.start()] + card_fidelity_section(metrics) + "\n" + text[match.end():])
 
 
 def format_summary(m: dict) -> str:

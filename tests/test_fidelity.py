@@ -325,3 +325,19 @@ def test_cli_prints_one_line_and_exits_2():
                          cwd=fidelity.REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr == "error: --n-prompts must be positive, got -1\n"
+
+
+def test_update_card_rewrites_only_the_fidelity_section(tmp_path):
+    attrs = {"shape": 0.5, "color": 1.0, "size": None, "position": 0.25, "count": 1.0, "all": 0.125, "n": 8}
+    m = {"model": {"name": "m"}, "args": {"heads": None}, "n_prompts": 8, "seed": 3, "oracle_accuracy_on_renders": 0.99,
+         "sampler": {"scheduler": "S", "steps": 7, "guidance": 2.0, "device": "cpu"},
+         "single_object": attrs, "single_object_all_correct": 0.125, "two_object": None, "two_object_all_correct": None,
+         "fd": 12.34, "fd_real_vs_real": 5.0, "fd_n": 8, "alignment": None}
+    card = tmp_path / "README.md"
+    card.write_text("# m\n\n## Fidelity\nold numbers\n\n## Limitations\nkeep me\n")
+    fidelity.update_card(card, m)
+    text = card.read_text()
+    assert "old numbers" not in text and text.endswith("## Limitations\nkeep me\n")
+    assert "## Fidelity (measured; targets NOT met)" in text
+    assert "| single object | 0.500 | 1.000 | n/a | 0.250 | 1.000 | 0.125 |" in text
+    assert "single-object all-correct >= 0.90 (measured 0.125)" in text and "12.3 against a real-vs-real floor of 5.0" in text
