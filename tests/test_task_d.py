@@ -1,0 +1,334 @@
+"""task_d.py: prompts the oracle can check, resumable generation (kill, torn line, full disk, shards), the filter,
+equal-sized arms, the paired bootstrap by hand, bad inputs, and COCO-format data through the alignment filter."""
+
+import errno
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fidelity
+import generate_data
+import task_c
+import task_d
+from test_task_c import make_coco
+from tiny_models import tiny_sd_pipeline
+import utils
+from utils import UserError, load_data
+
+N_PER_TARGET = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tmp_path_factory):
+    """A random-weight StableDiffusionPipeline saved as a folder: a model task_d loads like any other."""
+    tmp = tmp_path_factory.mktemp("tiny_sd")
+    tiny_sd_pipeline(tmp).save_pretrained(tmp / "pipe")
+    return tmp / "pipe"
+
+
+def write_targets(path, data_path, names=("hexagon", "circle"), baseline_run="no-such-run"):
+    ids = {c["name"]: c["id"] for c in load_data(data_path)["categories"]}
+    path.write_text(json.dumps({"rule": "test", "rule_name": "test", "metric": "txt2img_R@10", "k": len(names),
+                                "targets": [{"category": n, "category_id": ids[n]} for n in names],
+                                "baseline_run": str(baseline_run), "data": str(data_path)}))
+    return path
+
+
+def base_flags(tmp_path, tiny_data, tiny_pipe, targets=None):
+    targets = targets or write_targets(tmp_path / "targets.json", tiny_data)
+    return ["--targets", str(targets), "--model", str(tiny_pipe), "--quick", "--outputs", str(tmp_path / "out"),
+            "--run-name", "q", "--n-per-target", str(N_PER_TARGET)]
+
+
+def manifest_ids(store):
+    return [json.loads(line)["id"] for line in store.manifest.read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------- prompts
+def test_prompts_name_the_target_every_attribute_and_the_oracle_reads_renders_of_them():
+    target = {"category": "hexagon", "category_id": 7}
+    items = [task_d.shapes_item(target, i, seed=0) for i in range(24)]
+    assert items == [task_d.shapes_item(target, i, seed=0) for i in range(24)]  # seeded
+    assert len({it["text"] for it in items}) >= 20 and len({it["seed"] for it in items}) == 24  # varied
+    counts = {len(it["prompt"]["objects"]) for it in items}
+    assert counts == {1, 2, 3}  # 0-2 co-occurring objects
+    for it in items:
+        objs = it["prompt"]["objects"]
+        assert objs[0]["shape"] == "hexagon" and all(o["size"] and o["cell"] and o["color"] for o in objs)
+        assert len(it["captions"]) == 5 == len(set(it["captions"])) and it["captions"][0] == it["text"]
+        assert all("hexagon" in c for c in it["captions"])
+        if len(objs) == 1:  # fidelity's single-object grammar round-trips
+            assert fidelity.parse_prompt(it["text"])["objects"] == objs
+        else:
+            assert it["text"] == generate_data.describe(objs)
+    # Renders of the prompts pass the filter (the oracle is ~0.995 right on renders): prompts are checkable.
+    oracle = fidelity.Oracle.load()
+    renders = fidelity.render_prompts([it["prompt"] for it in items], seed=0)
+    verdicts = task_d.oracle_verdicts(items, renders, oracle, min_score=1.0)
+    assert sum(v["keep"] for v in verdicts) >= 22
+    # A render of another shape in the target's place fails the target check.
+    wrong = [dict(it["prompt"], objects=[dict(it["prompt"]["objects"][0], shape="star")]) for it in items[:6]]
+    bad = task_d.oracle_verdicts(items[:6], fidelity.render_prompts(wrong, seed=1), oracle, min_score=0.0)
+    assert not any(v["target_found"] or v["keep"] for v in bad)
+
+
+# --------------------------------------------------------------------------- resumable generation
+def _fake_generate(pipe, prompts, seeds, steps, guidance, size=None, batch_size=16, progress=True, **kw):
+    """A seeded stand-in for utils.generate_images: these tests are about the manifest, not the diffusion model
+    (the quick run and the COCO test below go through the real tiny pipeline)."""
+    return np.stack([np.random.default_rng(s).integers(0, 256, (64, 64, 3), dtype=np.uint8) for s in seeds])
+
+
+def _gen_setup(tmp_path, tiny_data, tiny_pipe, monkeypatch):
+    monkeypatch.setattr(utils, "load_pipeline", lambda *a, **k: (None, {"size": 64}))
+    monkeypatch.setattr(utils, "generate_images", _fake_generate)
+    args = task_d.parse_args(base_flags(tmp_path, tiny_data, tiny_pipe) + ["--gen-batch-size", "2"])
+    data = load_data(tiny_data)
+    targets = task_d.match_targets(task_d.read_targets(args.targets), data, args.targets)
+    settings = task_d.sampler_settings(args)
+    store = task_d.SyntheticStore(task_d.cache_folder(args, settings, "shapes"))
+    return args, task_d.plan_items(targets, data, N_PER_TARGET, args.seed), settings, store
+
+
+def test_killed_generation_resumes_with_every_item_exactly_once(tmp_path, tiny_data, tiny_pipe, monkeypatch):
+    args, items, settings, store = _gen_setup(tmp_path, tiny_data, tiny_pipe, monkeypatch)
+    real_append = task_d.SyntheticStore.append
+    calls = []
+
+    def dies_after_three(self, rank, entry):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill between an image and its manifest line
+        calls.append(entry["id"])
+        real_append(self, rank, entry)
+
+    monkeypatch.setattr(task_d.SyntheticStore, "append", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        task_d.generate_missing(store, items, args, settings)
+    assert sorted(store.entries()) == sorted(calls) and len(calls) == 3
+    first = {i: (store.images / f"{i}.png").read_bytes() for i in calls}
+    # A torn last line (killed mid-write) is ignored, not fatal.
+    with (store.folder / "manifest.0.jsonl").open("a") as fh:
+        fh.write('{"id": "c7-0000')
+
+    monkeypatch.setattr(task_d.SyntheticStore, "append", real_append)
+    info = task_d.generate_missing(store, items, args, settings)
+    assert info["reused"] == 3 and info["generated"] == len(items) - 3
+    ids = manifest_ids(store)
+    assert sorted(ids) == sorted(it["id"] for it in items) and len(ids) == len(set(ids))  # each once
+    assert not list(store.folder.glob("manifest.*.jsonl")) and not list(store.images.glob(".*.tmp"))
+    assert all((store.images / f"{i}.png").read_bytes() == b for i, b in first.items())  # kept, not redone
+    again = task_d.generate_missing(store, items, args, settings)  # nothing left: nothing generated
+    assert again["generated"] == 0 and manifest_ids(store) == ids
+
+
+def test_full_disk_keeps_finished_images_and_says_how_many(tmp_path, tiny_data, tiny_pipe, monkeypatch):
+    args, items, settings, store = _gen_setup(tmp_path, tiny_data, tiny_pipe, monkeypatch)
+    real_write = task_d.SyntheticStore.write_image
+    written = []
+
+    def fills_up(self, name, image):
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(name)
+        real_write(self, name, image)
+
+    monkeypatch.setattr(task_d.SyntheticStore, "write_image", fills_up)
+    with pytest.raises(UserError, match=rf"^disk full while writing synthetic images: 3 finished images are safely "
+                                        rf"kept in {re.escape(str(store.folder))}; free some space and run the same "
+                                        rf"command again to resume$"):
+        task_d.generate_missing(store, items, args, settings)
+    assert len(store.entries()) == 3 and all((store.images / n).is_file() for n in written)
+    monkeypatch.setattr(task_d.SyntheticStore, "write_image", real_write)
+    assert task_d.generate_missing(store, items, args, settings)["generated"] == len(items) - 3
+    assert sorted(manifest_ids(store)) == sorted(it["id"] for it in items)
+
+
+def test_shards_of_several_processes_merge_into_one_manifest(tmp_path):
+    store = task_d.SyntheticStore(tmp_path / "cache")
+    for rank, ids in ((0, ["a", "b"]), (1, ["c", "a"])):  # "a" finished twice (two runs): kept once
+        for i in ids:
+            store.write_image(f"{i}.png", np.zeros((4, 4, 3), np.uint8))
+            store.append(rank, {"id": i, "file": f"{i}.png"})
+    store.append(1, {"id": "d", "file": "d.png"})  # a line whose image never landed is not "done"
+    assert sorted(store.entries()) == ["a", "b", "c"]
+    store.merge()
+    assert manifest_ids(store) == ["a", "b", "c"] and not list(store.folder.glob("manifest.*.jsonl"))
+
+
+# --------------------------------------------------------------------------- the whole run
+@pytest.fixture(scope="module")
+def quick_run(tiny_data, tiny_pipe, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("task_d")
+    metrics = task_d.main(base_flags(tmp, tiny_data, tiny_pipe))
+    return tmp, metrics
+
+
+def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
+    tmp, metrics = quick_run
+    run = tmp / "out" / "task_d" / "q"
+    assert (tmp / "out" / "task_d" / "latest").resolve() == run.resolve()
+    for name in ("results.md", "metrics.json", "config.json", "deltas.png", "samples.png"):
+        assert (run / name).stat().st_size > 0, name
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["arms"]) == {"baseline", "oversample", "synthetic", "synthetic_filtered", "synthetic_filtered_x0.5",
+                              "synthetic_filtered_x2"}
+    assert m["seeds"] == [0, 1, 2]
+    for arm in m["arms"].values():
+        assert len(arm["per_seed"]) == 3 and set(arm["txt2img"]) == {"R@1", "R@5", "R@10", "mAP"}
+        assert arm["txt2img"]["R@10"] == pytest.approx(np.mean([s["txt2img"]["R@10"] for s in arm["per_seed"]]))
+        assert set(arm["per_category"]) >= {"hexagon", "circle"}
+    for key in ("rare_txt2img_R@10_delta", "overall_txt2img_R@10_delta"):
+        d = m[key]
+        assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert set(m["targets_met"]) == {"rare_txt2img_R@10_gain_ge_0.10_ci_above_0",
+                                     "overall_txt2img_R@10_not_lower_by_more_than_0.01",
+                                     "synthetic_filtered_ge_oversample_on_targets", "task_c_plus_d_within_15_min"}
+    # Candidates and acceptance come from the manifest and the oracle, whatever the (random) model drew.
+    per_target = m["filter"]["per_target"]
+    assert {k: v["generated"] for k, v in per_target.items()} == {"hexagon": N_PER_TARGET, "circle": N_PER_TARGET}
+    assert m["generation"]["generated_now"] == 2 * N_PER_TARGET and m["generation"]["reused"] == 0
+    results = (run / "results.md").read_text()
+    rare = m["rare_txt2img_R@10_delta"]
+    assert f"{rare['mean']:+.3f} [{rare['ci95'][0]:+.3f}, {rare['ci95'][1]:+.3f}]" in results
+    verdict = "**met**" if m["targets_met"]["rare_txt2img_R@10_gain_ge_0.10_ci_above_0"] else "**not met**"
+    assert f"→ {verdict}" in results
+    for name, row in per_target.items():
+        assert f"| {name} | {row['generated']} | {row['accepted']} |" in results
+
+
+def test_arms_add_equal_numbers_of_samples_when_the_filter_accepts(quick_run, tiny_data, tiny_pipe, monkeypatch):
+    tmp, _ = quick_run
+
+    def accept_even(entries, images, oracle, min_score):  # stand-in for a good model: half the images pass
+        return [{"score": 1.0, "target_found": True, "keep": i % 2 == 0, "shape": True} for i in range(len(entries))]
+
+    monkeypatch.setattr(task_d, "oracle_verdicts", accept_even)
+    flags = base_flags(tmp, tiny_data, tiny_pipe, targets=tmp / "targets.json")
+    m = task_d.main([*flags[:-4], "--run-name", "accept", "--n-per-target", str(N_PER_TARGET), "--n-seeds", "2",
+                     "--ratios", "0.5", "--epochs", "1"])
+    assert m["generation"]["generated_now"] == 0  # every image reused from the cache
+    n = {arm: a["n_extra"] for arm, a in m["arms"].items()}
+    accepted = 2 * (N_PER_TARGET // 2)
+    assert n == {"baseline": 0, "oversample": accepted, "synthetic": accepted, "synthetic_filtered": accepted,
+                 "synthetic_filtered_x0.5": accepted // 2}
+    base = m["arms"]["baseline"]["per_seed"][0]["n_train_images"]
+    assert m["arms"]["synthetic_filtered"]["per_seed"][1]["n_train_images"] == base + accepted
+    assert m["n_trainings"] == 5 * 2 and m["seeds"] == [0, 1]
+
+
+def test_arm_extras_by_hand():
+    entries = [{"target": t} for t in ["a"] * 4 + ["b"] * 2]
+    verdicts = [{"keep": k} for k in (True, True, False, True, False, False)]
+    train = [{"category_ids": [1]}, {"category_ids": [2]}, {"category_ids": [1, 3]}]
+    targets = [{"category": "a", "category_id": 1}, {"category": "b", "category_id": 2}]
+    ex = task_d.arm_extras(entries, verdicts, train, targets, [0.5, 3], seed=0)
+    assert list(ex["synthetic_filtered"]["syn"]) == [0, 1, 3] and len(ex["synthetic_filtered"]["real"]) == 0
+    assert set(ex["oversample"]["real"]) <= {0, 2} and len(ex["oversample"]["real"]) == 3  # b accepted none
+    assert set(ex["synthetic"]["syn"]) <= {0, 1, 2, 3} and len(ex["synthetic"]["syn"]) == 3
+    assert len(ex["synthetic_filtered_x0.5"]["syn"]) == 2  # round(1.5) of a's 3
+    assert sorted(ex["synthetic_filtered_x3"]["syn"]) == [0, 0, 0, 1, 1, 1, 3, 3, 3]
+
+
+# --------------------------------------------------------------------------- statistics by hand
+def test_paired_bootstrap_on_hand_built_hits():
+    # 4 images with 2 captions each; groups: image 0-1 ("g0"), image 2-3 ("g1")
+    cap2img = np.repeat(np.arange(4), 2)
+    groups = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=bool)
+    ref = np.zeros((3, 8))
+    new = ref.copy()
+    new[:, :4] = 1  # the new arm finds every query of g0 with every seed, nothing else changes
+    point, boots = task_d.paired_bootstrap(new, ref, cap2img, groups, 300, seed=0)
+    np.testing.assert_allclose(point, [1.0, 0.0])
+    col0 = boots[:, 0][np.isfinite(boots[:, 0])]
+    assert len(col0) > 200 and np.allclose(col0, 1.0) and np.allclose(boots[:, 1][np.isfinite(boots[:, 1])], 0)
+    same, b_same = task_d.paired_bootstrap(ref + 0.5, ref + 0.5, cap2img, groups, 100, seed=0)
+    assert np.allclose(same, 0) and np.allclose(b_same[np.isfinite(b_same)], 0)  # paired: no spurious spread
+    # Seeds disagree: the CI widens but covers the mean.
+    new2 = ref.copy()
+    new2[0, :4] = 1
+    p2, b2 = task_d.paired_bootstrap(new2, ref, cap2img, groups, 500, seed=0)
+    d = task_d.ci_dict(p2[0], b2[:, 0])
+    assert d["mean"] == pytest.approx(1 / 3) and d["ci95"][0] == pytest.approx(0) and d["ci95"][1] == pytest.approx(1)
+
+
+# --------------------------------------------------------------------------- bad inputs
+def test_missing_targets_file(tmp_path):
+    with pytest.raises(UserError, match=rf"^targets file not found: {re.escape(str(tmp_path))}/t.json "
+                                        r"\(run `python task_c.py` first\)$"):
+        task_d.read_targets(tmp_path / "t.json")
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"t.json is not valid JSON \(Expecting property name enclosed in double quotes at line 1\)$"),
+    ('{"rule": "x"}', r"t.json is not a targets.json from task_c.py \(no 'targets' list\)$"),
+    ('{"targets": []}', r"t.json lists no target categories: nothing to generate$"),
+    ('{"targets": [{"category": "hexagon"}]}', r"every target needs a 'category' name and an integer 'category_id'"),
+])
+def test_malformed_or_empty_targets(tmp_path, text, message):
+    (tmp_path / "t.json").write_text(text)
+    with pytest.raises(UserError, match=message):
+        task_d.read_targets(tmp_path / "t.json")
+
+
+def test_target_not_in_the_data(tmp_path, tiny_data, tiny_pipe):
+    path = write_targets(tmp_path / "t.json", tiny_data)
+    raw = json.loads(path.read_text())
+    raw["targets"][0]["category"] = "unicorn"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(UserError, match=r"^target 'unicorn' \(id 7\) from .*t.json is not a category of .*data.pkl$"):
+        task_d.main(base_flags(tmp_path, tiny_data, tiny_pipe, targets=path))
+
+
+def test_unloadable_model(tmp_path, tiny_data):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "X"]}')
+    with pytest.raises(UserError, match=rf"^cannot load the pipeline in {re.escape(str(broken))}: "):
+        task_d.main(base_flags(tmp_path, tiny_data, broken))
+    assert not (tmp_path / "out" / "task_d" / "q").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n-seeds", "1"], "--n-seeds must be >= 2 (a spread needs several seeds), got 1"),
+    (["--min-score", "1.5"], "--min-score must be in 0..1, got 1.5"),
+    (["--ratios", "half"], "--ratios must be comma-separated numbers, got 'half'"),
+    (["--n-per-target", "0"], "--n-per-target must be positive, got 0"),
+])
+def test_bad_arguments(flags, message):
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        task_d.parse_args(flags)
+
+
+def test_cli_prints_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, "task_d.py", "--targets", str(tmp_path / "none.json")], capture_output=True,
+                         text=True, cwd=task_d.Path(task_d.__file__).parent, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip().splitlines() == [
+        f"error: targets file not found: {tmp_path}/none.json (run `python task_c.py` first)"]
+
+
+# --------------------------------------------------------------------------- COCO-format data
+def test_coco_format_data_goes_through_the_alignment_filter(tmp_path, tiny_pipe):
+    make_coco(tmp_path / "coco")
+    generate_data.main(["--source", "coco", "--coco-root", str(tmp_path / "coco"), "--out", str(tmp_path / "data"),
+                        "--workers", "1"])
+    out = tmp_path / "out"
+    task_c.main(["--data", str(tmp_path / "data" / "data.pkl"), "--quick", "--k-targets", "2", "--outputs", str(out),
+                 "--run-name", "coco", "--retrieval-run", str(out / "none")])
+    targets = out / "task_c" / "coco" / "targets.json"
+    m = task_d.main(["--targets", str(targets), "--model", str(tiny_pipe), "--quick", "--outputs", str(out),
+                     "--run-name", "coco", "--n-per-target", "3", "--min-alignment", "0", "--n-seeds", "2",
+                     "--ratios", "", "--epochs", "1"])
+    names = [t["category"] for t in json.loads(targets.read_text())["targets"]]
+    assert m["filter"]["rule"].startswith("alignment score") and "≥ 0.00" in m["filter"]["rule"]
+    # threshold 0: every candidate passes (the score is 100 * max(cos, 0) >= 0)
+    assert {k: (v["generated"], v["accepted"]) for k, v in m["filter"]["per_target"].items()} == {n: (3, 3) for n in names}
+    assert m["arms"]["synthetic_filtered"]["n_extra"] == 6 == m["arms"]["oversample"]["n_extra"]
+    assert set(m["arms"]["baseline"]["per_category"]) == {"person", "car", "dog"}
+    cache = task_d.Path(m["generation"]["cache"])
+    entries = [json.loads(line) for line in (cache / "manifest.jsonl").read_text().splitlines()]
+    assert len(entries) == 6 and all(len(e["captions"]) == 5 and e["target"] in e["text"] for e in entries)
