@@ -46,7 +46,7 @@ import generate_data as gd
 import retrieval
 from utils import (DEFAULT_DATA, OUTPUTS, UserError, category_names, check, cli, encode_images, finish_run,
                    generate_images, image_grid, l2_normalize, load_data, load_image_encoder, load_pipeline,
-                   make_run_dir, mean_ci95, pick_device, pyplot, read_json, write_text)
+                   make_run_dir, mean_ci95, model_fingerprint, pick_device, pyplot, read_json, write_text)
 
 MAX_K = 8  # generated images per query at most; also the seed stride per query (seeds seed + MAX_K * caption + i)
 FUSIONS = ("weighted", "rrf")
@@ -201,14 +201,11 @@ def query_seeds(caption_ids: np.ndarray, k: int, base: int) -> np.ndarray:
     return base + MAX_K * np.asarray(caption_ids, dtype=np.int64)[:, None] + np.arange(k)[None, :]
 
 
-def model_fingerprint(settings: dict) -> str:
+def generation_key(settings: dict) -> str:
     """What generated images depend on besides prompt and seed: sampler settings and, for a local model, the
     size and mtime of its weight files (a retrained model in the same folder gets a new fingerprint)."""
     keys = {k: settings.get(k) for k in ("id", "steps", "guidance", "size", "scheduler", "dtype", "device")}
-    folder = Path(str(settings.get("id")))
-    if folder.is_dir():
-        keys["weights"] = sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
-                                 for p in folder.rglob("*.safetensors"))
+    keys["weights"] = model_fingerprint(str(settings.get("id")))
     return json.dumps(keys, sort_keys=True, default=str)
 
 
@@ -225,7 +222,7 @@ def generate_for_queries(pipe, settings: dict, texts: list[str], seeds: np.ndarr
     folder.mkdir(parents=True, exist_ok=True)
     n, k = seeds.shape
     out, seconds, fresh = [], {"wall_s": 0.0, "cpu_s": 0.0}, 0
-    fingerprint = model_fingerprint(settings)
+    fingerprint = generation_key(settings)
     for start in tqdm(range(0, n, CHUNK_QUERIES), desc=desc, leave=False):
         chunk_texts = texts[start:start + CHUNK_QUERIES]
         chunk_seeds = seeds[start:start + CHUNK_QUERIES]

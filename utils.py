@@ -632,6 +632,21 @@ def resolve_model(name: str) -> dict[str, Any]:
     return {"id": name, "name": name, "pipeline": None, "scheduler": None, "steps": None, "guidance": None, "size": None}
 
 
+def model_fingerprint(model_id: str) -> list:
+    """What identifies a model's weights: its id plus, for a folder, each weight/config file's size and mtime.
+
+    Caches of generated images key on it, so a model retrained into the same folder never reuses stale images.
+
+    Args:
+        model_id: a local folder or hub id.
+    """
+    folder = Path(model_id)
+    if not folder.is_dir():
+        return [model_id]
+    return [model_id] + [(str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in (".safetensors", ".bin", ".json")]
+
+
 def load_pipeline(name: str = "shapes-tiny", device=None, dtype=None, scheduler: str | None = None):
     """Load a text-to-image pipeline the way one loads stabilityai/sd-turbo, on the chosen device and dtype.
 

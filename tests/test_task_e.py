@@ -167,19 +167,19 @@ def test_generation_chunks_resume_only_for_the_same_prompts_seeds_and_model(tiny
     assert fresh == 4  # same prompts and seeds, other sampler settings: regenerated too
 
 
-def test_model_fingerprint_changes_when_the_weights_or_settings_do(tiny_model, tmp_path):
+def test_generation_key_changes_when_the_weights_or_settings_do(tiny_model, tmp_path):
     import os
     import shutil
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model, folder)
     settings = {"id": str(folder), "steps": 2, "guidance": 5.0, "size": 64}
-    before = task_e.model_fingerprint(settings)
-    assert before == task_e.model_fingerprint(dict(settings))
-    assert before != task_e.model_fingerprint(dict(settings, steps=3))
+    before = task_e.generation_key(settings)
+    assert before == task_e.generation_key(dict(settings))
+    assert before != task_e.generation_key(dict(settings, steps=3))
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
-    assert task_e.model_fingerprint(settings) != before
+    assert task_e.generation_key(settings) != before
 
 
 def test_vae_roundtrip_keeps_shape_and_dtype(tiny_pipe):
