@@ -85,7 +85,64 @@ def task_c_summary(m: dict) -> list[str]:
             f"`{m['targets']['rule_name']}`: **{targets}**."]
 
 
-SUMMARIES: dict[str, Callable[[dict], list[str]]] = {"retrieval": retrieval_summary, "task_c": task_c_summary}
+def task_a_summary(m: dict) -> list[str]:
+    rows = ["| model | params (M) | s/image | peak MB | fidelity [95% CI] | FD (floor) |", "|---|---|---|---|---|---|"]
+    for name, r in m["models"].items():
+        rows.append(f"| {name} | {r['params']['total'] / 1e6:.2f} | {f3(r['sec_per_image'])} | "
+                    f"{r['peak_mem_mb']:.0f} | {f3(r['fidelity'])} {ci(r.get('fidelity_ci95'))} | "
+                    f"{r['fd']:.1f} ({r['fd_real_vs_real']:.1f}) |" if r.get("fd") is not None else
+                    f"| {name} | {r['params']['total'] / 1e6:.2f} | {f3(r['sec_per_image'])} | "
+                    f"{r['peak_mem_mb']:.0f} | {f3(r['fidelity'])} {ci(r.get('fidelity_ci95'))} | n/a |")
+    return [f"{m['n_images']} images per model ({m['fidelity_metric']}, {m['device']})."] + [""] + rows
+
+
+def task_b_summary(m: dict) -> list[str]:
+    cells = [c for cells in m["experiments"].values() for c in cells if c.get("fidelity_mean") is not None]
+    if not cells:
+        return ["No scored cells."]
+    best = max(cells, key=lambda c: c["fidelity_mean"])
+    fastest = min(cells, key=lambda c: c["sec_per_image"])
+    inside = sum(best["fidelity_ci95"][0] <= c["fidelity_mean"] for c in cells) - 1
+    return [f"{len(cells)} scored cells ({', '.join(m['experiments'])}), each {m['n_prompts']} prompts x "
+            f"{m['n_seeds']} seeds. Best: {best['label']} ({best['experiment']}), fidelity {f3(best['fidelity_mean'])} "
+            f"{ci(best['fidelity_ci95'])}; {inside} of the other {len(cells) - 1} cells have a mean inside that CI. "
+            f"Fastest: {fastest['label']} at {f3(fastest['sec_per_image'])} s/image (fidelity "
+            f"{f3(fastest['fidelity_mean'])}). The conclusions are in findings.md."]
+
+
+def task_d_summary(m: dict) -> list[str]:
+    met = m.get("targets_met", {})
+    return [f"Filter acceptance {f3(m['filter']['acceptance_rate'])} ({m['filter']['rule']}). "
+            f"`synthetic_filtered` − `baseline`, txt2img R@10 on the target categories: "
+            f"{delta(m['rare_txt2img_R@10_delta'])} (target ≥ +0.10 with the CI above 0: "
+            f"{'met' if met.get('rare_txt2img_R@10_gain_ge_0.10_ci_above_0') else 'not met'}); overall: "
+            f"{delta(m['overall_txt2img_R@10_delta'])}; filtered − oversample on the targets: "
+            f"{delta(m.get('filtered_vs_oversample', {}).get('rare'))}. Seeds {m['seeds']}, {m['epochs']} epochs per arm."]
+
+
+def task_e_summary(m: dict) -> list[str]:
+    k = str(m["k_max"])
+    lines = []
+    for subset, r in m["retrieval"].items():
+        w = r["weighted"][k]["R@10"]
+        lines.append(f"- {subset} ({r['n']} queries): text-only R@10 {f3(r['text']['R@10']['mean'])}; weighted "
+                     f"fusion with k = {k} images: ΔR@10 {w['delta']:+.3f} {ci(w['delta_ci95'])}")
+    best = max(m["editing"]["by_strength"].items(), key=lambda kv: kv[1]["all"]["success"]["rate"])
+    lines.append(f"- added cost {m['cost']['added_s_per_query']['weighted'][k]:.2f} s per query at k = {k}; "
+                 f"editing success at best strength {best[0]}: {f3(best[1]['all']['success']['rate'])} "
+                 f"{ci(best[1]['all']['success']['ci95'])} of {best[1]['all']['n']} edits")
+    return lines
+
+
+def bench_summary(m: dict) -> list[str]:
+    hw = m["hardware"]
+    return [f"{hw['cpu']}, {hw['cores_usable']} cores, GPU {hw['gpu'] or 'none'}. Ratios measured side by side: "
+            + ", ".join(f"{k} ×{v:.2f}" for k, v in m["ratios"].items() if v is not None) + "."]
+
+
+SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
+    "retrieval": retrieval_summary, "task_a": task_a_summary, "task_b": task_b_summary, "task_c": task_c_summary,
+    "task_d": task_d_summary, "task_e": task_e_summary, "bench": bench_summary}
 
 
 def model_section(model_dir: Path) -> list[str]:

@@ -40,3 +40,15 @@ def test_report_reads_numbers_and_lists_missing_tasks(tmp_path):
 def test_report_missing_outputs_folder(tmp_path):
     with pytest.raises(UserError, match="outputs folder not found: .*nope .run `make demo` first."):
         report.main(["--outputs", str(tmp_path / "nope")])
+
+
+def test_task_d_summary_states_whether_the_target_is_met(tmp_path):
+    outputs = tmp_path / "outputs"
+    d = {"mean": 0.123, "ci95": [0.05, 0.2]}
+    _run(outputs, "task_d", {"filter": {"acceptance_rate": 0.5, "rule": "r"}, "rare_txt2img_R@10_delta": d,
+                             "overall_txt2img_R@10_delta": {"mean": -0.004, "ci95": [-0.01, 0.002]},
+                             "filtered_vs_oversample": {"rare": d}, "seeds": [0, 1, 2], "epochs": 3,
+                             "targets_met": {"rare_txt2img_R@10_gain_ge_0.10_ci_above_0": True}})
+    text = report.main(["--outputs", str(outputs)]).read_text()
+    assert "on the target categories: +0.123 (95% CI [+0.050, +0.200]) (target ≥ +0.10 with the CI above 0: met)" in text
+    assert "overall: -0.004 (95% CI [-0.010, +0.002])" in text
