@@ -126,7 +126,8 @@ def task_e_summary(m: dict) -> list[str]:
     for subset, r in m["retrieval"].items():
         w = r["weighted"][k]["R@10"]
         lines.append(f"- {subset} ({r['n']} queries): text-only R@10 {f3(r['text']['R@10']['mean'])}; weighted "
-                     f"fusion with k = {k} images: ΔR@10 {w['delta']:+.3f} {ci(w['delta_ci95'])}")
+                     f"fusion with k = {k} images (w = {m['fusion']['weighted'][k]['w']} chosen on val; 0 = "
+                     f"text only): ΔR@10 {w['delta']:+.3f} {ci(w['delta_ci95'])}")
     best = max(m["editing"]["by_strength"].items(), key=lambda kv: kv[1]["all"]["success"]["rate"])
     lines.append(f"- added cost {m['cost']['added_s_per_query']['weighted'][k]:.2f} s per query at k = {k}; "
                  f"editing success at best strength {best[0]}: {f3(best[1]['all']['success']['rate'])} "
