@@ -21,6 +21,8 @@ data: $(STAMP)
 
 # The main job on the embedded default, the whole study a -> e, ending in outputs/REPORT.md.
 # Each step reuses what an earlier `make demo` left (feature cache, generated images) and redoes the rest.
+demo: export HF_HUB_OFFLINE := 1
+demo: export MPLBACKEND := Agg
 demo: $(STAMP)
 	$(PY) generate_data.py
 	$(PY) retrieval.py --run-name baseline
