@@ -41,9 +41,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from utils import (DEFAULT_DATA, UserError, check, cli, finish_run, generate_images, image_grid, load_data, load_pipeline,
-                   make_run_dir, mean_ci95, peak_memory_mb, pick_device, pick_dtype, read_json, reset_peak_memory,
-                   resolve_model, write_text)
+from utils import (DEFAULT_DATA, UserError, check, cli, finish_run, fmt, generate_images, image_grid, load_data,
+                   load_pipeline, make_run_dir, mean_ci95, peak_memory_mb, pick_device, pick_dtype, read_json,
+                   reset_peak_memory, resolve_model, write_text)
 
 PARTS = ("generation", "sd21", "retrieval")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -227,10 +227,6 @@ def _yes_no(flag) -> str:
     return "-" if flag is None else ("yes" if flag else "no")
 
 
-def _f(x, digits: int = 3) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
-
-
 # --------------------------------------------------------------------------- 1. generation on CPU
 def structured_prompts(n: int, seed: int) -> list[dict]:
     """`n` structured prompts, single-object and two-object alternating (first half of each kind)."""
@@ -316,10 +312,10 @@ class OurPath:
     def apply(self, name: str, enable: bool, cores: int, default_threads: int) -> None:
         import torch
 
-        fmt = torch.channels_last if enable else torch.contiguous_format
+        layout = torch.channels_last if enable else torch.contiguous_format
         if name == "channels_last":
-            self.pipe.unet.to(memory_format=fmt)
-            self.pipe.vae.to(memory_format=fmt)
+            self.pipe.unet.to(memory_format=layout)
+            self.pipe.vae.to(memory_format=layout)
         elif name == "fused_qkv":
             self.pipe.fuse_qkv_projections() if enable else self.pipe.unfuse_qkv_projections()
         elif name == "threads":
@@ -364,7 +360,7 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
         rows.append(row)
         base = rows[0]["seconds"]
         print(f"  {name:<44} {seconds:7.2f} s  {row['images_per_s']:6.2f} img/s  x{ratio(base, seconds):5.2f} vs plain"
-              f"  oracle all {_f(summary['all'])}")
+              f"  oracle all {fmt(summary['all'])}")
         return row
 
     # a. plain diffusers, as a new user calls it (one warm-up call first, as for every configuration)
@@ -707,7 +703,7 @@ def bench_index_scale(args: argparse.Namespace) -> list[dict]:
                 row.update({"nlist": int(index.nlist), "nprobe": int(index.nprobe)})
             rows.append(row)
             print(f"  n={n:>9,} {kind:<5} build {build_s:7.2f} s  search {search_s:7.3f} s "
-                  f"({row['queries_per_s']:,.0f} q/s)  recall@{k} vs flat {_f(row[f'recall@{k}'])}")
+                  f"({row['queries_per_s']:,.0f} q/s)  recall@{k} vs flat {fmt(row[f'recall@{k}'])}")
             del index
         del db
     return rows
@@ -751,7 +747,7 @@ def results_markdown(m: dict) -> str:
                 "the ratios noisier. " if hw.get("contended") else "the machine was idle at the start. ")
              + "Every ratio compares two times measured in this run, side by side.", ""]
     if m["ratios"]:
-        lines += ["| ratio | value |", "|---|---|", *(f"| {k} | {_f(v, 2)} |" for k, v in m["ratios"].items()), ""]
+        lines += ["| ratio | value |", "|---|---|", *(f"| {k} | {fmt(v, '.2f')} |" for k, v in m["ratios"].items()), ""]
     g = m.get("generation")
     if g:
         lines += [f"## Generation on CPU ({g['model']}, {g['n_images']} images per configuration)", "",
@@ -762,27 +758,27 @@ def results_markdown(m: dict) -> str:
         base = g["configs"][0]["seconds"]
         for r in g["configs"]:
             f = r["fidelity"]
-            lines.append(f"| {r['config']} | {r['steps']} | {r['guidance']} | {r['batch_size']} | {_f(r['seconds'], 2)} | "
-                         f"{_f(r['images_per_s'], 2)} | {_f(ratio(base, r['seconds']), 2)} | {_f(f['all'])} | "
-                         f"{_f(f['color'])} | {_f(f['shape'])} | "
+            lines.append(f"| {r['config']} | {r['steps']} | {r['guidance']} | {r['batch_size']} | {fmt(r['seconds'], '.2f')} | "
+                         f"{fmt(r['images_per_s'], '.2f')} | {fmt(ratio(base, r['seconds']), '.2f')} | {fmt(f['all'])} | "
+                         f"{fmt(f['color'])} | {fmt(f['shape'])} | "
                          f"{_yes_no(r.get('fidelity_within_1pt_of_plain'))} |")
         lines += ["", "Ablation (each optimisation on top of the best so far; kept when >= "
                       f"{KEEP_MIN_GAIN:.2f}x; fastest of {g['repeats']} timed run(s) per configuration, so under "
                       "contention a single ratio near 1 is within noise):", ""]
         for a in g["ablation"]:
-            detail = a.get("skipped") or f"x{_f(a['own_ratio'], 3)} ({'kept' if a['kept'] else 'dropped'})"
+            detail = a.get("skipped") or f"x{fmt(a['own_ratio'], '.3f')} ({'kept' if a['kept'] else 'dropped'})"
             lines.append(f"- {a['optimisation']}: {a['what']}: {detail}")
-        lines += ["", f"Best configuration: `{g['best_config']}`, x{_f(g['ratio_ours_vs_plain'], 2)} vs plain "
-                      f"(batching alone x{_f(g['ratio_batching_only'], 2)}, the registry's sampling settings "
-                      f"x{_f(g['ratio_sampler_only'], 2)}, the kept optimisations x{_f(g['ratio_optimisations_only'], 2)}).", "",
+        lines += ["", f"Best configuration: `{g['best_config']}`, x{fmt(g['ratio_ours_vs_plain'], '.2f')} vs plain "
+                      f"(batching alone x{fmt(g['ratio_batching_only'], '.2f')}, the registry's sampling settings "
+                      f"x{fmt(g['ratio_sampler_only'], '.2f')}, the kept optimisations x{fmt(g['ratio_optimisations_only'], '.2f')}).", "",
                   f"Fidelity, best minus plain (oracle, same prompts and seeds; paired 95% bootstrap CI over "
                   f"{g['n_images']} prompts):", "", "| attribute | plain | ours | diff | 95% CI | within 1 point |",
                   "|---|---|---|---|---|---|"]
         plain_f = g["configs"][0]["fidelity"]
         best_f = next(r for r in g["configs"] if r["config"] == g["best_config"])["fidelity"]
         for key, d in g["fidelity_ours_minus_plain"].items():
-            lines.append(f"| {key} | {_f(plain_f[key])} | {_f(best_f[key])} | {_f(d['diff'])} | "
-                         f"[{_f(d['ci95'][0])}, {_f(d['ci95'][1])}] | {'yes' if d['within_1pt'] else 'no'} |")
+            lines.append(f"| {key} | {fmt(plain_f[key])} | {fmt(best_f[key])} | {fmt(d['diff'])} | "
+                         f"[{fmt(d['ci95'][0])}, {fmt(d['ci95'][1])}] | {'yes' if d['within_1pt'] else 'no'} |")
         lines.append("")
         if g["equal_fidelity"]:
             lines.append("Equal fidelity: every oracle score of our path is within 1 point of the plain path's.")
@@ -792,13 +788,13 @@ def results_markdown(m: dict) -> str:
             lines.append(f"NOT equal fidelity within 1 point: {', '.join(off)} differ by more than "
                          f"{FIDELITY_TOLERANCE} (see the CIs: with {g['n_images']} prompts one image moves a score "
                          f"by {1 / g['n_images']:.3f}). At the plain path's own settings, batching alone is "
-                         f"x{_f(g['ratio_batching_only'], 2)} faster with "
+                         f"x{fmt(g['ratio_batching_only'], '.2f')} faster with "
                          + ("every oracle score within 1 point." if not same else
                             f"{', '.join(same)} differing by more than 1 point (batched numerics differ slightly)."))
         lines.append("")
         if g["fastest_equal_fidelity_config"]:
             lines.append(f"Fastest configuration at equal fidelity (every oracle score within 1 point of plain): "
-                         f"`{g['fastest_equal_fidelity_config']}`, x{_f(g['ratio_at_equal_fidelity'], 2)} vs plain.")
+                         f"`{g['fastest_equal_fidelity_config']}`, x{fmt(g['ratio_at_equal_fidelity'], '.2f')} vs plain.")
         else:
             lines.append("No configuration has every oracle score within 1 point of the plain path's.")
         lines += ["", "Images: [generation_grid.png](generation_grid.png) (top plain, bottom ours; same seeds).", ""]
@@ -812,10 +808,10 @@ def results_markdown(m: dict) -> str:
                       f"on {s['gpu'] or s['device']}.", "",
                       "| configuration | seconds | images/s | x vs fp32 | step x | peak MiB |", "|---|---|---|---|---|---|"]
             for r in s["configs"]:
-                lines.append(f"| {r['config']} | {_f(r['seconds'], 2)} | {_f(r['images_per_s'], 2)} | "
-                             f"{_f(r['ratio_vs_baseline'], 2)} | {_f(r['ratio_vs_previous'], 2)} | "
-                             f"{_f(r['peak_memory_mb'], 0)} |")
-            lines += ["", f"Anchor: {s['anchor']}; measured x{_f(s['ratio_optimised_vs_fp32'], 2)} "
+                lines.append(f"| {r['config']} | {fmt(r['seconds'], '.2f')} | {fmt(r['images_per_s'], '.2f')} | "
+                             f"{fmt(r['ratio_vs_baseline'], '.2f')} | {fmt(r['ratio_vs_previous'], '.2f')} | "
+                             f"{fmt(r['peak_memory_mb'], '.0f')} |")
+            lines += ["", f"Anchor: {s['anchor']}; measured x{fmt(s['ratio_optimised_vs_fp32'], '.2f')} "
                           f"({'reaches' if s['reaches_anchor'] else 'below'} 3x).", ""]
     r = m.get("retrieval")
     if r:
@@ -823,11 +819,11 @@ def results_markdown(m: dict) -> str:
         lines += ["## Retrieval", "", f"Same embeddings: {e['source']}; {e['n_queries']} queries x {e['n_db']} rows, "
                   f"top-{e['k']}.", "", "| method | seconds | FAISS flat is x faster | same top-k as FAISS |",
                   "|---|---|---|---|",
-                  f"| Python loop (np.dot per row) | {_f(e['python_loop_s'], 4)} | {_f(e['ratio_faiss_vs_python_loop'], 1)} | "
+                  f"| Python loop (np.dot per row) | {fmt(e['python_loop_s'], '.4f')} | {fmt(e['ratio_faiss_vs_python_loop'], '.1f')} | "
                   f"{e['same_topk_as_python_loop']['identical']} |",
-                  f"| numpy vectorised (retrieval.brute_force_search) | {_f(e['numpy_s'], 4)} | "
-                  f"{_f(e['ratio_faiss_vs_numpy'], 1)} | {e['same_topk_as_numpy']['identical']} |",
-                  f"| FAISS IndexFlatIP search (+ build) | {_f(e['faiss_search_s'], 4)} (+{_f(e['faiss_build_s'], 4)}) | 1 | - |",
+                  f"| numpy vectorised (retrieval.brute_force_search) | {fmt(e['numpy_s'], '.4f')} | "
+                  f"{fmt(e['ratio_faiss_vs_numpy'], '.1f')} | {e['same_topk_as_numpy']['identical']} |",
+                  f"| FAISS IndexFlatIP search (+ build) | {fmt(e['faiss_search_s'], '.4f')} (+{fmt(e['faiss_build_s'], '.4f')}) | 1 | - |",
                   "", f"Rows whose ids differ only by tied scores: {e['same_topk_as_python_loop']['rows_differing_only_by_ties']} "
                   f"(loop), {e['same_topk_as_numpy']['rows_differing_only_by_ties']} (numpy).", "",
                   "Index build and search, random unit vectors (no cluster structure: the hardest case for "
@@ -838,8 +834,8 @@ def results_markdown(m: dict) -> str:
                 lines.append(f"| {row['n']:,} | {row['index']} | skipped: {row['skipped']} | | | |")
             else:
                 rk = row.get(f"recall@{row['k']}")
-                lines.append(f"| {row['n']:,} | {row['index']} | {_f(row['build_s'], 2)} | {_f(row['search_s'], 3)} | "
-                             f"{row['queries_per_s']:,.0f} | {_f(rk) if row['index'] != 'flat' else 'exact'} |")
+                lines.append(f"| {row['n']:,} | {row['index']} | {fmt(row['build_s'], '.2f')} | {fmt(row['search_s'], '.3f')} | "
+                             f"{row['queries_per_s']:,.0f} | {fmt(rk) if row['index'] != 'flat' else 'exact'} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

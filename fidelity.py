@@ -705,6 +705,14 @@ def fd_features(model, info: dict, images, desc: str) -> np.ndarray:
     return encode_images(model, dict(info, res=FD_RES), images, desc=desc)
 
 
+def real_fd_features(real: list[dict], indices: np.ndarray, model, info: dict) -> np.ndarray:
+    """FD features of the real records at `indices` (in that order), cached on disk by path, size and mtime."""
+    paths = [real[i]["path"] for i in indices]
+    stats = [(p, Path(p).stat().st_size, int(Path(p).stat().st_mtime)) for p in paths]
+    return cached(["fd-real", DEFAULT_IMAGE_ENCODER, FD_RES, stats],
+                  lambda: fd_features(model, info, to_uint8_64([load_rgb(p) for p in paths]), "real features"))
+
+
 def fd_real_vs_real(real_feats: np.ndarray, n: int, seed: int = 0) -> float:
     """The FD floor: FD between two disjoint random sets of n real images (what a perfect generator would score)."""
     ref, other = real_reference_split(len(real_feats), n, seed)
@@ -848,10 +856,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         else:
             fd_images = generated[:args.n_fd]
         enc, info = load_image_encoder(DEFAULT_IMAGE_ENCODER, device)
-        paths = [real[i]["path"] for i in np.concatenate([ref, other])]
-        stats = [(p, Path(p).stat().st_size, int(Path(p).stat().st_mtime)) for p in paths]
-        real_feats = cached(["fd-real", DEFAULT_IMAGE_ENCODER, FD_RES, stats],
-                            lambda: fd_features(enc, info, to_uint8_64([load_rgb(p) for p in paths]), "real features"))
+        real_feats = real_fd_features(real, np.concatenate([ref, other]), enc, info)
         gen_feats = fd_features(enc, info, fd_images, "generated features")
         metrics["fd"] = frechet_distance(gen_feats, real_feats[:len(ref)])
         metrics["fd_real_vs_real"] = frechet_distance(real_feats[len(ref):], real_feats[:len(ref)])

@@ -12,12 +12,11 @@ run yet is listed as missing; nothing here is typed in by hand.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from utils import REPO, check, cli, read_json, write_text
+from utils import (REPO, check, cli, fmt, fmt_ci, read_json, write_text)
 
 TASKS = ("retrieval", "task_a", "task_b", "task_c", "task_d", "task_e", "bench")
 TITLES = {
@@ -43,15 +42,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- formatting
-def f3(x) -> str:
-    """A number with 3 decimals ("n/a" for None / NaN)."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{x:.3f}" if isinstance(x, float) else str(x)
-
-
-def ci(pair) -> str:
-    return f"[{f3(pair[0])}, {f3(pair[1])}]" if pair else "n/a"
 
 
 def delta(d: dict | None) -> str:
@@ -71,7 +61,7 @@ def links(run: Path, root: Path) -> str:
 # --------------------------------------------------------------------------- one summary per task
 def retrieval_summary(m: dict) -> list[str]:
     rows = ["| direction | R@1 | R@5 | R@10 | mAP |", "|---|---|---|---|---|"]
-    rows += [f"| {d} | " + " | ".join(f3(m[d][k]) for k in ("R@1", "R@5", "R@10", "mAP")) + " |"
+    rows += [f"| {d} | " + " | ".join(fmt(m[d][k]) for k in ("R@1", "R@5", "R@10", "mAP")) + " |"
              for d in ("img2txt", "txt2img")]
     return [f"{m['n_train_images']} training images, evaluated on {m['n_eval_images']} test images and "
             f"{m['n_eval_captions']} captions.", ""] + rows
@@ -80,19 +70,19 @@ def retrieval_summary(m: dict) -> list[str]:
 def task_c_summary(m: dict) -> list[str]:
     s = m["spearman"]["txt2img"]
     targets = ", ".join(t["category"] for t in m["targets"]["targets"])
-    return [f"Spearman rho between a category's training frequency and its txt2img R@10: {f3(s['rho'])} "
-            f"(95% CI {ci(s['ci95'])}, {s['n_categories']} categories). Targets chosen by "
+    return [f"Spearman rho between a category's training frequency and its txt2img R@10: {fmt(s['rho'])} "
+            f"(95% CI {fmt_ci(s['ci95'])}, {s['n_categories']} categories). Targets chosen by "
             f"`{m['targets']['rule_name']}`: **{targets}**."]
 
 
 def task_a_summary(m: dict) -> list[str]:
     rows = ["| model | params (M) | s/image | peak MB | fidelity [95% CI] | FD (floor) |", "|---|---|---|---|---|---|"]
     for name, r in m["models"].items():
-        rows.append(f"| {name} | {r['params']['total'] / 1e6:.2f} | {f3(r['sec_per_image'])} | "
-                    f"{r['peak_mem_mb']:.0f} | {f3(r['fidelity'])} {ci(r.get('fidelity_ci95'))} | "
+        rows.append(f"| {name} | {r['params']['total'] / 1e6:.2f} | {fmt(r['sec_per_image'])} | "
+                    f"{r['peak_mem_mb']:.0f} | {fmt(r['fidelity'])} {fmt_ci(r.get('fidelity_ci95'))} | "
                     f"{r['fd']:.1f} ({r['fd_real_vs_real']:.1f}) |" if r.get("fd") is not None else
-                    f"| {name} | {r['params']['total'] / 1e6:.2f} | {f3(r['sec_per_image'])} | "
-                    f"{r['peak_mem_mb']:.0f} | {f3(r['fidelity'])} {ci(r.get('fidelity_ci95'))} | n/a |")
+                    f"| {name} | {r['params']['total'] / 1e6:.2f} | {fmt(r['sec_per_image'])} | "
+                    f"{r['peak_mem_mb']:.0f} | {fmt(r['fidelity'])} {fmt_ci(r.get('fidelity_ci95'))} | n/a |")
     return [f"{m['n_images']} images per model ({m['fidelity_metric']}, {m['device']})."] + [""] + rows
 
 
@@ -104,15 +94,15 @@ def task_b_summary(m: dict) -> list[str]:
     fastest = min(cells, key=lambda c: c["sec_per_image"])
     inside = sum(best["fidelity_ci95"][0] <= c["fidelity_mean"] for c in cells) - 1
     return [f"{len(cells)} scored cells ({', '.join(m['experiments'])}), each {m['n_prompts']} prompts x "
-            f"{m['n_seeds']} seeds. Best: {best['label']} ({best['experiment']}), fidelity {f3(best['fidelity_mean'])} "
-            f"{ci(best['fidelity_ci95'])}; {inside} of the other {len(cells) - 1} cells have a mean inside that CI. "
-            f"Fastest: {fastest['label']} at {f3(fastest['sec_per_image'])} s/image (fidelity "
-            f"{f3(fastest['fidelity_mean'])}). The conclusions are in findings.md."]
+            f"{m['n_seeds']} seeds. Best: {best['label']} ({best['experiment']}), fidelity {fmt(best['fidelity_mean'])} "
+            f"{fmt_ci(best['fidelity_ci95'])}; {inside} of the other {len(cells) - 1} cells have a mean inside that CI. "
+            f"Fastest: {fastest['label']} at {fmt(fastest['sec_per_image'])} s/image (fidelity "
+            f"{fmt(fastest['fidelity_mean'])}). The conclusions are in findings.md."]
 
 
 def task_d_summary(m: dict) -> list[str]:
     met = m.get("targets_met", {})
-    return [f"Filter acceptance {f3(m['filter']['acceptance_rate'])} ({m['filter']['rule']}). "
+    return [f"Filter acceptance {fmt(m['filter']['acceptance_rate'])} ({m['filter']['rule']}). "
             f"`synthetic_filtered` − `baseline`, txt2img R@10 on the target categories: "
             f"{delta(m['rare_txt2img_R@10_delta'])} (target ≥ +0.10 with the CI above 0: "
             f"{'met' if met.get('rare_txt2img_R@10_gain_ge_0.10_ci_above_0') else 'not met'}); overall: "
@@ -125,13 +115,13 @@ def task_e_summary(m: dict) -> list[str]:
     lines = []
     for subset, r in m["retrieval"].items():
         w = r["weighted"][k]["R@10"]
-        lines.append(f"- {subset} ({r['n']} queries): text-only R@10 {f3(r['text']['R@10']['mean'])}; weighted "
+        lines.append(f"- {subset} ({r['n']} queries): text-only R@10 {fmt(r['text']['R@10']['mean'])}; weighted "
                      f"fusion with k = {k} images (w = {m['fusion']['weighted'][k]['w']} chosen on val; 0 = "
-                     f"text only): ΔR@10 {w['delta']:+.3f} {ci(w['delta_ci95'])}")
+                     f"text only): ΔR@10 {w['delta']:+.3f} {fmt_ci(w['delta_ci95'])}")
     best = max(m["editing"]["by_strength"].items(), key=lambda kv: kv[1]["all"]["success"]["rate"])
     lines.append(f"- added cost {m['cost']['added_s_per_query']['weighted'][k]:.2f} s per query at k = {k}; "
-                 f"editing success at best strength {best[0]}: {f3(best[1]['all']['success']['rate'])} "
-                 f"{ci(best[1]['all']['success']['ci95'])} of {best[1]['all']['n']} edits")
+                 f"editing success at best strength {best[0]}: {fmt(best[1]['all']['success']['rate'])} "
+                 f"{fmt_ci(best[1]['all']['success']['ci95'])} of {best[1]['all']['n']} edits")
     return lines
 
 
@@ -152,12 +142,12 @@ def model_section(model_dir: Path) -> list[str]:
         return ["## The shipped model", "", f"`{path}` is missing: run `python fidelity.py evaluate-model`.", ""]
     m = read_json(path)
     return ["## The shipped model (`models/shapes-sd-tiny`)", "",
-            f"Oracle accuracy on held-out renders {f3(m['oracle_accuracy_on_renders'])}. Prompt fidelity (all "
-            f"attributes right): single object {f3(m['single_object_all_correct'])} (target 0.90), two objects "
-            f"with a relation {f3(m['two_object_all_correct'])} (target 0.60). Single-object per attribute: shape "
-            f"{f3(m['single_object']['shape'])}, colour {f3(m['single_object']['color'])}, position "
-            f"{f3(m['single_object']['position'])}. FD {f3(m['fd'])} vs the real-vs-real floor "
-            f"{f3(m['fd_real_vs_real'])} (n = {m['fd_n']}). Sampler: {m['sampler']['scheduler']}, "
+            f"Oracle accuracy on held-out renders {fmt(m['oracle_accuracy_on_renders'])}. Prompt fidelity (all "
+            f"attributes right): single object {fmt(m['single_object_all_correct'])} (target 0.90), two objects "
+            f"with a relation {fmt(m['two_object_all_correct'])} (target 0.60). Single-object per attribute: shape "
+            f"{fmt(m['single_object']['shape'])}, colour {fmt(m['single_object']['color'])}, position "
+            f"{fmt(m['single_object']['position'])}. FD {fmt(m['fd'])} vs the real-vs-real floor "
+            f"{fmt(m['fd_real_vs_real'])} (n = {m['fd_n']}). Sampler: {m['sampler']['scheduler']}, "
             f"{m['sampler']['steps']} steps, guidance {m['sampler']['guidance']}.", ""]
 
 

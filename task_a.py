@@ -29,8 +29,8 @@ from typing import Sequence
 import numpy as np
 
 import fidelity
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, cached, check, cli, finish_run, generate_images,
-                   image_grid, init_wandb, load_data, load_image_encoder, load_pipeline, load_rgb, make_run_dir,
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, check, cli, finish_run, fmt, generate_images,
+                   image_grid, init_wandb, load_data, load_image_encoder, load_pipeline, make_run_dir,
                    mean_ci95, peak_memory_mb, pick_device, pick_dtype, reset_peak_memory, resolve_model, write_text)
 
 DEFAULT_MODELS = "shapes-tiny,shapes-tiny-4k"
@@ -225,18 +225,11 @@ def real_features(args: argparse.Namespace, n: int, device):
     """EfficientNet features of 2n real images (the reference set and the floor's second set), cached on disk."""
     real = fidelity.real_pool(args.data, 2 * n)
     ref, other = fidelity.real_reference_split(len(real), n, args.seed)
-    paths = [real[i]["path"] for i in np.concatenate([ref, other])]
     enc = load_image_encoder(DEFAULT_IMAGE_ENCODER, device)
-    stats = [(p, Path(p).stat().st_size, int(Path(p).stat().st_mtime)) for p in paths]
-    feats = cached(["fd-real", DEFAULT_IMAGE_ENCODER, fidelity.FD_RES, stats],
-                   lambda: fidelity.fd_features(enc[0], enc[1], fidelity.to_uint8_64([load_rgb(p) for p in paths]),
-                                                "real features"))
-    return feats, enc
+    return fidelity.real_fd_features(real, np.concatenate([ref, other]), *enc), enc
 
 
 # --------------------------------------------------------------------------- 3. report
-def _f(v, fmt=".3f") -> str:
-    return "n/a" if v is None else format(v, fmt)
 
 
 def results_markdown(m: dict) -> str:
@@ -256,8 +249,8 @@ def results_markdown(m: dict) -> str:
         fd = "skipped" if r["fd"] is None else f"{r['fd']:.1f} ({r['fd_real_vs_real']:.1f}, n={r['fd_n']})"
         lines.append(f"| {name} | {r['steps']} | {r['guidance']} | {r['scheduler']} | {den / 1e6:.2f}M / "
                      f"{text / 1e6:.2f}M / {p.get('vae', 0) / 1e6:.2f}M | {r['sec_per_image']:.3f} | "
-                     f"{_f(r['images_per_s'], '.2f')} | {r['peak_mem_mb']:.0f} | {_f(r['fidelity'])} "
-                     f"[{_f(r['fidelity_ci95'][0])}, {_f(r['fidelity_ci95'][1])}] | {fd} |")
+                     f"{fmt(r['images_per_s'], '.2f')} | {r['peak_mem_mb']:.0f} | {fmt(r['fidelity'])} "
+                     f"[{fmt(r['fidelity_ci95'][0])}, {fmt(r['fidelity_ci95'][1])}] | {fd} |")
     lines += ["", comparison_sentence(m), ""]
     same = same_weights(m)
     if same:
@@ -268,7 +261,7 @@ def results_markdown(m: dict) -> str:
                   "| model | prompts | shape | colour | size | position | count | all |", "|---|---|---|---|---|---|---|---|"]
         for name, r in m["models"].items():
             for kind, s in (r.get("per_kind") or {}).items():
-                lines.append(f"| {name} | {kind} (n={s['n']}) | " + " | ".join(_f(s[a]) for a in fidelity.ATTRIBUTES) + " |")
+                lines.append(f"| {name} | {kind} (n={s['n']}) | " + " | ".join(fmt(s[a]) for a in fidelity.ATTRIBUTES) + " |")
         lines.append("")
     lines += [f"Peak memory: {next(iter(m['models'].values()))['peak_mem_kind']}.", "", "![grid](grid.png)", ""]
     return "\n".join(lines)
@@ -348,8 +341,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if run is not None:
             run.log({f"{spec['name']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
         print(f"  {row['sec_per_image']:.3f} s/image, fidelity {row['fidelity']:.3f} "
-              f"[{row['fidelity_ci95'][0]:.3f}, {row['fidelity_ci95'][1]:.3f}], FD {_f(row['fd'], '.1f')} "
-              f"(floor {_f(row['fd_real_vs_real'], '.1f')})")
+              f"[{row['fidelity_ci95'][0]:.3f}, {row['fidelity_ci95'][1]:.3f}], FD {fmt(row['fd'], '.1f')} "
+              f"(floor {fmt(row['fd_real_vs_real'], '.1f')})")
 
     # 4. grid, table, metrics
     shown = [i * args.seeds_per_prompt for i in range(min(args.grid_rows, metrics["n_prompts"]))]

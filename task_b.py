@@ -53,9 +53,9 @@ import numpy as np
 import fidelity
 import generate_data as gd
 from task_a import weights_fingerprint
-from utils import (DEFAULT_IMAGE_ENCODER, OUTPUTS, UserError, check, cli, finish_run, generate_images, image_grid,
-                   init_wandb, load_image_encoder, load_pipeline, make_run_dir, mean_ci95, pick_device, pyplot,
-                   read_json, resolve_model, write_json, write_text)
+from utils import (DEFAULT_IMAGE_ENCODER, OUTPUTS, UserError, check, cli, finish_run, fmt, generate_images,
+                   image_grid, init_wandb, load_image_encoder, load_pipeline, make_run_dir, mean_ci95, pick_device,
+                   pyplot, read_json, resolve_model, write_json, write_text)
 
 EXPERIMENTS = ("schedulers", "steps", "cfg", "eta", "negative", "trajectory", "grid", "cell")
 DEFAULT_EXPERIMENTS = ("schedulers", "steps", "cfg")
@@ -366,8 +366,8 @@ def run_cell(ctx: Context, experiment: str, settings: dict, label: str) -> dict:
     if ctx.wandb is not None:
         ctx.wandb.log({"experiment": experiment, "label": label, **_loggable(cell)})
     print(f"  {experiment:10s} {label:40s} fidelity {cell['fidelity_mean']:.3f} "
-          f"[{cell['fidelity_ci95'][0]:.3f}, {cell['fidelity_ci95'][1]:.3f}]  colour {_f(cell['attributes']['color'])}"
-          f"  shape {_f(cell['attributes']['shape'])}  diversity {_f(cell['diversity'])}  "
+          f"[{cell['fidelity_ci95'][0]:.3f}, {cell['fidelity_ci95'][1]:.3f}]  colour {fmt(cell['attributes']['color'])}"
+          f"  shape {fmt(cell['attributes']['shape'])}  diversity {fmt(cell['diversity'])}  "
           f"{cell['sec_per_image']:.3f} s/image")
     return cell
 
@@ -381,10 +381,6 @@ def _loggable(cell: dict) -> dict:
     out = {k: v for k, v in cell.items() if isinstance(v, (int, float, str, bool)) and k != "label"}
     out.update({f"attr_{k}": v for k, v in cell["attributes"].items() if v is not None})
     return out
-
-
-def _f(v, fmt=".3f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, fmt)
 
 
 # --------------------------------------------------------------------------- experiments
@@ -667,7 +663,7 @@ def findings_markdown(m: dict) -> str:
                   "|---|---|---|---|---|"]
         for sched, r in fewest_steps_to_95(cells).items():
             lines.append(f"| {short(sched)} | {', '.join(map(str, r['tested_steps']))} | {r['best']:.3f} "
-                         f"[{r['best_ci95'][0]:.3f}, {r['best_ci95'][1]:.3f}] | {_f(r['best_steps'], 'd')} | "
+                         f"[{r['best_ci95'][0]:.3f}, {r['best_ci95'][1]:.3f}] | {fmt(r['best_steps'], 'd')} | "
                          f"{'n/a (best is 0)' if r['steps_to_95'] is None else r['steps_to_95']} |")
         best, tied = indistinguishable_from_best(cells)
         lines += ["", f"Best cell: {best['label']} ({best['fidelity_mean']:.3f}); {len(tied) - 1} of the other "
@@ -684,12 +680,12 @@ def findings_markdown(m: dict) -> str:
                   f"[{best['fidelity_ci95'][0]:.3f}, {best['fidelity_ci95'][1]:.3f}], {best['num_inference_steps']} "
                   f"steps). Guidance scales whose mean lies inside that CI (the best range these numbers support): "
                   f"{', '.join(f'{v:g}' for v in g)}. Diversity from guidance {div[0]['guidance_scale']:g} to "
-                  f"{div[-1]['guidance_scale']:g}: {_f(div[0]['diversity'])} -> {_f(div[-1]['diversity'])}.", ""]
+                  f"{div[-1]['guidance_scale']:g}: {fmt(div[0]['diversity'])} -> {fmt(div[-1]['diversity'])}.", ""]
     cells = scored(exps.get("eta", []))
     if cells:
         lines += ["## eta (DDIM)", "", "| eta | fidelity [95% CI] | diversity |", "|---|---|---|"]
         lines += [f"| {c['eta']:g} | {c['fidelity_mean']:.3f} [{c['fidelity_ci95'][0]:.3f}, {c['fidelity_ci95'][1]:.3f}]"
-                  f" | {_f(c['diversity'])} |" for c in cells]
+                  f" | {fmt(c['diversity'])} |" for c in cells]
         lines.append("")
     neg = exps.get("negative", [])
     if len(neg) == 2:
@@ -722,8 +718,8 @@ def findings_markdown(m: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for c in every:
             a = c["attributes"]
-            lines.append(f"| {c['experiment']} | {c['label']} | " + " | ".join(_f(a.get(k)) for k in FIDELITY_KEYS)
-                         + f" | {_f(c['diversity'])} | {c['sec_per_image']:.3f} |")
+            lines.append(f"| {c['experiment']} | {c['label']} | " + " | ".join(fmt(a.get(k)) for k in FIDELITY_KEYS)
+                         + f" | {fmt(c['diversity'])} | {c['sec_per_image']:.3f} |")
         lines.append("")
     if exps.get("trajectory"):
         lines += ["## trajectory", "", "Predicted clean image at every step: "

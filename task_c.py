@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 import retrieval
-from utils import (DEFAULT_DATA, category_names, check, cli, finish_run, load_data, make_run_dir, pyplot, read_json,
-                   write_json, write_text)
+from utils import (DEFAULT_DATA, category_names, check, cli, finish_run, fmt, fmt_ci, load_data, make_run_dir, pyplot,
+                   read_json, write_json, write_text)
 
 # How each --rule ranks categories (lowest first), the metric it ranks by, and what it means in words.
 RULES: dict[str, tuple[Callable[[dict], float], str, str]] = {
@@ -336,12 +336,6 @@ def pick_targets(per_cat: dict[str, dict], rule: str, k: int) -> list[str]:
 
 
 # --------------------------------------------------------------------------- 7. problem statement
-def _f(x: float) -> str:
-    return f"{x:.3f}" if np.isfinite(x) else "n/a"
-
-
-def _ci(ci: Sequence[float]) -> str:
-    return f"[{_f(ci[0])}, {_f(ci[1])}]"
 
 
 def summary_sentence(m: dict, scored: list[dict]) -> str:
@@ -349,10 +343,10 @@ def summary_sentence(m: dict, scored: list[dict]) -> str:
     s = m["spearman"]["txt2img"]
     targets = m["targets"]["targets"]
     names = ", ".join(f"{r['category']} ({r['train_count']} training images)" for r in targets)
-    text = (f"txt2img R@10 is {_f(m['overall']['txt2img']['R@10'])} overall"
-            + (f" and {_f(scored[0]['txt2img_R@10'])}-{_f(scored[-1]['txt2img_R@10'])} across categories" if scored
+    text = (f"txt2img R@10 is {fmt(m['overall']['txt2img']['R@10'])} overall"
+            + (f" and {fmt(scored[0]['txt2img_R@10'])}-{fmt(scored[-1]['txt2img_R@10'])} across categories" if scored
                else "")
-            + f"; against training frequency Spearman rho = {_f(s['rho'])}, 95% CI {_ci(s['ci95'])}: "
+            + f"; against training frequency Spearman rho = {fmt(s['rho'])}, 95% CI {fmt_ci(s['ci95'])}: "
             f"{describe_correlation(s)}. Targets by `{m['targets']['rule_name']}`: {names}.")
     pairs = m["confusion"]["top_pairs"]
     if pairs:
@@ -375,39 +369,39 @@ def problem_markdown(m: dict) -> str:
         "## Summary", "", summary_sentence(m, scored), "",
         "## Overall", "",
         "| direction | R@1 | R@5 | R@10 | mAP |", "|---|---|---|---|---|",
-        *(f"| {d} | " + " | ".join(_f(ov[d][k]) for k in ("R@1", "R@5", "R@10", "mAP")) + " |"
+        *(f"| {d} | " + " | ".join(fmt(ov[d][k]) for k in ("R@1", "R@5", "R@10", "mAP")) + " |"
           for d in ("img2txt", "txt2img")), "",
         "## Does training frequency predict recall?", "",
     ]
     for d in ("txt2img", "img2txt"):
         s = m["spearman"][d]
-        lines.append(f"- {d} R@10: Spearman rho = {_f(s['rho'])}, 95% CI {_ci(s['ci95'])} over "
+        lines.append(f"- {d} R@10: Spearman rho = {fmt(s['rho'])}, 95% CI {fmt_ci(s['ci95'])} over "
                      f"{s['n_categories']} categories: {describe_correlation(s)}.")
     if scored:
         lo, hi = scored[0], scored[-1]
         widths = [r["txt2img_R@10_ci95"][1] - r["txt2img_R@10_ci95"][0] for r in scored]
-        lines.append(f"- Per-category txt2img R@10 ranges from {_f(lo['txt2img_R@10'])} ({lo['category']}, "
-                     f"{lo['train_count']} training images) to {_f(hi['txt2img_R@10'])} ({hi['category']}, "
-                     f"{hi['train_count']}); the median 95% CI width of one category is {_f(float(np.median(widths)))}.")
+        lines.append(f"- Per-category txt2img R@10 ranges from {fmt(lo['txt2img_R@10'])} ({lo['category']}, "
+                     f"{lo['train_count']} training images) to {fmt(hi['txt2img_R@10'])} ({hi['category']}, "
+                     f"{hi['train_count']}); the median 95% CI width of one category is {fmt(float(np.median(widths)))}.")
     lines += ["", "## Per category (weakest txt2img R@10 first)", "",
               "| category | train images | test images | txt2img R@10 | 95% CI | img2txt R@10 | hit@1 |",
               "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['category']} | {r['train_count']} | {r['n_eval_images']} | {_f(r['txt2img_R@10'])} | "
-                     f"{_ci(r['txt2img_R@10_ci95'])} | {_f(r['img2txt_R@10'])} | {_f(r['hit@1'])} |")
+        lines.append(f"| {r['category']} | {r['train_count']} | {r['n_eval_images']} | {fmt(r['txt2img_R@10'])} | "
+                     f"{fmt_ci(r['txt2img_R@10_ci95'])} | {fmt(r['img2txt_R@10'])} | {fmt(r['hit@1'])} |")
     lines += ["", "hit@1: share of a category's txt2img queries whose top-1 image contains the category at all "
               "(shape recognition, which R@K mixes with colour, size, count and position).", "",
               "## Main confusions (txt2img top-1 errors)", ""]
     wrong = conf["n_wrong"]
     share = wrong / conf["n_queries"] if conf["n_queries"] else float("nan")
     miss = conf["n_wrong_missing"] / wrong if wrong else float("nan")
-    lines.append(f"{wrong} of {conf['n_queries']} txt2img queries ({_f(share)}) have a wrong top-1 image; in "
-                 f"{conf['n_wrong_missing']} of them ({_f(miss)}) that image lacks a category of the query's image, "
+    lines.append(f"{wrong} of {conf['n_queries']} txt2img queries ({fmt(share)}) have a wrong top-1 image; in "
+                 f"{conf['n_wrong_missing']} of them ({fmt(miss)}) that image lacks a category of the query's image, "
                  "in the rest every category is present and the error lies in colour, size, count or position.")
     lines.append("")
     for p in conf["top_pairs"]:
         lines.append(f"- {p['query_category']} missing, {p['retrieved_category']} instead: {p['count']} queries "
-                     f"({_f(p['share_of_row'])} of {p['query_category']}'s substitutions)")
+                     f"({fmt(p['share_of_row'])} of {p['query_category']}'s substitutions)")
     if not conf["top_pairs"]:
         lines.append("- no category substitutions")
     lines += ["", "## Figures", "", "- [recall vs training frequency](recall_vs_frequency.png)",
@@ -421,19 +415,19 @@ def problem_markdown(m: dict) -> str:
     for r in t["targets"]:
         upper = "upper bound below" if r["txt2img_R@10_ci95"][1] < t2i_all else "reaches"
         lines.append(f"- **{r['category']}** ({r['train_count']} training images, rank {rarity[r['category']]} of "
-                     f"{len(scored)} from the rarest): txt2img R@10 {_f(r['txt2img_R@10'])} (95% CI "
-                     f"{_ci(r['txt2img_R@10_ci95'])}, {upper} the overall {_f(t2i_all)}), img2txt R@10 "
-                     f"{_f(r['img2txt_R@10'])}, hit@1 {_f(r['hit@1'])}")
+                     f"{len(scored)} from the rarest): txt2img R@10 {fmt(r['txt2img_R@10'])} (95% CI "
+                     f"{fmt_ci(r['txt2img_R@10_ci95'])}, {upper} the overall {fmt(t2i_all)}), img2txt R@10 "
+                     f"{fmt(r['img2txt_R@10'])}, hit@1 {fmt(r['hit@1'])}")
     return "\n".join(lines) + "\n"
 
 
 def print_summary(spearman: dict, targets: dict, run_dir: Path) -> None:
     for d in ("txt2img", "img2txt"):
         s = spearman[d]
-        print(f"{d} R@10 vs training frequency: rho {_f(s['rho'])}, 95% CI {_ci(s['ci95'])} "
+        print(f"{d} R@10 vs training frequency: rho {fmt(s['rho'])}, 95% CI {fmt_ci(s['ci95'])} "
               f"({describe_correlation(s)})")
     print(f"targets ({targets['rule']}): " + ", ".join(
-        f"{r['category']} (txt2img R@10 {_f(r['txt2img_R@10'])}, {r['train_count']} training images)"
+        f"{r['category']} (txt2img R@10 {fmt(r['txt2img_R@10'])}, {r['train_count']} training images)"
         for r in targets["targets"]))
     print(f"wrote {run_dir}")
 

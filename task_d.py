@@ -44,8 +44,9 @@ import numpy as np
 
 import generate_data as gd
 import retrieval
-from utils import (DEFAULT_DATA, OUTPUTS, UserError, category_names, check, cli, finish_run, image_grid, load_data,
-                   load_rgb, make_run_dir, model_fingerprint, pick_device, read_json, resolve_model, write_text)
+from utils import (DEFAULT_DATA, OUTPUTS, UserError, category_names, check, cli, finish_run, fmt, image_grid,
+                   load_data, load_rgb, make_run_dir, model_fingerprint, pick_device, read_json, resolve_model,
+                   write_text)
 
 DEFAULT_TARGETS = OUTPUTS / "task_c" / "latest" / "targets.json"
 DEFAULT_ORACLE = Path(__file__).resolve().parent / "models" / "shapes-oracle"
@@ -589,8 +590,6 @@ def mean_metrics(runs: list[dict], records: list[dict], cap2img: np.ndarray, nam
 
 
 # --------------------------------------------------------------------------- reports
-def _f(x) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
 
 
 def _d(x: dict) -> str:
@@ -625,20 +624,20 @@ def results_markdown(m: dict) -> str:
              "## Filter", "", f"Rule: {m['filter']['rule']}", "",
              "| target | generated | accepted | acceptance | mean score |", "|---|---|---|---|---|"]
     for name, row in m["filter"]["per_target"].items():
-        lines.append(f"| {name} | {row['generated']} | {row['accepted']} | {_f(row['acceptance_rate'])} | "
-                     f"{_f(row['mean_score'])} |")
+        lines.append(f"| {name} | {row['generated']} | {row['accepted']} | {fmt(row['acceptance_rate'])} | "
+                     f"{fmt(row['mean_score'])} |")
     n_acc = arms["synthetic_filtered"]["n_extra"]
     lines += ["", f"synthetic_filtered adds {n_acc} accepted images to the {m['n_train_images']} real training images "
               f"({100 * n_acc / max(m['n_train_images'], 1):.1f}%); overall acceptance "
-              f"{_f(m['filter']['acceptance_rate'])}.", "", "## Arms (means over seeds)", "",
+              f"{fmt(m['filter']['acceptance_rate'])}.", "", "## Arms (means over seeds)", "",
               "| arm | extra samples | txt2img R@1 | R@5 | R@10 | mAP | img2txt R@10 | targets txt2img R@10 | "
               "Δ targets R@10 vs baseline [95% CI] | Δ overall R@10 [95% CI] |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, a in arms.items():
         t = a["txt2img"]
         delta = m["deltas"].get(arm)
-        lines.append(f"| {arm} | {a['n_extra']} | {_f(t['R@1'])} | {_f(t['R@5'])} | {_f(t['R@10'])} | {_f(t['mAP'])} | "
-                     f"{_f(a['img2txt']['R@10'])} | {_f(a['targets_txt2img_R@10'])} | "
+        lines.append(f"| {arm} | {a['n_extra']} | {fmt(t['R@1'])} | {fmt(t['R@5'])} | {fmt(t['R@10'])} | {fmt(t['mAP'])} | "
+                     f"{fmt(a['img2txt']['R@10'])} | {fmt(a['targets_txt2img_R@10'])} | "
                      f"{_d(delta['rare']) if delta else '-'} | {_d(delta['overall']) if delta else '-'} |")
     met = m["targets_met"]
     rare, overall, vs = m["rare_txt2img_R@10_delta"], m["overall_txt2img_R@10_delta"], m["filtered_vs_oversample"]["rare"]
@@ -661,8 +660,8 @@ def results_markdown(m: dict) -> str:
               "| category | target | baseline | synthetic_filtered | Δ [95% CI] | oversample Δ |", "|---|---|---|---|---|---|"]
     base, filt, over = arms["baseline"]["per_category"], arms["synthetic_filtered"]["per_category"], m["deltas"]["oversample"]
     for j, c in enumerate(m["category_order"]):
-        lines.append(f"| {c} | {'yes' if c in tnames else ''} | {_f(base[c]['txt2img']['R@10'])} | "
-                     f"{_f(filt[c]['txt2img']['R@10'])} | {_d(m['deltas']['synthetic_filtered']['per_category'][j])} | "
+        lines.append(f"| {c} | {'yes' if c in tnames else ''} | {fmt(base[c]['txt2img']['R@10'])} | "
+                     f"{fmt(filt[c]['txt2img']['R@10'])} | {_d(m['deltas']['synthetic_filtered']['per_category'][j])} | "
                      f"{_d(over['per_category'][j])} |")
     lines += ["", "Notes: the synthetic arms add samples, so they also get more optimiser updates per epoch; "
               "oversample gets exactly as many, from real images, to separate the effect of the images from the "
@@ -887,11 +886,11 @@ def print_summary(m: dict, run_dir: Path) -> None:
     for name, row in m["filter"]["per_target"].items():
         print(f"{name}: {row['accepted']} of {row['generated']} generated images accepted")
     for arm, a in m["arms"].items():
-        print(f"{arm:28s} txt2img R@10 {_f(a['txt2img']['R@10'])}  targets {_f(a['targets_txt2img_R@10'])}  "
+        print(f"{arm:28s} txt2img R@10 {fmt(a['txt2img']['R@10'])}  targets {fmt(a['targets_txt2img_R@10'])}  "
               f"(+{a['n_extra']} samples)")
 
     def show(d):
-        return "n/a" if d["mean"] is None else f"{d['mean']:+.3f} [{_f(d['ci95'][0])}, {_f(d['ci95'][1])}]"
+        return "n/a" if d["mean"] is None else f"{d['mean']:+.3f} [{fmt(d['ci95'][0])}, {fmt(d['ci95'][1])}]"
 
     print(f"synthetic_filtered - baseline: targets {show(m['rare_txt2img_R@10_delta'])}, "
           f"overall {show(m['overall_txt2img_R@10_delta'])}")

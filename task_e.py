@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 import fidelity
 import generate_data as gd
 import retrieval
-from utils import (DEFAULT_DATA, OUTPUTS, UserError, category_names, check, cli, encode_images, finish_run,
-                   generate_images, image_grid, l2_normalize, load_data, load_image_encoder, load_pipeline,
+from utils import (DEFAULT_DATA, OUTPUTS, UserError, category_names, check, cli, encode_images, finish_run, fmt,
+                   fmt_ci, generate_images, image_grid, l2_normalize, load_data, load_image_encoder, load_pipeline,
                    make_run_dir, mean_ci95, model_fingerprint, pick_device, pyplot, read_json, write_text)
 
 MAX_K = 8  # generated images per query at most; also the seed stride per query (seeds seed + MAX_K * caption + i)
@@ -519,14 +519,6 @@ def plot_edit_success(edits: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _f(x) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{x:.3f}"
-
-
-def _ci(ci) -> str:
-    return f"[{_f(ci[0])}, {_f(ci[1])}]"
-
-
 def _signed(x) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:+.3f}"
 
@@ -547,16 +539,16 @@ def retrieval_table(r: dict, chosen: dict, k_max: int) -> list[str]:
     lines = ["| query | w (val) | R@1 | R@5 | R@10 [95% CI] | mAP | ΔR@10 [95% CI] | ΔmAP [95% CI] |",
              "|---|---|---|---|---|---|---|---|"]
     t = r["text"]
-    lines.append(f"| text only | - | {_f(t['R@1']['mean'])} | {_f(t['R@5']['mean'])} | {_f(t['R@10']['mean'])} "
-                 f"{_ci(t['R@10']['ci95'])} | {_f(t['mAP']['mean'])} | - | - |")
+    lines.append(f"| text only | - | {fmt(t['R@1']['mean'])} | {fmt(t['R@5']['mean'])} | {fmt(t['R@10']['mean'])} "
+                 f"{fmt_ci(t['R@10']['ci95'])} | {fmt(t['mAP']['mean'])} | - | - |")
     for method in ("weighted", "rrf", "image_only"):
         for k in range(1, k_max + 1):
             m = r[method][str(k)]
             w = "1" if method == "image_only" else f"{chosen[method][str(k)]['w']:g}"
-            lines.append(f"| {method.replace('_', ' ')}, k={k} | {w} | {_f(m['R@1']['mean'])} | {_f(m['R@5']['mean'])}"
-                         f" | {_f(m['R@10']['mean'])} {_ci(m['R@10']['ci95'])} | {_f(m['mAP']['mean'])} | "
-                         f"{_signed(m['R@10']['delta'])} {_ci(m['R@10']['delta_ci95'])} | "
-                         f"{_signed(m['mAP']['delta'])} {_ci(m['mAP']['delta_ci95'])} |")
+            lines.append(f"| {method.replace('_', ' ')}, k={k} | {w} | {fmt(m['R@1']['mean'])} | {fmt(m['R@5']['mean'])}"
+                         f" | {fmt(m['R@10']['mean'])} {fmt_ci(m['R@10']['ci95'])} | {fmt(m['mAP']['mean'])} | "
+                         f"{_signed(m['R@10']['delta'])} {fmt_ci(m['R@10']['delta_ci95'])} | "
+                         f"{_signed(m['mAP']['delta'])} {fmt_ci(m['mAP']['delta_ci95'])} |")
     return lines
 
 
@@ -576,24 +568,24 @@ def summary_lines(m: dict) -> list[str]:
                 parts.append(f"{method} (k={k}): val chose w=0, i.e. text-only rankings (generated images did not "
                              "raise val mAP at any w > 0)")
                 continue
-            parts.append(f"{method} (k={k}, w={w:g}) ΔR@10 {_signed(d['delta'])} {_ci(d['delta_ci95'])}: "
+            parts.append(f"{method} (k={k}, w={w:g}) ΔR@10 {_signed(d['delta'])} {fmt_ci(d['delta_ci95'])}: "
                          f"{delta_verdict(d['delta_ci95'])}")
         io = r["image_only"][str(k)]["R@10"]
-        lines.append(f"- {subset} ({r['n']} queries, text-only R@10 {_f(r['text']['R@10']['mean'])}): "
+        lines.append(f"- {subset} ({r['n']} queries, text-only R@10 {fmt(r['text']['R@10']['mean'])}): "
                      + "; ".join(parts) + f"; generated images alone (w=1) ΔR@10 {_signed(io['delta'])} "
-                     f"{_ci(io['delta_ci95'])}.")
+                     f"{fmt_ci(io['delta_ci95'])}.")
     c = m["cost"]
-    lines.append(f"- Cost: {_f(c['generate_s_per_image'])} s to generate and {_f(c['embed_s_per_image'])} s to embed "
+    lines.append(f"- Cost: {fmt(c['generate_s_per_image'])} s to generate and {fmt(c['embed_s_per_image'])} s to embed "
                  f"one image ({m['model']['device']}, batch {m['batch_size']}): k={k} adds "
-                 f"{_f(c['added_s_per_query']['weighted'][str(k)])} s per query (weighted) vs "
+                 f"{fmt(c['added_s_per_query']['weighted'][str(k)])} s per query (weighted) vs "
                  f"{c['text_only_search_s_per_query'] * 1e3:.2f} ms for a text-only search.")
     e = m.get("editing")
     if e and e["by_strength"]:
         best = max(e["by_strength"], key=lambda s: (e["by_strength"][s]["all"]["success"]["rate"], -float(s)))
         b = e["by_strength"][best]["all"]
-        lines.append(f"- Editing: best success {_f(b['success']['rate'])} {_ci(b['success']['ci95'])} at strength "
-                     f"{best} over {b['n']} edits; the oracle reads {_f(e['source_oracle_correct'])} of the unedited "
-                     f"sources entirely right, {_f(e['vae_roundtrip_oracle_correct'])} after a VAE round trip.")
+        lines.append(f"- Editing: best success {fmt(b['success']['rate'])} {fmt_ci(b['success']['ci95'])} at strength "
+                     f"{best} over {b['n']} edits; the oracle reads {fmt(e['source_oracle_correct'])} of the unedited "
+                     f"sources entirely right, {fmt(e['vae_roundtrip_oracle_correct'])} after a VAE round trip.")
     return lines
 
 
@@ -626,38 +618,38 @@ def results_markdown(m: dict) -> str:
                                                   for k in range(1, m["k_max"] + 1)) + " |")
     sweep = m["test_sweep_R@10_overall_at_k_max"]
     lines += ["", f"For reading only (not used to choose w): overall test R@10 at k={m['k_max']} for each w, text-only "
-              f"{_f(m['retrieval']['overall']['text']['R@10']['mean'])}:", "",
+              f"{fmt(m['retrieval']['overall']['text']['R@10']['mean'])}:", "",
               "| method | " + " | ".join(f"w={w}" for w in sweep["weighted"]) + " |",
               "|---|" + "---|" * len(sweep["weighted"])]
     for method in FUSIONS:
-        lines.append(f"| {method} | " + " | ".join(_f(v) for v in sweep[method].values()) + " |")
+        lines.append(f"| {method} | " + " | ".join(fmt(v) for v in sweep[method].values()) + " |")
     c = m["cost"]
     lines += ["", "## Cost", "",
-              f"Generation {_f(c['generate_s_per_image'])} s per image, embedding {_f(c['embed_s_per_image'])} s per "
+              f"Generation {fmt(c['generate_s_per_image'])} s per image, embedding {fmt(c['embed_s_per_image'])} s per "
               f"image (wall clock, batched, {m['model']['device']}, {m['threads']} torch threads, under whatever else "
-              f"the machine ran; in CPU seconds {_f(c['generate_cpu_s_per_image'])} and "
-              f"{_f(c['embed_cpu_s_per_image'])}). Added wall-clock seconds per query:", "",
+              f"the machine ran; in CPU seconds {fmt(c['generate_cpu_s_per_image'])} and "
+              f"{fmt(c['embed_cpu_s_per_image'])}). Added wall-clock seconds per query:", "",
               "| k | weighted | rrf |", "|---|---|---|"]
     for k in range(1, m["k_max"] + 1):
-        lines.append(f"| {k} | {_f(c['added_s_per_query']['weighted'][str(k)])} | "
-                     f"{_f(c['added_s_per_query']['rrf'][str(k)])} |")
+        lines.append(f"| {k} | {fmt(c['added_s_per_query']['weighted'][str(k)])} | "
+                     f"{fmt(c['added_s_per_query']['rrf'][str(k)])} |")
     e = m.get("editing")
     if e and e["by_strength"]:
         lines += ["", "## Text-guided editing (img2img, same components)", "",
                   f"{e['n_cases']} rendered single-object scenes ({', '.join(f'{v} {k}' for k, v in e['n_by_kind'].items())}"
                   " edits); the prompt describes the target (shape, colour, size, cell). Success: the oracle finds the "
                   "edited attribute right and shape, colour, size, cell and object count otherwise unchanged. "
-                  f"The oracle reads {_f(e['source_oracle_correct'])} of the unedited sources entirely right, and "
-                  f"{_f(e['vae_roundtrip_oracle_correct'])} of them after a round trip through the model's VAE (no "
+                  f"The oracle reads {fmt(e['source_oracle_correct'])} of the unedited sources entirely right, and "
+                  f"{fmt(e['vae_roundtrip_oracle_correct'])} of them after a round trip through the model's VAE (no "
                   "denoising): an upper bound on what any strength can keep.", "",
                   "| strength | success (all) [95% CI] | colour edits | shape edits | edited attr. right | rest kept |",
                   "|---|---|---|---|---|---|"]
         for s, row in e["by_strength"].items():
             a = row["all"]
-            per_kind = [f"{_f(row[k]['success']['rate'])} {_ci(row[k]['success']['ci95'])}" if k in row else "-"
+            per_kind = [f"{fmt(row[k]['success']['rate'])} {fmt_ci(row[k]['success']['ci95'])}" if k in row else "-"
                         for k in EDIT_KINDS]
-            lines.append(f"| {s} | {_f(a['success']['rate'])} {_ci(a['success']['ci95'])} | {per_kind[0]} | "
-                         f"{per_kind[1]} | {_f(a['edited']['rate'])} | {_f(a['kept']['rate'])} |")
+            lines.append(f"| {s} | {fmt(a['success']['rate'])} {fmt_ci(a['success']['ci95'])} | {per_kind[0]} | "
+                         f"{per_kind[1]} | {fmt(a['edited']['rate'])} | {fmt(a['kept']['rate'])} |")
         lines += ["", "Strength 1.0 replaces the source by pure noise: it is text-to-image generation, the reference "
                   "an edit has to beat on keeping the rest."]
     lines += ["", "## Figures", "", "- [R@10 vs k](recall_vs_k.png)"]

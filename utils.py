@@ -547,6 +547,23 @@ def pyplot():
     return plt
 
 
+def fmt(x, spec: str = ".3f") -> str:
+    """A number for a table or sentence: `format(x, spec)`, or "n/a" for None, NaN and inf.
+
+    Args:
+        x: a number or None.
+        spec: a format spec, e.g. ".3f", ".2f", "d".
+    """
+    if x is None or (isinstance(x, (float, np.floating)) and not np.isfinite(x)):
+        return "n/a"
+    return format(x, spec)
+
+
+def fmt_ci(pair, spec: str = ".3f") -> str:
+    """A (lo, hi) interval as "[lo, hi]" ("n/a" when there is none)."""
+    return f"[{fmt(pair[0], spec)}, {fmt(pair[1], spec)}]" if pair else "n/a"
+
+
 # --------------------------------------------------------------------------- statistics / resources
 def mean_ci95(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, tuple[float, float]]:
     """Mean and percentile-bootstrap 95% CI of the mean (NaNs dropped).
