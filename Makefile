@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(PY) generate_data.py
 	$(PY) retrieval.py --run-name baseline
 	$(PY) task_a.py --run-name demo
-	$(PY) task_b.py --run-name demo
+	$(PY) task_b.py --run-name demo --experiments all  # schedulers, steps, cfg, eta, negative, trajectory
 	$(PY) task_c.py --retrieval-run outputs/retrieval/baseline --run-name demo
 	$(PY) task_d.py --run-name demo
 	$(PY) task_e.py --run-name demo

@@ -43,7 +43,7 @@ import numpy as np
 
 from utils import (DEFAULT_DATA, UserError, check, cli, finish_run, fmt, generate_images, image_grid, load_data,
                    load_pipeline, make_run_dir, mean_ci95, peak_memory_mb, pick_device, pick_dtype, read_json,
-                   reset_peak_memory, resolve_model, write_text)
+                   reset_peak_memory, resolve_model, time_call, write_text)
 
 PARTS = ("generation", "sd21", "retrieval")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -206,21 +206,16 @@ def ratio(baseline_s: float, other_s: float) -> float:
     return float(baseline_s / other_s) if other_s > 0 else float("nan")
 
 
-def timed(fn: Callable, sync: Callable[[], None] = lambda: None):
-    """(seconds, result) of `fn()`, with `sync()` before the clock stops (CUDA work is asynchronous)."""
-    t = time.perf_counter()
-    result = fn()
-    sync()
-    return time.perf_counter() - t, result
+def timed(fn: Callable):
+    """(seconds, result) of one `fn()` call, by utils.time_call (which waits for CUDA work before the clock stops)."""
+    timing, result = time_call(fn, warmup=0, repeats=1)
+    return timing["min_s"], result
 
 
 def timed_best(fn: Callable, repeats: int):
-    """(fastest seconds of `repeats` runs, result of the last run)."""
-    best, result = float("inf"), None
-    for _ in range(repeats):
-        seconds, result = timed(fn)
-        best = min(best, seconds)
-    return best, result
+    """(fastest seconds of `repeats` runs, result of the last run); the callers run their own warm-up call."""
+    timing, result = time_call(fn, warmup=0, repeats=repeats)
+    return timing["min_s"], result
 
 
 def _yes_no(flag) -> str:
@@ -517,7 +512,6 @@ def bench_sd21(args: argparse.Namespace) -> dict:
     size = 512 if args.sd21_scale == "full" else 64
     texts = [p["text"] for p in structured_prompts(args.sd21_images, args.seed)]
     seeds = [args.seed * 100_000 + i for i in range(len(texts))]
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     steps, guidance = args.sd21_steps, 7.5
 
     def one_per_call():
@@ -553,9 +547,9 @@ def bench_sd21(args: argparse.Namespace) -> dict:
         warnings.simplefilter("ignore", RuntimeWarning)  # random weights can decode to NaN: the timing is the point
         for name, change, run in steps_chain:
             change()
-            warm_s, _ = timed(run, sync)
-            reset_peak_memory(device)
-            seconds, _ = timed(run, sync)
+            reset_peak_memory(device)  # the warm-up is the same work as the timed run: the same peak
+            timing, _ = time_call(run, warmup=1, repeats=1)
+            warm_s, seconds = timing["warmup_s"][0], timing["min_s"]
             row = {"config": name, "seconds": seconds, "images_per_s": len(texts) / seconds, "warmup_s": warm_s,
                    "peak_memory_mb": peak_memory_mb(device)}
             row["ratio_vs_baseline"] = ratio(rows[0]["seconds"] if rows else seconds, seconds)

@@ -86,18 +86,61 @@ def task_a_summary(m: dict) -> list[str]:
     return [f"{m['n_images']} images per model ({m['fidelity_metric']}, {m['device']})."] + [""] + rows
 
 
+def _best_sentence(cells: list[dict]) -> str:
+    """'best <label> 0.406 [0.312, 0.469] (k of the other n inside its CI)' over cells that can change the image."""
+    ranked = [c for c in cells if c.get("fidelity_mean") is not None and "no_effect" not in c]
+    if not ranked:
+        return "no ranked cell"
+    best = max(ranked, key=lambda c: c["fidelity_mean"])
+    inside = sum(best["fidelity_ci95"][0] <= c["fidelity_mean"] for c in ranked) - 1
+    return (f"best {best['label']}, {fmt(best['fidelity_mean'])} {fmt_ci(best['fidelity_ci95'])} ({inside} of the "
+            f"other {len(ranked) - 1} inside its CI)")
+
+
 def task_b_summary(m: dict) -> list[str]:
-    cells = [c for cells in m["experiments"].values() for c in cells if c.get("fidelity_mean") is not None]
-    if not cells:
+    exps = m["experiments"]
+    cells = [c for name, cs in exps.items() if name != "negative" for c in cs if c.get("fidelity_mean") is not None]
+    if not cells and not exps.get("negative") and not exps.get("trajectory"):
         return ["No scored cells."]
-    best = max(cells, key=lambda c: c["fidelity_mean"])
-    fastest = min(cells, key=lambda c: c["sec_per_image"])
-    inside = sum(best["fidelity_ci95"][0] <= c["fidelity_mean"] for c in cells) - 1
-    return [f"{len(cells)} scored cells ({', '.join(m['experiments'])}), each {m['n_prompts']} prompts x "
-            f"{m['n_seeds']} seeds. Best: {best['label']} ({best['experiment']}), fidelity {fmt(best['fidelity_mean'])} "
-            f"{fmt_ci(best['fidelity_ci95'])}; {inside} of the other {len(cells) - 1} cells have a mean inside that CI. "
-            f"Fastest: {fastest['label']} at {fmt(fastest['sec_per_image'])} s/image (fidelity "
-            f"{fmt(fastest['fidelity_mean'])}). The conclusions are in findings.md."]
+    no_effect = [c for cs in exps.values() for c in cs if "no_effect" in c]
+    spacings = sorted({str(c["timestep_spacing"]) for cs in exps.values() for c in cs if c.get("timestep_spacing")})
+    lines = [f"{len(cells)} scored cells ({', '.join(exps)}), each {m['n_prompts']} prompts x {m['n_seeds']} seeds, "
+             f"fidelity = oracle `{m['fidelity_key']}`; schedulers built with timestep spacing "
+             f"{', '.join(spacings) or 'n/a'}; {len(no_effect)} cells cannot change the image and are not ranked. "
+             "The conclusions are in findings.md.", ""]
+    for name in ("schedulers", "steps", "cfg", "grid"):
+        if exps.get(name):
+            lines.append(f"- {name}: {_best_sentence(exps[name])}.")
+    eta = [c for c in exps.get("eta", []) if c.get("fidelity_mean") is not None]
+    if eta:
+        lines.append(f"- eta (DDIM, {eta[0]['num_inference_steps']} steps): " + ", ".join(
+            f"eta {c['eta']:g} {fmt(c['fidelity_mean'])} {fmt_ci(c['fidelity_ci95'])}"
+            + (" (no effect)" if "no_effect" in c else "") for c in eta) + ".")
+    neg = exps.get("negative", [])
+    if len(neg) == 2:
+        off, on = neg
+        lines.append(f"- negative prompt (the colour drawn most for each shape): that colour's rate "
+                     f"{fmt(off['negative_colour_rate'])} -> {fmt(on['negative_colour_rate'])}, a drop of "
+                     f"{fmt(on['colour_rate_drop'])} {fmt_ci(on['colour_rate_drop_ci95'])}; shape present "
+                     f"{fmt(off['fidelity_mean'])} -> {fmt(on['fidelity_mean'])}"
+                     + (f" (no effect: {on['no_effect']})" if "no_effect" in on else "") + ".")
+    ranked = [c for c in cells if "no_effect" not in c and c.get("sec_per_image") is not None]
+    if ranked:
+        fastest = min(ranked, key=lambda c: c["sec_per_image"])
+        lines.append(f"- fastest: {fastest['label']} at {fmt(fastest['sec_per_image'])} s/image (fidelity "
+                     f"{fmt(fastest['fidelity_mean'])}), the fastest of {m.get('time_repeats', 1)} timed calls.")
+    if exps.get("trajectory"):
+        lines.append(f"- trajectory: the predicted clean image at every step for {len(exps['trajectory'])} "
+                     "schedulers (below).")
+    return lines
+
+
+def task_b_figures(m: dict, run: str) -> list[str]:
+    """The key figures inline: fidelity vs steps, the Pareto front and every trajectory filmstrip."""
+    shown = [f for f in ("fidelity_vs_steps.png", "pareto.png") if f in m.get("figures", [])]
+    lines = [f"![{Path(f).stem}]({run}/{f})" for f in shown]
+    lines += [f"![trajectory {c['label']}]({run}/{c['filmstrip']})" for c in m["experiments"].get("trajectory", [])]
+    return [line for pair in zip(lines, [""] * len(lines)) for line in pair]
 
 
 def task_d_summary(m: dict) -> list[str]:
@@ -118,9 +161,13 @@ def task_e_summary(m: dict) -> list[str]:
         lines.append(f"- {subset} ({r['n']} queries): text-only R@10 {fmt(r['text']['R@10']['mean'])}; weighted "
                      f"fusion with k = {k} images (w = {m['fusion']['weighted'][k]['w']} chosen on val; 0 = "
                      f"text only): ΔR@10 {w['delta']:+.3f} {fmt_ci(w['delta_ci95'])}")
-    best = max(m["editing"]["by_strength"].items(), key=lambda kv: kv[1]["all"]["success"]["rate"])
-    lines.append(f"- added cost {m['cost']['added_s_per_query']['weighted'][k]:.2f} s per query at k = {k}; "
-                 f"editing success at best strength {best[0]}: {fmt(best[1]['all']['success']['rate'])} "
+    added = f"- added cost {m['cost']['added_s_per_query']['weighted'][k]:.2f} s per query at k = {k}; "
+    editing = m.get("editing")
+    if not editing or not editing.get("by_strength"):  # `--n-edits 0` skips editing: metrics hold `editing: null`
+        lines.append(added + "editing not run (--n-edits 0)")
+        return lines
+    best = max(editing["by_strength"].items(), key=lambda kv: kv[1]["all"]["success"]["rate"])
+    lines.append(added + f"editing success at best strength {best[0]}: {fmt(best[1]['all']['success']['rate'])} "
                  f"{fmt_ci(best[1]['all']['success']['ci95'])} of {best[1]['all']['n']} edits")
     return lines
 
@@ -134,6 +181,8 @@ def bench_summary(m: dict) -> list[str]:
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "retrieval": retrieval_summary, "task_a": task_a_summary, "task_b": task_b_summary, "task_c": task_c_summary,
     "task_d": task_d_summary, "task_e": task_e_summary, "bench": bench_summary}
+# Figures shown inline (metrics, run folder relative to the report -> markdown lines).
+FIGURES: dict[str, Callable[[dict, str], list[str]]] = {"task_b": task_b_figures}
 
 
 def model_section(model_dir: Path) -> list[str]:
@@ -160,6 +209,8 @@ def task_section(task: str, outputs: Path, root: Path) -> list[str]:
     summary = SUMMARIES.get(task)
     if summary:
         lines += summary(m) + [""]
+    if task in FIGURES:
+        lines += FIGURES[task](m, os.path.relpath(run.resolve(), root))
     lines += [f"Run `{run.resolve().name}`: {links(run.resolve(), root)}", ""]
     return lines
 

@@ -4,9 +4,13 @@ Each experiment is a sweep of cells; every cell generates the same prompts x see
 seed + j for the j-th seed of every prompt, so the same seed gives the same image in every cell) and records the
 oracle's fidelity (share of images with every named attribute right; mean over prompts with a bootstrap 95% CI
 over prompts), the per-attribute rates (shape / colour / size / position / count), diversity (mean pairwise
-EfficientNet feature distance between the seeds of a prompt, averaged over prompts) and seconds per image.
-findings.md is generated from those numbers; the plots show fidelity vs steps per scheduler, fidelity vs guidance
-and fidelity vs time with the Pareto front.
+EfficientNet feature distance between the seeds of a prompt, averaged over prompts), seconds per image (the fastest
+of --time-repeats calls on one batch, utils.time_call) and the timesteps the model was evaluated at. Every scheduler
+is built with a timestep spacing it handles that starts at the top of the noise schedule (utils.make_scheduler).
+A cell that cannot change the image (the same images as an earlier cell of its experiment, or a setting the
+pipeline or scheduler ignores, e.g. eta on Euler, a negative prompt at guidance 1) is marked `no_effect` and not
+ranked. findings.md is generated from those numbers; the plots show fidelity vs steps per scheduler, fidelity vs
+guidance and fidelity vs time with the Pareto front.
 
 Experiments (--experiments, comma-separated, or all):
     schedulers  a zoo of diffusers schedulers (DDIM, DDPM, PNDM, Euler, Euler ancestral, DPM-Solver++, UniPC, Heun)
@@ -27,6 +31,8 @@ Default (schedulers, steps, cfg on shapes-tiny: 8 prompts x 4 seeds per cell, ~4
     python task_b.py --run-name default
 Everything (adds eta, negative, trajectory and the true 1000-step DDPM; ~20 min on one core):
     python task_b.py --experiments all --true-ddpm
+A grid checks every value before any cell runs (one line naming a bad one) and exits non-zero, listing them,
+when any cell failed.
 A grid, and one cell (as `wandb sweep sweeps/task_b.yaml` runs it):
     python task_b.py --experiments grid --x num_inference_steps=5,10,20 --y guidance_scale=1:9:2
     python task_b.py --scheduler euler_a --steps 10 --guidance 5 --wandb
@@ -46,7 +52,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -54,8 +60,8 @@ import fidelity
 import generate_data as gd
 from task_a import weights_fingerprint
 from utils import (DEFAULT_IMAGE_ENCODER, OUTPUTS, UserError, check, cli, finish_run, fmt, generate_images,
-                   image_grid, init_wandb, load_image_encoder, load_pipeline, make_run_dir, mean_ci95, pick_device,
-                   pyplot, read_json, resolve_model, write_json, write_text)
+                   image_grid, init_wandb, load_image_encoder, load_pipeline, make_run_dir, make_scheduler, mean_ci95,
+                   pick_device, pyplot, read_json, resolve_model, time_call, write_json, write_text)
 
 EXPERIMENTS = ("schedulers", "steps", "cfg", "eta", "negative", "trajectory", "grid", "cell")
 DEFAULT_EXPERIMENTS = ("schedulers", "steps", "cfg")
@@ -70,9 +76,6 @@ RESERVED = {"prompt", "prompt_2", "prompt_3", "generator", "latents", "output_ty
             "callback_steps", "callback_on_step_end", "callback_on_step_end_tensor_inputs", "num_images_per_prompt",
             "ip_adapter_image", "ip_adapter_image_embeds", "cross_attention_kwargs", "joint_attention_kwargs",
             "self"}
-# Settings a scheduler needs when built from another scheduler's config (SD's own PNDM config skips the
-# Runge-Kutta warm-up steps; without that PNDM fails below 4 steps).
-SCHEDULER_DEFAULTS = {"PNDMScheduler": {"skip_prk_steps": True}}
 FIDELITY_KEYS = ("all", "shape", "color", "size", "position", "count")
 QUICK = {"n_prompts": 2, "seeds": 2, "zoo": "ddim,euler_a,dpmpp_2m", "sched_steps": "2", "steps_list": "1,2",
          "cfg_list": "1,5", "cfg_steps": 2, "eta_list": "0,1", "eta_steps": 2, "traj_steps": 2, "neg_steps": 2}
@@ -110,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="cell experiment: num_inference_steps")
     p.add_argument("--guidance", type=float, default=None, help="cell experiment: guidance_scale")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
+    p.add_argument("--time-repeats", type=int, default=3,
+                   help="timed calls on one batch per cell after its generation (the warm-up); the fastest counts")
     p.add_argument("--oracle", default=str(fidelity.DEFAULT_ORACLE), help="oracle folder (fidelity.py train-oracle)")
     p.add_argument("--run-name", default=None, help="run folder under outputs/task_b (default: timestamp); "
                                                    "an existing one is resumed")
@@ -159,7 +164,7 @@ def check_args(args: argparse.Namespace) -> None:
     args.steps_list = parse_list(args.steps_list, "--steps-list", int)
     args.cfg_list = parse_list(args.cfg_list, "--cfg-list", float)
     args.eta_list = parse_list(args.eta_list, "--eta-list", float)
-    for name in ("cfg_steps", "eta_steps", "neg_steps", "traj_steps", "batch_size"):
+    for name in ("cfg_steps", "eta_steps", "neg_steps", "traj_steps", "batch_size", "time_repeats"):
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check(all(s > 0 for s in args.sched_steps + args.steps_list), "step counts must be positive")
     check(all(g >= 0 for g in args.cfg_list), f"guidance scales must be >= 0, got {args.cfg_list}")
@@ -248,29 +253,144 @@ def parse_axis(text: str, flag: str = "--x") -> tuple[str, list]:
     return name, list(dict.fromkeys(values))
 
 
+def _members(annotation) -> list:
+    """The types of an annotation, unions unpacked (`int | None` -> [int, NoneType])."""
+    import types
+    import typing
+
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _members(a)]
+    return [annotation]
+
+
+def _choices(param: inspect.Parameter | None) -> tuple | None:
+    """The allowed values of a `Literal[...]` argument (e.g. timestep_spacing), else None."""
+    import typing
+
+    if param is None:
+        return None
+    literals = [m for m in _members(param.annotation) if typing.get_origin(m) is typing.Literal]
+    return tuple(v for m in literals for v in typing.get_args(m)) or None
+
+
+def takes_one_value(param: inspect.Parameter) -> bool:
+    """Whether an argument accepts a single number, string or flag (a grid cell gives it one), not only a list."""
+    import typing
+
+    if param.annotation is param.empty:
+        return True
+    for m in _members(param.annotation):
+        if isinstance(m, str):  # a postponed annotation: read its text
+            return any(t.strip() in ("int", "float", "str", "bool") or t.strip().startswith("Literal")
+                       for t in m.split("|"))
+        if m in (int, float, str, bool) or typing.get_origin(m) is typing.Literal:
+            return True
+    return False
+
+
 def sweepable(pipe) -> tuple[list[str], list[str]]:
-    """(pipeline __call__ arguments one may sweep, scheduler config arguments) for this pipeline."""
+    """(pipeline __call__ arguments one may sweep, scheduler config arguments) for this pipeline.
+
+    Arguments that take only lists (timesteps, sigmas, trained_betas, SDXL's size tuples) are left out: a grid
+    cell holds one value per argument.
+    """
     call = [n for n, p in inspect.signature(pipe.__call__).parameters.items()
-            if n not in RESERVED and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    sched = sorted(k for k in pipe.scheduler.config if not k.startswith("_"))
+            if n not in RESERVED and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and takes_one_value(p)
+            and n not in broken_arguments(pipe)]
+    init = inspect.signature(type(pipe.scheduler).__init__).parameters
+    sched = sorted(k for k in pipe.scheduler.config if not k.startswith("_")
+                   and (k not in init or takes_one_value(init[k])))
     return call, sched
 
 
+def broken_arguments(pipe) -> dict[str, str]:
+    """Pipeline arguments that fail for every value with the installed libraries, and why (not offered to the grid)."""
+    import diffusers
+
+    broken = {}
+    encoder = getattr(pipe, "text_encoder", None)
+    if isinstance(pipe, diffusers.StableDiffusionPipeline) and encoder is not None \
+            and not hasattr(encoder, "text_model"):
+        broken["clip_skip"] = ("StableDiffusionPipeline applies clip_skip through text_encoder.text_model, which "
+                               f"the installed transformers' {type(encoder).__name__} does not have")
+    return broken
+
+
 def check_axes(axes: list[tuple[str, list]], pipe) -> None:
-    """Every swept name is a pipeline or scheduler argument: else one line listing what this pipeline accepts."""
+    """Every swept name is a pipeline or scheduler argument and every value one it takes: else one line saying so."""
     call, sched = sweepable(pipe)
+    every = inspect.signature(pipe.__call__).parameters
+    init = inspect.signature(type(pipe.scheduler).__init__).parameters
     for name, values in axes:
         check(name not in RESERVED, f"{name!r} is set by task_b itself (one generator per image, numpy output, the "
                                     "prompts) and cannot be swept")
+        check(name not in broken_arguments(pipe), f"{name!r} cannot be swept: {broken_arguments(pipe).get(name)}")
+        check(name not in every or name in call,
+              f"{name!r} takes a list ({every[name].annotation if name in every else ''}), and a grid cell holds one "
+              "value per argument: sweep num_inference_steps or a scheduler argument such as timestep_spacing instead")
         check(name in call or name in sched or name == "scheduler",
               f"{type(pipe).__name__} does not accept {name!r}; sweepable: scheduler, pipeline arguments "
               f"({', '.join(call)}), scheduler arguments ({', '.join(sched)})")
         if name == "scheduler":
             for i, v in enumerate(values):
                 values[i] = resolve_scheduler(str(v))
-        if name == "num_inference_steps":
-            check(all(isinstance(v, int) and v > 0 for v in values),
-                  f"num_inference_steps must be positive integers, got {values}")
+        choices = _choices(every.get(name) or init.get(name))
+        for v in values:
+            check_value(name, v)
+            if choices is not None:
+                check(v in choices, f"{name} must be one of {', '.join(map(str, choices))}, got {v!r}")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# The values the pipelines accept, checked before any cell runs (everything else is caught by the dry run).
+VALUE_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_inference_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                            "must be a positive integer"),
+    "height": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % 8 == 0,
+               "must be a positive integer divisible by 8 (the VAE's latent grid)"),
+    "guidance_scale": (lambda v: _number(v) and v >= 0, "must be a number >= 0"),
+    "eta": (lambda v: _number(v) and v >= 0, "must be a number >= 0 (0 = deterministic DDIM)"),
+    "guidance_rescale": (lambda v: _number(v) and v >= 0, "must be a number >= 0 (0 = off)"),
+    "clip_skip": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 0),
+                  "must be none or an integer >= 0 (text-encoder layers to skip)"),
+    "negative_prompt": (lambda v: v is None or isinstance(v, (str, int, float)), "must be a string or none"),
+}
+VALUE_RULES["width"] = VALUE_RULES["height"]
+NEGATIVES = ("negative_prompt", "negative_prompt_2", "negative_prompt_3")  # SD, + SDXL's and SD3's other encoders
+VALUE_RULES.update({name: VALUE_RULES["negative_prompt"] for name in NEGATIVES[1:]})
+VALUE_RULES["denoising_end"] = (lambda v: v is None or (_number(v) and 0 < v <= 1), "must be none or in (0, 1]")
+
+
+def check_value(name: str, value: Any) -> None:
+    rule = VALUE_RULES.get(name)
+    if rule is not None:
+        check(rule[0](value), f"{name} {rule[1]}, got {value!r}")
+
+
+def check_cells(ctx: "Context", cells: list[dict]) -> None:
+    """Every cell once on one image before the sweep starts: a value the pipeline or scheduler rejects is one line.
+
+    Catches what no rule above knows (a scheduler argument out of range, a step count a scheduler refuses, a
+    clip_skip deeper than the text encoder) while it costs one image per cell.
+    """
+    prompt, seed = ctx.prompts[0]["text"], ctx.args.seed
+    for settings in cells:
+        label = cell_label(settings, [n for n, _ in ctx.args.axes])
+        try:
+            pipeline_call(ctx, settings)([prompt], [seed])
+        except UserError as err:
+            raise UserError(f"grid cell {label}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - any library error becomes one line naming the cell
+            raise UserError(f"grid cell {label} fails, so no cell ran: {one_line(err)}") from None
+
+
+def one_line(err: Exception) -> str:
+    """'TypeError: first line of the message' (some library errors append a whole config dump)."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 # --------------------------------------------------------------------------- cells
@@ -281,53 +401,100 @@ class Context:
         self.args, self.pipe, self.settings, self.oracle, self.encoder = args, pipe, settings, oracle, encoder
         self.base_scheduler = type(pipe.scheduler).__name__
         self.base_config = dict(pipe.scheduler.config)
+        self.compatible = {c.__name__ for c in pipe.scheduler.compatibles} | {self.base_scheduler}
         self.run_dir, self.wandb = run_dir, wandb_run
         self.prompts = [p for kind in args.kinds for p in fidelity.make_prompts(kind, args.n_prompts, args.seed)]
         self.cache_path = run_dir / "cells.json"
         self.cache = read_json(self.cache_path) if self.cache_path.is_file() else {}
-        self.thumbs: dict[str, np.ndarray] = {}
+        self.thumbs: dict[str, np.ndarray] = {}  # "label|experiment" -> first seed of the first prompts
+        self.images: dict[str, np.ndarray] = {}  # "label|experiment" -> every image of the cell (64 px)
         self.call_args, self.sched_args = sweepable(pipe)
         # In the cache key: a retrained model in the same folder must not reuse the old model's cells.
         self.fingerprint = weights_fingerprint(pipe)
 
     def defaults(self) -> dict:
-        return {"scheduler": self.base_scheduler, "num_inference_steps": self.settings["steps"],
+        steps = self.settings["steps"]
+        if self.args.quick:  # --quick promises <= 2 steps, also to a grid or cell that does not set them
+            steps = min(steps, QUICK["cfg_steps"])
+        return {"scheduler": self.base_scheduler, "num_inference_steps": steps,
                 "guidance_scale": self.settings["guidance"]}
 
 
-def build_scheduler(ctx: Context, name: str, overrides: dict):
-    import diffusers
+def scheduler_overrides(ctx: Context, settings: dict) -> dict:
+    """The cell's settings that are scheduler config arguments (the rest go to the pipeline call)."""
+    return {k: v for k, v in settings.items() if k in ctx.sched_args and k not in ctx.call_args}
 
-    cls = getattr(diffusers, name)
-    compatible = {c.__name__ for c in ctx.pipe.scheduler.compatibles} | {ctx.base_scheduler}
-    check(name in compatible, f"scheduler {name} does not fit {type(ctx.pipe).__name__}'s "
-                              f"{ctx.base_scheduler}; compatible: {', '.join(sorted(compatible))}")
-    defaults = {k: v for k, v in SCHEDULER_DEFAULTS.get(name, {}).items() if k not in ctx.base_config}
-    return cls.from_config({**ctx.base_config, **defaults, **overrides})
+
+def scheduler_for(ctx: Context, settings: dict):
+    """The cell's scheduler (not yet on the pipeline): utils.make_scheduler gives every class a timestep spacing it
+    handles that starts at the top of the noise schedule; the cell's own scheduler arguments win over it."""
+    name = settings["scheduler"]
+    check(name in ctx.compatible, f"scheduler {name} does not fit {type(ctx.pipe).__name__}'s "
+                                  f"{ctx.base_scheduler}; compatible: {', '.join(sorted(ctx.compatible))}")
+    return make_scheduler(name, ctx.base_config, **scheduler_overrides(ctx, settings))
 
 
 def prepare(ctx: Context, settings: dict) -> tuple[int, float, dict]:
     """Put the cell's scheduler on the pipeline; return (steps, guidance, extra pipeline kwargs)."""
-    sched_over = {k: v for k, v in settings.items() if k in ctx.sched_args and k not in ctx.call_args}
-    ctx.pipe.scheduler = build_scheduler(ctx, settings["scheduler"], sched_over)
+    ctx.pipe.scheduler = scheduler_for(ctx, settings)
+    sched_over = scheduler_overrides(ctx, settings)
     call_kw = {k: v for k, v in settings.items()
                if k not in ("scheduler", "num_inference_steps", "guidance_scale") and k not in sched_over}
     return int(settings["num_inference_steps"]), float(settings["guidance_scale"]), call_kw
 
 
+def pipeline_call(ctx: Context, settings: dict, **more) -> Callable[[list[str], list[int]], np.ndarray]:
+    """(texts, seeds) -> uint8 images at this cell's settings; its scheduler goes on the pipeline now."""
+    steps, guidance, call_kw = prepare(ctx, settings)
+    call_kw.update(more)
+    size = ctx.settings["size"]
+    if "height" in call_kw or "width" in call_kw:  # passed once: the cell's values, the model's size for the other
+        call_kw.update(height=call_kw.get("height") or size, width=call_kw.get("width") or size)
+        size = None
+    negatives = {k: call_kw.pop(k) for k in NEGATIVES if call_kw.get(k) is not None}
+
+    def run(texts: list[str], seeds: list[int]) -> np.ndarray:
+        kw = dict(call_kw)
+        for k, v in negatives.items():
+            # SD wants negative_prompt of the prompt's type (one per image, like the prompts; generate_images splits
+            # it into batches); SDXL/SD3 turn a string negative_prompt_2/_3 into a list themselves.
+            kw[k] = list(v) if isinstance(v, (list, tuple)) else [str(v)] * len(texts) if k == "negative_prompt" \
+                else str(v)
+        return generate_images(ctx.pipe, texts, seeds, steps, guidance, size, ctx.args.batch_size, progress=False,
+                               **kw)
+
+    return run
+
+
+def evaluated_timesteps(scheduler) -> list:
+    """The timesteps the model is called at (the scheduler's list after the pipeline set it; Heun repeats some)."""
+    return [int(v) if float(v).is_integer() else round(float(v), 3) for v in scheduler.timesteps.tolist()]
+
+
 def cell_key(ctx: Context, settings: dict, extra: Any = None) -> str:
     a = ctx.args
-    blob = json.dumps([ctx.settings["id"], ctx.fingerprint, a.n_prompts, a.seeds, a.seed, a.kinds, a.fidelity_key, settings, extra],
-                      sort_keys=True, default=str)
+    # The scheduler's full config is in the key: a changed spacing or default must not reuse an old cell.
+    sched = {k: v for k, v in dict(scheduler_for(ctx, settings).config).items() if not k.startswith("_")}
+    blob = json.dumps([ctx.settings["id"], ctx.fingerprint, a.n_prompts, a.seeds, a.seed, a.kinds, a.fidelity_key,
+                       settings, sched, extra], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
-def generate(ctx: Context, settings: dict, texts: list[str], seeds: list[int], **more) -> tuple[np.ndarray, float]:
-    steps, guidance, call_kw = prepare(ctx, settings)
-    t0 = time.perf_counter()
-    images = generate_images(ctx.pipe, texts, seeds, steps, guidance, ctx.settings["size"], ctx.args.batch_size,
-                             progress=False, **call_kw, **more)
-    return fidelity.to_uint8_64(images), (time.perf_counter() - t0) / len(texts)
+def generate(ctx: Context, settings: dict, texts: list[str], seeds: list[int], **more) -> tuple[np.ndarray, list]:
+    """(64-px uint8 images, the timesteps the model was evaluated at) for these prompts and seeds."""
+    images = pipeline_call(ctx, settings, **more)(texts, seeds)
+    return fidelity.to_uint8_64(images), evaluated_timesteps(ctx.pipe.scheduler)
+
+
+def time_cell(ctx: Context, settings: dict, texts: list[str], seeds: list[int], **more) -> dict:
+    """Seconds per image of one batch of this cell: the fastest of --time-repeats calls (utils.time_call).
+
+    No extra warm-up: the cell's own generation, just before, made this same call (scheduler, steps, batch shape).
+    """
+    n = min(ctx.args.batch_size, len(texts))
+    run = pipeline_call(ctx, settings, **more)
+    timing, _ = time_call(lambda: run(texts[:n], seeds[:n]), warmup=0, repeats=ctx.args.time_repeats)
+    return {"sec_per_image": timing["min_s"] / n, "sec_per_image_median": timing["median_s"] / n, "timed_batch": n}
 
 
 def per_prompt_diversity(ctx: Context, images: np.ndarray, n_prompts: int) -> float:
@@ -345,10 +512,11 @@ def run_cell(ctx: Context, experiment: str, settings: dict, label: str) -> dict:
         texts = [p["text"] for p in ctx.prompts for _ in range(a.seeds)]
         seeds = [a.seed + j for _ in ctx.prompts for j in range(a.seeds)]
         try:
-            images, sec = generate(ctx, settings, texts, seeds)
+            images, timesteps = generate(ctx, settings, texts, seeds)
+            timing = time_cell(ctx, settings, texts, seeds)
         except (ValueError, RuntimeError, IndexError, TypeError) as err:  # e.g. a step count a scheduler rejects
-            print(f"  {experiment:10s} {label:40s} FAILED: {type(err).__name__}: {err}")
-            return {**settings, "experiment": experiment, "label": label, "error": f"{type(err).__name__}: {err}"}
+            print(f"  {experiment:10s} {label:40s} FAILED: {one_line(err)}")
+            return {**settings, "experiment": experiment, "label": label, "error": one_line(err)}
         scores = ctx.oracle.score(images, [p for p in ctx.prompts for _ in range(a.seeds)])
         per_prompt = np.array([[np.nan if s[a.fidelity_key] is None else float(s[a.fidelity_key])
                                 for s in scores[i * a.seeds:(i + 1) * a.seeds]] for i in range(len(ctx.prompts))])
@@ -356,13 +524,14 @@ def run_cell(ctx: Context, experiment: str, settings: dict, label: str) -> dict:
         summary = fidelity.summarize_scores(scores)
         cell = {**settings, "fidelity_mean": mean, "fidelity_ci95": list(ci), "fidelity_key": a.fidelity_key,
                 "attributes": {k: summary[k] for k in fidelity.ATTRIBUTES},
-                "diversity": per_prompt_diversity(ctx, images, len(ctx.prompts)), "sec_per_image": sec,
-                "n_prompts": len(ctx.prompts), "n_seeds": a.seeds}
+                "diversity": per_prompt_diversity(ctx, images, len(ctx.prompts)), **timing,
+                "timestep_spacing": getattr(ctx.pipe.scheduler.config, "timestep_spacing", None),
+                "timesteps": timesteps, "n_prompts": len(ctx.prompts), "n_seeds": a.seeds}
         ctx.cache[key] = cell
-        np.save(thumb_path(ctx, key), images[::a.seeds][:GRID_SHOWN])
+        np.save(images_path(ctx, key), images)
         write_json(ctx.cache_path, ctx.cache)
     cell = dict(ctx.cache[key], experiment=experiment, label=label)
-    ctx.thumbs[label + "|" + experiment] = np.load(thumb_path(ctx, key))
+    keep_images(ctx, label + "|" + experiment, np.load(images_path(ctx, key)))
     if ctx.wandb is not None:
         ctx.wandb.log({"experiment": experiment, "label": label, **_loggable(cell)})
     print(f"  {experiment:10s} {label:40s} fidelity {cell['fidelity_mean']:.3f} "
@@ -372,9 +541,59 @@ def run_cell(ctx: Context, experiment: str, settings: dict, label: str) -> dict:
     return cell
 
 
-def thumb_path(ctx: Context, key: str) -> Path:
+def images_path(ctx: Context, key: str) -> Path:
     (ctx.run_dir / "cells").mkdir(exist_ok=True)
     return ctx.run_dir / "cells" / f"{key}.npy"
+
+
+def keep_images(ctx: Context, name: str, images: np.ndarray) -> None:
+    """A cell's images (prompt-major, --seeds per prompt) for the no-effect check and the contact sheets."""
+    ctx.images[name] = images
+    ctx.thumbs[name] = images[::ctx.args.seeds][:GRID_SHOWN]
+
+
+# --------------------------------------------------------------------------- cells that cannot change the image
+def ignored_setting(ctx: Context, cell: dict) -> str | None:
+    """Why a cell's setting cannot change the image, for combinations known to be no-ops (else None)."""
+    import diffusers
+
+    guided = float(cell.get("guidance_scale", 0)) > 1  # diffusers' do_classifier_free_guidance
+    if any(cell.get(k) not in (None, "") for k in NEGATIVES) and not guided:
+        return (f"a negative prompt at guidance_scale {cell['guidance_scale']:g} is never used (classifier-free "
+                "guidance needs guidance_scale > 1)")
+    if cell.get("guidance_rescale") and not guided:
+        return f"guidance_rescale rescales classifier-free guidance, which guidance_scale {cell['guidance_scale']:g} turns off"
+    cls = getattr(diffusers, cell["scheduler"])
+    if cell.get("eta") and "eta" not in inspect.signature(cls.step).parameters:
+        return f"{short(cell['scheduler'])}'s step() takes no eta (the pipeline passes eta only to schedulers that do)"
+    init = inspect.signature(cls.__init__).parameters
+    for name in scheduler_overrides(ctx, cell):
+        if name not in init:
+            return f"{short(cell['scheduler'])} has no {name} argument"
+    return None
+
+
+def mark_no_effect(ctx: Context, experiment: str, cells: list[dict]) -> list[dict]:
+    """Mark (`no_effect`: why) each cell with a known no-op setting or the same images as an earlier cell.
+
+    "The same images" allows 1/255 per pixel: two samplers that compute the same thing in another order differ by
+    float rounding only.
+    """
+    seen: list[tuple[str, np.ndarray]] = []
+    for cell in cells:
+        if "error" in cell:
+            continue
+        why = ignored_setting(ctx, cell)
+        images = ctx.images.get(cell["label"] + "|" + experiment)
+        if why is None and images is not None:
+            why = next((f"the same images as {label}" for label, other in seen if other.shape == images.shape
+                        and np.abs(other.astype(np.int16) - images.astype(np.int16)).max() <= 1), None)
+        if why:
+            cell["no_effect"] = why
+            print(f"  {experiment:10s} {cell['label']:40s} no effect: {why}")
+        elif images is not None:
+            seen.append((cell["label"], images))
+    return cells
 
 
 def _loggable(cell: dict) -> dict:
@@ -386,9 +605,8 @@ def _loggable(cell: dict) -> dict:
 # --------------------------------------------------------------------------- experiments
 def zoo_for(ctx: Context) -> list[str]:
     """The requested zoo minus schedulers that do not fit this pipeline (e.g. DDIM on a flow-matching model)."""
-    compatible = {c.__name__ for c in ctx.pipe.scheduler.compatibles} | {ctx.base_scheduler}
-    zoo = [s for s in ctx.args.zoo if s in compatible]
-    skipped = [s for s in ctx.args.zoo if s not in compatible]
+    zoo = [s for s in ctx.args.zoo if s in ctx.compatible]
+    skipped = [s for s in ctx.args.zoo if s not in ctx.compatible]
     if skipped:
         print(f"note: skipping schedulers that do not fit {ctx.base_scheduler}: {', '.join(skipped)}")
     return zoo or [ctx.base_scheduler]
@@ -437,15 +655,21 @@ def exp_cell(ctx: Context) -> list[dict]:
     return [run_cell(ctx, "cell", settings, label)]
 
 
-def exp_grid(ctx: Context) -> list[dict]:
+def grid_cells(ctx: Context) -> list[dict]:
+    """The settings of every grid cell: the model's defaults with the swept values (X outer, Y inner)."""
     axes = [(n, list(v)) for n, v in ctx.args.axes]
     check_axes(axes, ctx.pipe)
-    cells = []
-    for combo in itertools.product(*[v for _, v in axes]):
-        settings = {**ctx.defaults(), **dict(zip([n for n, _ in axes], combo))}
-        label = " ".join(f"{n}={short(v) if n == 'scheduler' else v}" for n, v in zip([n for n, _ in axes], combo))
-        cells.append(run_cell(ctx, "grid", settings, label))
-    return cells
+    return [{**ctx.defaults(), **dict(zip([n for n, _ in axes], combo))}
+            for combo in itertools.product(*[v for _, v in axes])]
+
+
+def cell_label(settings: dict, names: list[str]) -> str:
+    return " ".join(f"{n}={short(settings[n]) if n == 'scheduler' else settings[n]}" for n in names)
+
+
+def exp_grid(ctx: Context) -> list[dict]:
+    names = [n for n, _ in ctx.args.axes]
+    return [run_cell(ctx, "grid", settings, cell_label(settings, names)) for settings in grid_cells(ctx)]
 
 
 def short(name: Any) -> str:
@@ -463,7 +687,7 @@ def exp_negative(ctx: Context) -> list[dict]:
     # 1. which colour does the model draw for each shape? Seeds disjoint from the measured ones, so the drop below
     #    is not inflated by picking each prompt's luckiest colour on the same images (regression to the mean).
     sel_seeds = [a.seed + 100_000 + j for _ in shapes for j in range(a.seeds)]
-    sel, _ = generate(ctx, base, [t for t in texts for _ in range(a.seeds)], sel_seeds)
+    sel, timesteps = generate(ctx, base, [t for t in texts for _ in range(a.seeds)], sel_seeds)
     negatives = [modal_colour(ctx.oracle.detect(sel[i * a.seeds:(i + 1) * a.seeds]), s, i)
                  for i, s in enumerate(shapes)]
     # 2. the same seeds with and without the negative prompt
@@ -474,7 +698,9 @@ def exp_negative(ctx: Context) -> list[dict]:
     for use in (False, True):
         key = cell_key(ctx, dict(base, negative=use), [texts, negatives])
         if key not in ctx.cache:
-            images, sec = generate(ctx, base, rep_texts, seeds, **({"negative_prompt": rep_neg} if use else {}))
+            more = {"negative_prompt": rep_neg} if use else {}
+            images, _ = generate(ctx, base, rep_texts, seeds, **more)
+            timing = time_cell(ctx, base, rep_texts, seeds, **more)
             dets = ctx.oracle.detect(images)
             per = lambda f: np.array([np.mean([f(d, i) for d in dets[i * a.seeds:(i + 1) * a.seeds]])  # noqa: E731
                                       for i in range(len(shapes))])
@@ -488,13 +714,14 @@ def exp_negative(ctx: Context) -> list[dict]:
                               "negative_colour_rate": c_mean, "negative_colour_rate_ci95": list(c_ci),
                               "count_rate": float(count_rate.mean()), "per_prompt_colour_rate": colour_rate.tolist(),
                               "per_prompt_shape_rate": shape_rate.tolist(), "attributes": {},
-                              "diversity": per_prompt_diversity(ctx, images, len(shapes)), "sec_per_image": sec,
-                              "prompts": texts, "negatives": negatives, "n_prompts": len(shapes), "n_seeds": a.seeds}
-            np.save(thumb_path(ctx, key), images[::a.seeds][:GRID_SHOWN])
+                              "diversity": per_prompt_diversity(ctx, images, len(shapes)), **timing,
+                              "timesteps": timesteps, "prompts": texts, "negatives": negatives,
+                              "n_prompts": len(shapes), "n_seeds": a.seeds}
+            np.save(images_path(ctx, key), images)
             write_json(ctx.cache_path, ctx.cache)
         label = "with negative colour" if use else "no negative"
         cell = dict(ctx.cache[key], experiment="negative", label=label)
-        ctx.thumbs[label + "|negative"] = np.load(thumb_path(ctx, key))
+        keep_images(ctx, label + "|negative", np.load(images_path(ctx, key)))
         rates[use] = np.array(cell["per_prompt_colour_rate"]), np.array(cell["per_prompt_shape_rate"])
         cells.append(cell)
         print(f"  negative   {label:40s} colour rate {cell['negative_colour_rate']:.3f}, shape present "
@@ -586,14 +813,17 @@ def exp_trajectory(ctx: Context) -> list[dict]:
         final = generate_images(ctx.pipe, [prompt], [a.seed], steps, guidance, ctx.settings["size"], progress=False,
                                 callback_on_step_end=on_step_end)[0]
         frames = [np.asarray(Image.fromarray(f).resize((64, 64))) for f in frames]
+        timesteps = evaluated_timesteps(ctx.pipe.scheduler)
+        heads = [f"t={t:g}" for t in timesteps] if len(timesteps) == len(frames) else \
+            [str(i + 1) for i in range(len(frames))]
         strip = image_grid(frames + [fidelity.to_uint8_64([final])[0]], 1, len(frames) + 1,
-                           col_labels=[str(i + 1) for i in range(len(frames))] + ["out"], cell=64)
+                           col_labels=heads + ["out"], cell=64)
         strip.save(ctx.run_dir / f"trajectory_{short(name)}.png")
         gif = [Image.fromarray(f).resize((128, 128), Image.NEAREST) for f in frames]
         gif[0].save(ctx.run_dir / f"trajectory_{short(name)}.gif", save_all=True, append_images=gif[1:], duration=250,
                     loop=0)
         cells.append({"scheduler": name, "num_inference_steps": steps, "guidance_scale": guidance, "prompt": prompt,
-                      "seed": a.seed, "n_frames": len(frames), "x0_from": sorted(how),
+                      "seed": a.seed, "n_frames": len(frames), "x0_from": sorted(how), "timesteps": timesteps,
                       "filmstrip": f"trajectory_{short(name)}.png", "gif": f"trajectory_{short(name)}.gif",
                       "experiment": "trajectory", "label": short(name)})
         print(f"  trajectory {short(name):40s} {len(frames)} frames (x0 from {', '.join(sorted(how))})")
@@ -641,14 +871,28 @@ def indistinguishable_from_best(cells: list[dict]) -> tuple[dict, list[dict]]:
     return best, [c for c in cells if c["fidelity_mean"] >= best["fidelity_ci95"][0]]
 
 
+def ranked(cells: list[dict]) -> list[dict]:
+    """Scored cells that can change the image: the ones a best cell or the Pareto front is chosen from."""
+    return [c for c in scored(cells) if "no_effect" not in c]
+
+
+def _timesteps(c: dict) -> str:
+    t = c.get("timesteps") or []
+    return f"{t[0]:g} … {t[-1]:g} ({len(t)})" if len(t) > 1 else (f"{t[0]:g} (1)" if t else "-")
+
+
 def findings_markdown(m: dict) -> str:
     exps, key = m["experiments"], m["fidelity_key"]
+    spacings = sorted({str(c.get("timestep_spacing")) for cells in exps.values() for c in cells if "timesteps" in c})
     lines = [f"# Task B findings: {m['model']}", "",
              f"Generated from metrics.json. Every scored cell: {m['n_prompts']} prompts x {m['n_seeds']} seeds; "
              f"fidelity = oracle rate `{key}` (mean over prompts, bootstrap 95% CI over prompts); diversity = mean "
-             f"pairwise EfficientNet distance between a prompt's seeds; time on {m['device']} "
-             f"({m['threads']} torch threads). The model's own settings: {m['model_settings']}. One image moves a "
-             f"cell's rate by {1 / (m['n_prompts'] * m['n_seeds']):.3f}.", ""]
+             f"pairwise EfficientNet distance between a prompt's seeds; s/image = the fastest of "
+             f"{m.get('time_repeats', 1)} timed calls on one batch of the cell (after its own generation), on "
+             f"{m['device']} ({m['threads']} torch threads). The model's own settings: {m['model_settings']}; every "
+             f"scheduler is built with timestep spacing {', '.join(f'`{s}`' for s in spacings) or 'n/a'} (each cell's "
+             f"evaluated timesteps are in metrics.json). One image moves a cell's rate by "
+             f"{1 / (m['n_prompts'] * m['n_seeds']):.3f}. Cells marked no effect are not ranked.", ""]
     every = scored([c for name, cells in exps.items() if name != "negative" for c in cells])
     if every and max(c["fidelity_mean"] for c in every) == 0:
         lines += [f"**No cell got any image fully right by `{key}`: fidelity cannot rank these settings.** "
@@ -665,12 +909,14 @@ def findings_markdown(m: dict) -> str:
             lines.append(f"| {short(sched)} | {', '.join(map(str, r['tested_steps']))} | {r['best']:.3f} "
                          f"[{r['best_ci95'][0]:.3f}, {r['best_ci95'][1]:.3f}] | {fmt(r['best_steps'], 'd')} | "
                          f"{'n/a (best is 0)' if r['steps_to_95'] is None else r['steps_to_95']} |")
-        best, tied = indistinguishable_from_best(cells)
-        lines += ["", f"Best cell: {best['label']} ({best['fidelity_mean']:.3f}); {len(tied) - 1} of the other "
-                      f"{len(cells) - 1} cells have a mean inside its 95% CI"
-                      + (f" ({', '.join(c['label'] for c in tied if c is not best)})." if len(tied) > 1 else ".")
-                  + " A 95% step count is only as sharp as these CIs.", ""]
-    cells = scored(exps.get("cfg", []))
+        if ranked(cells):
+            best, tied = indistinguishable_from_best(ranked(cells))
+            lines += ["", f"Best cell: {best['label']} ({best['fidelity_mean']:.3f}); {len(tied) - 1} of the other "
+                          f"{len(ranked(cells)) - 1} ranked cells have a mean inside its 95% CI"
+                          + (f" ({', '.join(c['label'] for c in tied if c is not best)})." if len(tied) > 1 else ".")
+                      + " A 95% step count is only as sharp as these CIs."]
+        lines.append("")
+    cells = ranked(exps.get("cfg", []))
     if cells:
         best, tied = indistinguishable_from_best(cells)
         g = sorted(c["guidance_scale"] for c in tied)
@@ -683,47 +929,60 @@ def findings_markdown(m: dict) -> str:
                   f"{div[-1]['guidance_scale']:g}: {fmt(div[0]['diversity'])} -> {fmt(div[-1]['diversity'])}.", ""]
     cells = scored(exps.get("eta", []))
     if cells:
-        lines += ["## eta (DDIM)", "", "| eta | fidelity [95% CI] | diversity |", "|---|---|---|"]
+        lines += ["## eta (DDIM)", "", f"DDIM at {cells[0]['num_inference_steps']} steps, the same seeds in every row.",
+                  "", "| eta | fidelity [95% CI] | diversity | s/image |", "|---|---|---|---|"]
         lines += [f"| {c['eta']:g} | {c['fidelity_mean']:.3f} [{c['fidelity_ci95'][0]:.3f}, {c['fidelity_ci95'][1]:.3f}]"
-                  f" | {fmt(c['diversity'])} |" for c in cells]
+                  f" | {fmt(c['diversity'])} | {c['sec_per_image']:.3f} |"
+                  + (" (no effect)" if "no_effect" in c else "") for c in cells]
         lines.append("")
     neg = exps.get("negative", [])
     if len(neg) == 2:
         c = neg[1]
         lines += ["## negative prompts", "",
                   f"Prompts naming only a shape ({', '.join(c['prompts'])}); negative prompt = the colour the model "
-                  f"drew most for each on separate seeds ({', '.join(c['negatives'])}). Rate of that colour: "
+                  f"drew most for each on separate seeds ({', '.join(c['negatives'])}); {c['num_inference_steps']} "
+                  f"steps, guidance {c['guidance_scale']:g}. Rate of that colour: "
                   f"{neg[0]['negative_colour_rate']:.3f} without, {c['negative_colour_rate']:.3f} with the negative "
                   f"prompt: a drop of {c['colour_rate_drop']:.3f} (95% CI {c['colour_rate_drop_ci95'][0]:.3f} to "
                   f"{c['colour_rate_drop_ci95'][1]:.3f}). Cost: the share of images showing the asked shape goes "
                   f"from {neg[0]['fidelity_mean']:.3f} to {c['fidelity_mean']:.3f} (change "
                   f"{0.0 - c['shape_rate_cost']:+.3f}, CI {0.0 - c['shape_rate_cost_ci95'][1]:+.3f} to "
                   f"{0.0 - c['shape_rate_cost_ci95'][0]:+.3f}).", ""]
-    cells = scored(exps.get("grid", []))
+        if "no_effect" in c:
+            lines += [f"**The negative prompt cannot change these images: {c['no_effect']}.**", ""]
+    cells = ranked(exps.get("grid", []))
     if cells:
         best, tied = indistinguishable_from_best(cells)
         lines += ["## grid", "", f"Best cell {best['label']}: {best['fidelity_mean']:.3f} "
                                  f"[{best['fidelity_ci95'][0]:.3f}, {best['fidelity_ci95'][1]:.3f}]; {len(tied) - 1} "
                                  "other cells inside its CI.", ""]
-    if every:
-        front = pareto_front(every)
+    if ranked(every):
+        front = pareto_front(ranked(every))
         lines += ["## Fidelity vs time: the Pareto front", "",
                   "Cells no other cell beats on both fidelity and seconds per image (fastest first):", ""]
         lines += [f"- {c['label']} ({c['experiment']}): fidelity {c['fidelity_mean']:.3f}, {c['sec_per_image']:.3f} "
                   "s/image" for c in front]
         lines.append("")
+    no_effect = [c for cells in exps.values() for c in cells if "no_effect" in c]
+    if no_effect:
+        lines += ["## Cells that cannot change the image (not ranked)", ""]
+        lines += [f"- {c['experiment']} {c['label']}: {c['no_effect']}" for c in no_effect]
+        lines.append("")
     if every:
         lines += ["## Every scored cell: oracle rate of each attribute (over images)", "",
-                  "| experiment | cell | all | shape | colour | size | position | count | diversity | s/image |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| experiment | cell | all | shape | colour | size | position | count | diversity | s/image | "
+                  "timesteps (first … last (n)) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for c in every:
             a = c["attributes"]
-            lines.append(f"| {c['experiment']} | {c['label']} | " + " | ".join(fmt(a.get(k)) for k in FIDELITY_KEYS)
-                         + f" | {fmt(c['diversity'])} | {c['sec_per_image']:.3f} |")
+            lines.append(f"| {c['experiment']} | {c['label']}{' (no effect)' if 'no_effect' in c else ''} | "
+                         + " | ".join(fmt(a.get(k)) for k in FIDELITY_KEYS)
+                         + f" | {fmt(c['diversity'])} | {c['sec_per_image']:.3f} | {_timesteps(c)} |")
         lines.append("")
     if exps.get("trajectory"):
-        lines += ["## trajectory", "", "Predicted clean image at every step: "
-                  + ", ".join(f"[{c['label']}]({c['filmstrip']}) ([gif]({c['gif']}))" for c in exps["trajectory"]), ""]
+        lines += ["## trajectory", "", "Predicted clean image at every evaluated timestep, then the output:", ""]
+        for c in exps["trajectory"]:
+            lines += [f"{c['label']} ({c['num_inference_steps']} steps, x0 from {', '.join(c['x0_from'])}; "
+                      f"[gif]({c['gif']})):", "", f"![trajectory {c['label']}]({c['filmstrip']})", ""]
     failed = [c for cells in exps.values() for c in cells if "error" in c]
     if failed:
         lines += ["## Cells that failed", ""] + [f"- {c['experiment']} {c['label']}: {c['error']}" for c in failed] + [""]
@@ -769,7 +1028,7 @@ def make_plots(m: dict, run_dir: Path) -> list[str]:
         fig.savefig(run_dir / "fidelity_vs_guidance.png", dpi=110)
         plt.close(fig)
         made.append("fidelity_vs_guidance.png")
-    every = scored([c for name, cells in exps.items() if name != "negative" for c in cells])
+    every = ranked([c for name, cells in exps.items() if name != "negative" for c in cells])
     if every:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for exp in dict.fromkeys(c["experiment"] for c in every):
@@ -825,20 +1084,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run_dir = make_run_dir("task_b", args.run_name, config, args.outputs)
     wandb_run = init_wandb(args.wandb, "task_b", config, args.run_name)
     ctx = Context(args, pipe, settings, oracle, encoder, run_dir, wandb_run)
-    # A warm-up call, so the first cell's time does not include one-off setup.
-    generate_images(pipe, [ctx.prompts[0]["text"]], [args.seed], 1, settings["guidance"], settings["size"],
-                    progress=False)
+    if "grid" in args.experiments:  # every grid cell once on one image: a value nothing above caught fails here
+        check_cells(ctx, grid_cells(ctx))
 
     # 2. the experiments, cell by cell (finished cells are read back from cells.json)
     metrics: dict = {"model": settings["name"], "model_id": settings["id"],
                      "model_settings": {k: settings[k] for k in ("scheduler", "steps", "guidance", "size")},
                      "prompts": [p["text"] for p in ctx.prompts], "n_prompts": len(ctx.prompts),
                      "n_seeds": args.seeds, "seed": args.seed, "fidelity_key": args.fidelity_key,
-                     "device": str(device), "threads": torch.get_num_threads(), "experiments": {}, "timings": {}}
+                     "batch_size": args.batch_size, "time_repeats": args.time_repeats, "device": str(device),
+                     "threads": torch.get_num_threads(), "experiments": {}, "timings": {}}
     for name in args.experiments:
         print(f"experiment {name}")
         t = time.time()
-        metrics["experiments"][name] = RUNNERS[name](ctx)
+        cells = RUNNERS[name](ctx)
+        metrics["experiments"][name] = cells if name == "trajectory" else mark_no_effect(ctx, name, cells)
         metrics["timings"][name + "_s"] = round(time.time() - t, 1)
 
     # 3. plots, contact sheets, findings, metrics
@@ -852,6 +1112,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             wandb_run.summary["fidelity_mean"] = cells[0]["fidelity_mean"]
         wandb_run.finish()
     print(f"wrote {run_dir} ({metrics['timings']['total_s']} s)")
+    failed = [c for cells in metrics["experiments"].values() for c in cells if "error" in c]
+    n_cells = sum(len(cells) for cells in metrics["experiments"].values())
+    check(not failed, f"{len(failed)} of {n_cells} cells failed (listed in {run_dir / 'findings.md'}): "
+                      + "; ".join(f"{c['experiment']} {c['label']}: {c['error']}" for c in failed))
     return metrics
 
 

@@ -52,3 +52,46 @@ def test_task_d_summary_states_whether_the_target_is_met(tmp_path):
     text = report.main(["--outputs", str(outputs)]).read_text()
     assert "on the target categories: +0.123 (95% CI [+0.050, +0.200]) (target ≥ +0.10 with the CI above 0: met)" in text
     assert "overall: -0.004 (95% CI [-0.010, +0.002])" in text
+
+
+def _cell(experiment, label, f, lo, hi, sec, **extra):
+    return {"experiment": experiment, "label": label, "fidelity_mean": f, "fidelity_ci95": [lo, hi],
+            "sec_per_image": sec, "timestep_spacing": "trailing", **extra}
+
+
+def test_task_b_section_shows_every_experiment_and_the_filmstrips_inline(tmp_path):
+    outputs = tmp_path / "outputs"
+    experiments = {
+        "schedulers": [_cell("schedulers", "ddim 1 steps", 0.4, 0.3, 0.5, 0.02),
+                       _cell("schedulers", "euler 1 steps", 0.9, 0.8, 1.0, 0.01, no_effect="the same images as x"),
+                       _cell("schedulers", "ddim 3 steps", 0.7, 0.5, 0.9, 0.04)],
+        "eta": [_cell("eta", "ddim eta 0", 0.5, 0.25, 0.75, 0.05, eta=0.0, num_inference_steps=12),
+                _cell("eta", "ddim eta 1", 0.25, 0.0, 0.5, 0.05, eta=1.0, num_inference_steps=12)],
+        "negative": [_cell("negative", "no negative", 0.6, 0.4, 0.8, 0.05, negative_colour_rate=0.75),
+                     _cell("negative", "with negative colour", 0.5, 0.3, 0.7, 0.05, negative_colour_rate=0.25,
+                           colour_rate_drop=0.5, colour_rate_drop_ci95=[0.25, 0.75])],
+        "trajectory": [{"experiment": "trajectory", "label": "ddim", "filmstrip": "trajectory_ddim.png"},
+                       {"experiment": "trajectory", "label": "euler", "filmstrip": "trajectory_euler.png"}],
+    }
+    _run(outputs, "task_b", {"experiments": experiments, "n_prompts": 8, "n_seeds": 4, "fidelity_key": "color",
+                             "time_repeats": 3, "figures": ["fidelity_vs_steps.png", "pareto.png"]},
+         files=("findings.md", "pareto.png", "trajectory_ddim.png"))
+    text = report.main(["--outputs", str(outputs)]).read_text()
+    # The no-effect cell (0.9) is neither the best nor the fastest.
+    assert "- schedulers: best ddim 3 steps, 0.700 [0.500, 0.900] (0 of the other 1 inside its CI)." in text
+    assert "- fastest: ddim 1 steps at 0.020 s/image (fidelity 0.400)" in text
+    assert "1 cells cannot change the image and are not ranked" in text
+    assert "- eta (DDIM, 12 steps): eta 0 0.500 [0.250, 0.750], eta 1 0.250 [0.000, 0.500]." in text
+    assert "that colour's rate 0.750 -> 0.250, a drop of 0.500 [0.250, 0.750]; shape present 0.600 -> 0.500" in text
+    for name in ("trajectory_ddim.png", "trajectory_euler.png", "pareto.png", "fidelity_vs_steps.png"):
+        assert f"]({'task_b/r1/' + name})" in text and f"![" in text.split(name)[0].splitlines()[-1], name
+
+
+def test_task_e_without_editing_is_reported_not_a_crash(tmp_path):
+    outputs = tmp_path / "outputs"
+    r10 = {"R@10": {"mean": 0.5, "delta": 0.0, "delta_ci95": [0.0, 0.0]}}
+    _run(outputs, "task_e", {"k_max": 2, "retrieval": {"overall": {"n": 4, "text": r10, "weighted": {"2": r10}}},
+                             "fusion": {"weighted": {"2": {"w": 0.0}}},
+                             "cost": {"added_s_per_query": {"weighted": {"2": 0.25}}}, "editing": None})
+    text = report.main(["--outputs", str(outputs)]).read_text()
+    assert "- added cost 0.25 s per query at k = 2; editing not run (--n-edits 0)" in text

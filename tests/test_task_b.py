@@ -15,7 +15,8 @@ from tiny_models import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 from utils import UserError
 
 SCORED_KEYS = {"scheduler", "num_inference_steps", "guidance_scale", "fidelity_mean", "fidelity_ci95", "diversity",
-               "sec_per_image", "attributes", "experiment", "label"}
+               "sec_per_image", "sec_per_image_median", "attributes", "experiment", "label", "timesteps"}
+SHIPPED_SCHEDULER = utils.REPO / "models" / "shapes-sd-tiny" / "scheduler" / "scheduler_config.json"
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,10 @@ def test_quick_run_writes_every_experiment(quick_run):
         for cell in ex[name]:
             assert SCORED_KEYS <= set(cell), (name, cell)
             lo, hi = cell["fidelity_ci95"]
-            assert 0 <= lo <= cell["fidelity_mean"] <= hi <= 1 and cell["sec_per_image"] > 0
+            assert 0 <= lo <= cell["fidelity_mean"] <= hi <= 1
+            assert 0 < cell["sec_per_image"] <= cell["sec_per_image_median"]
+            # The model is evaluated from the top of the noise schedule (T = 1000), one timestep per step.
+            assert cell["timesteps"][0] >= 900 and len(cell["timesteps"]) == cell["num_inference_steps"], cell
             assert cell["diversity"] > 0  # 2 seeds of a random-weight model are not identical images
             assert set(cell["attributes"]) == {"shape", "color", "size", "position", "count", "all"}
     assert [(c["scheduler"], c["num_inference_steps"]) for c in ex["schedulers"]] == [
@@ -64,6 +68,8 @@ def test_quick_run_writes_every_experiment(quick_run):
     assert neg_on["colour_rate_drop"] == pytest.approx(neg_off["negative_colour_rate"] - neg_on["negative_colour_rate"])
     for cell in ex["trajectory"]:
         assert cell["n_frames"] == 2 and (run / cell["filmstrip"]).stat().st_size > 0
+        assert cell["timesteps"][0] >= 900 and f"![trajectory {cell['label']}]({cell['filmstrip']})" in \
+            (run / "findings.md").read_text()
         from PIL import Image
 
         assert Image.open(run / cell["gif"]).n_frames == 2
@@ -217,7 +223,7 @@ def test_bad_arguments(argv, message):
                           "arguments (height, width, num_inference_steps, "),
     ("generator=1,2", "'generator' is set by task_b itself"),
     ("scheduler=ddim,nope", "unknown scheduler 'nope'"),
-    ("num_inference_steps=0.5,1", "num_inference_steps must be positive integers, got [0.5, 1]"),
+    ("num_inference_steps=0.5,1", "num_inference_steps must be a positive integer, got 0.5"),
 ])
 def test_grid_arguments_the_pipeline_does_not_accept(tiny_sd, tmp_path, axis, message):
     with pytest.raises(UserError) as err:
@@ -246,3 +252,192 @@ def test_cli_prints_one_line_and_exits_2():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1
     assert out.stderr.startswith("error: unknown experiment 'fancy'; valid: ")
+
+
+# --------------------------------------------------------------------------- issue 12: the scheduler zoo
+def _zoo_configs():
+    """The shipped model's config (DPM-Solver++, "linspace") and a tiny pipeline's DDIM one ("leading" by default)."""
+    from diffusers import DDIMScheduler
+
+    return [json.loads(SHIPPED_SCHEDULER.read_text()),
+            dict(DDIMScheduler(beta_schedule="scaled_linear", set_alpha_to_one=False).config)]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 12])
+@pytest.mark.parametrize("name", list(task_b.SCHEDULERS))
+def test_every_zoo_scheduler_starts_at_the_top_of_the_noise_schedule(name, steps):
+    for config in _zoo_configs():
+        sched = utils.make_scheduler(task_b.SCHEDULERS[name], config)
+        sched.set_timesteps(steps)
+        assert float(sched.timesteps[0]) >= 0.9 * sched.config.num_train_timesteps, (config["_class_name"], list(
+            sched.timesteps))
+
+
+def _landings(sched, steps: int) -> tuple[list[int], list[int]]:
+    """(evaluated timesteps, the timestep each step moved the sample to), read off step()'s output.
+
+    With a zero epsilon prediction, x_t = sqrt(alpha_bar_t) * 1 is noise-free, and a step to s returns
+    sqrt(alpha_bar_s) * 1: the level the sample landed on, whatever formula step() used to pick s. -1 = clean.
+    """
+    sched.set_timesteps(steps)
+    ac = sched.alphas_cumprod
+    evaluated = [int(t) for t in sched.timesteps]
+    landed = []
+    for t in evaluated:
+        sample = ac[t].sqrt() * torch.ones(1, 4, 2, 2)
+        level = float(sched.step(torch.zeros_like(sample), t, sample).prev_sample.mean()) ** 2
+        landed.append(-1 if level > float(ac[0]) + 1e-6 else int(torch.argmin((ac - level).abs())))
+    return evaluated, landed
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 12])
+@pytest.mark.parametrize("name", ["DDIMScheduler", "PNDMScheduler"])
+def test_ddim_and_pndm_steps_land_on_the_next_evaluated_timestep(name, steps):
+    config = json.loads(SHIPPED_SCHEDULER.read_text())
+    evaluated, landed = _landings(utils.make_scheduler(name, config, prediction_type="epsilon"), steps)
+    # Within one training timestep: diffusers' step() moves by T // steps, "trailing" rounds T / steps; the end
+    # (-1) is the clean sample, which PNDM reaches as alpha_bar_0.
+    assert all(abs(a - b) <= 1 for a, b in zip(landed, evaluated[1:] + [-1])), (evaluated, landed)
+    if steps == 3:  # the spacing the shipped config would have given it: step() lands 166 timesteps off
+        evaluated, landed = _landings(utils.make_scheduler(name, config, prediction_type="epsilon",
+                                                           timestep_spacing="linspace"), steps)
+        assert max(abs(a - b) for a, b in zip(landed, evaluated[1:] + [-1])) > 100
+
+
+def test_a_swept_spacing_wins_over_the_zoo_spacing():
+    config = json.loads(SHIPPED_SCHEDULER.read_text())
+    sched = utils.make_scheduler("DDIMScheduler", config, timestep_spacing="leading")
+    sched.set_timesteps(3)
+    assert sched.config.timestep_spacing == "leading" and list(sched.timesteps) == [667, 334, 1]
+
+
+# --------------------------------------------------------------------------- issue 12: grid axes
+# Two values the tiny SD pipeline takes for every axis the grid offers it (a new axis must be added here).
+AXIS_VALUES = {
+    "scheduler": "ddim,euler", "height": "32,64", "width": "48,64", "num_inference_steps": "1,2",
+    "guidance_scale": "1,3", "negative_prompt": "none,red", "eta": "0,1", "guidance_rescale": "0,0.5",
+    "beta_end": "0.012,0.02", "beta_schedule": "linear,scaled_linear",
+    "beta_start": "0.0001,0.00085", "clip_sample": "true,false", "clip_sample_range": "1,2",
+    "dynamic_thresholding_ratio": "0.9,0.995", "num_train_timesteps": "500,1000",
+    "prediction_type": "epsilon,v_prediction", "rescale_betas_zero_snr": "false,true", "sample_max_value": "1,2",
+    "set_alpha_to_one": "true,false", "steps_offset": "0,1", "thresholding": "false,true",
+    "timestep_spacing": "leading,trailing",
+}
+
+
+@pytest.fixture(scope="module")
+def grid_ctx(tiny_sd, tmp_path_factory):
+    """A task_b context on the tiny pipeline: 1 prompt x 1 seed, 2 steps, one timed call per cell."""
+    out = tmp_path_factory.mktemp("axes")
+    args = task_b.parse_args(["--model", tiny_sd, "--quick", "--n-prompts", "1", "--seeds", "1", "--time-repeats",
+                              "1", "--experiments", "grid", "--x", "eta=0,1", "--outputs", str(out)])
+    device = utils.pick_device("cpu")
+    pipe, settings = utils.load_pipeline(tiny_sd, device=device)
+    oracle = task_b.fidelity.Oracle.load(args.oracle, device)
+    encoder = utils.load_image_encoder(utils.DEFAULT_IMAGE_ENCODER, device)
+    return task_b.Context(args, pipe, settings, oracle, encoder, out, None)
+
+
+def test_every_offered_grid_axis_runs_with_two_values(grid_ctx):
+    call, sched = task_b.sweepable(grid_ctx.pipe)
+    assert set(AXIS_VALUES) == {"scheduler", *call, *sched}
+    # clip_skip is offered only where the installed diffusers + transformers can run it (see broken_arguments).
+    assert ("clip_skip" in call) == hasattr(grid_ctx.pipe.text_encoder, "text_model")
+    for name, values in AXIS_VALUES.items():
+        grid_ctx.args.axes = [task_b.parse_axis(f"{name}={values}")]
+        task_b.check_cells(grid_ctx, task_b.grid_cells(grid_ctx))
+        cells = task_b.exp_grid(grid_ctx)
+        assert [c.get("error") for c in cells] == [None, None], name
+        assert len({c["label"] for c in cells}) == 2 and all(c["timesteps"] for c in cells), name
+
+
+@pytest.mark.parametrize("axis, message", [
+    ("height=60,64", "height must be a positive integer divisible by 8 (the VAE's latent grid), got 60"),
+    ("width=0", "width must be a positive integer divisible by 8"),
+    ("guidance_scale=-1,5", "guidance_scale must be a number >= 0, got -1"),
+    ("eta=fast", "eta must be a number >= 0 (0 = deterministic DDIM), got 'fast'"),
+    ("timestep_spacing=sideways", "timestep_spacing must be one of leading, trailing, linspace, got 'sideways'"),
+    ("timesteps=1,2", "'timesteps' takes a list (list[int]), and a grid cell holds one value per argument"),
+    ("guidance_rescale=0,0.5,-1", "guidance_rescale must be a number >= 0 (0 = off), got -1"),
+    ("num_inference_steps=2,2000", "grid cell num_inference_steps=2000 fails, so no cell ran: ValueError: "
+                                   "`num_inference_steps`: 2000 cannot be larger than"),
+])
+def test_a_bad_grid_value_is_one_line_before_any_cell_runs(tiny_sd, tmp_path, axis, message):
+    with pytest.raises(UserError) as err:
+        task_b.main(["--model", tiny_sd, "--quick", "--experiments", "grid", "--x", axis, "--outputs", str(tmp_path),
+                     "--run-name", "bad"])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert not (tmp_path / "task_b" / "bad" / "cells.json").exists()
+
+
+def test_a_run_with_a_failed_cell_ends_with_an_error_listing_it(tiny_sd, tmp_path, monkeypatch):
+    real = task_b.generate
+
+    def fails_at_two_steps(ctx, settings, *a, **k):
+        if settings["num_inference_steps"] == 2:
+            raise RuntimeError("out of memory\n" + "a long config dump\n" * 40)
+        return real(ctx, settings, *a, **k)
+
+    monkeypatch.setattr(task_b, "generate", fails_at_two_steps)
+    with pytest.raises(UserError) as err:
+        task_b.main(["--model", tiny_sd, "--quick", "--experiments", "grid", "--x", "num_inference_steps=1,2",
+                     "--outputs", str(tmp_path), "--run-name", "f", "--seeds", "1", "--n-prompts", "1"])
+    assert "\n" not in str(err.value)
+    assert str(err.value).startswith("1 of 2 cells failed (listed in ") and str(err.value).endswith(
+        "grid num_inference_steps=2: RuntimeError: out of memory")
+    run = tmp_path / "task_b" / "f"
+    cells = json.loads((run / "metrics.json").read_text())["experiments"]["grid"]
+    assert "error" not in cells[0] and cells[1]["error"] == "RuntimeError: out of memory"
+    assert "## Cells that failed" in (run / "findings.md").read_text()
+
+
+# --------------------------------------------------------------------------- issue 12: cells without effect
+def test_settings_that_cannot_change_the_image_are_marked_and_not_ranked(tiny_sd, tmp_path):
+    m = task_b.main(["--model", tiny_sd, "--quick", "--experiments", "grid", "--x", "scheduler=ddim,euler", "--y",
+                     "eta=0,1", "--outputs", str(tmp_path), "--run-name", "n", "--seeds", "2", "--n-prompts", "1"])
+    cells = {c["label"]: c for c in m["experiments"]["grid"]}
+    assert "no_effect" not in cells["scheduler=ddim eta=0"] and "no_effect" not in cells["scheduler=ddim eta=1"]
+    assert cells["scheduler=euler eta=1"]["no_effect"].startswith("euler's step() takes no eta")
+    findings = (tmp_path / "task_b" / "n" / "findings.md").read_text()
+    assert "- grid scheduler=euler eta=1: euler's step() takes no eta" in findings
+    assert "scheduler=euler eta=1" not in findings.split("## Fidelity vs time")[1].split("##")[0]  # not on the front
+    on_disk = json.loads((tmp_path / "task_b" / "n" / "metrics.json").read_text())
+    assert on_disk["experiments"]["grid"][3]["no_effect"] == cells["scheduler=euler eta=1"]["no_effect"]
+
+
+def test_same_images_or_a_negative_prompt_without_guidance_mark_no_effect(grid_ctx):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 255, (2, 8, 8, 3), dtype=np.uint8)
+    off_by_one, changed = base.copy(), base.copy()
+    off_by_one[0, 0, 0, 0] ^= 1  # float rounding between two samplers that compute the same thing
+    changed[0, 0, 0, 0] = (int(changed[0, 0, 0, 0]) + 9) % 256
+    cell = {"scheduler": "DDIMScheduler", "num_inference_steps": 2, "guidance_scale": 5.0, "fidelity_mean": 0.5}
+    cells = [dict(cell, label=name) for name in ("a", "b", "c")]
+    cells.append(dict(cell, label="d", guidance_scale=1.0, negative_prompt="red"))
+    for c, images in zip(cells, (base, off_by_one, changed, changed + 50)):
+        grid_ctx.images[c["label"] + "|t"] = images
+    task_b.mark_no_effect(grid_ctx, "t", cells)
+    assert [c.get("no_effect") for c in cells[:3]] == [None, "the same images as a", None]
+    assert cells[3]["no_effect"].startswith("a negative prompt at guidance_scale 1 is never used")
+    assert [c["label"] for c in task_b.ranked(cells)] == ["a", "c"]
+
+
+# --------------------------------------------------------------------------- issue 12: timings
+def test_time_call_warms_up_then_repeats_and_reports_the_fastest():
+    import time
+
+    calls = []
+
+    def work():
+        calls.append(len(calls))
+        time.sleep(0.002 * (len(calls) % 3))
+        return len(calls)
+
+    timing, result = utils.time_call(work, warmup=2, repeats=3)
+    assert len(calls) == 5 and result == 5  # 2 untimed warm-up calls, then 3 timed; the last result comes back
+    assert len(timing["warmup_s"]) == 2 and len(timing["times_s"]) == 3
+    assert timing["min_s"] == min(timing["times_s"]) <= timing["median_s"] == float(np.median(timing["times_s"]))
+    timing, _ = utils.time_call(lambda: time.sleep(0.01), warmup=0, repeats=1, min_seconds=0.05)
+    assert len(timing["times_s"]) >= 2 and sum(timing["times_s"]) >= 0.05  # repeats until min_seconds is timed
+    with pytest.raises(UserError, match="time_call needs repeats >= 1"):
+        utils.time_call(work, repeats=0)

@@ -145,6 +145,15 @@ def test_a_rerun_resumes_and_gives_the_same_numbers(quick_run, tiny_data, tiny_h
     assert resumed["cost"]["generate_s_per_image"] == first["cost"]["generate_s_per_image"]  # its saved cost
 
 
+def test_skipping_editing_still_writes_the_results(quick_run, tiny_data, tiny_heads, tiny_model):
+    out, _ = quick_run
+    metrics = task_e.main(_args(tiny_data, tiny_heads, tiny_model, out, "no-edits", "--n-edits", "0"))
+    report = (out / "task_e" / "no-edits" / "results.md").read_text()
+    assert metrics["editing"] is None
+    assert "## Retrieval: overall (" in report and "## Text-guided editing" not in report
+    assert not (out / "task_e" / "no-edits" / "edit_grid.png").exists()
+
+
 def test_generation_chunks_resume_only_for_the_same_prompts_seeds_and_model(tiny_pipe, tmp_path):
     pipe, settings = tiny_pipe
     seeds = task_e.query_seeds(np.array([3, 7]), 2, base=5)
