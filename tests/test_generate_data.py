@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import generate_data as gd  # noqa: E402
-from utils import UserError, load_data  # noqa: E402
+from utils import UserError, load_data, load_rgb  # noqa: E402
 
 SMALL = ["--n-pretrain", "120", "--n-train", "80", "--n-val", "0", "--n-test", "40"]
 
@@ -257,7 +257,8 @@ def test_pretrain_and_test_are_balanced(data):
     assert counts.max() / counts.min() < 1.3
     order = data["train_category_order"]
     assert sorted(order) == sorted(gd.SHAPES)
-    assert max(data["train_category_probs"]) / min(data["train_category_probs"]) == pytest.approx(100)
+    # The default tail is COCO train2017's own: person / hair drier instances.
+    assert max(data["train_category_probs"]) / min(data["train_category_probs"]) == pytest.approx(262465 / 198)
     train = Counter(c for rec in data["splits"]["train"] for c in rec["category_ids"])
     assert train.most_common(1)[0][0] == gd.SHAPES.index(order[0]) + 1  # the head category dominates
 
@@ -266,6 +267,9 @@ def test_coco_curve_is_80_sorted_counts():
     counts = gd.COCO_TRAIN2017_INSTANCES
     assert len(counts) == 80 and list(counts) == sorted(counts, reverse=True)
     assert counts[0] > 200_000 and counts[-1] < 300
+    # instances_train2017.json has 860,001 annotations; person 262,465, toaster 225, hair drier 198.
+    assert sum(counts) == 860_001 and (counts[0], counts[-2], counts[-1]) == (262_465, 225, 198)
+    assert gd.COCO_IMBALANCE == pytest.approx(1325.58, abs=0.01)
 
 
 # --------------------------------------------------------------------------- COCO source
@@ -396,3 +400,157 @@ def test_cli_prints_one_error_line_and_exits_2():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: COCO root not found: /nonexistent"]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+# --------------------------------------------------------------------------- COCO: every image a folder can hold
+def _image_files():
+    """File name -> (PIL image to save, pixel (x, y) to read back, the RGB value it must give, tolerance)."""
+    palette = Image.new("P", (6, 4), 1)
+    palette.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    palette.putpixel((0, 0), 0)
+    palette.info["transparency"] = 0  # palette index 0 is transparent: composited onto white
+    rgba = Image.fromarray(np.array([[[200, 0, 0, 0], [200, 0, 0, 255], [0, 0, 200, 128]]], np.uint8), "RGBA")
+    return {
+        "landscape.jpg": (Image.new("RGB", (64, 48), (200, 30, 30)), (10, 10), (200, 30, 30), 4),
+        "portrait.png": (Image.new("RGB", (48, 64), (30, 200, 30)), (40, 60), (30, 200, 30), 0),
+        "square_bmp.bmp": (Image.new("RGB", (64, 64), (1, 2, 3)), (0, 0), (1, 2, 3), 0),
+        "grey.png": (Image.new("L", (80, 60), 77), (5, 5), (77, 77, 77), 0),
+        "bilevel.png": (Image.new("1", (9, 9), 1), (4, 4), (255, 255, 255), 0),
+        "palette_transparent.png": (palette, (0, 0), (255, 255, 255), 0),
+        "palette_opaque_pixel.png": (palette, (3, 2), (10, 200, 30), 0),
+        "rgba_clear.png": (rgba, (0, 0), (255, 255, 255), 0),
+        "rgba_opaque.png": (rgba, (1, 0), (200, 0, 0), 0),
+        "rgba_half.png": (rgba, (2, 0), (127, 127, 228), 1),
+        "grey_alpha.png": (Image.new("LA", (5, 5), (100, 128)), (2, 2), (177, 177, 177), 1),
+        "cmyk.jpg": (Image.new("CMYK", (20, 10), (0, 255, 255, 0)), (5, 5), (255, 0, 0), 4),
+        "sixteen_bit.png": (Image.fromarray(np.full((12, 16), 40000, np.uint16)), (3, 3), (156, 156, 156), 0),
+        "int32.tif": (Image.fromarray(np.full((12, 16), 65535, np.int32)), (3, 3), (255, 255, 255), 0),
+        "float_unit.tif": (Image.fromarray(np.full((10, 10), 0.5, np.float32)), (1, 1), (128, 128, 128), 0),
+        "float_255.tif": (Image.fromarray(np.array([[100.0, 300.0]], np.float32)), (0, 0), (100, 100, 100), 0),
+        "one_pixel.png": (Image.new("RGB", (1, 1), (9, 8, 7)), (0, 0), (9, 8, 7), 0),
+        "thin.png": (Image.new("RGB", (3, 200), (50, 60, 70)), (1, 150), (50, 60, 70), 0),
+        "animated.gif": (None, (0, 0), (10, 20, 30), 0),  # written below: its first frame is read
+    }
+
+
+def _write_gif(path):
+    frames = [Image.new("P", (4, 4), 1), Image.new("P", (4, 4), 2)]
+    for f in frames:
+        f.putpalette([0, 0, 0, 10, 20, 30, 200, 100, 50] + [0] * 759)
+    frames[0].save(path, save_all=True, append_images=frames[1:])
+
+
+def _write_one_set(root, files, name="val2017", captions=None, instances=None, categories=None):
+    """A COCO set `name` of the given files (ids 1..n), declared 0x0 (sizes must come from the files)."""
+    ann = root / "annotations"
+    ann.mkdir(parents=True, exist_ok=True)
+    images = [{"id": i + 1, "file_name": f, "width": 0, "height": 0} for i, f in enumerate(files)]
+    caps = captions if captions is not None else [
+        {"id": i + 1, "image_id": i + 1, "caption": f"picture {f}"} for i, f in enumerate(files)]
+    (ann / f"captions_{name}.json").write_text(json.dumps({"images": images, "annotations": caps}))
+    (ann / f"instances_{name}.json").write_text(json.dumps({
+        "images": images, "annotations": instances or [],
+        "categories": categories or [{"id": 1, "name": "thing", "supercategory": "thing"}]}))
+    return root
+
+
+def test_coco_loads_every_size_orientation_and_mode_with_the_right_pixels(tmp_path):
+    folder = tmp_path / "coco" / "val2017"
+    folder.mkdir(parents=True)
+    files = _image_files()
+    for name, (image, *_) in files.items():
+        if image is None:
+            _write_gif(folder / name)
+        else:
+            image.save(folder / name, **({"quality": 100} if name.endswith(".jpg") else {}))
+    _write_one_set(tmp_path / "coco", list(files))
+    _coco(tmp_path, "--coco-splits", "val2017=test")
+    data = load_data(tmp_path / "out" / "data.pkl")  # absolute image paths
+    records = {Path(r["path"]).name: r for r in data["splits"]["test"]}
+    assert set(records) == set(files) and data["dropped"]["images"]["test"] == {}  # none skipped
+    for name, (image, xy, rgb, tol) in files.items():
+        rec = records[name]
+        with Image.open(rec["path"]) as im:
+            assert (rec["width"], rec["height"]) == im.size, name  # from the file, not the 0x0 declared
+        pixels = load_rgb(rec["path"])
+        assert pixels.dtype == np.uint8 and pixels.shape == (rec["height"], rec["width"], 3), name
+        np.testing.assert_allclose(pixels[xy[1], xy[0]], rgb, atol=tol, err_msg=name)
+
+
+def test_coco_skips_and_counts_truncated_and_unreadable_files(tmp_path, capsys):
+    folder = tmp_path / "coco" / "val2017"
+    folder.mkdir(parents=True)
+    noise = (np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8)
+    for name in ("good.jpg", "cut.jpg"):
+        Image.fromarray(noise).save(folder / name, quality=90)
+    Image.fromarray(noise).save(folder / "cut.png")
+    for name in ("cut.jpg", "cut.png"):
+        data = (folder / name).read_bytes()
+        (folder / name).write_bytes(data[: len(data) * 2 // 3])
+    with Image.open(folder / "cut.jpg") as im:
+        im.verify()  # verify() passes this file: only decoding it finds the cut
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    _write_one_set(tmp_path / "coco", ["good.jpg", "cut.jpg", "cut.png", "empty.jpg", "text.png", "gone.jpg"])
+    _coco(tmp_path, "--coco-splits", "val2017=test")
+    data = load_data(tmp_path / "out" / "data.pkl")  # absolute image paths
+    assert [Path(r["path"]).name for r in data["splits"]["test"]] == ["good.jpg"]
+    assert data["dropped"]["images"]["test"] == {"missing": 1, "truncated": 2, "unreadable": 2}
+    assert "test: skipped 5 of 6 images (1 missing, 2 truncated, 2 unreadable)" in capsys.readouterr().out
+    assert load_rgb(data["splits"]["test"][0]["path"]).shape == (48, 64, 3)
+
+
+def test_coco_drops_and_counts_every_malformed_annotation(tmp_path, capsys):
+    root = tmp_path / "coco"
+    for i in range(1, 4):
+        _png(root / "val2017" / f"{i}.png", (i, 0, 0))  # 8 x 6 pixels
+    captions = [
+        {"id": 1, "image_id": 1, "caption": "  a  red\nsquare "},
+        {"id": 2, "image_id": 1},                                     # missing caption
+        {"id": 3, "image_id": 1, "caption": None},                    # null
+        {"id": 4, "image_id": 1, "caption": " \t "},                  # blank
+        {"id": 5, "image_id": 1, "caption": 17},                      # not text
+        {"id": 1, "image_id": 2, "caption": "same id as the first"},  # duplicate id
+        {"id": 6, "image_id": 99, "caption": "an unknown image"},     # unknown image id
+        {"id": 7, "image_id": 2, "caption": "a dark square"},
+        {"id": 8, "image_id": 3, "caption": ""},                      # image 3 is left without captions
+        "not even a dict",                                            # missing caption
+    ]
+    cats = [{"id": 1, "name": "square", "supercategory": "shape"}, {"id": 2, "name": ""}, {"name": "no id"}]
+    instances = [
+        {"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2]},
+        {"id": 10, "image_id": 2, "category_id": 1, "bbox": [1, 1, 2, 2]},     # duplicate id
+        {"id": 11, "image_id": 98, "category_id": 1, "bbox": [1, 1, 2, 2]},    # unknown image
+        {"id": 12, "image_id": 1, "category_id": 5, "bbox": [1, 1, 2, 2]},     # unknown category
+        {"id": 13, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2]},        # malformed box
+        {"id": 14, "image_id": 1, "category_id": 1, "bbox": [1, 1, "2", 2]},   # malformed box
+        {"id": 15, "image_id": 1, "category_id": 1, "bbox": [1, 1, 0, 2]},     # no area
+        {"id": 16, "image_id": 2, "category_id": 1},                           # no box
+        {"id": 17, "image_id": 2, "category_id": 1, "bbox": [20, 1, 2, 2]},    # outside the 8 x 6 image
+        {"id": 18, "image_id": 2, "category_id": 1, "bbox": [-2, 4, 4, 5]},    # partly outside: clipped
+    ]
+    _write_one_set(root, ["1.png", "2.png", "3.png"], captions=captions, instances=instances, categories=cats)
+    ann = root / "annotations" / "captions_val2017.json"
+    doc = json.loads(ann.read_text())
+    doc["images"] += [{"id": 1, "file_name": "again.png"}, {"file_name": "no id.png"}, {"id": 4}]
+    ann.write_text(json.dumps(doc))
+    _coco(tmp_path, "--coco-splits", "val2017=test")
+    data = load_data(tmp_path / "out" / "data.pkl")  # absolute image paths
+    recs = {r["image_id"]: r for r in data["splits"]["test"]}
+    assert sorted(recs) == [1, 2]
+    assert recs[1]["captions"] == ["a red square"] and recs[2]["captions"] == ["a dark square"]
+    assert recs[1]["category_ids"] == [1] and recs[1]["bboxes"] == [[1, 1, 2, 2]]
+    assert recs[2]["category_ids"] == [1] and recs[2]["bboxes"] == [[0, 4, 2, 2]]
+    assert data["categories"] == [{"id": 1, "name": "square", "supercategory": "shape"}]
+    assert data["dropped"]["annotations"]["val2017"] == {
+        "blank caption": 2, "caption not text": 1, "caption of an unknown image id": 1,
+        "categories without id or name": 2,
+        "duplicate caption id": 1, "duplicate instance id": 1, "image entries with a duplicate id": 1,
+        "image entries without id or file name": 2, "instance of an unknown category": 1,
+        "instance of an unknown image id": 1, "malformed box": 3, "box without area": 1, "missing caption": 2,
+        "null caption": 1}
+    assert data["dropped"]["images"]["test"] == {"without captions": 1}
+    assert data["dropped"]["boxes"]["test"] == {"box clipped to the image": 1, "box outside the image": 1}
+    out = capsys.readouterr().out
+    assert "val2017: dropped 20 annotations (" in out and "test: skipped 1 of 3 images (1 without captions)" in out
+    assert "test: 1 box clipped to the image, 1 box outside the image" in out

@@ -51,6 +51,64 @@ def test_per_category_metrics_selects_queries_by_category():
     assert out["ring"]["txt2img"]["R@1"] == 0.0 and out["ring"]["train_count"] == 3
 
 
+# --------------------------------------------------------------------------- category level by hand
+def test_category_level_metrics_hand_computed():
+    # images: 0 {A}, 1 {B}, 2 {A, B}, 3 {} (no category)
+    has = np.array([[1, 0], [0, 1], [1, 1], [0, 0]], dtype=bool)
+    ranked = np.array([[1, 2, 0, 3],    # query of image 0 (A): A-images 2, 0 at ranks 2, 3; R = 2
+                       [3, 0, 1, 2],    # query of image 2 (A, B)
+                       [0, 1, 2, 3]])   # query of image 3: nothing to share, undefined
+    m = retrieval.category_level_metrics(ranked, np.array([0, 2, 3]), has, np.ones(4), ks=(1, 2, 4))
+    # overall: relevant = shares any queried category. q0: rel 0,1,1,0, R=2 -> mAP@R = (1/2) / 2
+    # q1: rel 0,1,1,1, R=3 -> (1/2 + 2/3) / 3
+    np.testing.assert_allclose(m["R@1"], [0, 0, np.nan])
+    np.testing.assert_allclose(m["R@2"], [1, 1, np.nan])
+    np.testing.assert_allclose(m["mAP@R"], [0.25, 7 / 18, np.nan])
+    by = m["by_category"]
+    # by A: q0 as above; q1 rel 0,1,0,1 with R_A = 2 -> 0.25. By B: q0 does not ask; q1 rel 0,0,1,1 -> 0 in R_B = 2
+    np.testing.assert_allclose(by["mAP@R"], [[0.25, np.nan], [0.25, 0.0], [np.nan, np.nan]])
+    np.testing.assert_allclose(by["R@2"], [[1, np.nan], [1, 0], [np.nan, np.nan]])
+    np.testing.assert_allclose(by["R@4"], [[1, np.nan], [1, 1], [np.nan, np.nan]])
+
+
+def test_category_level_counts_every_caption_of_an_image_for_img2txt():
+    # image 0 {A} queries captions owned by images 2, 1, 0, 0; A-captions: two of image 0, one of image 2: R = 3
+    has = np.array([[1, 0], [0, 1], [1, 1]], dtype=bool)
+    m = retrieval.category_level_metrics(np.array([[2, 1, 0, 0]]), np.array([0]), has, np.array([2, 1, 1]), ks=(1,))
+    np.testing.assert_allclose(m["mAP@R"], [(1 + 2 / 3) / 3])
+
+
+def test_map_at_r_equals_pytorch_metric_learning_on_single_label_data():
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, size=80)
+    centres = rng.normal(size=(5, 16))
+    img = l2_normalize(centres[labels] + rng.normal(scale=1.5, size=(80, 16)))
+    cap2img = np.repeat(np.arange(80), 2)
+    txt = l2_normalize(centres[labels[cap2img]] + rng.normal(scale=1.5, size=(160, 16)))
+    per_q = retrieval.retrieve_both(img, txt, cap2img, has=np.eye(5, dtype=bool)[labels], cat_ids=range(5))
+    ours = retrieval.summarize(per_q["category"]["txt2img"])
+    pml = AccuracyCalculator(include=("mean_average_precision_at_r", "precision_at_1"), k="max_bin_count",
+                             device=__import__("torch").device("cpu")).get_accuracy(txt, labels[cap2img], img, labels)
+    assert ours["mAP@R"] == pytest.approx(pml["mean_average_precision_at_r"], abs=1e-6)
+    assert ours["R@1"] == pytest.approx(pml["precision_at_1"], abs=1e-6)
+    assert 0.2 < ours["mAP@R"] < 0.95  # neither trivial nor perfect: the comparison can fail
+
+
+def test_per_category_metrics_report_the_category_level_beside_the_instance_level():
+    img = np.array([[1, 0], [0.9, 0.1], [0, 1]], np.float32)
+    txt = l2_normalize(np.array([[0.95, 0.05], [1, 0], [0, 1]], np.float32))  # caption 0 is image 1's twin
+    records = [{"category_ids": [7]}, {"category_ids": [7]}, {"category_ids": [9]}]
+    cap2img = np.array([0, 1, 2])
+    has = retrieval.category_matrix(records, [7, 9])
+    per_q = retrieval.retrieve_both(l2_normalize(img), txt, cap2img, has=has, cat_ids=[7, 9])
+    out = retrieval.per_category_metrics(per_q, records, cap2img, {7: "cat", 9: "dog"}, {})
+    assert out["cat"]["txt2img"]["R@1"] == 0.5  # caption 0 ranks image 1 first: an instance miss
+    assert out["cat"]["category_level"]["txt2img"]["R@1"] == 1.0  # ... but an image of the same category
+    assert out["dog"]["category_level"]["txt2img"] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0, "mAP@R": 1.0}
+
+
 # --------------------------------------------------------------------------- FAISS vs brute force
 @pytest.fixture
 def vectors():
@@ -126,6 +184,82 @@ def test_unknown_encoders():
         load_text_encoder("no-such-org/no-such-model")
 
 
+def test_offline_torchvision_weights_name_their_url_and_folder_without_a_download(tmp_path, monkeypatch):
+    import torch
+
+    from utils import load_image_encoder
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    url = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
+    with pytest.raises(UserError) as err:
+        load_image_encoder("torchvision:resnet18", "cpu")
+    assert str(err.value) == (f"cannot load 'torchvision:resnet18' offline (HF_HUB_OFFLINE): its weights come from "
+                              f"{url} and are not in torch.hub's cache; download that file while online and put it "
+                              f"at {tmp_path / 'hub' / 'checkpoints' / 'resnet18-f37072fd.pth'} (TORCH_HOME moves "
+                              "the cache)")
+    with pytest.raises(UserError, match="^unknown torchvision model 'resnet0'$"):
+        load_image_encoder("torchvision:resnet0", "cpu")
+
+
+def test_failed_torchvision_download_says_where_the_file_goes(tmp_path, monkeypatch):
+    import urllib.error
+
+    import torchvision
+
+    import utils
+
+    def unreachable(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr(utils, "_offline", lambda: False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torchvision.models, "get_model", unreachable)
+    with pytest.raises(UserError, match=r"^cannot load 'torchvision:resnet18': downloading its weights from "
+                                        r"https://download\.pytorch\.org/models/resnet18-f37072fd\.pth failed "
+                                        r"\(URLError\); .* put it at .*hub/checkpoints/resnet18-f37072fd\.pth"):
+        utils.load_image_encoder("torchvision:resnet18", "cpu")
+
+
+def test_offline_timm_weights_name_their_hub_repo(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from utils import load_image_encoder
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
+    with pytest.raises(UserError) as err:
+        load_image_encoder("timm:resnet18", "cpu")
+    message = str(err.value)
+    assert message.startswith("cannot load 'timm:resnet18' (")
+    assert "Hugging Face Hub repo timm/resnet18.a1_in1k" in message
+    assert "`hf download timm/resnet18.a1_in1k`" in message and "huggingface-cli" not in message
+    with pytest.raises(UserError, match="^unknown timm model 'resnet0'$"):
+        load_image_encoder("timm:resnet0", "cpu")
+
+
+def test_encode_images_resizes_each_image_of_any_size_and_mode_before_batching(tmp_path):
+    import torch
+    from PIL import Image
+
+    from utils import encode_images
+
+    # A "backbone" that returns each channel's mean: features are the normalised colour, checkable by hand.
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    model.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))  # encode_images reads the device from one
+    info = {"res": 32, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "dim": 3}
+    Image.new("RGB", (64, 48), (255, 0, 128)).save(tmp_path / "landscape.jpg", quality=100)
+    Image.new("L", (30, 90), 51).save(tmp_path / "portrait_grey.png")
+    images = [tmp_path / "landscape.jpg", tmp_path / "portrait_grey.png", np.full((5, 7, 3), 204, np.uint8)]
+    feats = encode_images(model, info, images, batch_size=8)
+    expected = (np.array([[255, 0, 128], [51, 51, 51], [204, 204, 204]]) / 255 - 0.5) / 0.25
+    np.testing.assert_allclose(feats, expected, atol=0.03)
+
+
 def test_cli_prints_one_line_error(tmp_path):
     out = subprocess.run([sys.executable, "retrieval.py", "--data", str(tmp_path / "x.pkl")],
                          capture_output=True, text=True, cwd=retrieval.Path(retrieval.__file__).parent)
@@ -153,6 +287,13 @@ def test_quick_run_writes_the_output_contract_and_learns(tiny_data, tmp_path):
     # Learning must beat chance clearly: a random caption finds its image in the top 10 with p = 10 / n_images.
     chance = 10 / metrics["n_eval_images"]
     assert metrics["txt2img"]["R@10"] > 3 * chance
+    for d in ("img2txt", "txt2img"):
+        assert set(on_disk["category_level"][d]) == {"R@1", "R@5", "R@10", "mAP@R"}
+        assert on_disk["category_level"][d]["R@10"] >= on_disk[d]["R@10"]  # any image of the category counts
+    assert all(set(c["category_level"]["txt2img"]) == {"R@1", "R@5", "R@10", "mAP@R"}
+               for c in on_disk["per_category"].values())
+    assert on_disk["figures"] == {"per_category.png": "written"}
+    assert "same category" in (run / "results.md").read_text()
     assert (run / "per_category.png").stat().st_size > 0 and (run / "heads.pt").is_file()
     heads, meta = retrieval.load_heads(run / "heads.pt")
     assert meta["dim"] == 256 and meta["image_encoder"] == "efficientnet-lite0"
@@ -163,3 +304,20 @@ def test_training_is_deterministic(tiny_data, tmp_path):
                             "--val-split", "", "--run-name", f"r{i}"]) for i in range(2)]
     assert runs[0]["txt2img"] == runs[1]["txt2img"]
     assert runs[0]["history"] == runs[1]["history"]
+
+
+def test_a_failing_figure_is_one_warning_line_after_metrics_and_latest(tiny_data, tmp_path, monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise TypeError("Cannot use scipy.linalg.eigh for sparse A with k >= N. Use scipy.linalg.eigh(A.toarray())")
+
+    monkeypatch.setattr(retrieval, "plot_per_category", broken)
+    metrics = retrieval.main(["--data", str(tiny_data), "--quick", "--epochs", "1", "--max-eval", "20",
+                              "--outputs", str(tmp_path), "--run-name", "broken"])
+    run = tmp_path / "retrieval" / "broken"
+    assert (tmp_path / "retrieval" / "latest").resolve() == run.resolve()
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk["txt2img"] == metrics["txt2img"] and not (run / "per_category.png").exists()
+    assert on_disk["figures"]["per_category.png"].startswith("failed: TypeError: Cannot use scipy.linalg.eigh")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "per_category.png" in line]
+    assert warnings == ["warning: per_category.png not written (TypeError: Cannot use scipy.linalg.eigh for sparse A "
+                        "with k >= N. Use scipy.linalg.eigh(A.toarray()))"]

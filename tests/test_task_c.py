@@ -10,10 +10,12 @@ import pytest
 
 import generate_data
 import task_c
-from test_generate_data import _png  # the COCO fixture helper that writes a small PNG
+from conftest import make_coco_world as make_coco  # also imported from here by test_task_d
 from utils import UserError
 
-TARGET_KEYS = {"category", "category_id", "train_count", "txt2img_R@10", "img2txt_R@10", "hit@1", "txt2img_R@10_ci95"}
+TARGET_KEYS = {"category", "category_id", "train_count", "txt2img_R@10", "img2txt_R@10", "hit@1", "txt2img_mAP@R",
+               "txt2img_R@10_ci95", "value", "value_ci95", "gap_to_others", "gap_ci95", "separated"}
+SHAPES_WORDS = re.compile(r"shape|colou?r|size, count|position", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------- a quick run on tiny data
@@ -37,16 +39,21 @@ def test_quick_run_writes_problem_targets_metrics_and_figures(quick_run):
     assert (out / "retrieval" / "task_c-q" / "heads.pt").is_file()
 
     targets = json.loads((run / "targets.json").read_text())
-    assert targets["k"] == 3 and len(targets["targets"]) == 3
-    assert targets["rule"] == "the 3 categories with the lowest txt2img Recall@10 on the test split"
+    assert targets["k"] == 3 and 1 <= len(targets["targets"]) <= 3
+    assert targets["rule_name"] == "bottom-txt2img-R@10" and targets["rule_reason"].startswith("auto: ")
+    assert targets["rule"] == "the 3 categories with the lowest txt2img Recall@10 (instance level) on the test split"
     assert targets["metric"] == "txt2img_R@10"
     assert targets["baseline_run"] == str((out / "retrieval" / "task_c-q").resolve())
     for t in targets["targets"]:
         assert set(t) == TARGET_KEYS and isinstance(t["train_count"], int)
         assert t["txt2img_R@10_ci95"][0] <= t["txt2img_R@10"] <= t["txt2img_R@10_ci95"][1]
-    per_cat = metrics["per_category"]
-    weakest = sorted(per_cat, key=lambda n: per_cat[n]["txt2img"]["R@10"])[:3]
-    assert sorted(t["category"] for t in targets["targets"]) == sorted(weakest)
+        assert t["value"] == t["txt2img_R@10"] and t["gap_ci95"][0] <= t["gap_to_others"] <= t["gap_ci95"][1]
+    rows = {r["category"]: r for r in metrics["categories"]}
+    separable = sorted((r for r in rows.values() if r["separated"]), key=lambda r: r["value"])
+    assert targets["separable"] == [r["category"] for r in separable]
+    assert all(rows[n]["gap_ci95"][1] < 0 for n in targets["separable"])
+    expected = separable[:3] or sorted(rows.values(), key=lambda r: r["value"])[:3]  # lowest when none separable
+    assert [t["category"] for t in targets["targets"]] == [r["category"] for r in expected]
 
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["n_eval_images"] == 200 and on_disk["n_bootstrap"] == 100
@@ -60,7 +67,16 @@ def test_quick_run_writes_problem_targets_metrics_and_figures(quick_run):
     rows = [line.split(",") for line in (run / "confusion.csv").read_text().splitlines()]
     assert len(rows) == 13 and all(abs(sum(map(float, r[2:])) - 1) < 1e-3 for r in rows[1:] if int(r[1]) > 0)
 
+    for d in ("img2txt", "txt2img"):
+        assert set(on_disk["overall"]["category_level"][d]) == {"R@1", "R@5", "R@10", "mAP@R"}
+        # category level: any image of the category counts, so it is never below instance level
+        assert on_disk["overall"]["category_level"][d]["R@10"] >= on_disk["overall"][d]["R@10"]
+    assert on_disk["figures"] == {"confusion.png": "written", "recall_vs_frequency.png": "written"}
+
     problem = (run / "problem.md").read_text()
+    # shapes data: its own words (shape confusions, colour/size/count/position errors) come from what it has
+    assert "colour, size, count or position" in problem and "shape confusion" in problem
+    assert on_disk["vocabulary"]["attributes"] == ["colour", "size", "count", "position"]
     rho = on_disk["spearman"]["txt2img"]["rho"]
     assert f"Spearman rho = {rho:.3f}" in problem and task_c.describe_correlation(on_disk["spearman"]["txt2img"]) in problem
     assert all(f"**{t['category']}**" in problem for t in targets["targets"])
@@ -141,33 +157,76 @@ def test_confusion_matrix_and_hit_at_1_on_a_hand_built_ranking():
     np.testing.assert_allclose(task_c.category_hit_at_1(top1, query_img, has), [0.75, 0, 0])
 
 
-# --------------------------------------------------------------------------- targets rule
-def _cat(train, t2i, i2t, n_eval=10):
-    return {"train_count": train, "n_eval_images": n_eval, "txt2img": {"R@10": t2i}, "img2txt": {"R@10": i2t}}
+# --------------------------------------------------------------------------- separation and targets
+def test_gap_to_the_other_categories_and_its_ci_by_hand():
+    np.testing.assert_allclose(task_c.minus_others(np.array([0.1, 0.5, 0.9, np.nan])), [-0.6, 0.0, 0.6, np.nan])
+    assert np.isnan(task_c.minus_others(np.array([0.3, np.nan]))).all()  # no other category to compare with
+    # Category 0 is always 0.5 below the others; category 2 swings around them: only 0 is separated.
+    boot = np.array([[0.2, 0.7, 0.9], [0.3, 0.8, 0.5], [0.1, 0.6, 0.7], [0.25, 0.75, 0.6]])
+    gap, ci = task_c.separation(np.array([0.2, 0.7, 0.7]), boot)
+    np.testing.assert_allclose(gap, [-0.5, 0.25, 0.25])
+    assert ci[0, 1] < 0 and ci[2, 0] < 0 < ci[2, 1]
 
 
-PER_CAT = {"star": _cat(500, 0.70, 0.30), "ring": _cat(5, 0.60, 0.90), "cross": _cat(50, 0.20, 0.80),
-           "heart": _cat(20, 0.40, 0.10), "moon": _cat(1, float("nan"), float("nan"), n_eval=0)}
+def test_per_image_category_sums_leave_out_what_a_query_does_not_ask():
+    values = np.array([[1.0, np.nan], [0.0, 0.5], [np.nan, 1.0]])
+    sums, counts = task_c.per_image_category_sums(values, np.array([0, 0, 1]), 2)
+    np.testing.assert_array_equal(sums, [[1.0, 0.5], [0.0, 1.0]])
+    np.testing.assert_array_equal(counts, [[2, 1], [0, 1]])
+    boot = task_c.bootstrap_category_recall(sums, counts, None, 50, seed=0)
+    assert boot.shape == (50, 2) and np.nanmax(boot[:, 0]) == 0.5
+
+
+def test_shared_captions_and_the_instance_ceiling():
+    caps = ["a photo of a cat", "A photo of a  cat", "a photo of a cat", "a red star"]
+    owner = np.array([0, 1, 2, 3])
+    assert task_c.shared_caption_share(caps, owner) == 0.75
+    assert task_c.instance_ceiling(caps, owner, k=1) == pytest.approx((3 * (1 / 3) + 1) / 4)
+    assert task_c.resolve_rule("auto", 0.75)[0] == "bottom-txt2img-mAP@R"
+    assert task_c.resolve_rule("auto", 0.1)[0] == "bottom-txt2img-R@10"
+    assert task_c.resolve_rule("rarest", 0.9) == ("rarest", "chosen with --rule")
+
+
+def _row(name, train, t2i, i2t, separated=False, n_eval=10):
+    return {"category": name, "train_count": train, "n_eval_images": n_eval, "txt2img_R@10": t2i,
+            "img2txt_R@10": i2t, "hit@1": t2i, "txt2img_mAP@R": t2i, "separated": separated}
+
+
+ROWS = [_row("star", 500, 0.70, 0.30), _row("ring", 5, 0.60, 0.90), _row("cross", 50, 0.20, 0.80, separated=True),
+        _row("heart", 20, 0.40, 0.10, separated=True), _row("moon", 1, float("nan"), float("nan"), n_eval=0)]
 
 
 @pytest.mark.parametrize("rule, k, expected", [
-    ("bottom-txt2img-R@10", 2, ["cross", "heart"]),
-    ("bottom-img2txt-R@10", 2, ["heart", "star"]),
+    ("bottom-txt2img-R@10", 1, ["cross"]),
+    ("bottom-txt2img-R@10", 3, ["cross", "heart"]),  # only two are separable: fewer targets, never filler
     ("rarest", 3, ["ring", "heart", "cross"]),  # moon is rarer but has no test images: nothing to measure
-    ("bottom-txt2img-R@10", 4, ["cross", "heart", "ring", "star"]),
 ])
-def test_pick_targets_takes_the_bottom_k(rule, k, expected):
-    assert task_c.pick_targets(PER_CAT, rule, k) == expected
+def test_pick_targets_takes_the_separable_bottom_k(rule, k, expected):
+    assert task_c.pick_targets(ROWS, rule, k)[0] == expected
+
+
+def test_pick_targets_says_when_nothing_is_separable():
+    rows = [dict(r, separated=False) for r in ROWS]
+    chosen, separable = task_c.pick_targets(rows, "bottom-img2txt-R@10", 2)
+    assert chosen == ["heart", "star"] and separable == []
+    args = task_c.argparse.Namespace(k_targets=2, eval_split="test", data="d.pkl")
+    rows = [dict(r, category_id=1, value=r["img2txt_R@10"], value_ci95=None, gap_to_others=None, gap_ci95=None,
+                 **{"txt2img_R@10_ci95": None}) for r in rows]
+    record = task_c.targets_record(rows, chosen, separable, "bottom-img2txt-R@10", "chosen with --rule", args,
+                                   task_c.Path("r"))
+    assert record["n_separable"] == 0 and record["selection"].startswith("no category's 95% CI")
+    assert "not a demonstrated weakness" in record["selection"]
 
 
 def test_rarest_breaks_ties_by_lower_recall():
-    per_cat = {"a": _cat(5, 0.9, 0.5), "b": _cat(5, 0.3, 0.5), "c": _cat(9, 0.1, 0.1)}
-    assert task_c.pick_targets(per_cat, "rarest", 2) == ["b", "a"]
+    rows = [_row("a", 5, 0.9, 0.5), _row("b", 5, 0.3, 0.5), _row("c", 9, 0.1, 0.1)]
+    assert task_c.pick_targets(rows, "rarest", 2)[0] == ["b", "a"]
 
 
 # --------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("flags, message", [
-    (["--rule", "worst"], "unknown --rule 'worst'; choose one of bottom-txt2img-R@10, bottom-img2txt-R@10, rarest"),
+    (["--rule", "worst"], "unknown --rule 'worst'; choose one of bottom-txt2img-R@10, bottom-img2txt-R@10, "
+                          "bottom-txt2img-mAP@R, bottom-hit@1, rarest, auto"),
     (["--k-targets", "0"], "--k-targets must be >= 1, got 0"),
     (["--bootstrap", "0"], "--bootstrap must be >= 1, got 0"),
 ])
@@ -193,51 +252,66 @@ def test_cli_prints_one_line_error(tmp_path):
                          cwd=task_c.Path(task_c.__file__).parent, timeout=60)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [
-        "error: unknown --rule 'worst'; choose one of bottom-txt2img-R@10, bottom-img2txt-R@10, rarest"]
+        "error: unknown --rule 'worst'; choose one of bottom-txt2img-R@10, bottom-img2txt-R@10, bottom-txt2img-mAP@R, "
+        "bottom-hit@1, rarest, auto"]
 
 
-# --------------------------------------------------------------------------- COCO-format data
-COCO_CATEGORIES = [{"id": 1, "name": "person", "supercategory": "person"},
-                   {"id": 3, "name": "car", "supercategory": "vehicle"},
-                   {"id": 18, "name": "dog", "supercategory": "animal"}]
-COLOURS = {1: (200, 40, 40), 3: (40, 200, 40), 18: (40, 40, 200)}
+# --------------------------------------------------------------------------- which data: the run's own
+def test_the_data_defaults_to_the_runs_and_a_mismatch_is_one_line(tmp_path, quick_run, tiny_data):
+    out, first = quick_run
+    shapes_run = out / "retrieval" / "task_c-q"
+    again = task_c.main(["--retrieval-run", str(shapes_run), "--quick", "--outputs", str(out), "--run-name", "nodata"])
+    assert again["data"] == str(tiny_data.resolve()) and again["targets"]["targets"] == first["targets"]["targets"]
 
-
-def make_coco(root, n_train=24, n_val=24):
-    """A tiny COCO folder: each image holds 1-2 of person/car/dog (non-contiguous ids, as in COCO), coloured
-    by its first category, with 5 captions naming its categories."""
-    ann = root / "annotations"
-    ann.mkdir(parents=True)
-    for name, ids in (("train2017", range(1, n_train + 1)), ("val2017", range(1000, 1000 + n_val))):
-        images, captions, instances = [], [], []
-        for i in ids:
-            cats = [COCO_CATEGORIES[i % 3]["id"]] + ([COCO_CATEGORIES[(i // 3) % 3]["id"]] if i % 2 else [])
-            cats = list(dict.fromkeys(cats))
-            images.append({"id": i, "file_name": f"{i:012d}.png", "width": 8, "height": 6})
-            words = " and a ".join(c["name"] for c in COCO_CATEGORIES if c["id"] in cats)
-            captions += [{"id": 10 * i + k, "image_id": i, "caption": f"photo {k} of a {words}"} for k in range(5)]
-            instances += [{"id": 100 * i + j, "image_id": i, "category_id": c, "bbox": [0, 0, 4, 3], "area": 12,
-                           "iscrowd": 0} for j, c in enumerate(cats)]
-            _png(root / name / f"{i:012d}.png", COLOURS[cats[0]])
-        (ann / f"captions_{name}.json").write_text(json.dumps({"images": images, "annotations": captions}))
-        (ann / f"instances_{name}.json").write_text(json.dumps(
-            {"images": images, "annotations": instances, "categories": COCO_CATEGORIES}))
-    return root
-
-
-def test_runs_on_a_coco_format_pickle(tmp_path, quick_run):
     make_coco(tmp_path / "coco")
     generate_data.main(["--source", "coco", "--coco-root", str(tmp_path / "coco"), "--out", str(tmp_path / "data"),
                         "--workers", "1"])
-    shapes_run = quick_run[0] / "retrieval" / "task_c-q"  # has heads, but trained on the shapes data
+    coco = tmp_path / "data" / "data.pkl"
+    with pytest.raises(UserError, match=f"^--data {re.escape(str(coco))} is not the data {re.escape(str(shapes_run))} "
+                                        "was trained on "):
+        task_c.main(["--data", str(coco), "--retrieval-run", str(shapes_run), "--quick", "--outputs", str(tmp_path)])
+    assert not (tmp_path / "retrieval").exists()  # never a silent retrain
+    proc = subprocess.run([sys.executable, "task_c.py", "--data", str(coco), "--retrieval-run", str(shapes_run)],
+                          capture_output=True, text=True, cwd=task_c.Path(task_c.__file__).parent, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_a_failing_figure_is_one_warning_and_the_results_stay(quick_run, tiny_data, monkeypatch, capsys):
+    out, _ = quick_run
+
+    def broken(*args, **kwargs):
+        raise TypeError("Cannot use scipy.linalg.eigh for sparse A with k >= N.\nsecond line")
+
+    monkeypatch.setattr(task_c, "plot_confusion", broken)
+    monkeypatch.setattr(task_c.retrieval, "plot_umap", broken)
+    m = task_c.main(["--retrieval-run", str(out / "retrieval" / "task_c-q"), "--quick", "--outputs", str(out),
+                     "--run-name", "broken", "--bootstrap", "20"])
+    run = out / "task_c" / "broken"
+    assert (out / "task_c" / "latest").resolve() == run.resolve()
+    on_disk = json.loads((run / "metrics.json").read_text())
+    assert on_disk["figures"]["confusion.png"].startswith("failed: TypeError: Cannot use scipy")
+    assert on_disk["figures"]["recall_vs_frequency.png"] == "written" and not (run / "confusion.png").exists()
+    assert (run / "problem.md").is_file() and (run / "targets.json").is_file() and m["targets"]["targets"]
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: confusion.png not written (TypeError: Cannot use scipy.linalg.eigh for sparse A "
+                        "with k >= N.)"]
+
+
+# --------------------------------------------------------------------------- COCO-format data
+def test_runs_on_a_coco_format_pickle_in_its_own_words(tmp_path):
+    make_coco(tmp_path / "coco")
+    generate_data.main(["--source", "coco", "--coco-root", str(tmp_path / "coco"), "--out", str(tmp_path / "data"),
+                        "--workers", "1"])
     metrics = task_c.main(["--data", str(tmp_path / "data" / "data.pkl"), "--quick", "--k-targets", "2",
                            "--outputs", str(tmp_path / "out"), "--run-name", "coco",
-                           "--retrieval-run", str(shapes_run)])
+                           "--retrieval-run", str(tmp_path / "out" / "no-run")])
     assert metrics["baseline_run"] == str((tmp_path / "out" / "retrieval" / "task_c-coco").resolve())
     assert set(metrics["per_category"]) == {"person", "car", "dog"}
     assert {r["category_id"] for r in metrics["categories"]} == {1, 3, 18}
     assert all(r["train_count"] > 0 for r in metrics["categories"])
     targets = json.loads((tmp_path / "out" / "task_c" / "coco" / "targets.json").read_text())
-    assert len(targets["targets"]) == 2 and {t["category"] for t in targets["targets"]} <= {"person", "car", "dog"}
+    assert 1 <= len(targets["targets"]) <= 2 and {t["category"] for t in targets["targets"]} <= {"person", "car", "dog"}
     assert metrics["spearman"]["txt2img"]["n_categories"] == 3
-    assert (tmp_path / "out" / "task_c" / "coco" / "problem.md").is_file()
+    problem = (tmp_path / "out" / "task_c" / "coco" / "problem.md").read_text()
+    assert metrics["vocabulary"]["attributes"] == [] and not SHAPES_WORDS.search(problem)
+    assert "category confusion" in problem or "no category substitutions" in problem
