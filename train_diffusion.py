@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils import (DEFAULT_DATA, REPO, UserError, check, cli, git_commit, image_grid, library_versions, load_data,
-                   pick_device, pick_dtype, set_seed, write_json)
+                   pick_device, pick_dtype, set_seed, write_json, write_text)
 
 DEFAULT_OUT = REPO / "models" / "shapes-sd-tiny"
 CHECKPOINTS = REPO / "checkpoints"
@@ -58,6 +58,26 @@ SAMPLE_PROMPTS = (
     "a large cyan ring in the center",
     "a pink arrow below a green cross",
 )
+# Designs compared by `python train_diffusion.py study` (each a set of flag defaults; explicit flags win).
+# Sizes come from the measured cost per UNet step (issue 10, fact 3): 16x16x4 latents with attention at the two
+# lower levels cost 0.42 s per batch-32 step on 2 cores; 32x32x4 with attention only at 8x8 and 4x4, 0.71 s.
+DESIGNS = {
+    "latent-f4": dict(vae_channels="16,32,64", latent_channels=4, unet_channels="32,64,96", attn_levels=2,
+                      object_weight=0.0),
+    "latent-f2": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128", attn_levels=2,
+                      object_weight=0.0),
+    "latent-f2-objw": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128", attn_levels=2,
+                           object_weight=10.0),
+}
+DESIGN_NOTES = {
+    "latent-f4": "today's model: f=4 AutoencoderKL (64 px -> 16x16x4), plain min-SNR v-loss",
+    "latent-f2": "f=2 AutoencoderKL (64 px -> 32x32x4): objects of 11-19 px stay 6-10 latent pixels wide",
+    "latent-f2-objw": "f=2 as above, and the diffusion loss inside the (dilated) object boxes weighted 11x, "
+                      "normalised per image, so the objects (~5% of the pixels) get the capacity",
+}
+# Settings in a checkpoint folder that a resume must match (weights of another shape cannot be loaded).
+ARCH_KEYS = ("vae_channels", "latent_channels", "text_hidden", "text_layers", "text_heads", "unet_channels",
+             "unet_layers", "attn_head_dim", "attn_levels", "prediction_type")
 QUICK = dict(max_images=64, vae_channels="8,16", vae_crop=0, vae_steps=4, vae_batch_size=8, text_hidden=32,
              text_layers=1, text_heads=2, unet_channels="32,64", unet_layers=1, attn_head_dim=8, max_steps=4,
              batch_size=8, warmup_steps=1, ckpt_every=2, sample_every=0, sample_steps=2, eval_images=16, threads=1)
@@ -104,6 +124,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "convolution only, the others have self- and cross-attention")
     net.add_argument("--unet-layers", type=int, default=1, help="UNet resnet layers per block (>= 1)")
     net.add_argument("--attn-head-dim", type=int, default=32, help="UNet attention head size (divides each width)")
+    net.add_argument("--attn-levels", type=int, default=0,
+                     help="UNet levels, counted from the lowest resolution, with self- and cross-attention "
+                          "(0: every level but the first)")
+    net.add_argument("--design", default=None,
+                     help=f"a named design from the study, setting the flags above it names: {', '.join(DESIGNS)}")
     train = parser.add_argument_group("diffusion training")
     train.add_argument("--max-steps", type=int, default=2500,
                        help="UNet optimiser steps; the cosine schedule ends here (> 0)")
@@ -121,6 +146,17 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="UNet target: v_prediction (default; its x0 estimate stays sane at high noise early in "
                             "training, where epsilon's is amplified up to 1/sqrt(alpha_bar) ~ 150x) or epsilon")
     train.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR loss weighting gamma (0: plain MSE)")
+    train.add_argument("--object-weight", type=float, default=0.0,
+                       help="extra weight of the diffusion loss inside the dilated object boxes (0: plain loss); "
+                            "the per-pixel weight 1 + w*inside is normalised to mean 1 in every image")
+    train.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
+                       help="after warm-up: cosine decay to 5%% at --max-steps, or constant (for time budgets)")
+    train.add_argument("--cpu-minutes", type=float, default=0,
+                       help="stop the UNet stage after this much process CPU time, all threads summed, carried "
+                            "over resumes (0: no limit); fair under shared cores, unlike --max-minutes")
+    train.add_argument("--snapshot-cpu-minutes", default="",
+                       help="comma-separated CPU-minute marks at which an EMA pipeline is saved to "
+                            "<ckpt-dir>/snapshots/cpuNNN (the points of a learning curve)")
     train.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every this many steps (> 0)")
     train.add_argument("--sample-every", type=int, default=400, help="samples grid every this many steps (0: never)")
     sample = parser.add_argument_group("sampling (grids and the recommended setting)")
@@ -136,9 +172,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     run.add_argument("--quick", action="store_true",
                      help="tiny models, a few steps, 64 images: the whole script in < 60 s on CPU (for tests)")
     args = parser.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            if parser.get_default(key) == getattr(args, key):  # flags given explicitly win over --quick
+    design = {}
+    if args.design is not None:
+        check(args.design in DESIGNS, f"unknown design {args.design!r}; valid: {', '.join(DESIGNS)}")
+        design = DESIGNS[args.design]
+    # Explicit flags win over a design, and a design over --quick (which only shrinks what the design leaves).
+    for preset in (design, {k: v for k, v in QUICK.items() if k not in design} if args.quick else {}):
+        for key, value in preset.items():
+            if parser.get_default(key) == getattr(args, key):
                 setattr(args, key, value)
     check_args(args)
     return args
@@ -161,7 +202,7 @@ def check_args(args: argparse.Namespace) -> None:
                  "attn_head_dim"):
         value = getattr(args, name)
         check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("max_images", "vae_crop", "decoder_minutes", "warmup_steps", "sample_every", "threads", "seed",
+    for name in ("attn_levels", "object_weight", "cpu_minutes", "max_images", "vae_crop", "decoder_minutes", "warmup_steps", "sample_every", "threads", "seed",
                  "max_minutes", "vae_minutes", "kl_weight", "weight_decay", "snr_gamma"):
         value = getattr(args, name)
         check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
@@ -176,12 +217,38 @@ def check_args(args: argparse.Namespace) -> None:
     args.unet_widths = _widths(args.unet_channels, "--unet-channels")
     for width in args.unet_widths:
         check(width % args.attn_head_dim == 0, f"--attn-head-dim {args.attn_head_dim} must divide UNet width {width}")
+    check(args.attn_levels < len(args.unet_widths),
+          f"--attn-levels {args.attn_levels} must be below the {len(args.unet_widths)} UNet levels")
+    args.snapshot_marks = _marks(args.snapshot_cpu_minutes)
     args.ckpt_dir = args.ckpt_dir or CHECKPOINTS / args.out.name
 
 
+def _marks(text: str) -> tuple[float, ...]:
+    try:
+        marks = tuple(sorted(float(v) for v in text.split(",") if v.strip()))
+    except ValueError:
+        raise UserError(f"--snapshot-cpu-minutes must be comma-separated minutes, got {text!r}") from None
+    check(all(m > 0 for m in marks), f"--snapshot-cpu-minutes must be > 0, got {text!r}")
+    return marks
+
+
+def check_architecture(args) -> None:
+    """Refuse, in one line, to resume a checkpoint folder that was made for another architecture."""
+    path = args.ckpt_dir / "architecture.json"
+    now = {k: getattr(args, k) for k in ARCH_KEYS}
+    if not path.is_file():
+        write_json(path, now)
+        return
+    saved = json.loads(path.read_text())
+    diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})" for k in ARCH_KEYS if saved.get(k) != now[k]]
+    check(not diff, f"{args.ckpt_dir} holds a model trained with {'; '.join(diff)}: pass the same flags (or "
+                    f"--design), --fresh to start over, or another --ckpt-dir")
+
+
 # --------------------------------------------------------------------------- 1. data and tokenizer
-def load_images_and_captions(args) -> tuple[torch.Tensor, list[list[str]], torch.Tensor | None]:
-    """Training images (uint8 N x 3 x H x W), their captions, and held-out images for the PSNR (or None)."""
+def load_images_and_captions(args) -> tuple[torch.Tensor, list[list[str]], torch.Tensor | None, list[list]]:
+    """Training images (uint8 N x 3 x H x W), their captions, held-out images for the PSNR (or None), and each
+    training image's object boxes ([x, y, w, h] in pixels, COCO order; empty where the data has none)."""
     from PIL import Image
 
     records = []
@@ -207,7 +274,28 @@ def load_images_and_captions(args) -> tuple[torch.Tensor, list[list[str]], torch
     images = read(records)
     eval_images = read(held_out) if held_out else None
     captions = [[" ".join(c.lower().split()) for c in r["captions"]] for r in records]
-    return images, captions, eval_images
+    boxes = [list(r.get("bboxes") or []) for r in records]
+    return images, captions, eval_images, boxes
+
+
+def object_masks(boxes: list[list], image_side: int, latent_side: int, dilate: int = 1) -> torch.Tensor:
+    """uint8 (N, 1, latent_side, latent_side): 1 inside each image's object boxes, grown by `dilate` latent pixels.
+
+    Args:
+        boxes: per image, COCO boxes [x, y, w, h] in pixels of an image_side x image_side image.
+        image_side: image side in pixels.
+        latent_side: side of the grid the loss is computed on.
+        dilate: latent pixels added on every side (the anti-aliased edge and the shape's outline).
+    """
+    scale = latent_side / image_side
+    masks = torch.zeros(len(boxes), 1, latent_side, latent_side, dtype=torch.uint8)
+    for i, image_boxes in enumerate(boxes):
+        for x, y, w, h in image_boxes:
+            x0, y0 = max(0, math.floor(x * scale) - dilate), max(0, math.floor(y * scale) - dilate)
+            x1 = min(latent_side, math.ceil((x + w) * scale) + dilate)
+            y1 = min(latent_side, math.ceil((y + h) * scale) + dilate)
+            masks[i, 0, y0:y1, x0:x1] = 1
+    return masks
 
 
 def build_tokenizer(captions: list[list[str]], folder: Path):
@@ -448,12 +536,14 @@ def make_unet(args, latent_side: int):
     from diffusers import UNet2DConditionModel
 
     levels = len(args.unet_widths)
+    attn = args.attn_levels or levels - 1
     return UNet2DConditionModel(
         sample_size=latent_side, in_channels=args.latent_channels, out_channels=args.latent_channels,
         block_out_channels=args.unet_widths, layers_per_block=args.unet_layers,
-        # No attention at the full latent resolution (its self-attention costs most); text enters below it.
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        # Attention only at the `attn` lowest resolutions (self-attention at 32x32 costs 3x the whole step,
+        # fact 3 of issue 10); text enters there.
+        down_block_types=("DownBlock2D",) * (levels - attn) + ("CrossAttnDownBlock2D",) * attn,
+        up_block_types=("CrossAttnUpBlock2D",) * attn + ("UpBlock2D",) * (levels - attn),
         cross_attention_dim=args.text_hidden, attention_head_dim=args.attn_head_dim,
         norm_num_groups=math.gcd(32, *args.unet_widths))
 
@@ -484,6 +574,8 @@ def lr_lambda(args):
     def fn(step: int) -> float:
         if step < args.warmup_steps:
             return (step + 1) / args.warmup_steps
+        if args.lr_schedule == "constant":
+            return 1.0
         progress = min(1.0, (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps))
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
     return fn
@@ -492,12 +584,13 @@ def lr_lambda(args):
 class Trainer:
     """Joint CLIPTextModel + UNet training on precomputed latents, with EMA, checkpoints and sample grids."""
 
-    def __init__(self, args, tokenizer, vae, latents, captions, device):
+    def __init__(self, args, tokenizer, vae, latents, captions, device, masks: torch.Tensor | None = None):
         from diffusers.training_utils import EMAModel
 
         self.args, self.tokenizer, self.vae, self.device = args, tokenizer, vae, device
         self.mean, self.std = latents["mean"], latents["std"]
         self.scaling = latents["scaling_factor"]
+        self.masks = masks  # uint8 N x 1 x s x s object masks, for --object-weight
         self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in _chunks_of_five(captions)])  # N x 5 x L
         self.empty = tokenize(tokenizer, [""])[0]
         self.text_encoder = make_text_encoder(args, tokenizer).to(device).train()
@@ -510,7 +603,7 @@ class Trainer:
         self.ema_unet = EMAModel(self.unet.parameters(), **ema)
         self.ema_text = EMAModel(self.text_encoder.parameters(), **ema)
         self.gen = torch.Generator().manual_seed(args.seed + 1)
-        self.step, self.seconds, self.log = 0, 0.0, []
+        self.step, self.seconds, self.cpu_seconds, self.log = 0, 0.0, 0.0, []
         self.autocast = pick_dtype(device, args.dtype) if device.type == "cuda" else None
         self.alphas = self.noise_scheduler.alphas_cumprod.to(device)
         self.state_path = args.ckpt_dir / "state.pt"
@@ -524,7 +617,7 @@ class Trainer:
                      "ema_unet": self.ema_unet.state_dict(), "ema_text": self.ema_text.state_dict(),
                      "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
                      "torch_rng": torch.get_rng_state(), "step": self.step, "seconds": self.seconds,
-                     "log": self.log}, self.state_path)
+                     "cpu_seconds": self.cpu_seconds, "log": self.log}, self.state_path)
 
     def load(self) -> None:
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
@@ -534,6 +627,7 @@ class Trainer:
         self.opt.load_state_dict(state["opt"]); self.sched.load_state_dict(state["sched"])
         self.gen.set_state(state["gen"]); torch.set_rng_state(state["torch_rng"])
         self.step, self.seconds, self.log = state["step"], state["seconds"], state["log"]
+        self.cpu_seconds = state.get("cpu_seconds", state["seconds"])
 
     # ---- one step
     def batch(self):
@@ -547,17 +641,25 @@ class Trainer:
         latents = (self.mean[idx].float() + self.std[idx].float() * eps) * self.scaling
         noise = torch.randn(latents.shape, generator=self.gen)
         t = torch.randint(self.noise_scheduler.config.num_train_timesteps, (args.batch_size,), generator=self.gen)
-        return latents.to(self.device), ids.to(self.device), noise.to(self.device), t.to(self.device)
+        weight = None
+        if args.object_weight:
+            weight = 1 + args.object_weight * self.masks[idx].float()
+            weight = weight / weight.mean((1, 2, 3), keepdim=True)  # every image counts the same in the batch
+            weight = weight.to(self.device)
+        return latents.to(self.device), ids.to(self.device), noise.to(self.device), t.to(self.device), weight
 
     def train_step(self) -> float:
-        latents, ids, noise, t = self.batch()
+        latents, ids, noise, t, weight = self.batch()
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             cond = self.text_encoder(ids)[0]
             pred = self.unet(noisy, t, cond).sample
         v_pred = self.args.prediction_type == "v_prediction"
         target = self.noise_scheduler.get_velocity(latents, noise, t) if v_pred else noise
-        loss = F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
+        loss = F.mse_loss(pred.float(), target, reduction="none")
+        if weight is not None:
+            loss = loss * weight
+        loss = loss.flatten(1).mean(1)
         if self.args.snr_gamma:
             # min-SNR-gamma (Hang et al. 2023): down-weights easy low-noise steps; converges faster.
             from diffusers.training_utils import compute_snr
@@ -573,15 +675,21 @@ class Trainer:
         self.step += 1
         return float(loss)
 
+    def cpu_budget_left(self) -> bool:
+        return not self.args.cpu_minutes or self.cpu_seconds < 60 * self.args.cpu_minutes
+
     def run(self, deadline: float) -> bool:
-        """Train until --max-steps or the deadline; returns True when the step budget is done."""
+        """Train until --max-steps, --cpu-minutes or the deadline; returns True when the step budget is done."""
         args = self.args
         bar = tqdm(total=args.max_steps, initial=self.step, desc="unet+text")
         start, recent = time.time() - self.seconds, []
+        cpu_start = time.process_time() - self.cpu_seconds
         try:
-            while self.step < args.max_steps and time.time() < deadline:
+            while self.step < args.max_steps and time.time() < deadline and self.cpu_budget_left():
                 recent.append(self.train_step())
+                self.cpu_seconds, self.seconds = time.process_time() - cpu_start, time.time() - start
                 bar.update(1)
+                self.snapshot_if_due()
                 if self.step % 10 == 0 or self.step == args.max_steps:
                     self.seconds = time.time() - start
                     loss = float(np.mean(recent))
@@ -602,6 +710,17 @@ class Trainer:
         self.seconds = time.time() - start
         self.save()
         return self.step >= args.max_steps
+
+    def snapshot_if_due(self) -> None:
+        """Save the EMA pipeline once per --snapshot-cpu-minutes mark that the CPU time has passed."""
+        for mark in self.args.snapshot_marks:
+            folder = self.args.ckpt_dir / "snapshots" / f"cpu{mark:g}"
+            if self.cpu_seconds >= 60 * mark and not folder.exists():
+                saved = save_pipeline(self, folder)
+                write_json(saved["tmp"] / "snapshot.json",
+                           {"step": self.step, "cpu_minutes": round(self.cpu_seconds / 60, 2),
+                            "wall_minutes": round(self.seconds / 60, 2), "mark": mark, "design": self.args.design})
+                os.replace(saved["tmp"], folder)
 
     # ---- EMA pipeline, grids
     def ema_modules(self):
@@ -723,7 +842,7 @@ augmentation that would change left/right/top/bottom.
 | tokenizer | CLIP-format BPE trained on the captions, {info['vocab_size']} tokens, every caption word one token, max length {info['max_length']} | - |
 | text encoder | CLIPTextModel, {args.text_layers} layers, width {args.text_hidden}, {args.text_heads} heads (trained jointly with the UNet) | {p['text_encoder']:,} |
 | autoencoder | AutoencoderKL, blocks {args.vae_widths}, {args.latent_channels} latent channels, {info['latent_side']}x{info['latent_side']} latents, scaling factor {info['scaling_factor']:.4f} | {p['vae']:,} |
-| UNet | UNet2DConditionModel, blocks {args.unet_widths}, {args.unet_layers} resnet(s) per block, self- and cross-attention at every level but the first, head size {args.attn_head_dim} | {p['unet']:,} |
+| UNet | UNet2DConditionModel, blocks {args.unet_widths}, {args.unet_layers} resnet(s) per block, self- and cross-attention at the {args.attn_levels or len(args.unet_widths) - 1} lowest-resolution level(s), head size {args.attn_head_dim} | {p['unet']:,} |
 
 ## Training
 - hardware: {info['hardware']}
@@ -774,7 +893,7 @@ def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_s
         "config": config, "git_commit": git_commit(), "versions": library_versions(), "device": str(device),
         "hardware": hardware, "params": info["params"], "vae": vae_info, "scaling_factor": trainer.scaling,
         "steps": trainer.step, "resumed_from_step": trainer.resumed_from_step,
-        "train_seconds": round(trainer.seconds, 1),
+        "train_seconds": round(trainer.seconds, 1), "cpu_seconds": round(trainer.cpu_seconds, 1),
         "steps_per_second": round(info["steps_per_second"], 3),
         "wall_seconds_this_run": round(time.time() - wall_start, 1), "loss_curve": log,
     })
@@ -784,7 +903,227 @@ def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_s
     return info
 
 
+# --------------------------------------------------------------------------- design study
+def parse_study_args(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="train_diffusion.py study",
+                                     description="Train several designs for the same CPU time and score their "
+                                                 "learning curves with the oracle.")
+    parser.add_argument("--designs", default=",".join(DESIGNS), help=f"comma-separated, from {', '.join(DESIGNS)}")
+    parser.add_argument("--cpu-minutes", type=float, default=30.0,
+                        help="UNet-stage CPU minutes per design (process time, all threads; > 0)")
+    parser.add_argument("--eval-at", default="15,30", help="CPU-minute points of each curve to score (<= --cpu-minutes)")
+    parser.add_argument("--jobs", type=int, default=2, help="designs trained at once, one torch thread each (> 0)")
+    parser.add_argument("--n-prompts", type=int, default=200, help="prompts per kind (single, two) per point (> 0)")
+    parser.add_argument("--run-name", default="default", help="outputs/design_study/<run-name>; checkpoints likewise")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data.pkl to train on (split pretrain)")
+    parser.add_argument("--oracle", type=Path, default=REPO / "models" / "shapes-oracle", help="oracle folder")
+    parser.add_argument("--reference-model", type=Path, default=DEFAULT_OUT,
+                        help="shipped model whose autoencoder ceiling is measured as a reference")
+    parser.add_argument("--extra", default="",
+                        help="more train_diffusion.py flags for every design, e.g. '--vae-steps 4 --quick' (tests)")
+    parser.add_argument("--outputs", type=Path, default=REPO / "outputs", help="outputs root (run: design_study/<run>)")
+    parser.add_argument("--ckpt-root", type=Path, default=CHECKPOINTS / "design_study",
+                        help="checkpoints of the designs go to <ckpt-root>/<run-name>/<design>")
+    args = parser.parse_args(argv)
+    args.design_list = [d.strip() for d in args.designs.split(",") if d.strip()]
+    unknown = [d for d in args.design_list if d not in DESIGNS]
+    check(not unknown and args.design_list, f"unknown design(s) {unknown or args.designs!r}; valid: {', '.join(DESIGNS)}")
+    check(args.cpu_minutes > 0 and args.jobs > 0 and args.n_prompts > 0,
+          "--cpu-minutes, --jobs and --n-prompts must be > 0")
+    args.marks = _marks(args.eval_at)
+    check(args.marks and max(args.marks) <= args.cpu_minutes,
+          f"--eval-at points must lie in (0, --cpu-minutes {args.cpu_minutes}], got {args.eval_at!r}")
+    check(args.data.is_file(), f"data file not found: {args.data}")
+    return args
+
+
+def round_trip(encode_decode, prompts_by_kind: dict, oracle) -> dict:
+    """Oracle all-correct of renders after `encode_decode` (uint8 NHWC -> uint8 NHWC): a representation's ceiling."""
+    from fidelity import render_prompts, summarize_scores
+
+    out = {}
+    for kind, prompts in prompts_by_kind.items():
+        images = encode_decode(render_prompts(prompts, seed=1))
+        out[kind] = summarize_scores(oracle.score(images, prompts))["all"]
+    return out
+
+
+def vae_round_trip(vae):
+    """uint8 NHWC -> posterior-mean reconstruction, uint8 NHWC."""
+    def fn(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.inference_mode():
+            recon = torch.cat([vae.decode(vae.encode(b).latent_dist.mean).sample for b in x.split(100)])
+        return ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return fn
+
+
+def resample_round_trip(side: int):
+    """uint8 NHWC -> antialiased downsample to side x side, bicubic back to the original size."""
+    def fn(images: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        full = images.shape[1]
+        return np.stack([np.asarray(Image.fromarray(im).resize((side, side), Image.LANCZOS)
+                                    .resize((full, full), Image.BICUBIC)) for im in images])
+    return fn
+
+
+def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path) -> dict:
+    """Oracle scores of one pipeline snapshot on the study's prompts (cached per snapshot and oracle)."""
+    from diffusers import DiffusionPipeline
+
+    from fidelity import summarize_scores, to_uint8_64
+    from utils import generate_images, mean_ci95, read_json
+
+    if cache.is_file():
+        return read_json(cache)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    result = dict(read_json(folder / "snapshot.json"))
+    for kind, prompts in prompts_by_kind.items():
+        images = to_uint8_64(generate_images(pipe, [p["text"] for p in prompts], list(range(len(prompts))),
+                                             20, 5.0, batch_size=50, progress=False))
+        scores = oracle.score(images, prompts)
+        summary = summarize_scores(scores)
+        summary["all_ci"] = mean_ci95([s["all"] for s in scores])[1]
+        result[kind] = summary
+    write_json(cache, result)
+    return result
+
+
+def oracle_fingerprint(folder: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
+def study(argv) -> dict:
+    """`python train_diffusion.py study`: equal-CPU-time learning curves of several designs, scored by the oracle."""
+    import subprocess
+    import sys
+
+    from diffusers import AutoencoderKL
+
+    from fidelity import Oracle, make_prompts
+    from utils import make_run_dir, pyplot, update_latest
+
+    args = parse_study_args(argv)
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    run_dir = make_run_dir("design_study", args.run_name, config, outputs=args.outputs)
+    ckpt_root = args.ckpt_root / args.run_name
+    oracle = Oracle.load(args.oracle, torch.device("cpu"))
+    prompts = {kind: make_prompts(kind, args.n_prompts, seed=0) for kind in ("single", "two")}
+    ceiling_prompts = {kind: make_prompts(kind, args.n_prompts, seed=1) for kind in ("single", "two")}
+    fp = oracle_fingerprint(args.oracle)
+
+    # 1. reference ceilings (issue 10, facts 1 and 2): the shipped autoencoder, and 32 px with a fixed upsampler
+    metrics: dict = {"cpu_minutes": args.cpu_minutes, "eval_at": list(args.marks), "n_prompts": args.n_prompts,
+                     "oracle": str(args.oracle), "oracle_sha256_12": fp, "references": {}, "designs": {}}
+    if (args.reference_model / "vae" / "config.json").is_file():
+        vae = AutoencoderKL.from_pretrained(args.reference_model / "vae").float().eval()
+        metrics["references"]["shipped_autoencoder"] = round_trip(vae_round_trip(vae), ceiling_prompts, oracle)
+    metrics["references"]["pixels_32_bicubic"] = round_trip(resample_round_trip(32), ceiling_prompts, oracle)
+
+    # 2. train every design for the same CPU time (resumable: a rerun continues or skips each one)
+    def command(design: str) -> list[str]:
+        folder = ckpt_root / design
+        return [sys.executable, str(Path(__file__).resolve()), "--design", design, "--data", str(args.data),
+                "--ckpt-dir", str(folder), "--out", str(folder / "final"), "--cpu-minutes", str(args.cpu_minutes),
+                "--snapshot-cpu-minutes", args.eval_at, "--max-steps", str(10**7), "--lr-schedule", "constant",
+                "--threads", "1", "--sample-every", "0", *args.extra.split()]
+
+    todo = [d for d in args.design_list if not (ckpt_root / d / "final" / "model_index.json").is_file()]
+    running: dict = {}
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            design = todo.pop(0)
+            (ckpt_root / design).mkdir(parents=True, exist_ok=True)
+            log = open(ckpt_root / design / "train.log", "a")
+            print(f"training {design} for {args.cpu_minutes} CPU-min (log: {log.name})")
+            running[design] = (subprocess.Popen(command(design), stdout=log, stderr=subprocess.STDOUT), log)
+        time.sleep(2)
+        for design, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                log.close()
+                del running[design]
+                check(proc.returncode == 0, f"design {design} failed (exit {proc.returncode}); see {log.name}")
+
+    # 3. each design: its representation ceiling and its curve
+    for design in args.design_list:
+        folder = ckpt_root / design
+        vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
+        training = json.loads((folder / "final" / "training_log.json").read_text())
+        curve = []
+        for mark in args.marks:
+            snap = folder / "snapshots" / f"cpu{mark:g}"
+            check(snap.is_dir(), f"{design} has no snapshot at {mark} CPU-min in {snap}")
+            curve.append(score_snapshot(snap, prompts, oracle, run_dir / "evals" / f"{design}-{snap.name}-{fp}.json"))
+            print(f"{design} @ {mark} CPU-min: single {curve[-1]['single']['all']:.3f}, two {curve[-1]['two']['all']:.3f}")
+        metrics["designs"][design] = {
+            "note": DESIGN_NOTES[design], "flags": DESIGNS[design],
+            "representation_round_trip": round_trip(vae_round_trip(vae), ceiling_prompts, oracle),
+            "params": training["params"], "steps": training["steps"],
+            "steps_per_cpu_minute": round(training["steps"] / max(training.get("cpu_seconds", 1) / 60, 1e-9), 1),
+            "curve": curve}
+    final = {d: m["curve"][-1] for d, m in metrics["designs"].items()}
+    metrics["winner"] = max(final, key=lambda d: (final[d]["single"]["all"] + final[d]["two"]["all"],
+                                                  final[d]["single"]["all"]))
+    metrics["winner_rule"] = "highest single + two-object all-correct at the last curve point"
+
+    # 4. figure and table, then metrics and `latest`
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, kind in zip(axes, ("single", "two")):
+        for design, m in metrics["designs"].items():
+            xs = [p["cpu_minutes"] for p in m["curve"]]
+            ys = [p[kind]["all"] for p in m["curve"]]
+            err = np.array([[y - p[kind]["all_ci"][0], p[kind]["all_ci"][1] - y] for y, p in zip(ys, m["curve"])]).T
+            ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=design)
+        ax.set(title=f"{kind}-object prompts ({args.n_prompts})", xlabel="UNet CPU-minutes",
+               ylabel="oracle all-correct (95% CI)")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "fidelity_vs_cpu.png", dpi=120)
+    plt.close(fig)
+    write_text(run_dir / "results.md", study_markdown(metrics))
+    write_json(run_dir / "metrics.json", metrics)
+    update_latest(run_dir)
+    print(study_markdown(metrics))
+    return metrics
+
+
+def study_markdown(m: dict) -> str:
+    from utils import fmt, fmt_ci
+
+    refs = m["references"]
+    lines = [f"# Design study: {len(m['designs'])} designs, {m['cpu_minutes']:g} UNet CPU-minutes each", "",
+             f"Oracle all-correct on {m['n_prompts']} single- and {m['n_prompts']} two-object prompts (DPM-Solver++ "
+             "20 steps, CFG 5, one image per prompt, 95% bootstrap CI). Ceiling: renders of the same kind of prompts "
+             "after the design's autoencoder round trip (posterior mean).", "",
+             "| design | ceiling single / two | CPU-min | steps | single all-correct | two all-correct | "
+             "single shape / colour / position |", "|---|---|---|---|---|---|---|"]
+    for design, d in m["designs"].items():
+        rt = d["representation_round_trip"]
+        for p in d["curve"]:
+            s, t = p["single"], p["two"]
+            lines.append(f"| {design} | {fmt(rt['single'])} / {fmt(rt['two'])} | {p['cpu_minutes']:.1f} | {p['step']} "
+                         f"| {fmt(s['all'])} {fmt_ci(s['all_ci'])} | {fmt(t['all'])} {fmt_ci(t['all_ci'])} | "
+                         f"{fmt(s['shape'])} / {fmt(s['color'])} / {fmt(s['position'])} |")
+    lines += ["", "References (no UNet): " + "; ".join(f"{k}: single {fmt(v['single'])}, two {fmt(v['two'])}"
+                                                      for k, v in refs.items()),
+              "", f"Winner ({m['winner_rule']}): **{m['winner']}**.", "",
+              *[f"- {d}: {v['note']}" for d, v in m["designs"].items()], "", "![fidelity vs CPU](fidelity_vs_cpu.png)"]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> dict:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["study"]:
+        return study(argv[1:])
     # 1. arguments, device, checkpoint folder
     args = parse_args(argv)
     wall_start = time.time()
@@ -798,7 +1137,8 @@ def main(argv=None) -> dict:
     args.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. images, captions, tokenizer
-    images, captions, eval_images = load_images_and_captions(args)
+    images, captions, eval_images, boxes = load_images_and_captions(args)
+    check_architecture(args)
     tokenizer = build_tokenizer(captions, args.ckpt_dir / "tokenizer")
 
     if args.decoder_minutes:  # a side job beside the main training: decoder only, then exit
@@ -810,10 +1150,11 @@ def main(argv=None) -> dict:
     vae, vae_info = train_vae(args, images, eval_images, device, deadline)
     print(f"autoencoder: {vae_info['steps']} steps, PSNR {vae_info['psnr_db']} dB")
     latents = encode_latents(args, vae, images, device)
+    masks = object_masks(boxes, images.shape[-1], latents["mean"].shape[-1]) if args.object_weight else None
     del images
 
     # 4. text encoder + UNet
-    trainer = Trainer(args, tokenizer, vae, latents, captions, device)
+    trainer = Trainer(args, tokenizer, vae, latents, captions, device, masks)
     trainer.run(deadline)
 
     # 5. pipeline, model card, training log

@@ -127,3 +127,96 @@ def test_shipped_model_generates_a_64px_image_on_cpu(folder):
                   generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
     assert len(pipe.tokenizer("a red star to the left of a blue circle").input_ids) == 12
+
+
+# --------------------------------------------------------------------------- designs and the design study
+@pytest.mark.parametrize("design, vae, unet, attn", [
+    ("latent-f4", (16, 32, 64), (32, 64, 96), 2),
+    ("latent-f2", (16, 32), (32, 64, 96, 128), 2),
+    ("latent-f2-objw", (16, 32), (32, 64, 96, 128), 2),
+])
+def test_a_design_sets_its_architecture_and_explicit_flags_win(tiny_data, design, vae, unet, attn):
+    args = train_diffusion.parse_args(["--data", str(tiny_data), "--design", design])
+    assert (args.vae_widths, args.unet_widths, args.attn_levels) == (vae, unet, attn)
+    assert args.object_weight == (10.0 if design.endswith("objw") else 0.0)
+    explicit = train_diffusion.parse_args(["--data", str(tiny_data), "--design", design, "--unet-channels", "32,64,128"])
+    assert explicit.unet_widths == (32, 64, 128)
+
+
+def test_unet_attention_sits_only_at_the_lowest_levels(tiny_data):
+    args = train_diffusion.parse_args(["--data", str(tiny_data), "--design", "latent-f2"])
+    unet = train_diffusion.make_unet(args, 32)
+    kinds = [type(b).__name__ for b in unet.down_blocks]
+    assert kinds == ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
+    assert [type(b).__name__ for b in unet.up_blocks] == ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"] * 2
+
+
+def test_object_masks_cover_the_boxes_on_the_latent_grid():
+    # one 64-px image, one box from x 8..24, y 40..56: on a 32 grid that is 4..12 x 20..28, grown by one cell
+    masks = train_diffusion.object_masks([[[8, 40, 16, 16]], []], 64, 32)
+    assert masks.shape == (2, 1, 32, 32) and masks[1].sum() == 0
+    ys, xs = np.nonzero(masks[0, 0].numpy())
+    assert (xs.min(), xs.max(), ys.min(), ys.max()) == (3, 12, 19, 28)
+
+
+def test_object_weighted_batches_weigh_the_boxes_and_keep_images_equal(tiny_data):
+    """Trainer.batch's loss weights: 1 + w inside the boxes, mean 1 in every image (images of few or many objects
+    count the same); a batch without --object-weight has no weights."""
+    args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--design", "latent-f2-objw"])
+    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
+    n = 6
+    t.args, t.device, t.scaling = args, torch.device("cpu"), 1.0
+    t.mean, t.std = torch.zeros(n, 4, 32, 32), torch.ones(n, 4, 32, 32)
+    t.tokens, t.empty = torch.zeros(n, 5, 8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
+    t.gen, t.noise_scheduler = torch.Generator().manual_seed(0), train_diffusion.make_noise_scheduler()
+    boxes = [[[8 * i, 8, 8, 8 + 4 * i]] * (1 + i % 3) for i in range(n)]
+    t.masks = train_diffusion.object_masks(boxes, 64, 32)
+    *_, weight = t.batch()
+    assert weight.shape == (args.batch_size, 1, 32, 32)
+    assert torch.allclose(weight.mean((1, 2, 3)), torch.ones(args.batch_size), atol=1e-5)
+    inside, outside = weight.amax((1, 2, 3)), weight.amin((1, 2, 3))
+    assert torch.allclose(inside / outside, torch.full_like(inside, 1 + args.object_weight))
+    args.object_weight = 0.0
+    assert t.batch()[-1] is None
+
+
+def test_resuming_with_another_architecture_is_one_line(tiny_data, tmp_path):
+    quick(tiny_data, tmp_path / "a", tmp_path / "ckpt", "--max-steps", "1")
+    message = r"^.*ckpt holds a model trained with --vae-channels 8,16 \(now 16,32,64\);.*--fresh to start over.*$"
+    with pytest.raises(UserError, match=message):
+        quick(tiny_data, tmp_path / "b", tmp_path / "ckpt", "--max-steps", "1", "--design", "latent-f4")
+
+
+def test_unknown_design_lists_the_valid_ones(tiny_data):
+    with pytest.raises(UserError, match=r"^unknown design 'pixel'; valid: latent-f4, latent-f2, latent-f2-objw$"):
+        train_diffusion.parse_args(["--data", str(tiny_data), "--design", "pixel"])
+    with pytest.raises(UserError, match=r"^unknown design\(s\) \['pixel'\]; valid: latent-f4, "):
+        train_diffusion.parse_study_args(["--designs", "latent-f4,pixel", "--data", str(tiny_data)])
+    with pytest.raises(UserError, match=r"^--eval-at points must lie in \(0, --cpu-minutes 30.0\]"):
+        train_diffusion.parse_study_args(["--eval-at", "10,40", "--data", str(tiny_data)])
+
+
+def test_cpu_budget_stops_training_and_snapshots_mark_the_curve(tiny_data, tmp_path):
+    info = quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1000", "--cpu-minutes", "0.05",
+                 "--snapshot-cpu-minutes", "0.01,0.03", "--lr-schedule", "constant")
+    assert 1 < info["steps"] < 1000  # stopped by the CPU budget, not by --max-steps
+    log = json.loads((tmp_path / "o" / "training_log.json").read_text())
+    assert log["cpu_seconds"] >= 3.0
+    snaps = sorted((tmp_path / "c" / "snapshots").iterdir())
+    assert [p.name for p in snaps] == ["cpu0.01", "cpu0.03"]
+    meta = [json.loads((p / "snapshot.json").read_text()) for p in snaps]
+    assert meta[0]["step"] <= meta[1]["step"] and meta[0]["cpu_minutes"] >= 0.01
+    assert (snaps[0] / "model_index.json").is_file()
+
+
+def test_resample_round_trip_keeps_what_32_px_can_hold():
+    import fidelity
+
+    prompts = fidelity.make_prompts("single", 12, seed=1)
+    renders = fidelity.render_prompts(prompts, seed=1)
+    same = train_diffusion.resample_round_trip(64)(renders)
+    assert np.abs(same.astype(int) - renders).max() <= 1  # 64 -> 64 is (nearly) the identity
+    oracle = fidelity.Oracle.load()
+    ceiling = train_diffusion.round_trip(train_diffusion.resample_round_trip(32), {"single": prompts}, oracle)
+    too_coarse = train_diffusion.round_trip(train_diffusion.resample_round_trip(8), {"single": prompts}, oracle)
+    assert ceiling["single"] >= 11 / 12 and too_coarse["single"] <= 6 / 12  # issue 10, fact 2: 32 px is enough
