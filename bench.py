@@ -21,7 +21,7 @@ Default (<= 5 min on 2 idle cores):
     python bench.py --run-name default
 One part only:
     python bench.py --only retrieval
-On a lent GPU, with torch.compile:
+On a GPU, with torch.compile:
     python bench.py --only sd21 --compile
 Writes outputs/bench/<run_name>/: config.json (arguments and hardware), metrics.json, results.md,
 generation_grid.png; outputs/bench/latest points at the newest run.
@@ -537,7 +537,7 @@ def bench_sd21(args: argparse.Namespace) -> dict:
     ]
     if args.compile:
         def compile_unet():
-            # Default mode: max-autotune's kernel search can take longer than a lent GPU's 10-minute call.
+            # Default mode: max-autotune's kernel search takes many minutes before the first image.
             pipe.unet = torch.compile(pipe.unet, fullgraph=True)
         steps_chain.append(("+ torch.compile (UNet)", compile_unet, batched))
 
