@@ -122,6 +122,118 @@ def test_oracle_detects_scene_objects_and_resizes_large_inputs(oracle):
         assert oracle.detect(im[None]) == [[{k: o[k] for k in ("shape", "color", "size", "cell")} for o in objects]]
 
 
+# --------------------------------------------------------------------------- rejecting what is no shape (issue 11)
+def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
+    from scipy import ndimage
+
+    return np.clip(np.rint(ndimage.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0))), 0, 255).astype(np.uint8)
+
+
+def _melted(objects: list[dict], rng) -> np.ndarray:
+    """The scene with every object pushed together with a shifted copy of itself, by scipy, not by fidelity."""
+    from scipy import ndimage
+
+    canvas, layers = gd.render_layers(objects, 64, gd.sample_background(objects, rng))
+    melted = [(np.maximum(a, ndimage.shift(a, (4, 5), order=1)), c) for a, c in layers]
+    return np.asarray(gd.composite(canvas, melted))
+
+
+def test_oracle_rejects_blurred_and_melted_renders_and_accepts_their_originals(oracle):
+    rng = np.random.default_rng(5)
+    clean_ok = rejected = total = 0
+    for i in range(24):
+        objects = gd.sample_objects(np.random.default_rng([77, i]))
+        image = np.asarray(gd.render_scene(objects, 64, gd.sample_background(objects, np.random.default_rng([78, i]))))
+        truth = [{k: o[k] for k in ("shape", "color", "size", "cell")} for o in objects]
+        clean_ok += sorted(oracle.detect(image[None])[0], key=str) == sorted(truth, key=str)
+        for bad in (_blurred(image, 3.0), _melted(objects, rng)):
+            found = oracle.detect(bad[None])[0]
+            named = {(o["shape"], tuple(o["cell"])) for o in found}
+            rejected += sum((o["shape"], tuple(o["cell"])) not in named for o in objects)
+            total += len(objects)
+    assert clean_ok >= 23
+    assert rejected / total >= 0.9
+
+
+def test_unrecognisable_objects_fail_their_shape_but_count_as_objects():
+    blob = _det(fidelity.UNRECOGNISABLE, "red", "small", [0, 0])
+    prompt = {"objects": [{"shape": "star", "color": "red", "size": None, "cell": None}], "relation": None}
+    s = fidelity.score_detections([blob], prompt)
+    assert (s["shape"], s["color"], s["count"], s["all"]) == (False, True, True, False)
+    assert fidelity.filter_verdict([blob], prompt, 0.5)["keep"] is False
+
+
+def test_a_low_confidence_shape_reads_as_unrecognisable(oracle):
+    import torch
+
+    logits = torch.full((1, 1, len(fidelity.CLASSES)), -5.0)
+    star = fidelity.CLASSES.index("star")
+    logits[0, 0, star] = 5.0  # sure: stays a star
+    assert oracle.decide(logits)[0].item() == star
+    logits[0, 0, fidelity.CLASSES.index("circle")] = 5.0  # torn between two shapes: rejected
+    assert oracle.decide(logits)[0].item() == fidelity.CLASSES.index(fidelity.UNRECOGNISABLE)
+    logits[0, 0, 0] = 20.0  # empty stays empty whatever the threshold
+    assert oracle.decide(logits)[0].item() == 0
+
+
+def test_oracle_metrics_hold_the_issue_keys_and_the_card_prints_them():
+    m = json.loads((fidelity.DEFAULT_ORACLE / "metrics.json").read_text())
+    for key in ("accuracy_on_renders", "false_reject_rate_renders", "reject_rate_heldout", "ece"):
+        assert 0 <= m[key] <= 1, key
+    assert set(m["reject_rate_heldout_by_recipe"]) == set(fidelity.HELDOUT_NEGATIVES)
+    assert not set(fidelity.HELDOUT_NEGATIVES) & set(fidelity.TRAIN_NEGATIVES)  # graded on a recipe never trained on
+    card = (fidelity.DEFAULT_ORACLE / "README.md").read_text()
+    for key in ("accuracy_on_renders", "false_reject_rate_renders", "reject_rate_heldout"):
+        assert f"{m[key]:.4f}" in card, key
+    assert {"n", "precision", "recall"} <= set(m["audit"])
+
+
+def test_expected_calibration_error_by_hand():
+    # two bins: confidence 0.9 right 2 of 4 times (gap 0.4), confidence 0.3 right 1 of 2 (gap 0.2)
+    conf = np.array([0.9, 0.9, 0.9, 0.9, 0.3, 0.3])
+    right = np.array([1, 1, 0, 0, 1, 0])
+    assert fidelity.expected_calibration_error(conf, right, bins=10) == pytest.approx(4 / 6 * 0.4 + 2 / 6 * 0.2)
+
+
+def test_temperature_scaling_recovers_a_known_temperature():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 1, 5, generator=gen) * 3
+    labels = torch.multinomial(torch.softmax(true_logits[:, 0], -1), 1, generator=gen).numpy()[:, None, :]
+    fitted = fidelity.fit_temperature(true_logits * 2.5, np.concatenate([labels] * 3, -1))
+    assert fitted == pytest.approx(2.5, rel=0.1)
+
+
+# --------------------------------------------------------------------------- the by-eye audit (issue 11)
+def test_audit_labels_give_the_recorded_precision_and_match_the_shipped_oracle():
+    audit = json.loads(fidelity.DEFAULT_AUDIT.read_text())
+    metrics = json.loads((fidelity.DEFAULT_ORACLE / "metrics.json").read_text())
+    accepted = [it["label"] == "yes" for it in audit["items"] if it["accepted"]]
+    assert len(audit["items"]) >= 128 and len(accepted) >= 64
+    assert metrics["audit"]["precision"] == pytest.approx(np.mean(accepted))
+    assert metrics["audit"]["n"] == len(audit["items"])
+    # the audit was made with the oracle that ships: retraining it without a new audit fails here
+    assert audit["oracle_weights_sha256_12"] == fidelity.weights_sha(fidelity.DEFAULT_ORACLE)
+
+
+def test_audit_verdicts_reproduce_from_the_recorded_prompts_and_seeds(oracle):
+    """Regenerate a few audit images from the recorded model, prompt and seed: the oracle gives the same verdicts."""
+    audit = json.loads(fidelity.DEFAULT_AUDIT.read_text())
+    model = fidelity.REPO / audit["model"]
+    if fidelity.weights_sha(model) != audit["model_weights_sha256_12"]:
+        pytest.fail(f"{model} changed since the audit: redo `python fidelity.py audit make` and label it")
+    import torch
+
+    pipe, settings = fidelity.load_pipeline(str(model), device=torch.device("cpu"))
+    picked = audit["items"][:4] + [it for it in audit["items"] if it["accepted"]][:2]
+    items = {it["id"]: it for it in fidelity.audit_items(max(p["index"] for p in picked) + 1, audit["seed"])}
+    images = fidelity.audit_generate(pipe, settings, [items[p["id"]] for p in picked])
+    verdicts = [fidelity.filter_verdict(d, items[p["id"]]["prompt"], audit["min_score"])["keep"]
+                for p, d in zip(picked, oracle.detect(images))]
+    assert verdicts == [p["accepted"] for p in picked]
+
+
 def test_oracle_rejects_float_images(oracle):
     with pytest.raises(UserError, match=r"^images must be uint8 in 0..255, got float32 \(scale float images by 255\)$"):
         oracle.detect(np.zeros((1, 64, 64, 3), np.float32))
