@@ -391,8 +391,8 @@ def test_evaluate_model_on_a_tiny_pipeline(tmp_path, tiny_data, heads_60):
 
 # --------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("argv, message", [
-    (["nope"], "unknown command 'nope'; choose one of train-oracle, evaluate-model"),
-    ([], "no command given; choose one of train-oracle, evaluate-model"),
+    (["nope"], "unknown command 'nope'; choose one of train-oracle, evaluate-model, audit"),
+    ([], "no command given; choose one of train-oracle, evaluate-model, audit"),
     (["evaluate-model", "--n-prompts", "0"], "--n-prompts must be positive, got 0"),
     (["evaluate-model", "--kinds", "single,triple"],
      "unknown prompt kind 'triple' in --kinds; choose from single, two"),
@@ -400,6 +400,11 @@ def test_evaluate_model_on_a_tiny_pipeline(tmp_path, tiny_data, heads_60):
     (["train-oracle", "--n-train", "-5"], "--n-train must be positive, got -5"),
     (["train-oracle", "--heldout-seed", "0"],
      "--heldout-seed must differ from --seed (both 0): held-out scenes must be new"),
+    (["train-oracle", "--n-negatives", "0"], "--n-negatives must be positive, got 0"),
+    (["audit", "make", "--n", "0"], "--n must be > 0 and --max-candidates >= 2 x --n, got 0 and 2400"),
+    (["audit", "score", "--min-score", "2"], "--min-score must be in 0..1, got 2.0"),
+    (["audit", "score", "--audit", "/nowhere/audit.json"],
+     "audit file not found: /nowhere/audit.json (run `python fidelity.py audit make` first)"),
 ])
 def test_bad_arguments(argv, message):
     with pytest.raises(UserError) as err:

@@ -275,7 +275,7 @@ def test_quick_run_writes_the_output_contract_and_learns(tiny_data, tmp_path):
     run = tmp_path / "retrieval" / "t"
     assert (tmp_path / "retrieval" / "latest").resolve() == run.resolve()
     on_disk = json.loads((run / "metrics.json").read_text())
-    assert json.loads((run / "config.json").read_text())["args"]["loss"] == "triplet"
+    assert json.loads((run / "config.json").read_text())["args"]["loss"] == "ntxent"  # the tuned default
     for d in ("img2txt", "txt2img"):
         assert set(on_disk[d]) == {"R@1", "R@5", "R@10", "mAP"}
         assert all(0 <= v <= 1 for v in on_disk[d].values())
@@ -296,7 +296,7 @@ def test_quick_run_writes_the_output_contract_and_learns(tiny_data, tmp_path):
     assert "same category" in (run / "results.md").read_text()
     assert (run / "per_category.png").stat().st_size > 0 and (run / "heads.pt").is_file()
     heads, meta = retrieval.load_heads(run / "heads.pt")
-    assert meta["dim"] == 256 and meta["image_encoder"] == "efficientnet-lite0"
+    assert meta["dim"] == 128 and meta["image_encoder"] == "efficientnet-lite0"  # the tuned embedding size
 
 
 def test_training_is_deterministic(tiny_data, tmp_path):
