@@ -1067,22 +1067,29 @@ def study(argv) -> dict:
             "steps_per_cpu_minute": round(training["steps"] / max(training.get("cpu_seconds", 1) / 60, 1e-9), 1),
             "curve": curve}
     final = {d: m["curve"][-1] for d, m in metrics["designs"].items()}
-    metrics["winner"] = max(final, key=lambda d: (final[d]["single"]["all"] + final[d]["two"]["all"],
-                                                  final[d]["single"]["all"]))
-    metrics["winner_rule"] = "highest single + two-object all-correct at the last curve point"
+    def partial(d):  # the attributes a design has learned so far, where all-correct is still 0 for every design
+        return float(np.mean([final[d]["single"][k] or 0 for k in ("shape", "color", "position")]))
+
+    metrics["winner"] = max(final, key=lambda d: (final[d]["single"]["all"] + final[d]["two"]["all"], partial(d)))
+    metrics["winner_rule"] = ("highest single + two-object all-correct at the last curve point; ties broken by the "
+                              "mean of single-object shape, colour and position")
+    metrics["tied_on_all_correct"] = len({final[d]["single"]["all"] + final[d]["two"]["all"] for d in final}) == 1
 
     # 4. figure and table, then metrics and `latest`
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, kind in zip(axes, ("single", "two")):
+    panels = [("single", "all"), ("two", "all"), ("single", "shape"), ("single", "color"), ("single", "position")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), sharey=True)
+    for ax, (kind, key) in zip(axes, panels):
         for design, m in metrics["designs"].items():
             xs = [p["cpu_minutes"] for p in m["curve"]]
-            ys = [p[kind]["all"] for p in m["curve"]]
-            err = np.array([[y - p[kind]["all_ci"][0], p[kind]["all_ci"][1] - y] for y, p in zip(ys, m["curve"])]).T
+            ys = [p[kind][key] or 0 for p in m["curve"]]
+            err = None
+            if key == "all":  # the CI of the headline number
+                err = np.array([[y - p[kind]["all_ci"][0], p[kind]["all_ci"][1] - y] for y, p in zip(ys, m["curve"])]).T
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=design)
-        ax.set(title=f"{kind}-object prompts ({args.n_prompts})", xlabel="UNet CPU-minutes",
-               ylabel="oracle all-correct (95% CI)")
+        ax.set(title=f"{kind}-object {key.replace('all', 'all-correct')}", xlabel="UNet CPU-minutes", ylim=(-0.02, 1))
         ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"oracle fraction correct ({args.n_prompts} prompts)")
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(run_dir / "fidelity_vs_cpu.png", dpi=120)
