@@ -36,23 +36,19 @@ import retrieval
 from utils import (DEFAULT_DATA, category_names, check, cli, finish_run, fmt, fmt_ci, load_data, make_run_dir, pyplot,
                    read_json, write_json, write_text)
 
-# How each --rule ranks categories (lowest first): the per-category value it ranks by, the metric's name, and
-# what it means in words. The values come from `category_rows`.
-RULES: dict[str, tuple[Callable[[dict], float], str, str]] = {
-    "bottom-txt2img-R@10": (lambda c: c["txt2img_R@10"], "txt2img_R@10",
-                            "the {k} categories with the lowest txt2img Recall@10 (instance level) on the {split} "
-                            "split"),
-    "bottom-img2txt-R@10": (lambda c: c["img2txt_R@10"], "img2txt_R@10",
-                            "the {k} categories with the lowest img2txt Recall@10 (instance level) on the {split} "
-                            "split"),
-    "bottom-txt2img-mAP@R": (lambda c: c["txt2img_mAP@R"], "txt2img_mAP@R",
-                             "the {k} categories with the lowest txt2img mAP@R (category level: an image of the "
-                             "queried category is relevant) on the {split} split"),
-    "bottom-hit@1": (lambda c: c["hit@1"], "hit@1",
-                     "the {k} categories whose txt2img queries least often rank an image of the category first "
-                     "(hit@1) on the {split} split"),
-    "rarest": (lambda c: c["train_count"], "train_count",
-               "the {k} categories in the fewest training images (ties: lower txt2img Recall@10 first)"),
+# How each --rule ranks categories (lowest first): the per-category key of `category_rows` it ranks by, and what
+# it means in words.
+RULES: dict[str, tuple[str, str]] = {
+    "bottom-txt2img-R@10": ("txt2img_R@10", "the {k} categories with the lowest txt2img Recall@10 (instance level) "
+                                            "on the {split} split"),
+    "bottom-img2txt-R@10": ("img2txt_R@10", "the {k} categories with the lowest img2txt Recall@10 (instance level) "
+                                            "on the {split} split"),
+    "bottom-txt2img-mAP@R": ("txt2img_mAP@R", "the {k} categories with the lowest txt2img mAP@R (category level: an "
+                                              "image of the queried category is relevant) on the {split} split"),
+    "bottom-hit@1": ("hit@1", "the {k} categories whose txt2img queries least often rank an image of the category "
+                              "first (hit@1) on the {split} split"),
+    "rarest": ("train_count", "the {k} categories in the fewest training images (ties: lower txt2img Recall@10 "
+                              "first)"),
 }
 AUTO_RULE = "auto"
 SHARED_CAPTIONS = 0.5  # above this share of test captions shared by several images, captions name a class
@@ -465,7 +461,8 @@ def pick_targets(rows: list[dict], rule: str, k: int) -> tuple[list[str], list[s
     Returns:
         (chosen names, names of every separable category).
     """
-    value = RULES[rule][0]
+    key = RULES[rule][0]
+    value = lambda r: r[key]  # noqa: E731
     t2i = lambda r: r["txt2img_R@10"] if np.isfinite(r["txt2img_R@10"]) else 9.0  # noqa: E731
     scored = [r for r in rows if r.get("n_eval_images", 1) > 0 and np.isfinite(value(r))]
     ranked = sorted(scored, key=lambda r: (value(r), t2i(r), r["train_count"], r["category"]))
@@ -489,8 +486,8 @@ def targets_record(rows: list[dict], chosen: Sequence[str], separable: Sequence[
         selection = ("no category's 95% CI of (value - mean of the other categories) lies below 0: nothing is "
                      f"separably worse than the rest; these are the {len(chosen)} lowest point estimates, not a "
                      "demonstrated weakness")
-    return {"rule": RULES[rule][2].format(k=args.k_targets, split=args.eval_split), "rule_name": rule,
-            "rule_reason": why, "metric": RULES[rule][1], "k": args.k_targets,
+    return {"rule": RULES[rule][1].format(k=args.k_targets, split=args.eval_split), "rule_name": rule,
+            "rule_reason": why, "metric": RULES[rule][0], "k": args.k_targets,
             "statistic": "per-category value minus the mean of the other categories, 95% percentile bootstrap CI "
                          f"over {args.eval_split} images (each with its captions)",
             "n_separable": len(separable), "separable": list(separable), "selection": selection,
@@ -718,7 +715,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         boot = bootstrap_category_recall(*per_image_category_sums(values[0], values[1], len(records)), None,
                                          args.bootstrap, args.seed)
-        point = np.array([RULES[rule][0](r) for r in rows], dtype=np.float64)
+        point = np.array([r[RULES[rule][0]] for r in rows], dtype=np.float64)
         gap, gap_ci = separation(point, boot)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

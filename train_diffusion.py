@@ -992,12 +992,6 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path) -> 
     return result
 
 
-def oracle_fingerprint(folder: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()[:12]
-
-
 def study(argv) -> dict:
     """`python train_diffusion.py study`: equal-CPU-time learning curves of several designs, scored by the oracle."""
     import subprocess
@@ -1005,7 +999,7 @@ def study(argv) -> dict:
 
     from diffusers import AutoencoderKL
 
-    from fidelity import Oracle, make_prompts
+    from fidelity import Oracle, make_prompts, weights_sha
     from utils import make_run_dir, pyplot, update_latest
 
     args = parse_study_args(argv)
@@ -1015,7 +1009,7 @@ def study(argv) -> dict:
     oracle = Oracle.load(args.oracle, torch.device("cpu"))
     prompts = {kind: make_prompts(kind, args.n_prompts, seed=0) for kind in ("single", "two")}
     ceiling_prompts = {kind: make_prompts(kind, args.n_prompts, seed=1) for kind in ("single", "two")}
-    fp = oracle_fingerprint(args.oracle)
+    fp = weights_sha(args.oracle)
 
     # 1. reference ceilings (issue 10, facts 1 and 2): the shipped autoencoder, and 32 px with a fixed upsampler
     metrics: dict = {"cpu_minutes": args.cpu_minutes, "eval_at": list(args.marks), "n_prompts": args.n_prompts,
