@@ -225,10 +225,10 @@ def _yes_no(flag) -> str:
 # --------------------------------------------------------------------------- 1. generation on CPU
 def structured_prompts(n: int, seed: int) -> list[dict]:
     """`n` structured prompts, single-object and two-object alternating (first half of each kind)."""
-    import fidelity
+    import generate_data as gd
 
-    singles = fidelity.make_prompts("single", max(1, (n + 1) // 2), seed)
-    twos = fidelity.make_prompts("two", max(1, n // 2), seed) if n > 1 else []
+    singles = gd.make_prompts("single", max(1, (n + 1) // 2), seed)
+    twos = gd.make_prompts("two", max(1, n // 2), seed) if n > 1 else []
     mixed = [p for pair in zip(singles, twos) for p in pair] + singles[len(twos):]
     return mixed[:n]
 
@@ -268,18 +268,18 @@ def plain_generate(pipe, prompts: Sequence[str], seeds: Sequence[int]) -> np.nda
 
 def fidelity_of(oracle, images: np.ndarray, prompts: list[dict]) -> tuple[dict, list[dict]]:
     """Oracle summary (per attribute and "all") and the per-image scores."""
-    import fidelity
+    from oracle import summarize_scores
 
     scores = oracle.score(images, prompts)
-    return fidelity.summarize_scores(scores), scores
+    return summarize_scores(scores), scores
 
 
 def compare_fidelity(a: list[dict], b: list[dict], seed: int) -> dict:
     """Per attribute: the difference b - a in oracle score, its paired 95% bootstrap CI over prompts, within 1 point?"""
-    import fidelity
+    from oracle import ATTRIBUTES
 
     out = {}
-    for key in fidelity.ATTRIBUTES:
+    for key in ATTRIBUTES:
         pairs = [(x[key], y[key]) for x, y in zip(a, b) if x.get(key) is not None and y.get(key) is not None]
         if not pairs:
             continue
@@ -333,14 +333,14 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
     """Plain diffusers vs our path on CPU, with per-optimisation ablation and the oracle's fidelity of each."""
     import torch
 
-    import fidelity
+    from oracle import Oracle
 
     device = torch.device("cpu")
     spec = resolve_model(args.model)
     prompts = structured_prompts(args.n_images, args.seed)
     texts = [p["text"] for p in prompts]
     seeds = [args.seed * 100_000 + i for i in range(len(prompts))]
-    oracle = fidelity.Oracle.load(*([args.oracle] if args.oracle else []), device=device)
+    oracle = Oracle.load(*([args.oracle] if args.oracle else []), device=device)
     default_threads = torch.get_num_threads()
     cores = usable_cores()
     rows: list[dict] = []

@@ -18,6 +18,9 @@ paths point into --coco-root. Every COCO image is decoded in full with the loade
 so any size, orientation or pixel mode works later; missing, truncated and unreadable files, and malformed
 annotations (missing, null or blank captions, unknown or duplicate ids, boxes outside the image) are
 dropped, counted by reason in the printed summary and kept in the pickle's `dropped` dict.
+
+The caption grammar lives here too: the phrase builders the captions use, and the structured prompts written in
+it (`make_prompts`, `parse_prompt`, `render_prompts`) that the oracle, fidelity.py and the tasks score against.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ from __future__ import annotations
 import argparse
 import colorsys
 import functools
+import itertools
 import multiprocessing as mp
 import os
 import pickle
+import re
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -69,6 +75,10 @@ MAX_OBJECTS = 3
 BACKGROUNDS = ("solid", "vgradient", "hgradient", "noise")
 NUMBER_WORDS = ("one", "two", "three")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+COLOR_NAMES = tuple(COLORS)
+SIZE_NAMES = tuple(SIZES)
+KINDS = ("single", "two")  # structured prompts: one object, or two objects and a relation
+SIZE_PROB, POSITION_PROB = 0.5, 0.5  # how often a prompt names an object's size / absolute cell
 
 # COCO train2017 instances per category (instances_train2017.json, crowd annotations included), sorted
 # descending: person 262,465 ... toaster 225, hair drier 198; 80 categories, 860,001 annotations in all.
@@ -363,7 +373,8 @@ def render_scene(objects: list[dict], size: int = 64, background=None) -> Image.
 
 
 # --------------------------------------------------------------------------- shapes: captions
-def _article(word: str) -> str:
+def article(word: str) -> str:
+    """The indefinite article for `word`: "an" before a vowel, else "a"."""
     return "an" if word[0] in "aeiou" else "a"
 
 
@@ -373,13 +384,15 @@ def position_phrase(cell) -> str:
     return "in the center" if (row, col) == (1, 1) else f"in the {ROWS[row]} {COLS[col]}"
 
 
-def _phrase(obj: dict, color: bool = True, size: bool = False, position: bool = False) -> str:
+def object_phrase(obj: dict, color: bool = True, size: bool = False, position: bool = False) -> str:
+    """One object in the caption grammar: "a [size] [colour] <shape> [in the <row> <col>]", the parts asked for."""
     words = ([obj["size"]] if size else []) + ([obj["color"]] if color else []) + [obj["shape"]]
-    text = f"{_article(words[0])} {' '.join(words)}"
+    text = f"{article(words[0])} {' '.join(words)}"
     return f"{text} {position_phrase(obj['cell'])}" if position else text
 
 
-def _join(parts: list[str]) -> str:
+def join_phrases(parts: list[str]) -> str:
+    """"x", "x and y", "x, y and z": the caption grammar's list of one or more phrases."""
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
@@ -406,28 +419,30 @@ def _caption(kind: str, objects: list[dict], rng: np.random.Generator) -> str:
     n = len(objects)
     order = [objects[i] for i in rng.permutation(n)]
     if kind == "list":
-        return prefix + _join([_phrase(o, color=coin(0.8), size=coin(0.4)) for o in order])
+        return prefix + join_phrases([object_phrase(o, color=coin(0.8), size=coin(0.4)) for o in order])
     if kind == "count":
         noun = ("shape", "object")[int(rng.integers(2))] + ("s" if n > 1 else "")
-        return f"{NUMBER_WORDS[n - 1]} {noun}: " + _join([_phrase(o, color=coin(0.7), size=coin(0.4)) for o in order])
+        return f"{NUMBER_WORDS[n - 1]} {noun}: " + join_phrases([object_phrase(o, color=coin(0.7), size=coin(0.4))
+                                                                 for o in order])
     if kind == "color":
         if coin():
-            return prefix + _join([f"{_article(o['shape'])} {o['shape']} in {o['color']}" for o in order])
+            return prefix + join_phrases([f"{article(o['shape'])} {o['shape']} in {o['color']}" for o in order])
         colors = list(dict.fromkeys(o["color"] for o in order))
-        head = f"{_join(colors)} shapes" if n > 1 else f"{_article(colors[0])} {colors[0]} shape"
-        return f"{head}: " + _join([_phrase(o, color=False) for o in order])
+        head = f"{join_phrases(colors)} shapes" if n > 1 else f"{article(colors[0])} {colors[0]} shape"
+        return f"{head}: " + join_phrases([object_phrase(o, color=False) for o in order])
     if kind == "size":
-        return prefix + _join([_phrase(o, color=coin(), size=True) for o in order])
+        return prefix + join_phrases([object_phrase(o, color=coin(), size=True) for o in order])
     if kind == "position":
-        return prefix + _join([_phrase(o, color=coin(0.7), size=coin(0.4), position=True) for o in order])
+        return prefix + join_phrases([object_phrase(o, color=coin(0.7), size=coin(0.4), position=True) for o in order])
     if kind == "relation":
         pairs = [(a, b) for a in order for b in order if a is not b]
         a, b = pairs[int(rng.integers(len(pairs)))]
         rels = true_relations(a, b)
-        text = f"{_phrase(a, size=coin(0.4))} {rels[int(rng.integers(len(rels)))]} {_phrase(b, size=coin(0.4))}"
+        rel = rels[int(rng.integers(len(rels)))]
+        text = f"{object_phrase(a, size=coin(0.4))} {rel} {object_phrase(b, size=coin(0.4))}"
         rest = [o for o in order if o is not a and o is not b]
         if rest:
-            text += ", and " + _phrase(rest[0], color=coin(0.7), position=coin())
+            text += ", and " + object_phrase(rest[0], color=coin(0.7), position=coin())
         return text
     raise KeyError(kind)
 
@@ -457,7 +472,149 @@ def describe(objects: list[dict]) -> str:
     if not objects:
         return "an empty background"
     ordered = sorted(objects, key=lambda o: tuple(o["cell"]))
-    return _join([_phrase(o, color=True, size=True, position=True) for o in ordered])
+    return join_phrases([object_phrase(o, color=True, size=True, position=True) for o in ordered])
+
+
+# --------------------------------------------------------------------------- structured prompts
+def _balanced(rng: np.random.Generator, items: Sequence, n: int) -> list:
+    """`n` items as back-to-back seeded permutations of `items`, so each appears n/len(items) times (+-1)."""
+    out: list = []
+    while len(out) < n:
+        out += [items[i] for i in rng.permutation(len(items))]
+    return out[:n]
+
+
+def _obj(shape: str, color: str, size: str | None = None, cell: Sequence[int] | None = None) -> dict:
+    return {"shape": shape, "color": color, "size": size, "cell": None if cell is None else [int(c) for c in cell]}
+
+
+def prompt_text(prompt: dict) -> str:
+    """The caption-grammar sentence for a structured prompt (the same phrases the captions use)."""
+    # The captions' own phrase builder, so the wording is exactly what the diffusion model was trained on.
+    def phrase(o: dict, position: bool = False) -> str:
+        return object_phrase(o, color=True, size=o["size"] is not None, position=position)
+
+    objs = prompt["objects"]
+    if prompt["relation"] is None:
+        return phrase(objs[0], position=objs[0]["cell"] is not None)
+    rel = prompt["relation"]
+    return f"{phrase(objs[rel['a']])} {rel['rel']} {phrase(objs[rel['b']])}"
+
+
+def make_prompts(kind: str, n: int, seed: int = 0) -> list[dict]:
+    """Structured prompts with their text, deterministic for a seed, every shape and colour about equally often.
+
+    Args:
+        kind: "single" (shape + colour, a size in about half, an absolute cell in about half) or "two" (two
+            objects with shape + colour and an optional size, and a relation between them).
+        n: number of prompts (> 0).
+        seed: the seed.
+
+    Returns:
+        Dicts {"text", "objects": [{"shape", "color", "size" or None, "cell" [r, c] or None}], "relation": None or
+        {"a": 0, "rel": one of RELATIONS, "b": 1}}.
+
+    Raises:
+        UserError: an unknown kind or n <= 0.
+    """
+    check(kind in KINDS, f"unknown prompt kind {kind!r}; choose one of {', '.join(KINDS)}")
+    check(isinstance(n, (int, np.integer)) and n > 0, f"number of prompts must be a positive integer, got {n}")
+    rng = np.random.default_rng([seed, KINDS.index(kind)])
+
+    def maybe_size() -> str | None:
+        return SIZE_NAMES[int(rng.integers(len(SIZE_NAMES)))] if rng.random() < SIZE_PROB else None
+
+    prompts = []
+    if kind == "single":
+        pairs = _balanced(rng, list(itertools.product(SHAPES, COLOR_NAMES)), n)
+        for shape, color in pairs:
+            size = maybe_size()
+            cell = CELLS[int(rng.integers(len(CELLS)))] if rng.random() < POSITION_PROB else None
+            prompts.append({"objects": [_obj(shape, color, size, cell)], "relation": None})
+    else:
+        shapes_a, shapes_b = _balanced(rng, SHAPES, n), _balanced(rng, SHAPES, n)
+        colors_a, colors_b = _balanced(rng, COLOR_NAMES, n), _balanced(rng, COLOR_NAMES, n)
+        relations = _balanced(rng, RELATIONS, n)
+        for sa, sb, ca, cb, rel in zip(shapes_a, shapes_b, colors_a, colors_b, relations):
+            if (sa, ca) == (sb, cb):  # same shape and colour would make the two objects indistinguishable
+                cb = COLOR_NAMES[(COLOR_NAMES.index(cb) + 1) % len(COLOR_NAMES)]
+            prompts.append({"objects": [_obj(sa, ca, maybe_size()), _obj(sb, cb, maybe_size())],
+                            "relation": {"a": 0, "rel": rel, "b": 1}})
+    return [{"text": prompt_text(p), **p} for p in prompts]
+
+
+_OBJ_RE = (rf"an? (?:({'|'.join(SIZE_NAMES)}) )?({'|'.join(COLOR_NAMES)}) ({'|'.join(SHAPES)})")
+_SINGLE_RE = re.compile(rf"^{_OBJ_RE}(?: in the (center|(?:{'|'.join(ROWS)}) (?:{'|'.join(COLS)})))?$")
+_TWO_RE = re.compile(rf"^{_OBJ_RE} ({'|'.join(RELATIONS)}) {_OBJ_RE}$")
+
+
+def parse_prompt(text: str) -> dict:
+    """Turn a prompt written in the caption grammar back into a structured prompt (inverse of `prompt_text`).
+
+    Args:
+        text: e.g. "a small red star in the top left" or "a red star above a blue ring".
+
+    Raises:
+        UserError: the text is not in the grammar.
+    """
+    text = " ".join(text.strip().split())
+    if m := _SINGLE_RE.match(text):
+        size, color, shape, where = m.groups()
+        cell = None
+        if where == "center":
+            cell = [1, 1]
+        elif where:
+            row, col = where.split()
+            cell = [ROWS.index(row), COLS.index(col)]
+        return {"text": text, "objects": [_obj(shape, color, size, cell)], "relation": None}
+    if m := _TWO_RE.match(text):
+        g = m.groups()
+        return {"text": text, "objects": [_obj(g[2], g[1], g[0]), _obj(g[6], g[5], g[4])],
+                "relation": {"a": 0, "rel": g[3], "b": 1}}
+    raise UserError(f"cannot parse prompt {text!r}: write 'a [small|large] <colour> <shape> [in the <row> <col>]' "
+                    "or '<object> <relation> <object>'")
+
+
+def scene_for_prompt(prompt: dict, rng: np.random.Generator) -> list[dict]:
+    """A random scene that satisfies a structured prompt: unspecified sizes and cells drawn, jitter as in the data.
+
+    Args:
+        prompt: from `make_prompts` / `parse_prompt`.
+        rng: the generator every draw comes from.
+
+    Returns:
+        Objects for `render_scene` (shape, color, size, cell, center, brightness).
+    """
+    objs = prompt["objects"]
+    cells = [o["cell"] for o in objs]
+    if prompt["relation"] is not None:
+        rel = prompt["relation"]
+        pairs = [(ca, cb) for ca in CELLS for cb in CELLS if ca != cb
+                 and rel["rel"] in true_relations({"cell": ca}, {"cell": cb})]
+        ca, cb = pairs[int(rng.integers(len(pairs)))]
+        cells[rel["a"]], cells[rel["b"]] = list(ca), list(cb)
+    free = [c for c in CELLS if list(c) not in [c2 for c2 in cells if c2 is not None]]
+    scene = []
+    for obj, cell in zip(objs, cells):
+        if cell is None:
+            cell = list(free.pop(int(rng.integers(len(free)))))
+        row, col = cell
+        jitter = rng.uniform(-JITTER, JITTER, size=2)
+        scene.append({"shape": obj["shape"], "color": obj["color"],
+                      "size": obj["size"] or SIZE_NAMES[int(rng.integers(len(SIZE_NAMES)))], "cell": [row, col],
+                      "center": [float((col + 0.5) / 3 + jitter[0]), float((row + 0.5) / 3 + jitter[1])],
+                      "brightness": float(rng.uniform(0.85, 1.1))})
+    return scene
+
+
+def render_prompts(prompts: Sequence[dict], seed: int = 0, size: int = 64) -> np.ndarray:
+    """Render one scene per prompt with a sampled background, as the dataset does: uint8 (n, size, size, 3)."""
+    images = []
+    for i, prompt in enumerate(prompts):
+        rng = np.random.default_rng([seed, 7, i])
+        scene = scene_for_prompt(prompt, rng)
+        images.append(np.asarray(render_scene(scene, size, sample_background(scene, rng))))
+    return np.stack(images)
 
 
 # --------------------------------------------------------------------------- shapes: one split

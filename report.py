@@ -188,7 +188,8 @@ FIGURES: dict[str, Callable[[dict, str], list[str]]] = {"task_b": task_b_figures
 def model_section(model_dir: Path) -> list[str]:
     path = model_dir / "metrics.json"
     if not path.is_file():
-        return ["## The shipped model", "", f"`{path}` is missing: run `python fidelity.py evaluate-model`.", ""]
+        return ["## The shipped model", "",
+                f"`{path}` is missing: run `python fidelity.py evaluate-model --write-card`.", ""]
     m = read_json(path)
     return ["## The shipped model (`models/shapes-sd-tiny`)", "",
             f"Oracle accuracy on held-out renders {fmt(m['oracle_accuracy_on_renders'])}. Prompt fidelity (all "

@@ -2,7 +2,7 @@
 
 Every model runs at its own recommended settings (registry: steps, guidance, scheduler; turbo models 1-4 steps
 and guidance 0) on one shared prompt list with shared seeds (image k uses seed + k). Prompt fidelity is the
-oracle's "every named attribute right" rate in the shapes world (fidelity.py), or the alignment score of our
+oracle's "every named attribute right" rate in the shapes world (oracle.py), or the alignment score of our
 retrieval model (a CLIPScore stand-in) with `--fidelity alignment` or on other data. The Fréchet distance in
 EfficientNet-Lite0 space is printed next to its real-vs-real floor at the same n: at n ~ 100 two real sets are
 already far apart, so only differences well above the floor mean anything.
@@ -29,6 +29,8 @@ from typing import Sequence
 import numpy as np
 
 import fidelity
+import generate_data as gd
+from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
 from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, check, cli, finish_run, fmt, generate_images,
                    image_grid, init_wandb, load_data, load_image_encoder, load_pipeline, make_run_dir,
                    mean_ci95, peak_memory_mb, pick_device, pick_dtype, reset_peak_memory, resolve_model, time_call,
@@ -55,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fidelity", default="auto",
                    help="auto (oracle on shapes data, else alignment), oracle, or alignment (retrieval heads)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="data.pkl with the real images for FD (test, then val)")
-    p.add_argument("--oracle", default=str(fidelity.DEFAULT_ORACLE), help="oracle folder (fidelity.py train-oracle)")
+    p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder (oracle.py train)")
     p.add_argument("--heads", default=str(fidelity.DEFAULT_HEADS), help="retrieval heads.pt for --fidelity alignment")
     p.add_argument("--no-fd", action="store_true", help="skip the Fréchet distance")
     p.add_argument("--grid-rows", type=int, default=6, help="prompts shown in grid.png (first seed of each)")
@@ -87,7 +89,7 @@ def check_args(args: argparse.Namespace) -> None:
     check(len(set(names)) == len(names), f"--models names a model twice: {', '.join(names)}")
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for kind in args.kinds:
-        check(kind in fidelity.KINDS, f"unknown prompt kind {kind!r} in --kinds; choose from {', '.join(fidelity.KINDS)}")
+        check(kind in gd.KINDS, f"unknown prompt kind {kind!r} in --kinds; choose from {', '.join(gd.KINDS)}")
     check(bool(args.kinds), "--kinds is empty")
     check(args.fidelity in FIDELITY_MODES, f"unknown --fidelity {args.fidelity!r}; choose one of {', '.join(FIDELITY_MODES)}")
     for name in ("n_prompts", "seeds_per_prompt", "batch_size"):
@@ -104,7 +106,7 @@ def check_args(args: argparse.Namespace) -> None:
 def build_prompts(args: argparse.Namespace, data: dict) -> tuple[list[dict | None], list[str], str]:
     """(structured prompts or None, texts, source): the shapes grammar, or first captions of real test images."""
     if data.get("source") == "shapes":
-        prompts = [p for kind in args.kinds for p in fidelity.make_prompts(kind, args.n_prompts, args.seed)]
+        prompts = [p for kind in args.kinds for p in gd.make_prompts(kind, args.n_prompts, args.seed)]
         return prompts, [p["text"] for p in prompts], "shapes grammar (" + "+".join(args.kinds) + ")"
     records = data["splits"]["test"]
     pick = np.random.default_rng([args.seed, 5]).permutation(len(records))[:args.n_prompts]
@@ -125,9 +127,9 @@ def score_fidelity(mode: str, images: np.ndarray, prompts: list, texts: list[str
     if mode == "oracle":
         scores = oracle.score(images, prompts)
         values = [float(s["all"]) for s in scores]
-        kinds = {k: fidelity.summarize_scores([s for s, p in zip(scores, prompts) if _kind(p) == k])
+        kinds = {k: summarize_scores([s for s, p in zip(scores, prompts) if _kind(p) == k])
                  for k in args.kinds}
-        detail = {"per_kind": kinds, "attributes": fidelity.summarize_scores(scores)}
+        detail = {"per_kind": kinds, "attributes": summarize_scores(scores)}
         metric = "oracle all-correct rate"
     else:
         values = fidelity.alignment_score(images, texts, args.heads, oracle)
@@ -193,7 +195,7 @@ def evaluate_model(model: str, texts, prompts, seeds, mode, oracle, real_feats, 
     generated, per_image = timed_generation(pipe, texts, seeds, steps, guidance, settings["size"], args)
     sec = min(per_image)  # the fastest timed batch: what the model costs without the machine's other work
     peak = peak_memory_mb(device)
-    small = fidelity.to_uint8_64(generated)
+    small = to_uint8_64(generated)
     row = {"id": settings["id"], "params": count_params(pipe), "weights_fingerprint": weights_fingerprint(pipe),
            "steps": steps, "guidance": guidance,
            "scheduler": settings["scheduler"], "size": int(generated.shape[1]), "dtype": settings["dtype"],
@@ -255,7 +257,7 @@ def results_markdown(m: dict) -> str:
                   "| model | prompts | shape | colour | size | position | count | all |", "|---|---|---|---|---|---|---|---|"]
         for name, r in m["models"].items():
             for kind, s in (r.get("per_kind") or {}).items():
-                lines.append(f"| {name} | {kind} (n={s['n']}) | " + " | ".join(fmt(s[a]) for a in fidelity.ATTRIBUTES) + " |")
+                lines.append(f"| {name} | {kind} (n={s['n']}) | " + " | ".join(fmt(s[a]) for a in ATTRIBUTES) + " |")
         lines.append("")
     lines += [f"Peak memory: {next(iter(m['models'].values()))['peak_mem_kind']}.", "", "![grid](grid.png)", ""]
     return "\n".join(lines)
@@ -310,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     texts = [t for t in texts for _ in range(args.seeds_per_prompt)]
     prompts = [p for p in prompts for _ in range(args.seeds_per_prompt)]
     seeds = [args.seed + k for k in range(len(texts))]
-    oracle = fidelity.Oracle.load(args.oracle, device) if mode == "oracle" else None
+    oracle = Oracle.load(args.oracle, device) if mode == "oracle" else None
     if mode == "alignment":
         check(Path(args.heads).is_file(), f"retrieval checkpoint not found: {args.heads} (run `python retrieval.py`)")
     config = {k: v for k, v in vars(args).items() if k != "specs"}

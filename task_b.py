@@ -58,6 +58,7 @@ import numpy as np
 
 import fidelity
 import generate_data as gd
+from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
 from task_a import weights_fingerprint
 from utils import (DEFAULT_IMAGE_ENCODER, OUTPUTS, UserError, check, cli, finish_run, fmt, generate_images,
                    image_grid, init_wandb, load_image_encoder, load_pipeline, make_run_dir, make_scheduler, mean_ci95,
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
     p.add_argument("--time-repeats", type=int, default=3,
                    help="timed calls on one batch per cell after its generation (the warm-up); the fastest counts")
-    p.add_argument("--oracle", default=str(fidelity.DEFAULT_ORACLE), help="oracle folder (fidelity.py train-oracle)")
+    p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder (oracle.py train)")
     p.add_argument("--run-name", default=None, help="run folder under outputs/task_b (default: timestamp); "
                                                    "an existing one is resumed")
     p.add_argument("--outputs", default=str(OUTPUTS), help="outputs root")
@@ -156,7 +157,7 @@ def check_args(args: argparse.Namespace) -> None:
                                                   f"and {args.seeds}")
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for kind in args.kinds:
-        check(kind in fidelity.KINDS, f"unknown prompt kind {kind!r} in --kinds; choose from {', '.join(fidelity.KINDS)}")
+        check(kind in gd.KINDS, f"unknown prompt kind {kind!r} in --kinds; choose from {', '.join(gd.KINDS)}")
     check(args.fidelity_key in FIDELITY_KEYS,
           f"unknown --fidelity-key {args.fidelity_key!r}; choose one of {', '.join(FIDELITY_KEYS)}")
     args.zoo = [resolve_scheduler(s) for s in args.zoo.split(",") if s.strip()]
@@ -403,7 +404,7 @@ class Context:
         self.base_config = dict(pipe.scheduler.config)
         self.compatible = {c.__name__ for c in pipe.scheduler.compatibles} | {self.base_scheduler}
         self.run_dir, self.wandb = run_dir, wandb_run
-        self.prompts = [p for kind in args.kinds for p in fidelity.make_prompts(kind, args.n_prompts, args.seed)]
+        self.prompts = [p for kind in args.kinds for p in gd.make_prompts(kind, args.n_prompts, args.seed)]
         self.cache_path = run_dir / "cells.json"
         self.cache = read_json(self.cache_path) if self.cache_path.is_file() else {}
         self.thumbs: dict[str, np.ndarray] = {}  # "label|experiment" -> first seed of the first prompts
@@ -483,7 +484,7 @@ def cell_key(ctx: Context, settings: dict, extra: Any = None) -> str:
 def generate(ctx: Context, settings: dict, texts: list[str], seeds: list[int], **more) -> tuple[np.ndarray, list]:
     """(64-px uint8 images, the timesteps the model was evaluated at) for these prompts and seeds."""
     images = pipeline_call(ctx, settings, **more)(texts, seeds)
-    return fidelity.to_uint8_64(images), evaluated_timesteps(ctx.pipe.scheduler)
+    return to_uint8_64(images), evaluated_timesteps(ctx.pipe.scheduler)
 
 
 def time_cell(ctx: Context, settings: dict, texts: list[str], seeds: list[int], **more) -> dict:
@@ -521,9 +522,9 @@ def run_cell(ctx: Context, experiment: str, settings: dict, label: str) -> dict:
         per_prompt = np.array([[np.nan if s[a.fidelity_key] is None else float(s[a.fidelity_key])
                                 for s in scores[i * a.seeds:(i + 1) * a.seeds]] for i in range(len(ctx.prompts))])
         mean, ci = mean_ci95(np.nanmean(per_prompt, axis=1), seed=a.seed)
-        summary = fidelity.summarize_scores(scores)
+        summary = summarize_scores(scores)
         cell = {**settings, "fidelity_mean": mean, "fidelity_ci95": list(ci), "fidelity_key": a.fidelity_key,
-                "attributes": {k: summary[k] for k in fidelity.ATTRIBUTES},
+                "attributes": {k: summary[k] for k in ATTRIBUTES},
                 "diversity": per_prompt_diversity(ctx, images, len(ctx.prompts)), **timing,
                 "timestep_spacing": getattr(ctx.pipe.scheduler.config, "timestep_spacing", None),
                 "timesteps": timesteps, "n_prompts": len(ctx.prompts), "n_seeds": a.seeds}
@@ -682,7 +683,7 @@ def exp_negative(ctx: Context) -> list[dict]:
     a = ctx.args
     order = np.random.default_rng([a.seed, 13]).permutation(len(gd.SHAPES))
     shapes = [gd.SHAPES[i] for i in order[:min(a.n_prompts, len(gd.SHAPES))]]
-    texts = [gd._phrase({"shape": s, "color": None, "size": None, "cell": None}, color=False) for s in shapes]
+    texts = [gd.object_phrase({"shape": s, "color": None, "size": None, "cell": None}, color=False) for s in shapes]
     base = {**ctx.defaults(), "num_inference_steps": a.neg_steps}
     # 1. which colour does the model draw for each shape? Seeds disjoint from the measured ones, so the drop below
     #    is not inflated by picking each prompt's luckiest colour on the same images (regression to the mean).
@@ -741,7 +742,7 @@ def modal_colour(detections: list[list[dict]], shape: str, index: int) -> str:
     colours = [o["color"] for d in detections for o in d if o["shape"] == shape] or \
               [o["color"] for d in detections for o in d]
     if not colours:  # nothing detected at all: cycle through the colours so each prompt still gets one
-        return fidelity.COLOR_NAMES[index % len(fidelity.COLOR_NAMES)]
+        return gd.COLOR_NAMES[index % len(gd.COLOR_NAMES)]
     values, counts = np.unique(colours, return_counts=True)
     return str(values[np.argmax(counts)])
 
@@ -816,7 +817,7 @@ def exp_trajectory(ctx: Context) -> list[dict]:
         timesteps = evaluated_timesteps(ctx.pipe.scheduler)
         heads = [f"t={t:g}" for t in timesteps] if len(timesteps) == len(frames) else \
             [str(i + 1) for i in range(len(frames))]
-        strip = image_grid(frames + [fidelity.to_uint8_64([final])[0]], 1, len(frames) + 1,
+        strip = image_grid(frames + [to_uint8_64([final])[0]], 1, len(frames) + 1,
                            col_labels=heads + ["out"], cell=64)
         strip.save(ctx.run_dir / f"trajectory_{short(name)}.png")
         gif = [Image.fromarray(f).resize((128, 128), Image.NEAREST) for f in frames]
@@ -1078,7 +1079,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     pipe, settings = load_pipeline(args.model, device=device)
     if args.axes:
         check_axes(args.axes, pipe)
-    oracle = fidelity.Oracle.load(args.oracle, device)
+    oracle = Oracle.load(args.oracle, device)
     encoder = load_image_encoder(DEFAULT_IMAGE_ENCODER, device)
     config = {k: v for k, v in vars(args).items()}
     run_dir = make_run_dir("task_b", args.run_name, config, args.outputs)

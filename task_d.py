@@ -93,7 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-alignment", type=float, default=-1.0,
                    help="alignment filter (non-shapes data), 0..100; negative = the 25th percentile of real "
                         "validation image-caption pairs")
-    p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder from `fidelity.py train-oracle`")
+    p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder from `oracle.py train`")
     p.add_argument("--epochs", type=int, default=None,
                    help="retrieval training epochs per arm and seed (default: the baseline run's own; every arm, "
                         "baseline included, gets the same epochs and the same best-epoch choice on val)")
@@ -191,12 +191,10 @@ def shapes_item(target: dict, index: int, seed: int) -> dict:
     """One structured prompt: the target shape and 0-2 other objects, every attribute named, with its captions.
 
     Every object gets a colour, size and cell, so the oracle can check all of them and the paraphrases
-    (generate_data's caption templates) only say what the prompt says. One object uses fidelity's
-    single-object grammar ("a small red hexagon in the top left", parseable by fidelity.parse_prompt); more
+    (generate_data's caption templates) only say what the prompt says. One object uses the structured prompts'
+    single-object grammar ("a small red hexagon in the top left", parseable by gd.parse_prompt); more
     objects use the dataset's canonical caption (generate_data.describe), scored object by object by cell.
     """
-    import fidelity
-
     rng = _item_rng(seed, target["category_id"], index)
     n = int(rng.integers(1, gd.MAX_OBJECTS + 1))
     shapes = [target["category"]] + [gd.SHAPES[int(k)] for k in rng.integers(len(gd.SHAPES), size=n - 1)]
@@ -205,7 +203,7 @@ def shapes_item(target: dict, index: int, seed: int) -> dict:
                 "size": list(gd.SIZES)[int(rng.integers(len(gd.SIZES)))], "cell": list(gd.CELLS[int(c)])}
                for s, c in zip(shapes, cells)]
     prompt = {"objects": objects, "relation": None}
-    text = fidelity.prompt_text(prompt) if n == 1 else gd.describe(objects)
+    text = gd.prompt_text(prompt) if n == 1 else gd.describe(objects)
     paraphrases = [c for c in gd.make_captions(objects, rng, N_CAPTIONS) if c != text][:N_CAPTIONS - 1]
     return {"id": f"c{target['category_id']}-{index:05d}", "target": target["category"],
             "category_id": target["category_id"], "text": text, "prompt": dict(prompt, text=text),
@@ -223,7 +221,7 @@ def coco_item(target: dict, index: int, seed: int, categories: list[dict]) -> di
     captions: list[str] = []
     for attempt in range(50):
         order = [names[0]] + [names[1:][j] for j in rng.permutation(len(names) - 1)] if attempt else names
-        phrase = gd._join([f"{gd._article(n)} {n}" for n in order])
+        phrase = gd.join_phrases([f"{gd.article(n)} {n}" for n in order])
         text = COCO_TEMPLATES[int(rng.integers(len(COCO_TEMPLATES)))].format(x=phrase)
         if text not in captions:
             captions.append(text)
@@ -391,9 +389,9 @@ def save_item(store: SyntheticStore, rank: int, item: dict, image: np.ndarray) -
 # --------------------------------------------------------------------------- 3. filter
 def oracle_verdicts(entries: list[dict], images: np.ndarray, oracle, min_score: float) -> list[dict]:
     """Per image: the prompt's oracle checks, score = fraction of named checks passed, target found, keep."""
-    import fidelity
+    from oracle import filter_verdict
 
-    return [fidelity.filter_verdict(dets, entry["prompt"], min_score)
+    return [filter_verdict(dets, entry["prompt"], min_score)
             for entry, dets in zip(entries, oracle.detect(images))]
 
 
@@ -417,7 +415,7 @@ def auto_alignment_threshold(data: dict, heads_path: Path, n: int = 200, seed: i
 
 def acceptance_table(entries: list[dict], verdicts: list[dict], targets: list[dict]) -> dict[str, dict]:
     """Per target: candidates, accepted, acceptance rate, and the oracle's per-attribute rates where available."""
-    import fidelity
+    from oracle import summarize_scores
 
     out = {}
     for t in targets:
@@ -426,7 +424,7 @@ def acceptance_table(entries: list[dict], verdicts: list[dict], targets: list[di
         row = {"generated": len(idx), "accepted": int(kept), "acceptance_rate": kept / len(idx) if idx else None,
                "mean_score": float(np.mean([verdicts[i]["score"] for i in idx])) if idx else None}
         if idx and "shape" in verdicts[idx[0]]:
-            row["oracle"] = fidelity.summarize_scores([verdicts[i] for i in idx])
+            row["oracle"] = summarize_scores([verdicts[i] for i in idx])
             row["target_found"] = float(np.mean([verdicts[i]["target_found"] for i in idx]))
         out[t["category"]] = row
     return out
@@ -444,16 +442,14 @@ def rendered_store(args: argparse.Namespace, image_size: int) -> SyntheticStore:
 def render_missing(store: SyntheticStore, items: list[dict], size: int) -> int:
     """Draw the items the store lacks with the shapes world's own renderer; returns how many were drawn.
 
-    Each item is one seeded scene that satisfies its structured prompt (`fidelity.render_prompts`: the named
+    Each item is one seeded scene that satisfies its structured prompt (`gd.render_prompts`: the named
     shapes, colours, sizes and cells, jitter and background sampled as in the data), so its captions are true.
     """
-    import fidelity
-
     done = store.entries()
     drawn = 0
     for it in items:
         if it["id"] not in done:
-            save_item(store, 0, it, fidelity.render_prompts([it["prompt"]], seed=it["seed"], size=size)[0])
+            save_item(store, 0, it, gd.render_prompts([it["prompt"]], seed=it["seed"], size=size)[0])
             drawn += 1
     store.merge()
     return drawn
@@ -873,9 +869,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         skipped["rendered"] = "COCO-style data has no renderer"
     generating = any(a in args.arms for a in GENERATED_ARMS)
     if shapes and generating:
-        import fidelity
+        from oracle import Oracle
 
-        oracle = fidelity.Oracle.load(args.oracle, pick_device(args.device))
+        oracle = Oracle.load(args.oracle, pick_device(args.device))
     heads_path = Path(str(raw_targets.get("baseline_run", ""))) / "heads.pt"
     check(shapes or not generating or heads_path.is_file(),
           f"the alignment filter needs the baseline's heads, not found: {heads_path}")
@@ -900,9 +896,9 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         entries = [done[it["id"]] for it in items]
         images = np.stack([load_rgb(store.images / e["file"]) for e in entries])
         if shapes:
-            import fidelity
+            from oracle import to_uint8_64
 
-            verdicts = oracle_verdicts(entries, fidelity.to_uint8_64(images), oracle, args.min_score)
+            verdicts = oracle_verdicts(entries, to_uint8_64(images), oracle, args.min_score)
             rule = (f"the target object is found by the oracle with its prompted shape and colour, and at least "
                     f"{args.min_score:g} of the prompt's named checks (shape, colour, size, cell of every object; "
                     f"object count) pass")

@@ -41,9 +41,9 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-import fidelity
 import generate_data as gd
 import retrieval
+from oracle import DEFAULT_ORACLE, Oracle
 from utils import (DEFAULT_DATA, OUTPUTS, UserError, category_names, check, cli, encode_images, finish_run, fmt,
                    fmt_ci, generate_images, image_grid, l2_normalize, load_data, load_image_encoder, load_pipeline,
                    make_run_dir, mean_ci95, model_fingerprint, pick_device, pyplot, read_json, time_call,
@@ -85,7 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-edits", type=int, default=8, help="edited source scenes per edit kind (0 = skip editing)")
     p.add_argument("--edit-kinds", default=",".join(EDIT_KINDS), help=f"comma-separated: {', '.join(EDIT_KINDS)}")
     p.add_argument("--strengths", default=DEFAULT_STRENGTHS, help="comma-separated img2img strengths in (0, 1]")
-    p.add_argument("--oracle", default=str(fidelity.DEFAULT_ORACLE), help="oracle folder (fidelity.py train-oracle)")
+    p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder (oracle.py train)")
     p.add_argument("--grid-rows", type=int, default=8, help="edit examples shown in edit_grid.png")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the queries (>= 1)")
     p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
@@ -375,21 +375,21 @@ def edit_cases(kinds: Sequence[str], n_per_kind: int, seed: int, size: int) -> l
         Dicts with kind, source (uint8 image), source_prompt and target_prompt (structured prompts that
         name shape, colour, size and cell), and the edit prompt text.
     """
-    prompts = fidelity.make_prompts("single", n_per_kind * len(kinds), seed) if n_per_kind else []
+    prompts = gd.make_prompts("single", n_per_kind * len(kinds), seed) if n_per_kind else []
     cases = []
     for i, prompt in enumerate(prompts):
         rng = np.random.default_rng([seed, 11, i])
-        scene = fidelity.scene_for_prompt(prompt, rng)
+        scene = gd.scene_for_prompt(prompt, rng)
         image = np.asarray(gd.render_scene(scene, size, gd.sample_background(scene, rng)))
         obj = {key: scene[0][key] for key in ("shape", "color", "size", "cell")}
         kind = kinds[i % len(kinds)]
-        options = [v for v in (fidelity.COLOR_NAMES if kind == "color" else gd.SHAPES) if v != obj[kind]]
+        options = [v for v in (gd.COLOR_NAMES if kind == "color" else gd.SHAPES) if v != obj[kind]]
         target = dict(obj, **{kind: options[int(rng.integers(len(options)))]})
         source_prompt = {"objects": [obj], "relation": None}
         target_prompt = {"objects": [target], "relation": None}
-        cases.append({"kind": kind, "source": image, "source_prompt": {"text": fidelity.prompt_text(source_prompt),
+        cases.append({"kind": kind, "source": image, "source_prompt": {"text": gd.prompt_text(source_prompt),
                                                                        **source_prompt},
-                      "target_prompt": {"text": fidelity.prompt_text(target_prompt), **target_prompt}})
+                      "target_prompt": {"text": gd.prompt_text(target_prompt), **target_prompt}})
     return cases
 
 
@@ -701,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for s in args.strength_list:
         check(int(settings["steps"] * s) >= 1, f"--strengths {s:g} gives no denoising step at {settings['steps']} "
                                                f"steps; use at least {1 / settings['steps']:g}")
-    oracle = fidelity.Oracle.load(args.oracle, device) if args.n_edits else None
+    oracle = Oracle.load(args.oracle, device) if args.n_edits else None
     run_dir = make_run_dir("task_e", args.run_name, {k: v for k, v in vars(args).items()}, args.outputs)
     timings["load_s"] = round(time.time() - t0, 2)
 

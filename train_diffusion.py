@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils import (DEFAULT_DATA, REPO, UserError, check, cli, git_commit, image_grid, library_versions, load_data,
-                   pick_device, pick_dtype, set_seed, write_json, write_text)
+                   model_card, pick_device, pick_dtype, read_json, set_seed, write_json, write_text)
 
 DEFAULT_OUT = REPO / "models" / "shapes-sd-tiny"
 CHECKPOINTS = REPO / "checkpoints"
@@ -798,75 +798,6 @@ def load_as_float32(folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def model_card(args, info: dict) -> str:
-    p = info["params"]
-    vae = info["vae"]
-    psnr_text = f"{vae['psnr_db']:.2f} dB on {vae['psnr_images']} held-out `{args.eval_split}` images" \
-        if vae["psnr_db"] is not None else "not measured (no held-out split)"
-    data = ", ".join(os.path.relpath(Path(d).resolve(), REPO) if Path(d).resolve().is_relative_to(REPO) else str(d)
-                     for d in args.data)
-    return f"""---
-library_name: diffusers
-pipeline_tag: text-to-image
-tags: [stable-diffusion, text-to-image, shapes, from-scratch]
----
-
-# {args.out.name}
-
-A tiny Stable-Diffusion-shaped text-to-image model trained from scratch with `train_diffusion.py` on the
-procedural shapes world (`generate_data.py`): 64x64 images of 1-3 coloured shapes on muted backgrounds,
-five template captions each (shape, colour, size, 3x3 position, left/right/above/below relations).
-
-```python
-import torch
-from diffusers import StableDiffusionPipeline
-
-pipe = StableDiffusionPipeline.from_pretrained("{args.out.name}", torch_dtype=torch.float32)  # fp16 on GPU
-image = pipe("a red star to the left of a small blue circle", num_inference_steps={args.sample_steps},
-             guidance_scale={args.guidance}, generator=torch.Generator().manual_seed(0)).images[0]
-```
-
-## Recommended sampling
-DPM-Solver++ (2nd order, the saved scheduler), {args.sample_steps} steps, guidance scale {args.guidance},
-64x64 (the default). Prompts should follow the caption grammar (lower case; the 12 shapes, 8 colours,
-small/large, "in the top left" ... "in the center", "to the left of" / "to the right of" / "above" / "below").
-
-## Data
-{info['n_images']} images of split `{args.split}` from {data} (each with 5 captions; one drawn per step,
-{args.cfg_dropout:.0%} replaced by the empty caption for classifier-free guidance). No flips or other
-augmentation that would change left/right/top/bottom.
-
-## Architecture ({sum(p.values()) / 1e6:.2f} M parameters, stored in fp16)
-| part | details | parameters |
-|---|---|---|
-| tokenizer | CLIP-format BPE trained on the captions, {info['vocab_size']} tokens, every caption word one token, max length {info['max_length']} | - |
-| text encoder | CLIPTextModel, {args.text_layers} layers, width {args.text_hidden}, {args.text_heads} heads (trained jointly with the UNet) | {p['text_encoder']:,} |
-| autoencoder | AutoencoderKL, blocks {args.vae_widths}, {args.latent_channels} latent channels, {info['latent_side']}x{info['latent_side']} latents, scaling factor {info['scaling_factor']:.4f} | {p['vae']:,} |
-| UNet | UNet2DConditionModel, blocks {args.unet_widths}, {args.unet_layers} resnet(s) per block, self- and cross-attention at the {args.attn_levels or len(args.unet_widths) - 1} lowest-resolution level(s), head size {args.attn_head_dim} | {p['unet']:,} |
-
-## Training
-- hardware: {info['hardware']}
-- autoencoder: {vae['steps']} steps of batch {args.vae_batch_size}, object-weighted L1 + MSE + {args.kl_weight:g} x KL, {vae['seconds'] / 60:.1f} min,
-  then {vae.get('decoder_finetune_steps', 0)} decoder-only steps ({vae.get('decoder_finetune_seconds', 0) / 60:.1f} min, encoder frozen);
-  reconstruction PSNR {psnr_text}
-- text encoder + UNet: {info['steps']} steps of batch {args.batch_size} ({info['train_minutes']:.1f} min,
-  {info['steps_per_second']:.2f} steps/s), DDPM noise (linear betas 1e-4..0.02, 1000 steps, {args.prediction_type.replace('_', '-')}),
-  min-SNR-{args.snr_gamma:g} weighting, AdamW lr {args.lr:g} (warm-up {args.warmup_steps}, cosine),
-  EMA (max decay {args.ema_decay}) weights saved
-- final loss (mean of the last 10 steps): {info['final_loss']}
-- loss curve, timings and the full configuration: `training_log.json`
-
-## Fidelity
-TO BE FILLED IN: `metrics.json` in this folder holds the oracle numbers (fraction of generated images whose
-shapes, colours, sizes and positions match the prompt, measured by `fidelity.py`).
-
-## Limitations
-Only knows the shapes world's vocabulary and 64x64 images; words outside the caption grammar are ignored or
-confuse it. The UNet saw only {info['steps'] * args.batch_size:,} training examples ({info['train_minutes']:.0f} min on
-{info['hardware']}), so many prompts fail: check `metrics.json` before relying on it.
-"""
-
-
 def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_start: float) -> dict:
     from diffusers import AutoencoderKL
 
@@ -886,17 +817,20 @@ def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_s
         "final_loss": float(np.mean([r["loss"] for r in log[-1:]])) if log else None,
         "resumed_from_step": trainer.resumed_from_step,
     }
-    (tmp / "README.md").write_text(model_card(args, info))
     config = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "data" else v)
               for k, v in vars(args).items()}
-    write_json(tmp / "training_log.json", {
+    training_log = {
         "config": config, "git_commit": git_commit(), "versions": library_versions(), "device": str(device),
         "hardware": hardware, "params": info["params"], "vae": vae_info, "scaling_factor": trainer.scaling,
         "steps": trainer.step, "resumed_from_step": trainer.resumed_from_step,
         "train_seconds": round(trainer.seconds, 1), "cpu_seconds": round(trainer.cpu_seconds, 1),
         "steps_per_second": round(info["steps_per_second"], 3),
         "wall_seconds_this_run": round(time.time() - wall_start, 1), "loss_curve": log,
-    })
+        # the card's numbers at full precision (`fidelity.py evaluate-model --write-card` rebuilds the card from them)
+        "card_facts": {k: v for k, v in info.items() if k not in ("params", "vae")},
+    }
+    write_json(tmp / "training_log.json", training_log)
+    (tmp / "README.md").write_text(model_card(args.out.name, read_json(tmp / "training_log.json")))
     if args.out.exists():
         shutil.rmtree(args.out)
     os.replace(tmp, args.out)
@@ -939,7 +873,8 @@ def parse_study_args(argv) -> argparse.Namespace:
 
 def round_trip(encode_decode, prompts_by_kind: dict, oracle) -> dict:
     """Oracle all-correct of renders after `encode_decode` (uint8 NHWC -> uint8 NHWC): a representation's ceiling."""
-    from fidelity import render_prompts, summarize_scores
+    from generate_data import render_prompts
+    from oracle import summarize_scores
 
     out = {}
     for kind, prompts in prompts_by_kind.items():
@@ -973,8 +908,8 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path) -> 
     """Oracle scores of one pipeline snapshot on the study's prompts (cached per snapshot and oracle)."""
     from diffusers import DiffusionPipeline
 
-    from fidelity import summarize_scores, to_uint8_64
-    from utils import generate_images, mean_ci95, read_json
+    from oracle import summarize_scores, to_uint8_64
+    from utils import generate_images, mean_ci95
 
     if cache.is_file():
         return read_json(cache)
@@ -999,7 +934,8 @@ def study(argv) -> dict:
 
     from diffusers import AutoencoderKL
 
-    from fidelity import Oracle, make_prompts, weights_sha
+    from generate_data import make_prompts
+    from oracle import Oracle, weights_sha
     from utils import make_run_dir, pyplot, update_latest
 
     args = parse_study_args(argv)

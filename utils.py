@@ -767,6 +767,125 @@ def time_call(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3, min_seco
             "warmup_s": warm}, result
 
 
+# --------------------------------------------------------------------------- model cards
+FIDELITY_TARGETS = {"single_object": 0.90, "two_object": 0.60}  # all-correct rates the shipped model aims for
+
+
+def model_card(name: str, log: dict, fidelity: dict | None = None) -> str:
+    """The whole model card (README.md) of a `train_diffusion.py` model, built from its numbers only.
+
+    Args:
+        name: the model folder's name (the card's title and the `from_pretrained` example).
+        log: the folder's training_log.json: "config" (the training arguments), "params", "vae" and "card_facts"
+            (n_images, vocab_size, max_length, latent_side, scaling_factor, hardware, steps, train_minutes,
+            steps_per_second, final_loss).
+        fidelity: metrics of `python fidelity.py evaluate-model`, or None when not measured yet.
+
+    Raises:
+        UserError: the log lacks "card_facts" (written by train_diffusion.py since the card has one owner).
+    """
+    check("card_facts" in log, f"training_log.json of {name} has no card_facts: retrain it with train_diffusion.py "
+                               "(the card is built from them)")
+    a, info, p, vae = log["config"], log["card_facts"], log["params"], log["vae"]
+    psnr_text = f"{vae['psnr_db']:.2f} dB on {vae['psnr_images']} held-out `{a['eval_split']}` images" \
+        if vae["psnr_db"] is not None else "not measured (no held-out split)"
+    data = ", ".join(os.path.relpath(Path(d).resolve(), REPO) if Path(d).resolve().is_relative_to(REPO) else str(d)
+                     for d in a["data"])
+    vae_widths, unet_widths = tuple(a["vae_widths"]), tuple(a["unet_widths"])
+    attn_levels = a.get("attn_levels") or len(unet_widths) - 1
+    return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [stable-diffusion, text-to-image, shapes, from-scratch]
+---
+
+# {name}
+
+A tiny Stable-Diffusion-shaped text-to-image model trained from scratch with `train_diffusion.py` on the
+procedural shapes world (`generate_data.py`): 64x64 images of 1-3 coloured shapes on muted backgrounds,
+five template captions each (shape, colour, size, 3x3 position, left/right/above/below relations).
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{name}", torch_dtype=torch.float32)  # fp16 on GPU
+image = pipe("a red star to the left of a small blue circle", num_inference_steps={a['sample_steps']},
+             guidance_scale={a['guidance']}, generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+## Recommended sampling
+DPM-Solver++ (2nd order, the saved scheduler), {a['sample_steps']} steps, guidance scale {a['guidance']},
+64x64 (the default). Prompts should follow the caption grammar (lower case; the 12 shapes, 8 colours,
+small/large, "in the top left" ... "in the center", "to the left of" / "to the right of" / "above" / "below").
+
+## Data
+{info['n_images']} images of split `{a['split']}` from {data} (each with 5 captions; one drawn per step,
+{a['cfg_dropout']:.0%} replaced by the empty caption for classifier-free guidance). No flips or other
+augmentation that would change left/right/top/bottom.
+
+## Architecture ({sum(p.values()) / 1e6:.2f} M parameters, stored in fp16)
+| part | details | parameters |
+|---|---|---|
+| tokenizer | CLIP-format BPE trained on the captions, {info['vocab_size']} tokens, every caption word one token, max length {info['max_length']} | - |
+| text encoder | CLIPTextModel, {a['text_layers']} layers, width {a['text_hidden']}, {a['text_heads']} heads (trained jointly with the UNet) | {p['text_encoder']:,} |
+| autoencoder | AutoencoderKL, blocks {vae_widths}, {a['latent_channels']} latent channels, {info['latent_side']}x{info['latent_side']} latents, scaling factor {info['scaling_factor']:.4f} | {p['vae']:,} |
+| UNet | UNet2DConditionModel, blocks {unet_widths}, {a['unet_layers']} resnet(s) per block, self- and cross-attention at the {attn_levels} lowest-resolution level(s), head size {a['attn_head_dim']} | {p['unet']:,} |
+
+## Training
+- hardware: {info['hardware']}
+- autoencoder: {vae['steps']} steps of batch {a['vae_batch_size']}, object-weighted L1 + MSE + {a['kl_weight']:g} x KL, {vae['seconds'] / 60:.1f} min,
+  then {vae.get('decoder_finetune_steps', 0)} decoder-only steps ({vae.get('decoder_finetune_seconds', 0) / 60:.1f} min, encoder frozen);
+  reconstruction PSNR {psnr_text}
+- text encoder + UNet: {info['steps']} steps of batch {a['batch_size']} ({info['train_minutes']:.1f} min,
+  {info['steps_per_second']:.2f} steps/s), DDPM noise (linear betas 1e-4..0.02, 1000 steps, {a['prediction_type'].replace('_', '-')}),
+  min-SNR-{a['snr_gamma']:g} weighting, AdamW lr {a['lr']:g} (warm-up {a['warmup_steps']}, cosine),
+  EMA (max decay {a['ema_decay']}) weights saved
+- final loss (mean of the last 10 steps): {info['final_loss']}
+- loss curve, timings and the full configuration: `training_log.json`
+
+{_card_fidelity_section(fidelity)}
+## Limitations
+Only knows the shapes world's vocabulary and 64x64 images; words outside the caption grammar are ignored or
+confuse it. The UNet saw only {info['steps'] * a['batch_size']:,} training examples ({info['train_minutes']:.0f} min on
+{info['hardware']}), so many prompts fail: check `metrics.json` before relying on it.
+"""
+
+
+def _card_fidelity_section(m: dict | None) -> str:
+    """The card's "## Fidelity" section: every number from an evaluate-model metrics dict, or how to measure it."""
+    if m is None:
+        return ("## Fidelity\nNot measured yet: `python fidelity.py evaluate-model --model <this folder> --write-card` "
+                "scores the fraction of\ngenerated images whose shapes, colours, sizes and positions match the prompt "
+                "and rewrites this card with the numbers.\n")
+    met = all(m.get(f"{k}_all_correct") is not None and m[f"{k}_all_correct"] >= t
+              for k, t in FIDELITY_TARGETS.items())
+    sam = m["sampler"]
+    lines = [f"## Fidelity (measured; targets {'met' if met else 'NOT met'})",
+             f"`python fidelity.py evaluate-model --model {m['model']['name']}"
+             + (f" --heads {m['args']['heads']}" if m["args"].get("heads") else "") + " --write-card`",
+             f"({m['n_prompts']} single-object and {m['n_prompts']} two-object prompts, seed {m['seed']}, "
+             f"{sam['scheduler']} {sam['steps']} steps, guidance {sam['guidance']}, {sam['device']}; judged by the "
+             f"oracle, whose whole-scene accuracy on held-out renders is {m['oracle_accuracy_on_renders']}). "
+             "Fraction of images with each specified attribute right:", "",
+             "| prompts | shape | colour | size | position | count | all |", "|---|---|---|---|---|---|---|"]
+    for key, label in (("single_object", "single object"), ("two_object", "two objects + relation")):
+        if m.get(key):
+            lines.append(f"| {label} | " + " | ".join(
+                "n/a" if m[key][a] is None else f"{m[key][a]:.3f}"
+                for a in ("shape", "color", "size", "position", "count", "all")) + " |")
+    lines += ["", "Targets: " + ", ".join(
+        f"{k.replace('_', '-')} all-correct >= {t:.2f} (measured "
+        f"{'n/a' if m.get(k + '_all_correct') is None else format(m[k + '_all_correct'], '.3f')})"
+        for k, t in FIDELITY_TARGETS.items()) + "."]
+    if m.get("fd") is not None:
+        lines.append(f"Fréchet distance in EfficientNet-Lite0 space {m['fd']:.1f} against a real-vs-real floor of "
+                     f"{m['fd_real_vs_real']:.1f} (n = {m['fd_n']})"
+                     + (f"; alignment score {m['alignment']:.1f}/100." if m.get("alignment") is not None else "."))
+    lines.append("`fidelity_grid.png` shows renders of the prompts next to generations.")
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- diffusion models
 SHAPES_MODEL = REPO / "models" / "shapes-sd-tiny"
 SHAPES_MODEL_4K = REPO / "models" / "shapes-sd-tiny-4k"  # the same model stopped at 4,601 steps (see its card)

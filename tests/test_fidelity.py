@@ -1,10 +1,9 @@
-"""fidelity.py: prompts and their grammar, the shipped oracle on right and wrong labels, Fréchet distance by hand,
-the alignment score, evaluate-model on a tiny random-weight pipeline, and bad inputs."""
+"""fidelity.py: Fréchet distance by hand, the alignment score, evaluate-model on a tiny random-weight pipeline
+(its run folder, and the model card only with --write-card), and bad inputs."""
 
 import json
 import subprocess
 import sys
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -13,274 +12,7 @@ import scipy.linalg
 import fidelity
 import generate_data as gd
 from tiny_models import tiny_sd_pipeline
-from utils import UserError
-
-OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
-            "below": "above"}
-
-
-# --------------------------------------------------------------------------- prompts
-def test_prompts_are_deterministic_and_balanced():
-    single = fidelity.make_prompts("single", 192, seed=3)
-    assert single == fidelity.make_prompts("single", 192, seed=3)
-    assert single != fidelity.make_prompts("single", 192, seed=4)
-    # 192 = two passes over the 96 shape x colour pairs: every shape 16 times, every colour 24 times.
-    assert set(Counter(p["objects"][0]["shape"] for p in single).values()) == {16}
-    assert set(Counter(p["objects"][0]["color"] for p in single).values()) == {24}
-    for attr in ("size", "cell"):
-        named = np.mean([p["objects"][0][attr] is not None for p in single])
-        assert 0.35 < named < 0.65, f"{attr} named in {named:.2f} of prompts, expected about half"
-
-    two = fidelity.make_prompts("two", 120, seed=3)
-    assert two == fidelity.make_prompts("two", 120, seed=3)
-    assert set(Counter(p["objects"][0]["shape"] for p in two).values()) == {10}
-    assert set(Counter(p["relation"]["rel"] for p in two).values()) == {30}
-    for p in two:
-        a, b = p["objects"]
-        assert (a["shape"], a["color"]) != (b["shape"], b["color"])
-
-
-def test_prompt_wording_parses_back_to_the_structure():
-    prompts = fidelity.make_prompts("single", 100, seed=1) + fidelity.make_prompts("two", 100, seed=1)
-    for p in prompts:
-        assert fidelity.parse_prompt(p["text"]) == p
-    assert fidelity.parse_prompt("a small red star in the top left")["objects"] == [
-        {"shape": "star", "color": "red", "size": "small", "cell": [0, 0]}]
-    assert fidelity.parse_prompt("an orange ring in the center")["objects"][0]["cell"] == [1, 1]
-    for p in prompts[100:]:  # relation prompts name two objects, one on each side of the relation
-        assert len(p["objects"]) == 2 and (p["relation"]["a"], p["relation"]["b"]) == (0, 1)
-        left, right = p["text"].split(f" {p['relation']['rel']} ")
-        assert fidelity.parse_prompt(left)["objects"][0]["shape"] == p["objects"][0]["shape"]
-        assert fidelity.parse_prompt(right)["objects"][0]["shape"] == p["objects"][1]["shape"]
-
-
-def test_prompt_grammar_is_the_training_caption_grammar(tiny_data):
-    from utils import load_data
-
-    records = [r for r in load_data(tiny_data)["splits"]["train"] if len(r["objects"]) == 2
-               and len({(o["shape"], o["color"]) for o in r["objects"]}) == 2]
-    assert len(records) > 50
-    for rec in records:  # with two objects the first caption is a relation caption
-        p = fidelity.parse_prompt(rec["captions"][0])
-        by_shape_color = {(o["shape"], o["color"]): o for o in rec["objects"]}
-        a, b = (by_shape_color[(o["shape"], o["color"])] for o in p["objects"])
-        assert p["relation"]["rel"] in gd.true_relations(a, b)
-
-
-# --------------------------------------------------------------------------- oracle (the shipped weights)
-@pytest.fixture(scope="module")
-def oracle():
-    return fidelity.Oracle.load(fidelity.DEFAULT_ORACLE, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def prompt_renders():
-    prompts = fidelity.make_prompts("single", 25, seed=11) + fidelity.make_prompts("two", 25, seed=11)
-    return prompts, fidelity.render_prompts(prompts, seed=11)
-
-
-def test_oracle_is_right_on_renders_of_the_prompts(oracle, prompt_renders):
-    prompts, images = prompt_renders
-    scores = oracle.score(images, prompts)
-    assert np.mean([s["all"] for s in scores]) >= 0.95
-    assert all(s["size"] is None for s, p in zip(scores, prompts) if all(o["size"] is None for o in p["objects"]))
-
-
-def _corrupt(prompt: dict, i: int) -> dict:
-    """A prompt the rendered image does not show: another colour, another shape, or the opposite relation."""
-    p = json.loads(json.dumps(prompt))
-    obj = p["objects"][0]
-    kind = i % 3 if p["relation"] else i % 2
-    if kind == 0:
-        used = {o["color"] for o in p["objects"]}
-        obj["color"] = next(c for c in fidelity.COLOR_NAMES[i % 8:] + fidelity.COLOR_NAMES if c not in used)
-    elif kind == 1:
-        used = {o["shape"] for o in p["objects"]}
-        obj["shape"] = next(s for s in gd.SHAPES[i % 12:] + gd.SHAPES if s not in used)
-    else:
-        p["relation"]["rel"] = OPPOSITE[p["relation"]["rel"]]
-    p["text"] = fidelity.prompt_text(p)
-    return p
-
-
-def test_oracle_is_wrong_on_wrong_labels(oracle, prompt_renders):
-    prompts, images = prompt_renders
-    wrong = [_corrupt(p, i) for i, p in enumerate(prompts)]
-    assert all(w["text"] != p["text"] for w, p in zip(wrong, prompts))
-    scores = oracle.score(images, wrong)
-    assert np.mean([not s["all"] for s in scores]) >= 0.95
-
-
-def test_oracle_detects_scene_objects_and_resizes_large_inputs(oracle):
-    from PIL import Image
-
-    objects = [{"shape": "star", "color": "red", "size": "large", "cell": [0, 0]},
-               {"shape": "ring", "color": "blue", "size": "small", "cell": [2, 1]}]
-    image = np.asarray(gd.render_scene(objects, 64, gd.sample_background(objects, np.random.default_rng(0))))
-    big = np.asarray(Image.fromarray(image).resize((512, 512), Image.BICUBIC))
-    for im in (image, big):
-        assert oracle.detect(im[None]) == [[{k: o[k] for k in ("shape", "color", "size", "cell")} for o in objects]]
-
-
-# --------------------------------------------------------------------------- rejecting what is no shape (issue 11)
-def _blurred(image: np.ndarray, sigma: float) -> np.ndarray:
-    from scipy import ndimage
-
-    return np.clip(np.rint(ndimage.gaussian_filter(image.astype(np.float32), (sigma, sigma, 0))), 0, 255).astype(np.uint8)
-
-
-def _melted(objects: list[dict], rng) -> np.ndarray:
-    """The scene with every object pushed together with a shifted copy of itself, by scipy, not by fidelity."""
-    from scipy import ndimage
-
-    canvas, layers = gd.render_layers(objects, 64, gd.sample_background(objects, rng))
-    melted = [(np.maximum(a, ndimage.shift(a, (4, 5), order=1)), c) for a, c in layers]
-    return np.asarray(gd.composite(canvas, melted))
-
-
-def test_oracle_rejects_blurred_and_melted_renders_and_accepts_their_originals(oracle):
-    rng = np.random.default_rng(5)
-    clean_ok = rejected = total = 0
-    for i in range(24):
-        objects = gd.sample_objects(np.random.default_rng([77, i]))
-        image = np.asarray(gd.render_scene(objects, 64, gd.sample_background(objects, np.random.default_rng([78, i]))))
-        truth = [{k: o[k] for k in ("shape", "color", "size", "cell")} for o in objects]
-        clean_ok += sorted(oracle.detect(image[None])[0], key=str) == sorted(truth, key=str)
-        for bad in (_blurred(image, 3.0), _melted(objects, rng)):
-            found = oracle.detect(bad[None])[0]
-            named = {(o["shape"], tuple(o["cell"])) for o in found}
-            rejected += sum((o["shape"], tuple(o["cell"])) not in named for o in objects)
-            total += len(objects)
-    assert clean_ok >= 23
-    assert rejected / total >= 0.9
-
-
-def test_unrecognisable_objects_fail_their_shape_but_count_as_objects():
-    blob = _det(fidelity.UNRECOGNISABLE, "red", "small", [0, 0])
-    prompt = {"objects": [{"shape": "star", "color": "red", "size": None, "cell": None}], "relation": None}
-    s = fidelity.score_detections([blob], prompt)
-    assert (s["shape"], s["color"], s["count"], s["all"]) == (False, True, True, False)
-    assert fidelity.filter_verdict([blob], prompt, 0.5)["keep"] is False
-
-
-def test_a_low_confidence_shape_reads_as_unrecognisable(oracle):
-    import torch
-
-    logits = torch.full((1, 1, len(fidelity.CLASSES)), -5.0)
-    star = fidelity.CLASSES.index("star")
-    logits[0, 0, star] = 5.0  # sure: stays a star
-    assert oracle.decide(logits)[0].item() == star
-    logits[0, 0, fidelity.CLASSES.index("circle")] = 5.0  # torn between two shapes: rejected
-    assert oracle.decide(logits)[0].item() == fidelity.CLASSES.index(fidelity.UNRECOGNISABLE)
-    logits[0, 0, 0] = 20.0  # empty stays empty whatever the threshold
-    assert oracle.decide(logits)[0].item() == 0
-
-
-def test_oracle_metrics_hold_the_issue_keys_and_the_card_prints_them():
-    m = json.loads((fidelity.DEFAULT_ORACLE / "metrics.json").read_text())
-    for key in ("accuracy_on_renders", "false_reject_rate_renders", "reject_rate_heldout", "ece"):
-        assert 0 <= m[key] <= 1, key
-    assert set(m["reject_rate_heldout_by_recipe"]) == set(fidelity.HELDOUT_NEGATIVES)
-    assert not set(fidelity.HELDOUT_NEGATIVES) & set(fidelity.TRAIN_NEGATIVES)  # graded on a recipe never trained on
-    card = (fidelity.DEFAULT_ORACLE / "README.md").read_text()
-    for key in ("accuracy_on_renders", "false_reject_rate_renders", "reject_rate_heldout"):
-        assert f"{m[key]:.4f}" in card, key
-    assert {"n", "precision", "recall"} <= set(m["audit"])
-
-
-def test_expected_calibration_error_by_hand():
-    # two bins: confidence 0.9 right 2 of 4 times (gap 0.4), confidence 0.3 right 1 of 2 (gap 0.2)
-    conf = np.array([0.9, 0.9, 0.9, 0.9, 0.3, 0.3])
-    right = np.array([1, 1, 0, 0, 1, 0])
-    assert fidelity.expected_calibration_error(conf, right, bins=10) == pytest.approx(4 / 6 * 0.4 + 2 / 6 * 0.2)
-
-
-def test_temperature_scaling_recovers_a_known_temperature():
-    import torch
-
-    gen = torch.Generator().manual_seed(0)
-    true_logits = torch.randn(4000, 1, 5, generator=gen) * 3
-    labels = torch.multinomial(torch.softmax(true_logits[:, 0], -1), 1, generator=gen).numpy()[:, None, :]
-    fitted = fidelity.fit_temperature(true_logits * 2.5, np.concatenate([labels] * 3, -1))
-    assert fitted == pytest.approx(2.5, rel=0.1)
-
-
-# --------------------------------------------------------------------------- the by-eye audit (issue 11)
-def test_audit_labels_give_the_recorded_precision_and_match_the_shipped_oracle():
-    audit = json.loads(fidelity.DEFAULT_AUDIT.read_text())
-    metrics = json.loads((fidelity.DEFAULT_ORACLE / "metrics.json").read_text())
-    accepted = [it["label"] == "yes" for it in audit["items"] if it["accepted"]]
-    assert len(audit["items"]) >= 128 and len(accepted) >= 64
-    assert metrics["audit"]["precision"] == pytest.approx(np.mean(accepted))
-    assert metrics["audit"]["n"] == len(audit["items"])
-    # the audit was made with the oracle that ships: retraining it without a new audit fails here
-    assert audit["oracle_weights_sha256_12"] == fidelity.weights_sha(fidelity.DEFAULT_ORACLE)
-
-
-def test_audit_verdicts_reproduce_from_the_recorded_prompts_and_seeds(oracle):
-    """Regenerate a few audit images from the recorded model, prompt and seed: the oracle gives the same verdicts."""
-    audit = json.loads(fidelity.DEFAULT_AUDIT.read_text())
-    model = fidelity.REPO / audit["model"]
-    if fidelity.weights_sha(model) != audit["model_weights_sha256_12"]:
-        pytest.fail(f"{model} changed since the audit: redo `python fidelity.py audit make` and label it")
-    import torch
-
-    pipe, settings = fidelity.load_pipeline(str(model), device=torch.device("cpu"))
-    picked = audit["items"][:4] + [it for it in audit["items"] if it["accepted"]][:2]
-    items = {it["id"]: it for it in fidelity.audit_items(max(p["index"] for p in picked) + 1, audit["seed"])}
-    images = fidelity.audit_generate(pipe, settings, [items[p["id"]] for p in picked])
-    verdicts = [fidelity.filter_verdict(d, items[p["id"]]["prompt"], audit["min_score"])["keep"]
-                for p, d in zip(picked, oracle.detect(images))]
-    assert verdicts == [p["accepted"] for p in picked]
-
-
-def test_oracle_rejects_float_images(oracle):
-    with pytest.raises(UserError, match=r"^images must be uint8 in 0..255, got float32 \(scale float images by 255\)$"):
-        oracle.detect(np.zeros((1, 64, 64, 3), np.float32))
-
-
-def test_oracle_card_reports_held_out_accuracy():
-    metrics = json.loads((fidelity.DEFAULT_ORACLE / "metrics.json").read_text())
-    assert metrics["heldout"]["n_scenes"] >= 1000
-    assert (fidelity.DEFAULT_ORACLE / "model.safetensors").stat().st_size < 5 * 2**20
-    assert f"{metrics['heldout']['all']:.4f}" in (fidelity.DEFAULT_ORACLE / "README.md").read_text()
-
-
-# --------------------------------------------------------------------------- scoring logic by hand
-def _det(shape, color, size, cell):
-    return {"shape": shape, "color": color, "size": size, "cell": list(cell)}
-
-
-def test_score_detections_by_hand():
-    single = fidelity.parse_prompt("a small red star in the top left")
-    right = _det("star", "red", "small", (0, 0))
-    s = fidelity.score_detections([right], single)
-    assert s == {"shape": True, "color": True, "size": True, "position": True, "count": True, "all": True}
-    # a distractor does not steal the match, but an extra object fails the count (and so all)
-    s = fidelity.score_detections([_det("star", "blue", "large", (1, 1)), right], single)
-    assert s["shape"] and s["color"] and s["size"] and s["position"] and not s["count"] and not s["all"]
-    s = fidelity.score_detections([_det("star", "red", "large", (0, 1))], single)
-    assert (s["shape"], s["color"], s["size"], s["position"], s["all"]) == (True, True, False, False, False)
-    s = fidelity.score_detections([], single)
-    assert not s["shape"] and not s["count"] and not s["all"]
-    plain = fidelity.score_detections([right], fidelity.parse_prompt("a red star"))
-    assert plain["size"] is None and plain["position"] is None and plain["all"]
-
-    two = fidelity.parse_prompt("a red star to the left of a small blue circle")
-    star, circle = _det("star", "red", "large", (1, 0)), _det("circle", "blue", "small", (0, 2))
-    assert fidelity.score_detections([circle, star], two)["all"]
-    s = fidelity.score_detections([_det("star", "red", "large", (1, 2)), _det("circle", "blue", "small", (0, 0))], two)
-    assert s["shape"] and s["color"] and not s["position"] and not s["all"]
-    # colours bound to the wrong shapes: no assignment gets both shape and colour right
-    s = fidelity.score_detections([_det("star", "blue", "large", (1, 0)), _det("circle", "red", "small", (0, 2))], two)
-    assert not (s["shape"] and s["color"]) and not s["all"]
-
-
-def test_summarize_scores_averages_where_defined():
-    scores = [{"shape": True, "color": True, "size": None, "position": True, "count": True, "all": True},
-              {"shape": True, "color": False, "size": False, "position": None, "count": True, "all": False}]
-    assert fidelity.summarize_scores(scores) == {"shape": 1.0, "color": 0.5, "size": 0.0, "position": 1.0,
-                                                 "count": 1.0, "all": 0.5, "n": 2}
+from utils import REPO, UserError, model_card
 
 
 # --------------------------------------------------------------------------- Fréchet distance
@@ -354,8 +86,9 @@ def heads_60(tmp_path_factory):
     return _bias_heads(tmp_path_factory.mktemp("heads") / "heads.pt", 60)
 
 
-def test_alignment_score_is_100_times_clipped_cosine(heads_60, tmp_path, prompt_renders):
-    prompts, images = prompt_renders
+def test_alignment_score_is_100_times_clipped_cosine(heads_60, tmp_path):
+    prompts = gd.make_prompts("single", 3, seed=11)
+    images = gd.render_prompts(prompts, seed=11)
     texts = [p["text"] for p in prompts[:3]]
     s = fidelity.alignment_score(images[:3], texts, heads_60, device="cpu")
     assert s.shape == (3,) and s.dtype == np.float32
@@ -365,15 +98,36 @@ def test_alignment_score_is_100_times_clipped_cosine(heads_60, tmp_path, prompt_
 
 
 # --------------------------------------------------------------------------- evaluate-model on a tiny pipeline
-def test_evaluate_model_on_a_tiny_pipeline(tmp_path, tiny_data, heads_60):
+FACTS = {"n_images": 777, "vocab_size": 55, "max_length": 40, "latent_side": 16, "scaling_factor": 0.5,
+         "hardware": "CPU, 3 torch thread(s) on a test machine", "steps": 123, "train_minutes": 2.5,
+         "steps_per_second": 0.82, "final_loss": 0.0625, "resumed_from_step": None}
+
+
+def _training_log() -> dict:
+    """The shipped model's training log with the card's facts set by this test."""
+    log = json.loads((REPO / "models" / "shapes-sd-tiny" / "training_log.json").read_text())
+    return dict(log, card_facts=FACTS)
+
+
+def _tiny_model(tmp_path, with_log: bool):
     model = tmp_path / "tiny-sd"
     tiny_sd_pipeline(tmp_path).save_pretrained(model)
     (model / "metrics.json").write_text(json.dumps({"train_loss": 0.25}))  # the trainer's keys must survive
+    if with_log:
+        (model / "training_log.json").write_text(json.dumps(_training_log()))
+    return model
+
+
+def test_evaluate_model_writes_a_run_folder_and_leaves_the_model_alone(tmp_path, tiny_data, heads_60):
+    model = _tiny_model(tmp_path, with_log=False)
+    before = sorted(p.name for p in model.iterdir())
     args = ["evaluate-model", "--model", str(model), "--quick", "--steps", "2", "--data", str(tiny_data),
-            "--heads", str(heads_60), "--device", "cpu"]
+            "--heads", str(heads_60), "--device", "cpu", "--outputs", str(tmp_path / "out"), "--run-name", "r1"]
     returned = fidelity.main(args)
-    metrics = json.loads((model / "metrics.json").read_text())
-    assert metrics["train_loss"] == 0.25
+    run = tmp_path / "out" / "fidelity" / "tiny-sd" / "r1"
+    assert (run.parent / "latest").resolve() == run.resolve()
+    assert json.loads((run / "config.json").read_text())["args"]["steps"] == 2
+    metrics = json.loads((run / "metrics.json").read_text())
     for key in ("oracle_accuracy_on_renders", "single_object_all_correct", "two_object_all_correct", "single_object",
                 "two_object", "fd", "fd_real_vs_real", "sampler", "n_prompts", "seed", "seconds",
                 "prompt_renders_all_correct", "alignment"):
@@ -385,40 +139,68 @@ def test_evaluate_model_on_a_tiny_pipeline(tmp_path, tiny_data, heads_60):
     assert metrics["fd"] > 0 and metrics["fd_real_vs_real"] > 0 and metrics["fd_n"] == 8
     assert metrics["alignment"] == pytest.approx(50.0, abs=1e-3)
     assert metrics["prompt_renders_all_correct"]["single"] >= 0.75  # the oracle reads renders of the same prompts
-    assert (model / "fidelity_grid.png").is_file()
+    assert (run / "fidelity_grid.png").is_file()
     assert returned["single_object"] == metrics["single_object"]
+    # without --write-card the model folder is not touched
+    assert sorted(p.name for p in model.iterdir()) == before
+    assert json.loads((model / "metrics.json").read_text()) == {"train_loss": 0.25}
+
+
+def test_write_card_updates_the_model_folder_with_the_measured_numbers(tmp_path, tiny_data):
+    model = _tiny_model(tmp_path, with_log=True)
+    args = ["evaluate-model", "--model", str(model), "--n-prompts", "2", "--kinds", "single", "--steps", "2",
+            "--n-fd", "0", "--heads", "", "--grid-rows", "1", "--data", str(tiny_data), "--device", "cpu",
+            "--outputs", str(tmp_path / "out"), "--write-card"]
+    fidelity.main(args)
+    metrics = json.loads((model / "metrics.json").read_text())
+    assert metrics["train_loss"] == 0.25 and metrics["single_object"]["n"] == 2
+    assert (model / "fidelity_grid.png").is_file()
+    card = (model / "README.md").read_text()
+    s = metrics["single_object"]
+    row = "| single object | " + " | ".join("n/a" if s[a] is None else f"{s[a]:.3f}"
+                                           for a in ("shape", "color", "size", "position", "count", "all")) + " |"
+    assert row in card and "two objects + relation" not in card
+    assert f"`python fidelity.py evaluate-model --model tiny-sd --write-card`" in card
+    assert "# tiny-sd\n" in card and "- text encoder + UNet: 123 steps of batch 32 (2.5 min," in card
+
+
+def test_model_card_is_built_from_the_log_and_the_metrics():
+    attrs = {"shape": 0.5, "color": 1.0, "size": None, "position": 0.25, "count": 1.0, "all": 0.125, "n": 8}
+    m = {"model": {"name": "m"}, "args": {"heads": None}, "n_prompts": 8, "seed": 3, "oracle_accuracy_on_renders": 0.99,
+         "sampler": {"scheduler": "S", "steps": 7, "guidance": 2.0, "device": "cpu"},
+         "single_object": attrs, "single_object_all_correct": 0.125, "two_object": None, "two_object_all_correct": None,
+         "fd": 12.34, "fd_real_vs_real": 5.0, "fd_n": 8, "alignment": None}
+    text = model_card("m", _training_log(), m)
+    assert text.startswith("---\nlibrary_name: diffusers\n") and "\n# m\n" in text
+    assert "## Fidelity (measured; targets NOT met)" in text
+    assert "| single object | 0.500 | 1.000 | n/a | 0.250 | 1.000 | 0.125 |" in text
+    assert "single-object all-correct >= 0.90 (measured 0.125)" in text and "12.3 against a real-vs-real floor of 5.0" in text
+    assert "777 images of split `pretrain`" in text and "55 tokens" in text and "0.82 steps/s" in text
+    assert "- final loss (mean of the last 10 steps): 0.0625" in text
+    assert "The UNet saw only 3,936 training examples (2 min on\nCPU, 3 torch thread(s) on a test machine)" in text
+    assert text.index("## Fidelity") < text.index("## Limitations")
+
+
+def test_model_card_before_any_measurement_says_how_to_measure():
+    text = model_card("m", _training_log())
+    assert "## Fidelity\nNot measured yet: `python fidelity.py evaluate-model --model <this folder> --write-card`" in text
+    assert "TO BE FILLED IN" not in text and "(measured" not in text
 
 
 # --------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("argv, message", [
-    (["nope"], "unknown command 'nope'; choose one of train-oracle, evaluate-model, audit"),
-    ([], "no command given; choose one of train-oracle, evaluate-model, audit"),
+    (["nope"], "unknown command 'nope'; choose one of evaluate-model"),
+    ([], "no command given; choose one of evaluate-model"),
     (["evaluate-model", "--n-prompts", "0"], "--n-prompts must be positive, got 0"),
     (["evaluate-model", "--kinds", "single,triple"],
      "unknown prompt kind 'triple' in --kinds; choose from single, two"),
     (["evaluate-model", "--fd-from", "noise"], "unknown --fd-from 'noise'; choose captions or prompts"),
-    (["train-oracle", "--n-train", "-5"], "--n-train must be positive, got -5"),
-    (["train-oracle", "--heldout-seed", "0"],
-     "--heldout-seed must differ from --seed (both 0): held-out scenes must be new"),
-    (["train-oracle", "--n-negatives", "0"], "--n-negatives must be positive, got 0"),
-    (["audit", "make", "--n", "0"], "--n must be > 0 and --max-candidates >= 2 x --n, got 0 and 2400"),
-    (["audit", "score", "--min-score", "2"], "--min-score must be in 0..1, got 2.0"),
-    (["audit", "score", "--audit", "/nowhere/audit.json"],
-     "audit file not found: /nowhere/audit.json (run `python fidelity.py audit make` first)"),
+    (["evaluate-model", "--quick", "--write-card"], "--write-card with --quick would put smoke-run numbers in the card"),
 ])
 def test_bad_arguments(argv, message):
     with pytest.raises(UserError) as err:
         fidelity.main(argv)
     assert str(err.value) == message
-
-
-def test_bad_prompt_inputs():
-    with pytest.raises(UserError, match=r"^unknown prompt kind 'triple'; choose one of single, two$"):
-        fidelity.make_prompts("triple", 3)
-    with pytest.raises(UserError, match=r"^number of prompts must be a positive integer, got 0$"):
-        fidelity.make_prompts("single", 0)
-    with pytest.raises(UserError, match=r"^cannot parse prompt 'a red blob'"):
-        fidelity.parse_prompt("a red blob")
 
 
 def test_missing_files(tmp_path):
@@ -427,34 +209,29 @@ def test_missing_files(tmp_path):
         fidelity.alignment_score(np.zeros((1, 64, 64, 3), np.uint8), ["a red star"], missing)
     assert str(err.value) == f"retrieval checkpoint not found: {missing} (run `python retrieval.py` first)"
     with pytest.raises(UserError) as err:
-        fidelity.Oracle.load(tmp_path)
-    assert str(err.value) == f"oracle not found in {tmp_path} (train it with `python fidelity.py train-oracle`)"
-    with pytest.raises(UserError) as err:
         fidelity.main(["evaluate-model", "--model", str(tmp_path)])
     assert str(err.value) == f"{tmp_path} is not a diffusers pipeline folder (no model_index.json)"
     with pytest.raises(UserError) as err:
         fidelity.main(["evaluate-model", "--model", str(tmp_path / "nope")])
     assert str(err.value).startswith(f"unknown model '{tmp_path / 'nope'}': not a registry name (shapes-tiny, ")
+    (tmp_path / "model_index.json").write_text("{}")
+    with pytest.raises(UserError) as err:
+        fidelity.main(["evaluate-model", "--model", str(tmp_path), "--write-card"])
+    assert str(err.value) == (f"--write-card needs {tmp_path / 'training_log.json'} with card_facts "
+                              "(a model saved by train_diffusion.py)")
+    with pytest.raises(UserError) as err:
+        fidelity.main(["evaluate-model", "--model", "org/some-hub-model", "--write-card"])
+    assert str(err.value) == "--write-card needs a local model folder; org/some-hub-model is not one"
+    log = _training_log()
+    del log["card_facts"]
+    with pytest.raises(UserError) as err:
+        model_card("old", log)
+    assert str(err.value) == ("training_log.json of old has no card_facts: retrain it with train_diffusion.py "
+                              "(the card is built from them)")
 
 
 def test_cli_prints_one_line_and_exits_2():
     out = subprocess.run([sys.executable, "fidelity.py", "evaluate-model", "--n-prompts", "-1"],
-                         cwd=fidelity.REPO, capture_output=True, text=True, timeout=120)
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr == "error: --n-prompts must be positive, got -1\n"
-
-
-def test_update_card_rewrites_only_the_fidelity_section(tmp_path):
-    attrs = {"shape": 0.5, "color": 1.0, "size": None, "position": 0.25, "count": 1.0, "all": 0.125, "n": 8}
-    m = {"model": {"name": "m"}, "args": {"heads": None}, "n_prompts": 8, "seed": 3, "oracle_accuracy_on_renders": 0.99,
-         "sampler": {"scheduler": "S", "steps": 7, "guidance": 2.0, "device": "cpu"},
-         "single_object": attrs, "single_object_all_correct": 0.125, "two_object": None, "two_object_all_correct": None,
-         "fd": 12.34, "fd_real_vs_real": 5.0, "fd_n": 8, "alignment": None}
-    card = tmp_path / "README.md"
-    card.write_text("# m\n\n## Fidelity\nold numbers\n\n## Limitations\nkeep me\n")
-    fidelity.update_card(card, m)
-    text = card.read_text()
-    assert "old numbers" not in text and text.endswith("## Limitations\nkeep me\n")
-    assert "## Fidelity (measured; targets NOT met)" in text
-    assert "| single object | 0.500 | 1.000 | n/a | 0.250 | 1.000 | 0.125 |" in text
-    assert "single-object all-correct >= 0.90 (measured 0.125)" in text and "12.3 against a real-vs-real floor of 5.0" in text

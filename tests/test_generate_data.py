@@ -554,3 +554,66 @@ def test_coco_drops_and_counts_every_malformed_annotation(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "val2017: dropped 20 annotations (" in out and "test: skipped 1 of 3 images (1 without captions)" in out
     assert "test: 1 box clipped to the image, 1 box outside the image" in out
+
+
+# --------------------------------------------------------------------------- structured prompts (the caption grammar)
+def test_prompts_are_deterministic_and_balanced():
+    single = gd.make_prompts("single", 192, seed=3)
+    assert single == gd.make_prompts("single", 192, seed=3)
+    assert single != gd.make_prompts("single", 192, seed=4)
+    # 192 = two passes over the 96 shape x colour pairs: every shape 16 times, every colour 24 times.
+    assert set(Counter(p["objects"][0]["shape"] for p in single).values()) == {16}
+    assert set(Counter(p["objects"][0]["color"] for p in single).values()) == {24}
+    for attr in ("size", "cell"):
+        named = np.mean([p["objects"][0][attr] is not None for p in single])
+        assert 0.35 < named < 0.65, f"{attr} named in {named:.2f} of prompts, expected about half"
+
+    two = gd.make_prompts("two", 120, seed=3)
+    assert two == gd.make_prompts("two", 120, seed=3)
+    assert set(Counter(p["objects"][0]["shape"] for p in two).values()) == {10}
+    assert set(Counter(p["relation"]["rel"] for p in two).values()) == {30}
+    for p in two:
+        a, b = p["objects"]
+        assert (a["shape"], a["color"]) != (b["shape"], b["color"])
+
+
+def test_prompt_wording_parses_back_to_the_structure():
+    prompts = gd.make_prompts("single", 100, seed=1) + gd.make_prompts("two", 100, seed=1)
+    for p in prompts:
+        assert gd.parse_prompt(p["text"]) == p
+    assert gd.parse_prompt("a small red star in the top left")["objects"] == [
+        {"shape": "star", "color": "red", "size": "small", "cell": [0, 0]}]
+    assert gd.parse_prompt("an orange ring in the center")["objects"][0]["cell"] == [1, 1]
+    for p in prompts[100:]:  # relation prompts name two objects, one on each side of the relation
+        assert len(p["objects"]) == 2 and (p["relation"]["a"], p["relation"]["b"]) == (0, 1)
+        left, right = p["text"].split(f" {p['relation']['rel']} ")
+        assert gd.parse_prompt(left)["objects"][0]["shape"] == p["objects"][0]["shape"]
+        assert gd.parse_prompt(right)["objects"][0]["shape"] == p["objects"][1]["shape"]
+
+
+def test_prompt_grammar_is_the_training_caption_grammar(tiny_data):
+    records = [r for r in load_data(tiny_data)["splits"]["train"] if len(r["objects"]) == 2
+               and len({(o["shape"], o["color"]) for o in r["objects"]}) == 2]
+    assert len(records) > 50
+    for rec in records:  # with two objects the first caption is a relation caption
+        p = gd.parse_prompt(rec["captions"][0])
+        by_shape_color = {(o["shape"], o["color"]): o for o in rec["objects"]}
+        a, b = (by_shape_color[(o["shape"], o["color"])] for o in p["objects"])
+        assert p["relation"]["rel"] in gd.true_relations(a, b)
+
+
+def test_bad_prompt_inputs():
+    with pytest.raises(UserError, match=r"^unknown prompt kind 'triple'; choose one of single, two$"):
+        gd.make_prompts("triple", 3)
+    with pytest.raises(UserError, match=r"^number of prompts must be a positive integer, got 0$"):
+        gd.make_prompts("single", 0)
+    with pytest.raises(UserError, match=r"^cannot parse prompt 'a red blob'"):
+        gd.parse_prompt("a red blob")
+
+
+def test_public_phrase_builders_spell_the_grammar():
+    star = {"shape": "star", "color": "red", "size": "small", "cell": [0, 0]}
+    assert gd.object_phrase(star, size=True, position=True) == "a small red star in the top left"
+    assert gd.object_phrase(dict(star, color="orange", cell=[1, 1]), position=True) == "an orange star in the center"
+    assert gd.article("hexagon") == "a" and gd.article("arrow") == "an"
+    assert gd.join_phrases(["x"]) == "x" and gd.join_phrases(["x", "y", "z"]) == "x, y and z"

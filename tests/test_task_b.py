@@ -64,7 +64,7 @@ def test_quick_run_writes_every_experiment(quick_run):
 
     neg_off, neg_on = ex["negative"]
     assert neg_off["negative_prompt"] is None and neg_on["negative_prompt"] == "<per prompt colour>"
-    assert len(neg_on["negatives"]) == 2 and all(n in task_b.fidelity.COLOR_NAMES for n in neg_on["negatives"])
+    assert len(neg_on["negatives"]) == 2 and all(n in task_b.gd.COLOR_NAMES for n in neg_on["negatives"])
     assert neg_on["colour_rate_drop"] == pytest.approx(neg_off["negative_colour_rate"] - neg_on["negative_colour_rate"])
     for cell in ex["trajectory"]:
         assert cell["n_frames"] == 2 and (run / cell["filmstrip"]).stat().st_size > 0
@@ -333,7 +333,7 @@ def grid_ctx(tiny_sd, tmp_path_factory):
                               "1", "--experiments", "grid", "--x", "eta=0,1", "--outputs", str(out)])
     device = utils.pick_device("cpu")
     pipe, settings = utils.load_pipeline(tiny_sd, device=device)
-    oracle = task_b.fidelity.Oracle.load(args.oracle, device)
+    oracle = task_b.Oracle.load(args.oracle, device)
     encoder = utils.load_image_encoder(utils.DEFAULT_IMAGE_ENCODER, device)
     return task_b.Context(args, pipe, settings, oracle, encoder, out, None)
 

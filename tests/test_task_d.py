@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-import fidelity
 import generate_data
 import retrieval
 import task_c
 import task_d
+from oracle import Oracle, to_uint8_64
 from test_task_c import make_coco
 from tiny_models import tiny_sd_pipeline
 import utils
@@ -62,18 +62,18 @@ def test_prompts_name_the_target_every_attribute_and_the_oracle_reads_renders_of
         assert objs[0]["shape"] == "hexagon" and all(o["size"] and o["cell"] and o["color"] for o in objs)
         assert len(it["captions"]) == 5 == len(set(it["captions"])) and it["captions"][0] == it["text"]
         assert all("hexagon" in c for c in it["captions"])
-        if len(objs) == 1:  # fidelity's single-object grammar round-trips
-            assert fidelity.parse_prompt(it["text"])["objects"] == objs
+        if len(objs) == 1:  # the structured prompts' single-object grammar round-trips
+            assert generate_data.parse_prompt(it["text"])["objects"] == objs
         else:
             assert it["text"] == generate_data.describe(objs)
     # Renders of the prompts pass the filter (the oracle is ~0.995 right on renders): prompts are checkable.
-    oracle = fidelity.Oracle.load()
-    renders = fidelity.render_prompts([it["prompt"] for it in items], seed=0)
+    oracle = Oracle.load()
+    renders = generate_data.render_prompts([it["prompt"] for it in items], seed=0)
     verdicts = task_d.oracle_verdicts(items, renders, oracle, min_score=1.0)
     assert sum(v["keep"] for v in verdicts) >= 22
     # A render of another shape in the target's place fails the target check.
     wrong = [dict(it["prompt"], objects=[dict(it["prompt"]["objects"][0], shape="star")]) for it in items[:6]]
-    bad = task_d.oracle_verdicts(items[:6], fidelity.render_prompts(wrong, seed=1), oracle, min_score=0.0)
+    bad = task_d.oracle_verdicts(items[:6], generate_data.render_prompts(wrong, seed=1), oracle, min_score=0.0)
     assert not any(v["target_found"] or v["keep"] for v in bad)
 
 
@@ -307,8 +307,8 @@ def test_rendered_arm_needs_no_generator_and_trains_with_the_baselines_recipe(tm
     store = task_d.SyntheticStore(task_d.Path(m["rendering"]["cache"]))
     entries = sorted(store.entries().values(), key=lambda e: e["id"])
     images = np.stack([utils.load_rgb(store.images / e["file"]) for e in entries])
-    oracle = fidelity.Oracle.load(task_d.DEFAULT_ORACLE, "cpu")
-    verdicts = task_d.oracle_verdicts(entries, fidelity.to_uint8_64(images), oracle, 0.5)
+    oracle = Oracle.load(task_d.DEFAULT_ORACLE, "cpu")
+    verdicts = task_d.oracle_verdicts(entries, to_uint8_64(images), oracle, 0.5)
     # the oracle misreads about 1% of clean objects (models/shapes-oracle/metrics.json): allow one of the six
     assert sum(v["target_found"] for v in verdicts) >= len(verdicts) - 1
     again = task_d.main(["--targets", str(targets), "--outputs", str(tmp_path / "out"), "--run-name", "r2",

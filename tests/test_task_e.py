@@ -299,7 +299,7 @@ def test_edit_cases_change_exactly_one_attribute():
         src, tgt = c["source_prompt"]["objects"][0], c["target_prompt"]["objects"][0]
         assert [k for k in src if src[k] != tgt[k]] == [c["kind"]]
         assert src["size"] in gd.SIZES and src["cell"] is not None  # everything the oracle checks is named
-        assert c["target_prompt"]["text"] == task_e.fidelity.prompt_text(c["target_prompt"])
+        assert c["target_prompt"]["text"] == gd.prompt_text(c["target_prompt"])
     assert task_e.edit_cases(["color"], 0, seed=2, size=64) == []
 
 
