@@ -309,7 +309,8 @@ def acceptance_table(entries: list[dict], verdicts: list[dict], targets: list[di
 # --------------------------------------------------------------------------- 4. the renderer's upper bound
 def rendered_store(args: argparse.Namespace, image_size: int) -> ImageStore:
     """The store of rendered images, keyed by what a render depends on: renderer, image size, prompt seed."""
-    return ImageStore(cache_root(args), {"name": "rendered"}, key=[RENDERER_VERSION, image_size, args.seed, PROMPT_VERSION])
+    return ImageStore(cache_root(args), {"name": "rendered"},
+                      key=[RENDERER_VERSION, image_size, args.seed, PROMPT_VERSION])
 
 
 def render_missing(store: ImageStore, items: list[dict], size: int) -> int:
