@@ -38,7 +38,8 @@ A grid, and one cell (as `wandb sweep sweeps/task_b.yaml` runs it):
     python task_b.py --scheduler euler_a --steps 10 --guidance 5 --wandb
 Writes outputs/task_b/<run_name>/: metrics.json ({"experiments": {name: [cell, ...]}}), findings.md,
 fidelity_vs_steps.png, fidelity_vs_guidance.png, pareto.png, <experiment>_grid.png (rows cells, columns prompts),
-trajectory_<scheduler>.png / .gif, cells.json (finished cells: rerunning the same command resumes).
+trajectory_<scheduler>.png / .gif, cells.json (finished cells' scores: rerunning the same command resumes)
+and cells/ (their images).
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ import numpy as np
 import fidelity
 import generate_data as gd
 from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
-from task_a import weights_fingerprint
-from utils import (DEFAULT_IMAGE_ENCODER, OUTPUTS, UserError, check, cli, finish_run, fmt, generate_images,
-                   image_grid, init_wandb, load_image_encoder, load_pipeline, make_run_dir, make_scheduler, mean_ci95,
-                   pick_device, pyplot, read_json, resolve_model, time_call, write_json, write_text)
+from utils import (DEFAULT_IMAGE_ENCODER, OUTPUTS, ImageStore, UserError, check, cli, finish_run, fmt,
+                   generate_images, image_grid, init_wandb, load_image_encoder, load_pipeline, make_run_dir,
+                   make_scheduler, mean_ci95, model_fingerprint, pick_device, pyplot, read_json, resolve_model,
+                   time_call, write_json, write_text)
 
 EXPERIMENTS = ("schedulers", "steps", "cfg", "eta", "negative", "trajectory", "grid", "cell")
 DEFAULT_EXPERIMENTS = ("schedulers", "steps", "cfg")
@@ -411,7 +412,7 @@ class Context:
         self.images: dict[str, np.ndarray] = {}  # "label|experiment" -> every image of the cell (64 px)
         self.call_args, self.sched_args = sweepable(pipe)
         # In the cache key: a retrained model in the same folder must not reuse the old model's cells.
-        self.fingerprint = weights_fingerprint(pipe)
+        self.fingerprint = model_fingerprint(settings["id"])
 
     def defaults(self) -> dict:
         steps = self.settings["steps"]
@@ -508,10 +509,11 @@ def per_prompt_diversity(ctx: Context, images: np.ndarray, n_prompts: int) -> fl
 def run_cell(ctx: Context, experiment: str, settings: dict, label: str) -> dict:
     """Generate every prompt x seed with these settings, score fidelity, diversity and time (cached by settings)."""
     key = cell_key(ctx, settings)
+    a = ctx.args
+    texts = [p["text"] for p in ctx.prompts for _ in range(a.seeds)]
+    seeds = [a.seed + j for _ in ctx.prompts for j in range(a.seeds)]
+    store, items = cell_images(ctx, key, texts, seeds)
     if key not in ctx.cache:
-        a = ctx.args
-        texts = [p["text"] for p in ctx.prompts for _ in range(a.seeds)]
-        seeds = [a.seed + j for _ in ctx.prompts for j in range(a.seeds)]
         try:
             images, timesteps = generate(ctx, settings, texts, seeds)
             timing = time_cell(ctx, settings, texts, seeds)
@@ -529,10 +531,10 @@ def run_cell(ctx: Context, experiment: str, settings: dict, label: str) -> dict:
                 "timestep_spacing": getattr(ctx.pipe.scheduler.config, "timestep_spacing", None),
                 "timesteps": timesteps, "n_prompts": len(ctx.prompts), "n_seeds": a.seeds}
         ctx.cache[key] = cell
-        np.save(images_path(ctx, key), images)
+        save_cell_images(store, items, images)
         write_json(ctx.cache_path, ctx.cache)
     cell = dict(ctx.cache[key], experiment=experiment, label=label)
-    keep_images(ctx, label + "|" + experiment, np.load(images_path(ctx, key)))
+    keep_images(ctx, label + "|" + experiment, store.load(items))
     if ctx.wandb is not None:
         ctx.wandb.log({"experiment": experiment, "label": label, **_loggable(cell)})
     print(f"  {experiment:10s} {label:40s} fidelity {cell['fidelity_mean']:.3f} "
@@ -542,9 +544,19 @@ def run_cell(ctx: Context, experiment: str, settings: dict, label: str) -> dict:
     return cell
 
 
-def images_path(ctx: Context, key: str) -> Path:
-    (ctx.run_dir / "cells").mkdir(exist_ok=True)
-    return ctx.run_dir / "cells" / f"{key}.npy"
+def cell_images(ctx: Context, key: str, texts: list[str], seeds: list[int]) -> tuple[ImageStore, list[dict]]:
+    """The store of a cell's 64-px images (run_dir/cells/, keyed by the model and the cell) and their items.
+
+    cells.json holds the cell's scores; its images live here, so a rerun draws contact sheets without generating.
+    """
+    items = [{"id": f"{i:05d}", "text": text, "seed": int(seed)} for i, (text, seed) in enumerate(zip(texts, seeds))]
+    return ImageStore(ctx.run_dir / "cells", ctx.settings, key=[key]), items
+
+
+def save_cell_images(store: ImageStore, items: list[dict], images: np.ndarray) -> None:
+    for item, image in zip(items, images):
+        store.save(item, image)
+    store.merge()
 
 
 def keep_images(ctx: Context, name: str, images: np.ndarray) -> None:
@@ -698,6 +710,7 @@ def exp_negative(ctx: Context) -> list[dict]:
     cells, rates = [], {}
     for use in (False, True):
         key = cell_key(ctx, dict(base, negative=use), [texts, negatives])
+        store, items = cell_images(ctx, key, rep_texts, seeds)
         if key not in ctx.cache:
             more = {"negative_prompt": rep_neg} if use else {}
             images, _ = generate(ctx, base, rep_texts, seeds, **more)
@@ -718,11 +731,11 @@ def exp_negative(ctx: Context) -> list[dict]:
                               "diversity": per_prompt_diversity(ctx, images, len(shapes)), **timing,
                               "timesteps": timesteps, "prompts": texts, "negatives": negatives,
                               "n_prompts": len(shapes), "n_seeds": a.seeds}
-            np.save(images_path(ctx, key), images)
+            save_cell_images(store, items, images)
             write_json(ctx.cache_path, ctx.cache)
         label = "with negative colour" if use else "no negative"
         cell = dict(ctx.cache[key], experiment="negative", label=label)
-        keep_images(ctx, label + "|negative", np.load(images_path(ctx, key)))
+        keep_images(ctx, label + "|negative", store.load(items))
         rates[use] = np.array(cell["per_prompt_colour_rate"]), np.array(cell["per_prompt_shape_rate"])
         cells.append(cell)
         print(f"  negative   {label:40s} colour rate {cell['negative_colour_rate']:.3f}, shape present "

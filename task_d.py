@@ -41,9 +41,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import errno
-import hashlib
-import json
 import os
 import time
 import warnings
@@ -54,9 +51,8 @@ import numpy as np
 
 import generate_data as gd
 import retrieval
-from utils import (DEFAULT_DATA, OUTPUTS, UserError, category_names, check, cli, finish_run, fmt, image_grid,
-                   load_data, load_rgb, make_run_dir, model_fingerprint, pick_device, read_json, resolve_model,
-                   write_text)
+from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, UserError, category_names, check, cli, finish_run, fmt,
+                   image_grid, load_data, load_rgb, make_run_dir, pick_device, read_json, resolve_model, write_text)
 
 DEFAULT_TARGETS = OUTPUTS / "task_c" / "latest" / "targets.json"
 DEFAULT_ORACLE = Path(__file__).resolve().parent / "models" / "shapes-oracle"
@@ -241,82 +237,14 @@ def plan_items(targets: list[dict], data: dict, n: int, seed: int) -> list[dict]
 
 
 # --------------------------------------------------------------------------- 2. resumable generation
+def cache_root(args: argparse.Namespace) -> Path:
+    """Where generated and rendered images live, one ImageStore per key (reused by every run with that key)."""
+    return Path(args.cache_dir) if args.cache_dir else Path(args.outputs) / "task_d" / "cache"
 
 
-class SyntheticStore:
-    """Generated images and their manifest: one PNG per item, written atomically, and one jsonl line per image.
-
-    A line is appended (flushed, fsynced) only after its image file exists, so every manifest line points at a
-    complete image. Each process appends to its own shard (manifest.<rank>.jsonl); `merge` folds the shards into
-    manifest.jsonl. Reading takes the union by id and skips a torn (half-written) line.
-
-    Args:
-        folder: the cache folder for one model + sampler + prompt seed.
-    """
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        self.images = self.folder / "images"
-        self.manifest = self.folder / "manifest.jsonl"
-
-    def shards(self) -> list[Path]:
-        return sorted(self.folder.glob("manifest.*.jsonl"))
-
-    def entries(self) -> dict[str, dict]:
-        """id -> manifest entry, over the manifest and every shard, for entries whose image exists."""
-        out: dict[str, dict] = {}
-        for path in [self.manifest, *self.shards()]:
-            if not path.is_file():
-                continue
-            for line in path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:  # a line torn by a kill mid-write: its image is redone
-                    continue
-                if isinstance(entry, dict) and "id" in entry and (self.images / entry.get("file", "")).is_file():
-                    out.setdefault(entry["id"], entry)
-        return out
-
-    def write_image(self, name: str, image: np.ndarray) -> None:
-        """Save a PNG atomically: a temp file renamed into place, so no reader ever sees half an image."""
-        from PIL import Image
-
-        self.images.mkdir(parents=True, exist_ok=True)
-        tmp = self.images / f".{name}.tmp"
-        Image.fromarray(image).save(tmp, format="PNG")
-        os.replace(tmp, self.images / name)
-
-    def append(self, rank: int, entry: dict) -> None:
-        """Append one entry to this process's shard, flushed and fsynced before returning."""
-        with (self.folder / f"manifest.{rank}.jsonl").open("a+b") as fh:
-            torn = False
-            if fh.seek(0, os.SEEK_END) > 0:  # seek returns the new position: test the last byte, not the seek
-                fh.seek(-1, os.SEEK_END)
-                torn = fh.read(1) != b"\n"
-            # After a kill mid-line, start on a fresh line so the torn one cannot swallow this entry.
-            fh.write((b"\n" if torn else b"") + (json.dumps(entry) + "\n").encode())
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def merge(self) -> None:
-        """Fold the shards into manifest.jsonl (atomic rewrite, one line per id), then drop the shards."""
-        entries = self.entries()
-        shards = self.shards()
-        if not shards:
-            return
-        write_text(self.manifest, "".join(json.dumps(entries[k]) + "\n" for k in sorted(entries)))
-        for shard in shards:
-            shard.unlink()
-
-
-def cache_folder(args: argparse.Namespace, settings: dict, source: str) -> Path:
-    """Cache folder keyed by everything an image depends on except the item: model weights, sampler, prompt seed."""
-    key = [model_fingerprint(settings["id"]), settings["steps"], settings["guidance"], settings["size"],
-           settings["scheduler"], source, args.seed, PROMPT_VERSION]
-    digest = hashlib.sha1(json.dumps(key, default=str).encode()).hexdigest()[:16]
-    name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in settings["name"])
-    root = Path(args.cache_dir) if args.cache_dir else Path(args.outputs) / "task_d" / "cache"
-    return root / f"{name}-{digest}"
+def synthetic_store(args: argparse.Namespace, settings: dict, source: str) -> ImageStore:
+    """The store of generated images: model weights and sampler, plus the data source and the prompts' seed."""
+    return ImageStore(cache_root(args), settings, key=[source, args.seed, PROMPT_VERSION])
 
 
 def sampler_settings(args: argparse.Namespace) -> dict:
@@ -330,60 +258,6 @@ def sampler_settings(args: argparse.Namespace) -> dict:
             "guidance": args.guidance if args.guidance is not None else (
                 5.0 if spec["guidance"] is None else spec["guidance"]), "size": spec["size"],
             "scheduler": args.scheduler or spec["scheduler"]}
-
-
-def generate_missing(store: SyntheticStore, items: list[dict], args: argparse.Namespace, settings: dict) -> dict:
-    """Generate the items the store lacks, split across `accelerate` processes; returns counts and timing.
-
-    Raises:
-        UserError: the disk is full (how many images are safely kept is in the message).
-    """
-    from accelerate import PartialState
-
-    from utils import generate_images, load_pipeline
-
-    state = PartialState()
-    done = store.entries()
-    pending = [it for it in items if it["id"] not in done]
-    info = {"reused": len(items) - len(pending), "generated": 0, "processes": state.num_processes}
-    with state.split_between_processes(pending) as mine:
-        if mine:
-            device = state.device if state.num_processes > 1 else pick_device(args.device)
-            pipe, loaded = load_pipeline(args.model, device=device, scheduler=args.scheduler)
-            size = settings["size"] or loaded["size"]
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(mine), desc=f"generate (process {state.process_index})", leave=False)
-            for s in range(0, len(mine), args.gen_batch_size):
-                batch = mine[s:s + args.gen_batch_size]
-                images = generate_images(pipe, [it["text"] for it in batch], [it["seed"] for it in batch],
-                                         settings["steps"], settings["guidance"], size, batch_size=len(batch), progress=False)
-                for it, image in zip(batch, images):
-                    save_item(store, state.process_index, it, image)
-                    info["generated"] += 1
-                bar.update(len(batch))
-            bar.close()
-    state.wait_for_everyone()
-    if state.is_main_process:
-        store.merge()
-    state.wait_for_everyone()
-    info["is_main"] = state.is_main_process
-    return info
-
-
-def save_item(store: SyntheticStore, rank: int, item: dict, image: np.ndarray) -> None:
-    """Write one image, then its manifest line; a full disk becomes a one-line error that says what is kept."""
-    entry = {k: item[k] for k in ("id", "target", "category_id", "text", "prompt", "captions", "category_ids", "seed")}
-    entry["file"] = f"{item['id']}.png"
-    try:
-        store.write_image(entry["file"], image)
-        store.append(rank, entry)
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
-            raise
-        kept = len(store.entries())
-        raise UserError(f"disk full while writing synthetic images: {kept} finished images are safely kept in "
-                        f"{store.folder}; free some space and run the same command again to resume") from None
 
 
 # --------------------------------------------------------------------------- 3. filter
@@ -431,28 +305,23 @@ def acceptance_table(entries: list[dict], verdicts: list[dict], targets: list[di
 
 
 # --------------------------------------------------------------------------- 4. the renderer's upper bound
-def rendered_store(args: argparse.Namespace, image_size: int) -> SyntheticStore:
-    """Cache folder of rendered images, keyed by what a render depends on: renderer, image size, prompt seed."""
-    key = ["rendered", RENDERER_VERSION, image_size, args.seed, PROMPT_VERSION]
-    digest = hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
-    root = Path(args.cache_dir) if args.cache_dir else Path(args.outputs) / "task_d" / "cache"
-    return SyntheticStore(root / f"rendered-{digest}")
+def rendered_store(args: argparse.Namespace, image_size: int) -> ImageStore:
+    """The store of rendered images, keyed by what a render depends on: renderer, image size, prompt seed."""
+    return ImageStore(cache_root(args), {"name": "rendered"},
+                      key=[RENDERER_VERSION, image_size, args.seed, PROMPT_VERSION])
 
 
-def render_missing(store: SyntheticStore, items: list[dict], size: int) -> int:
+def render_missing(store: ImageStore, items: list[dict], size: int) -> int:
     """Draw the items the store lacks with the shapes world's own renderer; returns how many were drawn.
 
     Each item is one seeded scene that satisfies its structured prompt (`gd.render_prompts`: the named
     shapes, colours, sizes and cells, jitter and background sampled as in the data), so its captions are true.
     """
-    done = store.entries()
-    drawn = 0
-    for it in items:
-        if it["id"] not in done:
-            save_item(store, 0, it, gd.render_prompts([it["prompt"]], seed=it["seed"], size=size)[0])
-            drawn += 1
+    todo = store.missing(items)
+    for it in todo:
+        store.save(it, gd.render_prompts([it["prompt"]], seed=it["seed"], size=size)[0])
     store.merge()
-    return drawn
+    return len(todo)
 
 
 # --------------------------------------------------------------------------- 5. arms
@@ -876,13 +745,13 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     check(shapes or not generating or heads_path.is_file(),
           f"the alignment filter needs the baseline's heads, not found: {heads_path}")
     settings = sampler_settings(args) if generating else None
-    store = SyntheticStore(cache_folder(args, settings, data.get("source", "?"))) if generating else None
+    store = synthetic_store(args, settings, data.get("source", "?")) if generating else None
     timings["setup_s"] = round(time.time() - t0, 2)
 
     # 2. prompts for every target, and their images (resumable; split across accelerate processes)
     t = time.time()
     items = plan_items(targets, data, args.n_per_target, args.seed)
-    gen = generate_missing(store, items, args, settings) if generating else None
+    gen = store.generate(args.model, items, args.gen_batch_size, pick_device(args.device)) if generating else None
     if gen is not None and not gen["is_main"]:
         return None
     timings["generate_s"] = round(time.time() - t, 2) if generating else None

@@ -26,14 +26,13 @@ and 24 val queries x 4 images, 16 edits x 5 strengths; part of `make demo`):
 More queries for tighter CIs:
     python task_e.py --n-queries 500 --n-subset-queries 200 --n-val-queries 100
 Writes outputs/task_e/<run_name>/: metrics.json, config.json, results.md, recall_vs_k.png,
-edit_success.png, edit_grid.png (and generated/, the resumable generation chunks).
+edit_success.png, edit_grid.png (and generated/ and edited/, the resumable image stores).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import time
 from pathlib import Path
 from typing import Sequence
@@ -44,10 +43,9 @@ from tqdm.auto import tqdm
 import generate_data as gd
 import retrieval
 from oracle import DEFAULT_ORACLE, Oracle
-from utils import (DEFAULT_DATA, OUTPUTS, UserError, category_names, check, cli, encode_images, finish_run, fmt,
-                   fmt_ci, generate_images, image_grid, l2_normalize, load_data, load_image_encoder, load_pipeline,
-                   make_run_dir, mean_ci95, model_fingerprint, pick_device, pyplot, read_json, time_call,
-                   write_text)
+from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, UserError, category_names, check, cli, encode_images,
+                   finish_run, fmt, fmt_ci, image_grid, l2_normalize, load_data, load_image_encoder, load_pipeline,
+                   make_run_dir, mean_ci95, pick_device, pyplot, read_json, time_call, write_text)
 
 MAX_K = 8  # generated images per query at most; also the seed stride per query (seeds seed + MAX_K * caption + i)
 FUSIONS = ("weighted", "rrf")
@@ -58,7 +56,6 @@ KEPT_KEYS = ("shape", "color", "size", "position", "count")
 DEFAULT_WEIGHTS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
 DEFAULT_STRENGTHS = "0.3,0.5,0.7,0.9,1.0"
 VAL_SEED_OFFSET = 10**7  # val queries' seeds never coincide with test queries'
-CHUNK_QUERIES = 32  # queries per resumable generation chunk
 QUICK = {"n_queries": 4, "n_subset_queries": 2, "n_val_queries": 2, "n_edits": 1, "bootstrap": 200}
 
 
@@ -202,55 +199,25 @@ def query_seeds(caption_ids: np.ndarray, k: int, base: int) -> np.ndarray:
     return base + MAX_K * np.asarray(caption_ids, dtype=np.int64)[:, None] + np.arange(k)[None, :]
 
 
-def generation_key(settings: dict) -> str:
-    """What generated images depend on besides prompt and seed: sampler settings and, for a local model, the
-    size and mtime of its weight files (a retrained model in the same folder gets a new fingerprint)."""
-    keys = {k: settings.get(k) for k in ("id", "steps", "guidance", "size", "scheduler", "dtype", "device")}
-    keys["weights"] = model_fingerprint(str(settings.get("id")))
-    return json.dumps(keys, sort_keys=True, default=str)
-
-
 def generate_for_queries(pipe, settings: dict, texts: list[str], seeds: np.ndarray, folder: Path,
                          batch_size: int, desc: str) -> tuple[np.ndarray, dict, int]:
-    """k images per query as uint8 (n, k, H, W, 3), in chunks saved to `folder` so a rerun resumes.
+    """k images per query as uint8 (n, k, H, W, 3), kept in an ImageStore under `folder` so a rerun resumes.
 
-    A saved chunk is reused only when its prompts, seeds and model fingerprint all match.
+    An image is reused only when its prompt, seed, model weights, sampler settings, dtype and device all match.
 
     Returns:
-        (images, {"wall_s", "cpu_s"} spent generating (saved with each chunk, so resumed chunks keep their
+        (images, {"wall_s", "cpu_s"} spent generating them (kept with each image, so resumed images keep their
         cost; cpu_s is process CPU time, all threads), number of images generated in this call).
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    store = ImageStore(folder, settings, key=[settings["dtype"], settings["device"]])
     n, k = seeds.shape
-    out, seconds, fresh = [], {"wall_s": 0.0, "cpu_s": 0.0}, 0
-    fingerprint = generation_key(settings)
-    for start in tqdm(range(0, n, CHUNK_QUERIES), desc=desc, leave=False):
-        chunk_texts = texts[start:start + CHUNK_QUERIES]
-        chunk_seeds = seeds[start:start + CHUNK_QUERIES]
-        path = folder / f"{start:06d}.npz"
-        if path.is_file():
-            saved = np.load(path)
-            if saved["seeds"].shape == chunk_seeds.shape and np.array_equal(saved["seeds"], chunk_seeds) \
-                    and list(saved["texts"]) == list(chunk_texts) and str(saved["model"]) == fingerprint:
-                out.append(saved["images"])
-                seconds["wall_s"] += float(saved["seconds"])
-                seconds["cpu_s"] += float(saved["cpu_seconds"])
-                continue
-        t, cpu = time.perf_counter(), time.process_time()
-        flat = generate_images(pipe, [s for s in chunk_texts for _ in range(k)], chunk_seeds.ravel().tolist(),
-                               settings["steps"], settings["guidance"], settings["size"], batch_size=batch_size,
-                               progress=False)
-        spent, spent_cpu = time.perf_counter() - t, time.process_time() - cpu
-        images = flat.reshape(len(chunk_texts), k, *flat.shape[1:])
-        tmp = path.with_name(path.stem + ".tmp.npz")
-        np.savez(tmp, images=images, seeds=chunk_seeds, texts=np.asarray(chunk_texts), seconds=spent,
-                 cpu_seconds=spent_cpu, model=np.asarray(fingerprint))
-        tmp.replace(path)
-        out.append(images)
-        seconds["wall_s"] += spent
-        seconds["cpu_s"] += spent_cpu
-        fresh += images.shape[0] * k
-    return np.concatenate(out), seconds, fresh
+    items = [{"id": f"seed{int(seed)}", "text": text, "seed": int(seed)}
+             for text, row in zip(texts, seeds) for seed in row]
+    fresh = store.generate(pipe, items, batch_size, desc=desc)["generated"]
+    entries = store.entries()
+    seconds = {key: float(sum(entries[it["id"]][key] for it in items)) for key in ("wall_s", "cpu_s")}
+    images = store.load(items)
+    return images.reshape(n, k, *images.shape[1:]), seconds, fresh
 
 
 def image_encoder_for(meta: dict, device):
@@ -419,21 +386,17 @@ def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
 
-def run_edits(edit_pipe, cases: list[dict], strength: float, settings: dict, seed: int, batch_size: int) -> np.ndarray:
-    """Edit every source towards its target prompt at one strength; case i's noise comes from seed + i."""
-    import torch
-    from PIL import Image
+def run_edits(edit_pipe, cases: list[dict], strength: float, settings: dict, seed: int, batch_size: int,
+              folder: Path) -> np.ndarray:
+    """Edit every source towards its target prompt at one strength; case i's noise comes from seed + i.
 
-    out = []
-    for s in range(0, len(cases), batch_size):
-        batch = cases[s:s + batch_size]
-        gens = [torch.Generator("cpu").manual_seed(seed + s + i) for i in range(len(batch))]
-        images = edit_pipe(prompt=[c["target_prompt"]["text"] for c in batch],
-                           image=[Image.fromarray(c["source"]) for c in batch], strength=strength,
-                           num_inference_steps=settings["steps"], guidance_scale=settings["guidance"],
-                           generator=gens, output_type="np").images
-        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
-    return np.concatenate(out)
+    The edits are kept in an ImageStore under `folder` (keyed by the strength too), so a rerun resumes.
+    """
+    store = ImageStore(folder, settings, key=[strength, settings["dtype"], settings["device"]])
+    items = [{"id": f"{i:05d}", "text": c["target_prompt"]["text"], "seed": seed + i, "image": c["source"]}
+             for i, c in enumerate(cases)]
+    store.generate(edit_pipe, items, batch_size, progress=False, strength=strength)
+    return store.load(items)
 
 
 def edit_verdicts(scores: list[dict], cases: list[dict]) -> dict[str, np.ndarray]:
@@ -793,7 +756,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         edit_pipe = img2img_pipeline(pipe)
         edited, by_strength = {}, {}
         for strength in tqdm(args.strength_list, desc="edit strengths", leave=False):
-            edited[strength] = run_edits(edit_pipe, cases, strength, settings, args.seed, args.batch_size)
+            edited[strength] = run_edits(edit_pipe, cases, strength, settings, args.seed, args.batch_size,
+                                         run_dir / "edited")
             verdicts = edit_verdicts(oracle.score(edited[strength], [c["target_prompt"] for c in cases]), cases)
             by_strength[f"{strength:g}"] = summarize_edits(verdicts, kinds, args.bootstrap, args.seed)
             by_strength[f"{strength:g}"]["_success"] = verdicts["success"]

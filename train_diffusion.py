@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils import (DEFAULT_DATA, REPO, UserError, check, cli, git_commit, image_grid, library_versions, load_data,
-                   model_card, pick_device, pick_dtype, read_json, set_seed, write_json, write_text)
+from utils import (DEFAULT_DATA, REPO, UserError, check, cli, generate_images, git_commit, image_grid,
+                   library_versions, load_data, model_card, pick_device, pick_dtype, read_json, set_seed, write_json,
+                   write_text)
 
 DEFAULT_OUT = REPO / "models" / "shapes-sd-tiny"
 CHECKPOINTS = REPO / "checkpoints"
@@ -743,7 +744,10 @@ class Trainer:
 
     def samples_grid(self, path: Path, seeds: int = 4) -> None:
         pipe = self.pipeline()
-        images = generate(pipe, SAMPLE_PROMPTS, seeds, self.args.sample_steps, self.args.guidance, self.args.seed)
+        # `seeds` images per prompt, row-major; image (p, s) uses its own generator seeded `seed + s`
+        images = generate_images(pipe, [p for p in SAMPLE_PROMPTS for _ in range(seeds)],
+                                 [self.args.seed + s for _ in SAMPLE_PROMPTS for s in range(seeds)],
+                                 self.args.sample_steps, self.args.guidance, batch_size=seeds, progress=False)
         image_grid(images, len(SAMPLE_PROMPTS), seeds, row_labels=SAMPLE_PROMPTS,
                    col_labels=[f"seed {self.args.seed + s}" for s in range(seeds)], cell=64).save(path)
 
@@ -752,17 +756,6 @@ def _chunks_of_five(captions: list[list[str]]) -> list[list[str]]:
     """Exactly five captions per image (repeat when fewer), so they stack into one tensor."""
     check(all(captions_ for captions_ in captions), "every training image needs at least one caption")
     return [(caps * 5)[:5] for caps in captions]
-
-
-def generate(pipe, prompts, seeds: int, steps: int, guidance: float, seed: int) -> list:
-    """`seeds` images per prompt, row-major; image (p, s) uses its own generator seeded `seed + s`."""
-    images = []
-    for prompt in prompts:
-        generators = [torch.Generator().manual_seed(seed + s) for s in range(seeds)]
-        out = pipe([prompt] * seeds, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-                   output_type="pil")
-        images += out.images
-    return images
 
 
 # --------------------------------------------------------------------------- 4. final save

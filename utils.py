@@ -7,6 +7,7 @@ inside the functions that need them.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -1025,37 +1026,216 @@ def make_scheduler(name: str, config, **overrides):
 
 
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
-                    size: int | None = None, batch_size: int = 16, progress: bool = True, **call_kw) -> np.ndarray:
+                    size: int | None = None, batch_size: int = 16, progress: bool = True,
+                    image: Sequence[np.ndarray] | None = None, **call_kw) -> np.ndarray:
     """Generate one image per (prompt, seed) in batched calls, one CPU torch.Generator per image.
 
     The generator lives on the CPU so the initial noise (and, on CPU, the image) depends only on the seed.
 
     Args:
-        pipe: a diffusers text-to-image pipeline.
+        pipe: a diffusers text-to-image pipeline, or an image-to-image one when `image` is given.
         prompts: one prompt per image.
         seeds: one seed per image.
         steps: num_inference_steps.
         guidance: guidance_scale.
-        size: height = width in pixels (None: the pipeline's default).
+        size: height = width in pixels (None: the pipeline's default; not passed with `image`).
         batch_size: images per pipeline call.
         progress: show a tqdm bar.
-        **call_kw: more pipeline arguments (negative_prompt, eta, ...).
+        image: img2img sources, one uint8 (H, W, 3) array per prompt; the outputs take their size.
+        **call_kw: more pipeline arguments (negative_prompt, eta, strength, ...).
 
     Returns:
         uint8 array (n, H, W, 3).
     """
     import torch
+    from PIL import Image
     from tqdm.auto import tqdm
 
     check(len(prompts) == len(seeds), f"{len(prompts)} prompts but {len(seeds)} seeds")
+    check(image is None or len(image) == len(prompts), f"{len(prompts)} prompts but {len(image or [])} source images")
     out = []
-    dims = {"height": size, "width": size} if size else {}
+    dims = {"height": size, "width": size} if size and image is None else {}
     for s in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False, disable=not progress):
         gens = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds[s:s + batch_size]]
         kw = dict(call_kw)
         if isinstance(kw.get("negative_prompt"), (list, tuple)):
             kw["negative_prompt"] = list(kw["negative_prompt"][s:s + batch_size])
+        if image is not None:
+            kw["image"] = [Image.fromarray(im) for im in image[s:s + batch_size]]
         images = pipe(list(prompts[s:s + batch_size]), num_inference_steps=steps, guidance_scale=guidance,
                       generator=gens, output_type="np", **dims, **kw).images
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, size or 0, size or 0, 3), np.uint8)
+
+
+# What an image depends on besides its prompt, seed and model weights (ImageStore's key).
+SAMPLER_KEYS = ("steps", "guidance", "size", "scheduler")
+
+
+class ImageStore:
+    """Images for (prompt, seed) items under one model + sampler key, written atomically and resumable.
+
+    One PNG per item, renamed into place, then one jsonl manifest line, appended (flushed, fsynced) only after its
+    image exists, so every line points at a complete image. Each process appends to its own shard
+    (manifest.<rank>.jsonl); `merge` folds the shards into manifest.jsonl. Reading takes the union by id (a later
+    line wins) and skips a torn (half-written) line, so a run killed at any point resumes where it stopped.
+
+    The store lives in `root/<name>-<digest>`, the digest of `model_fingerprint(settings["id"])`, the sampler
+    settings (SAMPLER_KEYS) and `key`: a retrained model or another sampler setting never reuses an image.
+    Settings without an "id" (images no model draws, such as renders) key on their "name" and `key` alone.
+
+    Args:
+        root: the folder that holds one store per key.
+        settings: name, id, steps, guidance, size, scheduler (as `load_pipeline` returns them).
+        key: more JSON values the images depend on (a prompt grammar version, a dtype, an img2img strength).
+    """
+
+    def __init__(self, root: str | os.PathLike, settings: dict, key: Sequence = ()):
+        self.settings = settings
+        if settings.get("id") is None:
+            self.key = [settings["name"], *key]
+        else:
+            self.key = [model_fingerprint(settings["id"]), *(settings.get(k) for k in SAMPLER_KEYS), *key]
+        digest = hashlib.sha1(json.dumps(self.key, default=str).encode()).hexdigest()[:16]
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in settings["name"])
+        self.folder = Path(root) / f"{name}-{digest}"
+        self.images = self.folder / "images"
+        self.manifest = self.folder / "manifest.jsonl"
+
+    def shards(self) -> list[Path]:
+        return sorted(self.folder.glob("manifest.*.jsonl"))
+
+    def entries(self) -> dict[str, dict]:
+        """id -> manifest entry, over the manifest and every shard, for entries whose image exists."""
+        out: dict[str, dict] = {}
+        for path in [self.manifest, *self.shards()]:
+            if not path.is_file():
+                continue
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a kill mid-write: its image is redone
+                    continue
+                if isinstance(entry, dict) and "id" in entry and (self.images / entry.get("file", "")).is_file():
+                    out[entry["id"]] = entry
+        return out
+
+    def missing(self, items: Sequence[dict]) -> list[dict]:
+        """The items without a finished image of the same id, prompt text and seed."""
+        done = self.entries()
+        return [it for it in items if (done.get(it["id"], {}).get("text"), done.get(it["id"], {}).get("seed"))
+                != (it["text"], it["seed"])]
+
+    def write_image(self, name: str, image: np.ndarray) -> None:
+        """Save a PNG atomically: a temp file renamed into place, so no reader ever sees half an image."""
+        from PIL import Image
+
+        self.images.mkdir(parents=True, exist_ok=True)
+        tmp = self.images / f".{name}.tmp"
+        Image.fromarray(image).save(tmp, format="PNG")
+        os.replace(tmp, self.images / name)
+
+    def append(self, rank: int, entry: dict) -> None:
+        """Append one entry to this process's shard, flushed and fsynced before returning."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / f"manifest.{rank}.jsonl").open("a+b") as fh:
+            torn = False
+            if fh.seek(0, os.SEEK_END) > 0:  # seek returns the new position: test the last byte, not the seek
+                fh.seek(-1, os.SEEK_END)
+                torn = fh.read(1) != b"\n"
+            # After a kill mid-line, start on a fresh line so the torn one cannot swallow this entry.
+            fh.write((b"\n" if torn else b"") + (json.dumps(entry) + "\n").encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def save(self, item: dict, image: np.ndarray, rank: int = 0, **extra) -> None:
+        """Write one uint8 (H, W, 3) image, then its manifest line: the item (but its "image"), "file" and `extra`.
+
+        Raises:
+            UserError: the disk is full (how many images are safely kept is in the message).
+        """
+        entry = {k: v for k, v in item.items() if k != "image"}
+        entry.update(file=f"{item['id']}.png", **extra)
+        try:
+            self.write_image(entry["file"], image)
+            self.append(rank, entry)
+        except OSError as err:
+            if err.errno != errno.ENOSPC:
+                raise
+            raise UserError(f"disk full while writing images: {len(self.entries())} finished images are safely kept "
+                            f"in {self.folder}; free some space and run the same command again to resume") from None
+
+    def merge(self) -> None:
+        """Fold the shards into manifest.jsonl (atomic rewrite, one line per id), then drop the shards."""
+        entries = self.entries()
+        shards = self.shards()
+        if not shards:
+            return
+        write_text(self.manifest, "".join(json.dumps(entries[k]) + "\n" for k in sorted(entries)))
+        for shard in shards:
+            shard.unlink()
+
+    def load(self, items: Sequence[dict]) -> np.ndarray:
+        """The items' finished images as uint8 (n, H, W, 3), in the items' order."""
+        return np.stack([load_rgb(self.images / f"{it['id']}.png") for it in items])
+
+    def generate(self, pipe, items: Sequence[dict], batch_size: int = 16, device=None, progress: bool = True,
+                 desc: str = "generate", **call_kw) -> dict:
+        """Generate the items the store lacks, split across `accelerate` processes (one shard each), then merge.
+
+        Each manifest entry gets "wall_s" and "cpu_s" (process CPU time, all threads): its batch's seconds per image.
+
+        Args:
+            pipe: a diffusers pipeline, or a model name / folder that `load_pipeline` loads (with the settings'
+                scheduler) only when this process has images to make.
+            items: dicts with "id", "text", "seed", and "image" (a uint8 source) for img2img; every other
+                JSON value is kept in the manifest.
+            batch_size: images per pipeline call.
+            device: where a loaded model runs (several processes: each its own).
+            progress: show a tqdm bar.
+            desc: the bar's label.
+            **call_kw: more pipeline arguments, the same for every image (strength, eta, ...).
+
+        Returns:
+            {"reused", "generated", "processes", "is_main"}: only the main process goes on after a split.
+
+        Raises:
+            UserError: the disk is full.
+        """
+        import time
+
+        from accelerate import PartialState
+        from tqdm.auto import tqdm
+
+        state = PartialState()
+        pending = self.missing(items)
+        info = {"reused": len(items) - len(pending), "generated": 0, "processes": state.num_processes}
+        with state.split_between_processes(pending) as mine:
+            if mine:
+                size = self.settings.get("size")
+                if isinstance(pipe, (str, os.PathLike)):
+                    pipe, loaded = load_pipeline(str(pipe), device=state.device if state.num_processes > 1 else device,
+                                                 scheduler=self.settings.get("scheduler"))
+                    size = size or loaded["size"]
+                bar = tqdm(total=len(mine), desc=f"{desc} (process {state.process_index})", leave=False,
+                           disable=not progress)
+                for s in range(0, len(mine), batch_size):
+                    batch = mine[s:s + batch_size]
+                    sources = [it["image"] for it in batch] if "image" in batch[0] else None
+                    t, cpu = time.perf_counter(), time.process_time()
+                    images = generate_images(pipe, [it["text"] for it in batch], [it["seed"] for it in batch],
+                                             self.settings["steps"], self.settings["guidance"], size,
+                                             batch_size=len(batch), progress=False, image=sources, **call_kw)
+                    seconds = {"wall_s": (time.perf_counter() - t) / len(batch),
+                               "cpu_s": (time.process_time() - cpu) / len(batch)}
+                    for it, image in zip(batch, images):
+                        self.save(it, image, state.process_index, **seconds)
+                        info["generated"] += 1
+                    bar.update(len(batch))
+                bar.close()
+        state.wait_for_everyone()
+        if state.is_main_process:
+            self.merge()
+        state.wait_for_everyone()
+        info["is_main"] = state.is_main_process
+        return info

@@ -115,18 +115,6 @@ def test_task_d_retrains_on_class_caption_data(chain):
     assert len(manifest.read_text().splitlines()) == len(chain["task_c"]["targets"]["targets"]) * 4
 
 
-def test_manifest_appends_leave_no_blank_lines_and_fence_off_a_torn_one(tmp_path):
-    store = task_d.SyntheticStore(tmp_path)
-    for i in range(3):
-        store.append(0, {"id": f"a{i}"})
-    shard = tmp_path / "manifest.0.jsonl"
-    assert shard.read_text().splitlines() == [json.dumps({"id": f"a{i}"}) for i in range(3)]
-    with shard.open("ab") as fh:
-        fh.write(b'{"id": "torn')  # a kill mid-line
-    store.append(0, {"id": "b"})
-    assert shard.read_text().splitlines()[-2:] == ['{"id": "torn', json.dumps({"id": "b"})]
-
-
 def test_task_e_runs_imagine_then_retrieve_on_class_caption_data(chain):
     m = chain["task_e"]
     run = chain["out"] / "task_e" / "photos"

@@ -88,11 +88,13 @@ def test_quick_run_writes_every_experiment(quick_run):
 
 def test_rerun_resumes_from_cells_json_without_generating(quick_run, monkeypatch):
     run, first, argv = quick_run
+    sheet = (run / "schedulers_grid.png").read_bytes()
     monkeypatch.setattr(task_b, "generate", lambda *a, **k: pytest.fail("a finished cell was generated again"))
     again = task_b.main([a if a != "all" else "schedulers,cfg,grid" for a in argv])
     for name in ("schedulers", "cfg", "grid"):
         assert [c["fidelity_mean"] for c in again["experiments"][name]] == \
                [c["fidelity_mean"] for c in first["experiments"][name]]
+    assert (run / "schedulers_grid.png").read_bytes() == sheet  # drawn again from the cells' stored images
 
 
 def test_same_seed_same_image_in_any_cell_position(tiny_sd, tmp_path):

@@ -1,7 +1,7 @@
-"""task_d.py: prompts the oracle can check, resumable generation (kill, torn line, full disk, shards), the filter,
-equal-sized arms, the paired bootstrap by hand, bad inputs, and COCO-format data through the alignment filter."""
+"""task_d.py: prompts the oracle can check, the filter, equal-sized arms, cached images reused by a rerun, the paired
+bootstrap by hand, bad inputs, and COCO-format data through the alignment filter (the image store's kill, torn-line,
+full-disk and shard tests are in test_store.py)."""
 
-import errno
 import json
 import re
 import subprocess
@@ -45,10 +45,6 @@ def base_flags(tmp_path, tiny_data, tiny_pipe, targets=None):
             "--run-name", "q", "--n-per-target", str(N_PER_TARGET)]
 
 
-def manifest_ids(store):
-    return [json.loads(line)["id"] for line in store.manifest.read_text().splitlines()]
-
-
 # --------------------------------------------------------------------------- prompts
 def test_prompts_name_the_target_every_attribute_and_the_oracle_reads_renders_of_them():
     target = {"category": "hexagon", "category_id": 7}
@@ -75,89 +71,6 @@ def test_prompts_name_the_target_every_attribute_and_the_oracle_reads_renders_of
     wrong = [dict(it["prompt"], objects=[dict(it["prompt"]["objects"][0], shape="star")]) for it in items[:6]]
     bad = task_d.oracle_verdicts(items[:6], generate_data.render_prompts(wrong, seed=1), oracle, min_score=0.0)
     assert not any(v["target_found"] or v["keep"] for v in bad)
-
-
-# --------------------------------------------------------------------------- resumable generation
-def _fake_generate(pipe, prompts, seeds, steps, guidance, size=None, batch_size=16, progress=True, **kw):
-    """A seeded stand-in for utils.generate_images: these tests are about the manifest, not the diffusion model
-    (the quick run and the COCO test below go through the real tiny pipeline)."""
-    return np.stack([np.random.default_rng(s).integers(0, 256, (64, 64, 3), dtype=np.uint8) for s in seeds])
-
-
-def _gen_setup(tmp_path, tiny_data, tiny_pipe, monkeypatch):
-    monkeypatch.setattr(utils, "load_pipeline", lambda *a, **k: (None, {"size": 64}))
-    monkeypatch.setattr(utils, "generate_images", _fake_generate)
-    args = task_d.parse_args(base_flags(tmp_path, tiny_data, tiny_pipe) + ["--gen-batch-size", "2"])
-    data = load_data(tiny_data)
-    targets = task_d.match_targets(task_d.read_targets(args.targets), data, args.targets)
-    settings = task_d.sampler_settings(args)
-    store = task_d.SyntheticStore(task_d.cache_folder(args, settings, "shapes"))
-    return args, task_d.plan_items(targets, data, N_PER_TARGET, args.seed), settings, store
-
-
-def test_killed_generation_resumes_with_every_item_exactly_once(tmp_path, tiny_data, tiny_pipe, monkeypatch):
-    args, items, settings, store = _gen_setup(tmp_path, tiny_data, tiny_pipe, monkeypatch)
-    real_append = task_d.SyntheticStore.append
-    calls = []
-
-    def dies_after_three(self, rank, entry):
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # a kill between an image and its manifest line
-        calls.append(entry["id"])
-        real_append(self, rank, entry)
-
-    monkeypatch.setattr(task_d.SyntheticStore, "append", dies_after_three)
-    with pytest.raises(KeyboardInterrupt):
-        task_d.generate_missing(store, items, args, settings)
-    assert sorted(store.entries()) == sorted(calls) and len(calls) == 3
-    first = {i: (store.images / f"{i}.png").read_bytes() for i in calls}
-    # A torn last line (killed mid-write) is ignored, not fatal.
-    with (store.folder / "manifest.0.jsonl").open("a") as fh:
-        fh.write('{"id": "c7-0000')
-
-    monkeypatch.setattr(task_d.SyntheticStore, "append", real_append)
-    info = task_d.generate_missing(store, items, args, settings)
-    assert info["reused"] == 3 and info["generated"] == len(items) - 3
-    ids = manifest_ids(store)
-    assert sorted(ids) == sorted(it["id"] for it in items) and len(ids) == len(set(ids))  # each once
-    assert not list(store.folder.glob("manifest.*.jsonl")) and not list(store.images.glob(".*.tmp"))
-    assert all((store.images / f"{i}.png").read_bytes() == b for i, b in first.items())  # kept, not redone
-    again = task_d.generate_missing(store, items, args, settings)  # nothing left: nothing generated
-    assert again["generated"] == 0 and manifest_ids(store) == ids
-
-
-def test_full_disk_keeps_finished_images_and_says_how_many(tmp_path, tiny_data, tiny_pipe, monkeypatch):
-    args, items, settings, store = _gen_setup(tmp_path, tiny_data, tiny_pipe, monkeypatch)
-    real_write = task_d.SyntheticStore.write_image
-    written = []
-
-    def fills_up(self, name, image):
-        if len(written) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written.append(name)
-        real_write(self, name, image)
-
-    monkeypatch.setattr(task_d.SyntheticStore, "write_image", fills_up)
-    with pytest.raises(UserError, match=rf"^disk full while writing synthetic images: 3 finished images are safely "
-                                        rf"kept in {re.escape(str(store.folder))}; free some space and run the same "
-                                        rf"command again to resume$"):
-        task_d.generate_missing(store, items, args, settings)
-    assert len(store.entries()) == 3 and all((store.images / n).is_file() for n in written)
-    monkeypatch.setattr(task_d.SyntheticStore, "write_image", real_write)
-    assert task_d.generate_missing(store, items, args, settings)["generated"] == len(items) - 3
-    assert sorted(manifest_ids(store)) == sorted(it["id"] for it in items)
-
-
-def test_shards_of_several_processes_merge_into_one_manifest(tmp_path):
-    store = task_d.SyntheticStore(tmp_path / "cache")
-    for rank, ids in ((0, ["a", "b"]), (1, ["c", "a"])):  # "a" finished twice (two runs): kept once
-        for i in ids:
-            store.write_image(f"{i}.png", np.zeros((4, 4, 3), np.uint8))
-            store.append(rank, {"id": i, "file": f"{i}.png"})
-    store.append(1, {"id": "d", "file": "d.png"})  # a line whose image never landed is not "done"
-    assert sorted(store.entries()) == ["a", "b", "c"]
-    store.merge()
-    assert manifest_ids(store) == ["a", "b", "c"] and not list(store.folder.glob("manifest.*.jsonl"))
 
 
 # --------------------------------------------------------------------------- the whole run
@@ -304,9 +217,9 @@ def test_rendered_arm_needs_no_generator_and_trains_with_the_baselines_recipe(tm
     assert not (tmp_path / "out" / "task_d" / "r" / "samples.png").exists()
     assert m["targets_met"]["synthetic_filtered_closes_ge_0.5_of_gap_ci_above_0"] is None
     # the renders are the prompts: the oracle reads every target back (shape and colour of the named object)
-    store = task_d.SyntheticStore(task_d.Path(m["rendering"]["cache"]))
-    entries = sorted(store.entries().values(), key=lambda e: e["id"])
-    images = np.stack([utils.load_rgb(store.images / e["file"]) for e in entries])
+    cache = task_d.Path(m["rendering"]["cache"])
+    entries = [json.loads(line) for line in (cache / "manifest.jsonl").read_text().splitlines()]
+    images = np.stack([utils.load_rgb(cache / "images" / e["file"]) for e in entries])
     oracle = Oracle.load(task_d.DEFAULT_ORACLE, "cpu")
     verdicts = task_d.oracle_verdicts(entries, to_uint8_64(images), oracle, 0.5)
     # the oracle misreads about 1% of clean objects (models/shapes-oracle/metrics.json): allow one of the six

@@ -1,5 +1,5 @@
-"""task_e.py: a quick run end to end on a tiny random-weight pipeline, determinism and resume, the fusion math
-by hand, the query draw, the editing cases and verdicts, and bad inputs."""
+"""task_e.py: a quick run end to end on a tiny random-weight pipeline, determinism and resume, query images per
+query and seed, the fusion math by hand, the query draw, the editing cases and verdicts, and bad inputs."""
 
 import json
 import re
@@ -132,15 +132,18 @@ def test_quick_run_writes_metrics_figures_and_report(quick_run, tiny_data):
     report = (run / "results.md").read_text()
     assert f"| text only | - | {metrics['retrieval']['overall']['text']['R@1']['mean']:.3f} |" in report
     assert "(recall_vs_k.png)" in report and "(edit_grid.png)" in report
-    assert len(list((run / "generated" / "test").glob("*.npz"))) == 1
+    stores = list((run / "generated" / "test").glob("*/manifest.jsonl"))  # one store: one model and sampler
+    assert len(stores) == 1 and len(stores[0].read_text().splitlines()) == metrics["queries"]["n_test"] * 2
+    assert len(list((run / "edited").glob("*/manifest.jsonl"))) == 2  # one store per strength
 
 
 def test_a_rerun_resumes_and_gives_the_same_numbers(quick_run, tiny_data, tiny_heads, tiny_model):
     out, first = quick_run
-    chunk = out / "task_e" / "q" / "generated" / "test" / "000000.npz"
-    before = chunk.stat().st_mtime_ns
+    run = out / "task_e" / "q"
+    manifests = sorted(run.rglob("manifest.jsonl"))  # generated/test, generated/val, edited/<each strength>
+    before = [m.stat().st_mtime_ns for m in manifests]
     resumed = task_e.main(_args(tiny_data, tiny_heads, tiny_model, out, "q"))
-    assert chunk.stat().st_mtime_ns == before  # read back, not regenerated
+    assert len(manifests) == 4 and [m.stat().st_mtime_ns for m in manifests] == before  # read back, not redone
     assert _without_timings(resumed) == _without_timings(first)  # fusion, bootstrap and edits are seeded
     assert resumed["cost"]["generate_s_per_image"] == first["cost"]["generate_s_per_image"]  # its saved cost
 
@@ -154,41 +157,21 @@ def test_skipping_editing_still_writes_the_results(quick_run, tiny_data, tiny_he
     assert not (out / "task_e" / "no-edits" / "edit_grid.png").exists()
 
 
-def test_generation_chunks_resume_only_for_the_same_prompts_seeds_and_model(tiny_pipe, tmp_path):
+def test_query_images_come_back_per_query_in_seed_order(tiny_pipe, tmp_path):
+    from utils import generate_images
+
     pipe, settings = tiny_pipe
     seeds = task_e.query_seeds(np.array([3, 7]), 2, base=5)
     np.testing.assert_array_equal(seeds, [[29, 30], [61, 62]])  # base + MAX_K * caption + i
-    images, _, fresh = task_e.generate_for_queries(pipe, settings, ["a red star", "a blue ring"], seeds, tmp_path,
-                                                   4, "test")
+    images, seconds, fresh = task_e.generate_for_queries(pipe, settings, ["a red star", "a blue ring"], seeds,
+                                                         tmp_path, 1, "test")
     assert images.shape == (2, 2, 64, 64, 3) and images.dtype == np.uint8 and fresh == 4
-    assert not np.array_equal(images[0, 0], images[0, 1])  # one generator per image
-    again, _, fresh = task_e.generate_for_queries(pipe, settings, ["a red star", "a blue ring"], seeds, tmp_path,
-                                                  4, "test")
-    assert fresh == 0 and np.array_equal(again, images)
-    regenerated, _, fresh = task_e.generate_for_queries(pipe, settings, ["a red star", "a blue ring"], seeds,
-                                                        tmp_path / "other", 4, "test")
-    assert fresh == 4 and np.array_equal(regenerated, images)  # same seeds, same images
-    _, _, fresh = task_e.generate_for_queries(pipe, settings, ["a red star", "a blue ring"], seeds + 1, tmp_path,
-                                              4, "test")
-    assert fresh == 4  # other seeds: the saved chunk does not match, so it is regenerated
-    _, _, fresh = task_e.generate_for_queries(pipe, dict(settings, guidance=7.0), ["a red star", "a blue ring"],
-                                              seeds + 1, tmp_path, 4, "test")
-    assert fresh == 4  # same prompts and seeds, other sampler settings: regenerated too
-
-
-def test_generation_key_changes_when_the_weights_or_settings_do(tiny_model, tmp_path):
-    import os
-    import shutil
-
-    folder = tmp_path / "model"
-    shutil.copytree(tiny_model, folder)
-    settings = {"id": str(folder), "steps": 2, "guidance": 5.0, "size": 64}
-    before = task_e.generation_key(settings)
-    assert before == task_e.generation_key(dict(settings))
-    assert before != task_e.generation_key(dict(settings, steps=3))
-    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # "retrained"
-    assert task_e.generation_key(settings) != before
+    assert seconds["wall_s"] > 0 and seconds["cpu_s"] > 0
+    alone = generate_images(pipe, ["a blue ring"], [62], settings["steps"], settings["guidance"], settings["size"],
+                            batch_size=1, progress=False)
+    np.testing.assert_array_equal(images[1, 1], alone[0])  # query 2's second image is its prompt at its seed
+    again = task_e.generate_for_queries(pipe, settings, ["a red star", "a blue ring"], seeds, tmp_path, 1, "test")
+    assert again[2] == 0 and again[1] == seconds and np.array_equal(again[0], images)  # reused with its cost
 
 
 def test_vae_roundtrip_keeps_shape_and_dtype(tiny_pipe):
