@@ -12,7 +12,7 @@ import scipy.linalg
 
 import fidelity
 import generate_data as gd
-from tiny_models import tiny_sd_pipeline
+from tiny_models import bias_heads, tiny_sd_pipeline
 from utils import UserError
 
 OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
@@ -331,27 +331,9 @@ def test_fd_real_vs_real_uses_two_disjoint_sets():
 
 
 # --------------------------------------------------------------------------- alignment score
-def _bias_heads(path, angle_deg):
-    """Heads whose outputs ignore the input: image -> (1, 0), text -> (cos a, sin a); cosine = cos a everywhere."""
-    import torch
-
-    import retrieval
-
-    heads = retrieval.build_heads(1280, 384, hidden=8, dim=2)
-    a = np.deg2rad(angle_deg)
-    with torch.no_grad():
-        for kind, bias in (("image", [1.0, 0.0]), ("text", [np.cos(a), np.sin(a)])):
-            heads[kind][-1].weight.zero_()
-            heads[kind][-1].bias.copy_(torch.tensor(bias))
-    retrieval.save_heads(path, heads, {"in_image": 1280, "in_text": 384, "hidden": 8, "dim": 2,
-                                       "image_encoder": "efficientnet-lite0", "text_encoder": "all-MiniLM-L6-v2",
-                                       "image_res": 128})
-    return path
-
-
 @pytest.fixture(scope="module")
 def heads_60(tmp_path_factory):
-    return _bias_heads(tmp_path_factory.mktemp("heads") / "heads.pt", 60)
+    return bias_heads(tmp_path_factory.mktemp("heads") / "heads.pt", 60)
 
 
 def test_alignment_score_is_100_times_clipped_cosine(heads_60, tmp_path, prompt_renders):
@@ -360,7 +342,7 @@ def test_alignment_score_is_100_times_clipped_cosine(heads_60, tmp_path, prompt_
     s = fidelity.alignment_score(images[:3], texts, heads_60, device="cpu")
     assert s.shape == (3,) and s.dtype == np.float32
     np.testing.assert_allclose(s, 50.0, atol=1e-3)  # cos 60 = 0.5
-    opposite = fidelity.alignment_score(images[:2], texts[:2], _bias_heads(tmp_path / "h.pt", 150), device="cpu")
+    opposite = fidelity.alignment_score(images[:2], texts[:2], bias_heads(tmp_path / "h.pt", 150), device="cpu")
     np.testing.assert_array_equal(opposite, [0.0, 0.0])  # negative cosine clips to 0
 
 

@@ -9,8 +9,7 @@ import pytest
 
 import task_a
 import utils
-from test_fidelity import _bias_heads  # retrieval heads whose image/text cosine is a known angle
-from tiny_models import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from tiny_models import bias_heads, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 from utils import UserError
 
 
@@ -86,7 +85,7 @@ def test_generation_is_seeded_and_timing_batches_do_not_change_images(tiny_model
 
 
 def test_alignment_mode_uses_the_retrieval_heads(tiny_models, tiny_data, tmp_path):
-    heads = _bias_heads(tmp_path / "heads.pt", 60)  # every image-text cosine is cos 60 = 0.5
+    heads = bias_heads(tmp_path / "heads.pt", 60)  # every image-text cosine is cos 60 = 0.5
     m = task_a.main(["--models", tiny_models["sd"], "--quick", "--data", str(tiny_data), "--outputs", str(tmp_path),
                      "--run-name", "a", "--fidelity", "alignment", "--heads", str(heads), "--no-fd", "--kinds", "single",
                      "--n-prompts", "1", "--batch-size", "1"])

@@ -10,7 +10,6 @@ import pytest
 
 import generate_data
 import task_c
-from conftest import make_coco_world as make_coco  # also imported from here by test_task_d
 from utils import UserError
 
 TARGET_KEYS = {"category", "category_id", "train_count", "txt2img_R@10", "img2txt_R@10", "hit@1", "txt2img_mAP@R",
@@ -257,14 +256,13 @@ def test_cli_prints_one_line_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- which data: the run's own
-def test_the_data_defaults_to_the_runs_and_a_mismatch_is_one_line(tmp_path, quick_run, tiny_data):
+def test_the_data_defaults_to_the_runs_and_a_mismatch_is_one_line(tmp_path, quick_run, tiny_data, coco_world):
     out, first = quick_run
     shapes_run = out / "retrieval" / "task_c-q"
     again = task_c.main(["--retrieval-run", str(shapes_run), "--quick", "--outputs", str(out), "--run-name", "nodata"])
     assert again["data"] == str(tiny_data.resolve()) and again["targets"]["targets"] == first["targets"]["targets"]
 
-    make_coco(tmp_path / "coco")
-    generate_data.main(["--source", "coco", "--coco-root", str(tmp_path / "coco"), "--out", str(tmp_path / "data"),
+    generate_data.main(["--source", "coco", "--coco-root", str(coco_world), "--out", str(tmp_path / "data"),
                         "--workers", "1"])
     coco = tmp_path / "data" / "data.pkl"
     with pytest.raises(UserError, match=f"^--data {re.escape(str(coco))} is not the data {re.escape(str(shapes_run))} "
@@ -298,9 +296,8 @@ def test_a_failing_figure_is_one_warning_and_the_results_stay(quick_run, tiny_da
 
 
 # --------------------------------------------------------------------------- COCO-format data
-def test_runs_on_a_coco_format_pickle_in_its_own_words(tmp_path):
-    make_coco(tmp_path / "coco")
-    generate_data.main(["--source", "coco", "--coco-root", str(tmp_path / "coco"), "--out", str(tmp_path / "data"),
+def test_runs_on_a_coco_format_pickle_in_its_own_words(tmp_path, coco_world):
+    generate_data.main(["--source", "coco", "--coco-root", str(coco_world), "--out", str(tmp_path / "data"),
                         "--workers", "1"])
     metrics = task_c.main(["--data", str(tmp_path / "data" / "data.pkl"), "--quick", "--k-targets", "2",
                            "--outputs", str(tmp_path / "out"), "--run-name", "coco",

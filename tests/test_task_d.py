@@ -15,7 +15,6 @@ import generate_data
 import retrieval
 import task_c
 import task_d
-from test_task_c import make_coco
 from tiny_models import tiny_sd_pipeline
 import utils
 from utils import UserError, load_data
@@ -376,9 +375,8 @@ def test_cli_prints_one_line_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- COCO-format data
-def test_coco_format_data_goes_through_the_alignment_filter(tmp_path, tiny_pipe):
-    make_coco(tmp_path / "coco")
-    generate_data.main(["--source", "coco", "--coco-root", str(tmp_path / "coco"), "--out", str(tmp_path / "data"),
+def test_coco_format_data_goes_through_the_alignment_filter(tmp_path, tiny_pipe, coco_world):
+    generate_data.main(["--source", "coco", "--coco-root", str(coco_world), "--out", str(tmp_path / "data"),
                         "--workers", "1"])
     out = tmp_path / "out"
     task_c.main(["--data", str(tmp_path / "data" / "data.pkl"), "--quick", "--k-targets", "2", "--outputs", str(out),
