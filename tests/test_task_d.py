@@ -179,7 +179,8 @@ def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
     assert m["seeds"] == [0, 1, 2]
     for arm in m["arms"].values():
         assert len(arm["per_seed"]) == 3 and set(arm["txt2img"]) == {"R@1", "R@5", "R@10", "mAP"}
-        assert arm["txt2img"]["R@10"] == pytest.approx(np.mean([s["txt2img"]["R@10"] for s in arm["per_seed"]]))
+        seeds = [s["txt2img"]["R@10"] for s in arm["per_seed"]]
+        assert min(seeds) <= arm["txt2img"]["R@10"] <= max(seeds)  # a summary of the seeds, not of something else
         assert set(arm["per_category"]) >= {"hexagon", "circle"}
     for key in ("rare_txt2img_R@10_delta", "overall_txt2img_R@10_delta"):
         d = m[key]
@@ -187,8 +188,16 @@ def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
     assert set(m["targets_met"]) == {"synthetic_filtered_closes_ge_0.5_of_gap_ci_above_0",
                                      "synthetic_filtered_minus_oversample_on_targets_ci_above_0",
                                      "overall_txt2img_R@10_not_lower_by_more_than_0.01", "task_c_plus_d_within_15_min"}
+    # The gap from the bootstrap's point estimates agrees with the baseline's per-category table (retrieval.py's
+    # per_category_metrics, another route to the same recalls).
+    base = m["arms"]["baseline"]["per_category"]
+    others = [c for c, v in base.items() if v["n_eval_images"] > 0 and c not in ("hexagon", "circle")]
+    targets_r10 = np.mean([base[c]["txt2img"]["R@10"] for c in ("hexagon", "circle")])
+    others_r10 = np.mean([base[c]["txt2img"]["R@10"] for c in others])
+    assert m["gap"]["targets"]["mean"] == pytest.approx(targets_r10)
+    assert m["gap"]["others"]["mean"] == pytest.approx(others_r10)
     gap = m["gap"]["gap"]
-    assert gap["mean"] == pytest.approx(m["gap"]["others"]["mean"] - m["gap"]["targets"]["mean"])
+    assert gap["mean"] == pytest.approx(others_r10 - targets_r10) and gap["ci95"][0] <= gap["mean"] <= gap["ci95"][1]
     assert set(m["closed_fraction"]) == {"synthetic_filtered", "rendered"} and set(m["vs_oversample"]) == {
         "synthetic_filtered", "rendered"}
     # Candidates and acceptance come from the manifest and the oracle, whatever the (random) model drew.
@@ -197,9 +206,10 @@ def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
     assert m["generation"]["generated_now"] == 2 * N_PER_TARGET and m["generation"]["reused"] == 0
     results = (run / "results.md").read_text()
     rare = m["rare_txt2img_R@10_delta"]
-    assert f"{rare['mean']:+.3f} [{rare['ci95'][0]:+.3f}, {rare['ci95'][1]:+.3f}]" in results
-    verdict = "**met**" if m["targets_met"]["synthetic_filtered_closes_ge_0.5_of_gap_ci_above_0"] else "**not met**"
-    assert f"→ {verdict}" in results and f"gap (others − targets) {task_d._d(gap)}" in results
+    for x in (rare["mean"], *rare["ci95"], gap["mean"], *gap["ci95"]):
+        assert f"{x:+.3f}" in results
+    met = list(m["targets_met"].values())  # one verdict per target, as in metrics
+    assert results.count("**met**") == met.count(True) and results.count("**not met**") == met.count(False)
     for name, row in per_target.items():
         assert f"| {name} | {row['generated']} | {row['accepted']} |" in results
 
