@@ -65,6 +65,12 @@ def make_coco_world(root, n_train=24, n_val=24):
     return root
 
 
+@pytest.fixture
+def coco_world(tmp_path):
+    """`make_coco_world` under this test's tmp_path / "coco"; returns that folder."""
+    return make_coco_world(tmp_path / "coco")
+
+
 # --------------------------------------------------------------------------- real photos (scikit-image)
 # Class name -> the skimage.data photos it is cropped from. Real photographs of different sizes and
 # orientations (512x512, 400x600, 300x451, 427x640, 500x741, 25x25 faces), colour and grey.

@@ -2,6 +2,7 @@
 (its run folder, and the model card only with --write-card), and bad inputs."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import scipy.linalg
 
 import fidelity
 import generate_data as gd
-from tiny_models import tiny_sd_pipeline
+from tiny_models import bias_heads, tiny_sd_pipeline
 from utils import REPO, UserError, model_card
 
 
@@ -63,27 +64,9 @@ def test_fd_real_vs_real_uses_two_disjoint_sets():
 
 
 # --------------------------------------------------------------------------- alignment score
-def _bias_heads(path, angle_deg):
-    """Heads whose outputs ignore the input: image -> (1, 0), text -> (cos a, sin a); cosine = cos a everywhere."""
-    import torch
-
-    import retrieval
-
-    heads = retrieval.build_heads(1280, 384, hidden=8, dim=2)
-    a = np.deg2rad(angle_deg)
-    with torch.no_grad():
-        for kind, bias in (("image", [1.0, 0.0]), ("text", [np.cos(a), np.sin(a)])):
-            heads[kind][-1].weight.zero_()
-            heads[kind][-1].bias.copy_(torch.tensor(bias))
-    retrieval.save_heads(path, heads, {"in_image": 1280, "in_text": 384, "hidden": 8, "dim": 2,
-                                       "image_encoder": "efficientnet-lite0", "text_encoder": "all-MiniLM-L6-v2",
-                                       "image_res": 128})
-    return path
-
-
 @pytest.fixture(scope="module")
 def heads_60(tmp_path_factory):
-    return _bias_heads(tmp_path_factory.mktemp("heads") / "heads.pt", 60)
+    return bias_heads(tmp_path_factory.mktemp("heads") / "heads.pt", 60)
 
 
 def test_alignment_score_is_100_times_clipped_cosine(heads_60, tmp_path):
@@ -93,7 +76,7 @@ def test_alignment_score_is_100_times_clipped_cosine(heads_60, tmp_path):
     s = fidelity.alignment_score(images[:3], texts, heads_60, device="cpu")
     assert s.shape == (3,) and s.dtype == np.float32
     np.testing.assert_allclose(s, 50.0, atol=1e-3)  # cos 60 = 0.5
-    opposite = fidelity.alignment_score(images[:2], texts[:2], _bias_heads(tmp_path / "h.pt", 150), device="cpu")
+    opposite = fidelity.alignment_score(images[:2], texts[:2], bias_heads(tmp_path / "h.pt", 150), device="cpu")
     np.testing.assert_array_equal(opposite, [0.0, 0.0])  # negative cosine clips to 0
 
 
@@ -172,9 +155,14 @@ def test_model_card_is_built_from_the_log_and_the_metrics():
          "fd": 12.34, "fd_real_vs_real": 5.0, "fd_n": 8, "alignment": None}
     text = model_card("m", _training_log(), m)
     assert text.startswith("---\nlibrary_name: diffusers\n") and "\n# m\n" in text
-    assert "## Fidelity (measured; targets NOT met)" in text
-    assert "| single object | 0.500 | 1.000 | n/a | 0.250 | 1.000 | 0.125 |" in text
-    assert "single-object all-correct >= 0.90 (measured 0.125)" in text and "12.3 against a real-vs-real floor of 5.0" in text
+    section = text[text.index("## Fidelity"):text.index("## Limitations")]
+    assert "NOT met" in section.splitlines()[0]  # the verdict: 0.125 < 0.90 and no two-object number
+    row = next(line for line in section.splitlines() if line.startswith("| single object |"))
+    assert [c.strip() for c in row.split("|")[2:-1]] == ["0.500", "1.000", "n/a", "0.250", "1.000", "0.125"]
+    assert {"0.90", "0.125", "12.3", "5.0"} <= set(re.findall(r"\d+\.\d+", section))  # target, measured, FD, floor
+    both = dict(m, single_object_all_correct=0.95, two_object=attrs, two_object_all_correct=0.75)
+    heading = next(line for line in model_card("m", _training_log(), both).splitlines() if line.startswith("## Fidelity"))
+    assert "met" in heading and "NOT" not in heading  # both targets reached
     assert "777 images of split `pretrain`" in text and "55 tokens" in text and "0.82 steps/s" in text
     assert "- final loss (mean of the last 10 steps): 0.0625" in text
     assert "The UNet saw only 3,936 training examples (2 min on\nCPU, 3 torch thread(s) on a test machine)" in text

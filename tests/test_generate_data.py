@@ -12,15 +12,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # tests import the scripts as modules; no conftest needed
+import numpy as np
+import pytest
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
-
-import generate_data as gd  # noqa: E402
-from utils import UserError, load_data, load_rgb  # noqa: E402
+import generate_data as gd
+from conftest import write_png
+from utils import REPO, UserError, load_data, load_rgb
 
 SMALL = ["--n-pretrain", "120", "--n-train", "80", "--n-val", "0", "--n-test", "40"]
 
@@ -273,11 +271,6 @@ def test_coco_curve_is_80_sorted_counts():
 
 
 # --------------------------------------------------------------------------- COCO source
-def _png(path, color):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (8, 6), color).save(path)
-
-
 def make_coco(root):
     """train2017: images 1-4 (4 missing); val2017 (under images/): 11-16 (16 is garbage bytes)."""
     ann = root / "annotations"
@@ -298,7 +291,7 @@ def make_coco(root):
             {"images": images, "annotations": instances, "categories": categories}))
         for i in ids:
             if i != 4:
-                _png(folder / f"{i:012d}.png", (i * 10, 0, 0))
+                write_png(folder / f"{i:012d}.png", (i * 10, 0, 0))
     (root / "images" / "val2017" / "000000000016.png").write_bytes(b"\x89PNG garbage, not an image" * 10)
     return root
 
@@ -503,7 +496,7 @@ def test_coco_skips_and_counts_truncated_and_unreadable_files(tmp_path, capsys):
 def test_coco_drops_and_counts_every_malformed_annotation(tmp_path, capsys):
     root = tmp_path / "coco"
     for i in range(1, 4):
-        _png(root / "val2017" / f"{i}.png", (i, 0, 0))  # 8 x 6 pixels
+        write_png(root / "val2017" / f"{i}.png", (i, 0, 0))  # 8 x 6 pixels
     captions = [
         {"id": 1, "image_id": 1, "caption": "  a  red\nsquare "},
         {"id": 2, "image_id": 1},                                     # missing caption

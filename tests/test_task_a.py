@@ -1,6 +1,7 @@
 """task_a.py: tiny SD / SDXL / SD3 pipelines side by side end to end, timing, alignment mode, bad inputs."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -9,33 +10,66 @@ import pytest
 
 import task_a
 import utils
-from test_fidelity import _bias_heads  # retrieval heads whose image/text cosine is a known angle
-from tiny_models import tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
+from tiny_models import bias_heads, tiny_sd3_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 from utils import UserError
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory):
-    """The three hub pipeline classes (SD 2.1 / SD-Turbo, SDXL / SDXL-Turbo, SD 3.5) with random weights, saved."""
+def tiny_builds(tmp_path_factory):
+    """The three hub pipeline classes (SD 2.1 / SD-Turbo, SDXL / SDXL-Turbo, SD 3.5) with random weights, saved.
+
+    Returns name -> (folder, number of weights in all of the pipeline's torch modules, found without task_a).
+    """
+    import torch
+
     tmp = tmp_path_factory.mktemp("models")
-    paths = {}
+    builds = {}
     for name, make in (("sd", tiny_sd_pipeline), ("sdxl", tiny_sdxl_pipeline), ("sd3", tiny_sd3_pipeline)):
-        make(tmp / f"{name}-parts").save_pretrained(tmp / name)
-        paths[name] = str(tmp / name)
-    return paths
+        pipe = make(tmp / f"{name}-parts")
+        pipe.save_pretrained(tmp / name)
+        modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+        builds[name] = (str(tmp / name), sum(p.numel() for m in modules for p in m.parameters()))
+    return builds
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_builds):
+    """Name -> folder of each saved tiny pipeline."""
+    return {name: folder for name, (folder, _) in tiny_builds.items()}
+
+
+# Seconds of each timed batch, per model in --models order. A stand-in clock, so the timing summary is checked
+# against numbers worked out by hand; the 4th value is there to catch a 4th timed batch (the default is 3).
+BATCH_SECONDS = {"sd": [0.3, 0.1, 0.2, 0.05], "sdxl": [0.5, 0.4, 0.6, 0.05], "sd3": [0.8, 0.9, 0.7, 0.05]}
+# By hand, one image per batch: (fastest, median, images per second of the fastest) of the first 3 values above.
+EXPECTED_TIMING = {"sd": (0.1, 0.2, 10.0), "sdxl": (0.4, 0.5, 2.5), "sd3": (0.7, 0.8, 1 / 0.7)}
+
+
+def scripted_time_call(seconds: list[list[float]]):
+    """A utils.time_call that runs `fn` once (the images are real) and reports the next scripted batch times."""
+    calls = iter(seconds)
+
+    def time_call(fn, warmup=1, repeats=3, min_seconds=0.0):
+        result, times = fn(), next(calls)[:repeats]
+        return {"min_s": min(times), "median_s": float(np.median(times)), "times_s": times,
+                "warmup_s": [1.0] * warmup}, result
+
+    return time_call
 
 
 @pytest.fixture(scope="module")
 def quick_run(tiny_models, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("task_a")
     # 1 prompt per kind x 2 seeds, one image per call: 4 calls, then a warm-up call and 3 timed ones.
-    metrics = task_a.main(["--models", ",".join(tiny_models.values()), "--quick", "--data", str(tiny_data),
-                           "--outputs", str(out), "--run-name", "q", "--threads", "1", "--n-prompts", "1",
-                           "--batch-size", "1"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(task_a, "time_call", scripted_time_call(list(BATCH_SECONDS.values())))
+        metrics = task_a.main(["--models", ",".join(tiny_models.values()), "--quick", "--data", str(tiny_data),
+                               "--outputs", str(out), "--run-name", "q", "--threads", "1", "--n-prompts", "1",
+                               "--batch-size", "1"])
     return out / "task_a" / "q", metrics
 
 
-def test_quick_run_compares_every_pipeline_class(quick_run):
+def test_quick_run_compares_every_pipeline_class(quick_run, tiny_builds):
     run, metrics = quick_run
     assert (run.parent / "latest").resolve() == run.resolve()
     on_disk = json.loads((run / "metrics.json").read_text())
@@ -44,15 +78,15 @@ def test_quick_run_compares_every_pipeline_class(quick_run):
     for name, row in on_disk["models"].items():
         assert {"params", "sec_per_image", "peak_mem_mb", "fidelity", "fd"} <= set(row), name
         assert row["steps"] == 2  # --quick caps every model's recommended steps
-        assert len(row["sec_per_image_batches"]) == 3 and row["sec_per_image"] > 0
-        assert row["sec_per_image"] == min(row["sec_per_image_batches"]) <= row["sec_per_image_median"]
-        assert row["sec_per_image_median"] == pytest.approx(float(np.median(row["sec_per_image_batches"])))
-        assert row["images_per_s"] == pytest.approx(1 / row["sec_per_image"])
+        assert row["sec_per_image_batches"] == pytest.approx(BATCH_SECONDS[name][:3])  # 3 timed, warm-up not among them
+        fastest, median, per_s = EXPECTED_TIMING[name]
+        assert row["sec_per_image"] == pytest.approx(fastest) and row["sec_per_image_median"] == pytest.approx(median)
+        assert row["images_per_s"] == pytest.approx(per_s)
         assert row["peak_mem_mb"] > 0
         assert 0 <= row["fidelity_ci95"][0] <= row["fidelity"] <= row["fidelity_ci95"][1] <= 1
         assert row["fd"] > 0 and row["fd_real_vs_real"] > 0 and row["fd_n"] == 4
         assert set(row["per_kind"]) == {"single", "two"} and row["per_kind"]["two"]["n"] == 2
-        assert row["params"]["total"] == sum(v for k, v in row["params"].items() if k != "total")
+        assert row["params"]["total"] == tiny_builds[name][1]  # every weight of the pipeline, none left out
     p = {n: r["params"] for n, r in on_disk["models"].items()}
     assert {"unet", "text_encoder", "vae"} == set(p["sd"]) - {"total"}
     assert {"unet", "text_encoder", "text_encoder_2", "vae"} == set(p["sdxl"]) - {"total"}
@@ -64,6 +98,7 @@ def test_quick_run_compares_every_pipeline_class(quick_run):
     results = (run / "results.md").read_text()
     for name, row in on_disk["models"].items():
         assert f"| {name} | 2 | {row['guidance']} | {row['scheduler']} |" in results
+        assert f"| {EXPECTED_TIMING[name][0]:.3f} |" in results  # its s/image column
     assert task_a.comparison_sentence(on_disk) in results
     from PIL import Image
 
@@ -86,7 +121,7 @@ def test_generation_is_seeded_and_timing_batches_do_not_change_images(tiny_model
 
 
 def test_alignment_mode_uses_the_retrieval_heads(tiny_models, tiny_data, tmp_path):
-    heads = _bias_heads(tmp_path / "heads.pt", 60)  # every image-text cosine is cos 60 = 0.5
+    heads = bias_heads(tmp_path / "heads.pt", 60)  # every image-text cosine is cos 60 = 0.5
     m = task_a.main(["--models", tiny_models["sd"], "--quick", "--data", str(tiny_data), "--outputs", str(tmp_path),
                      "--run-name", "a", "--fidelity", "alignment", "--heads", str(heads), "--no-fd", "--kinds", "single",
                      "--n-prompts", "1", "--batch-size", "1"])
@@ -111,9 +146,13 @@ def test_comparison_sentence_reads_the_cis():
     rows = {"a": {"fidelity": 0.5, "fidelity_ci95": [0.4, 0.6], "sec_per_image": 2.0},
             "b": {"fidelity": 0.1, "fidelity_ci95": [0.0, 0.2], "sec_per_image": 1.0},
             "c": {"fidelity": 0.45, "fidelity_ci95": [0.3, 0.55], "sec_per_image": 3.0}}
-    text = task_a.comparison_sentence({"models": rows})
-    assert text == ("Highest fidelity: a (0.500); its CI lies above that of b; it overlaps with c. "
-                    "Fastest: b (1.000 s/image).")
+    # Names and numbers in the order the verdict gives them: the best, those its CI separates, those it overlaps,
+    # then the fastest; no other model or number.
+    said = re.findall(r"\b[abc]\b|\d+\.\d+", task_a.comparison_sentence({"models": rows}))
+    assert said == ["a", "0.500", "b", "c", "b", "1.000"]
+    rows["b"]["fidelity_ci95"] = [0.0, 0.45]  # now every CI overlaps a's: no model is separated from it
+    said = re.findall(r"\b[abc]\b|\d+\.\d+", task_a.comparison_sentence({"models": rows}))
+    assert said == ["a", "0.500", "b", "1.000"]
 
 
 @pytest.mark.parametrize("argv, message", [

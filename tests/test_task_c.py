@@ -10,7 +10,6 @@ import pytest
 
 import generate_data
 import task_c
-from conftest import make_coco_world as make_coco  # also imported from here by test_task_d
 from utils import UserError
 
 TARGET_KEYS = {"category", "category_id", "train_count", "txt2img_R@10", "img2txt_R@10", "hit@1", "txt2img_mAP@R",
@@ -41,19 +40,18 @@ def test_quick_run_writes_problem_targets_metrics_and_figures(quick_run):
     targets = json.loads((run / "targets.json").read_text())
     assert targets["k"] == 3 and 1 <= len(targets["targets"]) <= 3
     assert targets["rule_name"] == "bottom-txt2img-R@10" and targets["rule_reason"].startswith("auto: ")
-    assert targets["rule"] == "the 3 categories with the lowest txt2img Recall@10 (instance level) on the test split"
-    assert targets["metric"] == "txt2img_R@10"
+    assert targets["metric"] == "txt2img_R@10" and {"3", "test"} <= set(targets["rule"].split())  # k and split
     assert targets["baseline_run"] == str((out / "retrieval" / "task_c-q").resolve())
     for t in targets["targets"]:
         assert set(t) == TARGET_KEYS and isinstance(t["train_count"], int)
         assert t["txt2img_R@10_ci95"][0] <= t["txt2img_R@10"] <= t["txt2img_R@10_ci95"][1]
         assert t["value"] == t["txt2img_R@10"] and t["gap_ci95"][0] <= t["gap_to_others"] <= t["gap_ci95"][1]
+    # Which categories are picked is worked by hand in the pick_targets tests below; here, what any pick must hold.
     rows = {r["category"]: r for r in metrics["categories"]}
-    separable = sorted((r for r in rows.values() if r["separated"]), key=lambda r: r["value"])
-    assert targets["separable"] == [r["category"] for r in separable]
-    assert all(rows[n]["gap_ci95"][1] < 0 for n in targets["separable"])
-    expected = separable[:3] or sorted(rows.values(), key=lambda r: r["value"])[:3]  # lowest when none separable
-    assert [t["category"] for t in targets["targets"]] == [r["category"] for r in expected]
+    assert {n for n, r in rows.items() if r["gap_ci95"][1] < 0} == set(targets["separable"])  # CI of the gap below 0
+    values = [t["value"] for t in targets["targets"]]
+    assert values == sorted(values)  # lowest first
+    assert {t["category"] for t in targets["targets"]} <= set(targets["separable"] or rows)
 
     on_disk = json.loads((run / "metrics.json").read_text())
     assert on_disk["n_eval_images"] == 200 and on_disk["n_bootstrap"] == 100
@@ -257,14 +255,13 @@ def test_cli_prints_one_line_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- which data: the run's own
-def test_the_data_defaults_to_the_runs_and_a_mismatch_is_one_line(tmp_path, quick_run, tiny_data):
+def test_the_data_defaults_to_the_runs_and_a_mismatch_is_one_line(tmp_path, quick_run, tiny_data, coco_world):
     out, first = quick_run
     shapes_run = out / "retrieval" / "task_c-q"
     again = task_c.main(["--retrieval-run", str(shapes_run), "--quick", "--outputs", str(out), "--run-name", "nodata"])
     assert again["data"] == str(tiny_data.resolve()) and again["targets"]["targets"] == first["targets"]["targets"]
 
-    make_coco(tmp_path / "coco")
-    generate_data.main(["--source", "coco", "--coco-root", str(tmp_path / "coco"), "--out", str(tmp_path / "data"),
+    generate_data.main(["--source", "coco", "--coco-root", str(coco_world), "--out", str(tmp_path / "data"),
                         "--workers", "1"])
     coco = tmp_path / "data" / "data.pkl"
     with pytest.raises(UserError, match=f"^--data {re.escape(str(coco))} is not the data {re.escape(str(shapes_run))} "
@@ -298,9 +295,8 @@ def test_a_failing_figure_is_one_warning_and_the_results_stay(quick_run, tiny_da
 
 
 # --------------------------------------------------------------------------- COCO-format data
-def test_runs_on_a_coco_format_pickle_in_its_own_words(tmp_path):
-    make_coco(tmp_path / "coco")
-    generate_data.main(["--source", "coco", "--coco-root", str(tmp_path / "coco"), "--out", str(tmp_path / "data"),
+def test_runs_on_a_coco_format_pickle_in_its_own_words(tmp_path, coco_world):
+    generate_data.main(["--source", "coco", "--coco-root", str(coco_world), "--out", str(tmp_path / "data"),
                         "--workers", "1"])
     metrics = task_c.main(["--data", str(tmp_path / "data" / "data.pkl"), "--quick", "--k-targets", "2",
                            "--outputs", str(tmp_path / "out"), "--run-name", "coco",

@@ -15,7 +15,6 @@ import retrieval
 import task_c
 import task_d
 from oracle import Oracle, to_uint8_64
-from test_task_c import make_coco
 from tiny_models import tiny_sd_pipeline
 import utils
 from utils import UserError, load_data
@@ -93,7 +92,8 @@ def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
     assert m["seeds"] == [0, 1, 2]
     for arm in m["arms"].values():
         assert len(arm["per_seed"]) == 3 and set(arm["txt2img"]) == {"R@1", "R@5", "R@10", "mAP"}
-        assert arm["txt2img"]["R@10"] == pytest.approx(np.mean([s["txt2img"]["R@10"] for s in arm["per_seed"]]))
+        seeds = [s["txt2img"]["R@10"] for s in arm["per_seed"]]
+        assert min(seeds) <= arm["txt2img"]["R@10"] <= max(seeds)  # a summary of the seeds, not of something else
         assert set(arm["per_category"]) >= {"hexagon", "circle"}
     for key in ("rare_txt2img_R@10_delta", "overall_txt2img_R@10_delta"):
         d = m[key]
@@ -101,8 +101,16 @@ def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
     assert set(m["targets_met"]) == {"synthetic_filtered_closes_ge_0.5_of_gap_ci_above_0",
                                      "synthetic_filtered_minus_oversample_on_targets_ci_above_0",
                                      "overall_txt2img_R@10_not_lower_by_more_than_0.01", "task_c_plus_d_within_15_min"}
+    # The gap from the bootstrap's point estimates agrees with the baseline's per-category table (retrieval.py's
+    # per_category_metrics, another route to the same recalls).
+    base = m["arms"]["baseline"]["per_category"]
+    others = [c for c, v in base.items() if v["n_eval_images"] > 0 and c not in ("hexagon", "circle")]
+    targets_r10 = np.mean([base[c]["txt2img"]["R@10"] for c in ("hexagon", "circle")])
+    others_r10 = np.mean([base[c]["txt2img"]["R@10"] for c in others])
+    assert m["gap"]["targets"]["mean"] == pytest.approx(targets_r10)
+    assert m["gap"]["others"]["mean"] == pytest.approx(others_r10)
     gap = m["gap"]["gap"]
-    assert gap["mean"] == pytest.approx(m["gap"]["others"]["mean"] - m["gap"]["targets"]["mean"])
+    assert gap["mean"] == pytest.approx(others_r10 - targets_r10) and gap["ci95"][0] <= gap["mean"] <= gap["ci95"][1]
     assert set(m["closed_fraction"]) == {"synthetic_filtered", "rendered"} and set(m["vs_oversample"]) == {
         "synthetic_filtered", "rendered"}
     # Candidates and acceptance come from the manifest and the oracle, whatever the (random) model drew.
@@ -111,9 +119,10 @@ def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
     assert m["generation"]["generated_now"] == 2 * N_PER_TARGET and m["generation"]["reused"] == 0
     results = (run / "results.md").read_text()
     rare = m["rare_txt2img_R@10_delta"]
-    assert f"{rare['mean']:+.3f} [{rare['ci95'][0]:+.3f}, {rare['ci95'][1]:+.3f}]" in results
-    verdict = "**met**" if m["targets_met"]["synthetic_filtered_closes_ge_0.5_of_gap_ci_above_0"] else "**not met**"
-    assert f"→ {verdict}" in results and f"gap (others − targets) {task_d._d(gap)}" in results
+    for x in (rare["mean"], *rare["ci95"], gap["mean"], *gap["ci95"]):
+        assert f"{x:+.3f}" in results
+    met = list(m["targets_met"].values())  # one verdict per target, as in metrics
+    assert results.count("**met**") == met.count(True) and results.count("**not met**") == met.count(False)
     for name, row in per_target.items():
         assert f"| {name} | {row['generated']} | {row['accepted']} |" in results
 
@@ -289,9 +298,8 @@ def test_cli_prints_one_line_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- COCO-format data
-def test_coco_format_data_goes_through_the_alignment_filter(tmp_path, tiny_pipe):
-    make_coco(tmp_path / "coco")
-    generate_data.main(["--source", "coco", "--coco-root", str(tmp_path / "coco"), "--out", str(tmp_path / "data"),
+def test_coco_format_data_goes_through_the_alignment_filter(tmp_path, tiny_pipe, coco_world):
+    generate_data.main(["--source", "coco", "--coco-root", str(coco_world), "--out", str(tmp_path / "data"),
                         "--workers", "1"])
     out = tmp_path / "out"
     task_c.main(["--data", str(tmp_path / "data" / "data.pkl"), "--quick", "--k-targets", "2", "--outputs", str(out),

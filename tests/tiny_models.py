@@ -1,12 +1,14 @@
 """Tiny random-weight components of the real diffusers/transformers classes (diffusers' get_dummy_components idea).
 
-They exercise every code path that a hub model (SD 2.1, SD-Turbo, SDXL) takes, in seconds on CPU.
+They exercise every code path that a hub model (SD 2.1, SD-Turbo, SDXL) takes, in seconds on CPU. `bias_heads`
+is the same idea for retrieval heads: real classes, weights set so that every output is known.
 """
 
 import json
 import string
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -98,3 +100,22 @@ def tiny_sd3_pipeline(tmp: Path):
                                     text_encoder_2=CLIPTextModelWithProjection(config),
                                     tokenizer_2=tiny_clip_tokenizer(tmp / "tok2"),
                                     text_encoder_3=T5EncoderModel(t5), tokenizer_3=tiny_clip_tokenizer(tmp / "tok3"))
+
+
+def bias_heads(path: Path, angle_deg: float) -> Path:
+    """Retrieval heads saved to `path` whose outputs ignore the input: image -> (1, 0), text -> (cos a, sin a).
+
+    Every image-text cosine is cos(angle_deg), so an alignment score is known before anything runs.
+    """
+    import retrieval
+
+    heads = retrieval.build_heads(1280, 384, hidden=8, dim=2)
+    a = np.deg2rad(angle_deg)
+    with torch.no_grad():
+        for kind, bias in (("image", [1.0, 0.0]), ("text", [np.cos(a), np.sin(a)])):
+            heads[kind][-1].weight.zero_()
+            heads[kind][-1].bias.copy_(torch.tensor(bias))
+    retrieval.save_heads(path, heads, {"in_image": 1280, "in_text": 384, "hidden": 8, "dim": 2,
+                                       "image_encoder": "efficientnet-lite0", "text_encoder": "all-MiniLM-L6-v2",
+                                       "image_res": 128})
+    return path
