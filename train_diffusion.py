@@ -974,7 +974,7 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path) -> 
     from diffusers import DiffusionPipeline
 
     from fidelity import summarize_scores, to_uint8_64
-    from utils import generate_images, mean_ci95, read_json
+    from utils import bootstrap_ci, generate_images, read_json
 
     if cache.is_file():
         return read_json(cache)
@@ -986,7 +986,7 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path) -> 
                                              20, 5.0, batch_size=50, progress=False))
         scores = oracle.score(images, prompts)
         summary = summarize_scores(scores)
-        summary["all_ci"] = mean_ci95([s["all"] for s in scores])[1]
+        summary["all_ci"] = bootstrap_ci([s["all"] for s in scores])["ci95"]
         result[kind] = summary
     write_json(cache, result)
     return result
