@@ -40,9 +40,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generate_data as gd
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, REPO, UserError, cached, check, cli, encode_images,
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, REPO, UserError, bootstrap_ci, cached, check, cli, encode_images,
                    encode_texts, generate_images, image_grid, library_versions, load_data, load_image_encoder,
-                   load_pipeline, load_rgb, load_text_encoder, make_run_dir, mean_ci95, pick_device, read_json,
+                   load_pipeline, load_rgb, load_text_encoder, make_run_dir, pick_device, read_json,
                    resolve_model,
                    update_latest, write_json, write_text)
 
@@ -1464,7 +1464,7 @@ def audit_scores(audit: dict) -> dict:
     p_acc, p_rej = float(np.mean(acc)), float(np.mean(rej))
     a = audit["acceptance_rate"]
     return {"n": len(items), "n_accepted": len(acc), "n_rejected": len(rej), "precision": p_acc,
-            "precision_ci": [float(v) for v in mean_ci95(acc)[1]],
+            "precision_ci": bootstrap_ci(acc)["ci95"],
             "recall": a * p_acc / (a * p_acc + (1 - a) * p_rej) if p_acc + p_rej else None,
             "recall_in_sample": sum(acc) / max(1, sum(acc) + sum(rej)), "acceptance_rate": a,
             "yes_among_rejected": p_rej, "model": audit["model"],
