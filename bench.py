@@ -41,9 +41,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from utils import (DEFAULT_DATA, UserError, check, cli, finish_run, fmt, generate_images, image_grid, load_data,
-                   load_pipeline, make_run_dir, mean_ci95, peak_memory_mb, pick_device, pick_dtype, read_json,
-                   reset_peak_memory, resolve_model, time_call, write_text)
+from utils import (DEFAULT_DATA, UserError, bootstrap_ci, check, cli, finish_run, fmt, fmt_ci, generate_images,
+                   image_grid, load_data, load_pipeline, make_run_dir, md_table, peak_memory_mb, pick_device,
+                   pick_dtype, read_json, reset_peak_memory, resolve_model, time_call, write_text)
 
 PARTS = ("generation", "sd21", "retrieval")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -283,9 +283,9 @@ def compare_fidelity(a: list[dict], b: list[dict], seed: int) -> dict:
         pairs = [(x[key], y[key]) for x, y in zip(a, b) if x.get(key) is not None and y.get(key) is not None]
         if not pairs:
             continue
-        diffs = [float(y) - float(x) for x, y in pairs]
-        mean, ci = mean_ci95(diffs, seed=seed)
-        out[key] = {"diff": mean, "ci95": list(ci), "within_1pt": abs(mean) <= FIDELITY_TOLERANCE, "n": len(pairs)}
+        d = bootstrap_ci([float(y) for _, y in pairs], [float(x) for x, _ in pairs], seed=seed)
+        out[key] = {"diff": d["mean"], "ci95": d["ci95"], "within_1pt": abs(d["mean"]) <= FIDELITY_TOLERANCE,
+                    "n": len(pairs)}
     return out
 
 
@@ -741,21 +741,18 @@ def results_markdown(m: dict) -> str:
                 "the ratios noisier. " if hw.get("contended") else "the machine was idle at the start. ")
              + "Every ratio compares two times measured in this run, side by side.", ""]
     if m["ratios"]:
-        lines += ["| ratio | value |", "|---|---|", *(f"| {k} | {fmt(v, '.2f')} |" for k, v in m["ratios"].items()), ""]
+        lines += [*md_table(["ratio", "value"], [[k, fmt(v, ".2f")] for k, v in m["ratios"].items()]), ""]
     g = m.get("generation")
     if g:
         lines += [f"## Generation on CPU ({g['model']}, {g['n_images']} images per configuration)", "",
-                  f"Plain: `{g['plain_call']}`.", "",
-                  "| configuration | steps | guidance | batch | seconds | images/s | x vs plain | oracle all | colour | shape "
-                  "| all scores within 1 point of plain |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"Plain: `{g['plain_call']}`.", ""]
         base = g["configs"][0]["seconds"]
-        for r in g["configs"]:
-            f = r["fidelity"]
-            lines.append(f"| {r['config']} | {r['steps']} | {r['guidance']} | {r['batch_size']} | {fmt(r['seconds'], '.2f')} | "
-                         f"{fmt(r['images_per_s'], '.2f')} | {fmt(ratio(base, r['seconds']), '.2f')} | {fmt(f['all'])} | "
-                         f"{fmt(f['color'])} | {fmt(f['shape'])} | "
-                         f"{_yes_no(r.get('fidelity_within_1pt_of_plain'))} |")
+        lines += md_table(["configuration", "steps", "guidance", "batch", "seconds", "images/s", "x vs plain",
+                           "oracle all", "colour", "shape", "all scores within 1 point of plain"],
+                          [[r["config"], r["steps"], r["guidance"], r["batch_size"], fmt(r["seconds"], ".2f"),
+                            fmt(r["images_per_s"], ".2f"), fmt(ratio(base, r["seconds"]), ".2f"),
+                            *(fmt(r["fidelity"][k]) for k in ("all", "color", "shape")),
+                            _yes_no(r.get("fidelity_within_1pt_of_plain"))] for r in g["configs"]])
         lines += ["", "Ablation (each optimisation on top of the best so far; kept when >= "
                       f"{KEEP_MIN_GAIN:.2f}x; fastest of {g['repeats']} timed run(s) per configuration, so under "
                       "contention a single ratio near 1 is within noise):", ""]
@@ -766,13 +763,12 @@ def results_markdown(m: dict) -> str:
                       f"(batching alone x{fmt(g['ratio_batching_only'], '.2f')}, the registry's sampling settings "
                       f"x{fmt(g['ratio_sampler_only'], '.2f')}, the kept optimisations x{fmt(g['ratio_optimisations_only'], '.2f')}).", "",
                   f"Fidelity, best minus plain (oracle, same prompts and seeds; paired 95% bootstrap CI over "
-                  f"{g['n_images']} prompts):", "", "| attribute | plain | ours | diff | 95% CI | within 1 point |",
-                  "|---|---|---|---|---|---|"]
+                  f"{g['n_images']} prompts):", ""]
         plain_f = g["configs"][0]["fidelity"]
         best_f = next(r for r in g["configs"] if r["config"] == g["best_config"])["fidelity"]
-        for key, d in g["fidelity_ours_minus_plain"].items():
-            lines.append(f"| {key} | {fmt(plain_f[key])} | {fmt(best_f[key])} | {fmt(d['diff'])} | "
-                         f"[{fmt(d['ci95'][0])}, {fmt(d['ci95'][1])}] | {'yes' if d['within_1pt'] else 'no'} |")
+        lines += md_table(["attribute", "plain", "ours", "diff", "95% CI", "within 1 point"],
+                          [[key, fmt(plain_f[key]), fmt(best_f[key]), fmt(d["diff"]), fmt_ci(d["ci95"]),
+                            _yes_no(d["within_1pt"])] for key, d in g["fidelity_ours_minus_plain"].items()])
         lines.append("")
         if g["equal_fidelity"]:
             lines.append("Equal fidelity: every oracle score of our path is within 1 point of the plain path's.")

@@ -34,8 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generate_data as gd
-from utils import (DEFAULT_DATA, OUTPUTS, REPO, UserError, cached, check, cli, generate_images, library_versions,
-                   load_data, load_pipeline, load_rgb, mean_ci95, pick_device, read_json, write_json, write_text)
+from utils import (DEFAULT_DATA, OUTPUTS, REPO, UserError, bootstrap_ci, cached, check, cli, generate_images,
+                   library_versions, load_data, load_pipeline, load_rgb, pick_device, read_json, write_json, write_text)
 
 COMMANDS = ("train", "audit")
 DEFAULT_ORACLE = REPO / "models" / "shapes-oracle"
@@ -976,7 +976,7 @@ def audit_scores(audit: dict) -> dict:
     p_acc, p_rej = float(np.mean(acc)), float(np.mean(rej))
     a = audit["acceptance_rate"]
     return {"n": len(items), "n_accepted": len(acc), "n_rejected": len(rej), "precision": p_acc,
-            "precision_ci": [float(v) for v in mean_ci95(acc)[1]],
+            "precision_ci": [float(v) for v in bootstrap_ci(acc)["ci95"]],
             "recall": a * p_acc / (a * p_acc + (1 - a) * p_rej) if p_acc + p_rej else None,
             "recall_in_sample": sum(acc) / max(1, sum(acc) + sum(rej)), "acceptance_rate": a,
             "yes_among_rejected": p_rej, "model": audit["model"],

@@ -2,21 +2,23 @@
 
 Reads `outputs/<task>/latest/metrics.json` of each step of the study (retrieval baseline, task_a ... task_e,
 bench) and the shipped model's `models/shapes-sd-tiny/metrics.json`, states the headline results in
-sentences filled in from those numbers, and links each task's own tables and figures. A step that has not
-run yet is listed as missing; nothing here is typed in by hand.
+sentences filled in from those numbers, shows its key figures and links its own tables and figures. A step
+that has not run yet is listed as missing; nothing here is typed in by hand. With --readme it also fills the
+README's `<!-- study-numbers -->` block with the same summaries.
 
     python report.py                      # after `make demo` (which runs it last)
-    python report.py --outputs outputs --out outputs/REPORT.md
+    python report.py --outputs outputs --out outputs/REPORT.md --readme README.md
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
-from utils import (REPO, check, cli, fmt, fmt_ci, read_json, write_text)
+from utils import REPO, check, cli, fmt, fmt_ci, fmt_delta, md_table, read_json, write_text
 
 TASKS = ("retrieval", "task_a", "task_b", "task_c", "task_d", "task_e", "bench")
 TITLES = {
@@ -35,23 +37,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--outputs", default="outputs", help="outputs root holding <task>/latest/")
     p.add_argument("--model", default=str(REPO / "models" / "shapes-sd-tiny"), help="shipped model folder (its metrics.json)")
     p.add_argument("--out", default=None, help="report path (default: <outputs>/REPORT.md)")
+    p.add_argument("--readme", default=None, help="a README whose <!-- study-numbers --> block to fill (default: none)")
     args = p.parse_args(argv)
     check(Path(args.outputs).is_dir(), f"outputs folder not found: {args.outputs} (run `make demo` first)")
     args.out = Path(args.out or Path(args.outputs) / "REPORT.md")
+    check(args.readme is None or Path(args.readme).is_file(), f"README not found: {args.readme}")
     return args
 
 
 # --------------------------------------------------------------------------- formatting
-
-
-def delta(d: dict | None) -> str:
-    """A `{"mean", "ci95"}` dict as '+0.012 [−0.004, +0.030]'."""
-    if not d:
-        return "n/a"
-    lo, hi = d["ci95"]
-    return f"{d['mean']:+.3f} (95% CI [{lo:+.3f}, {hi:+.3f}])"
-
-
 def links(run: Path, root: Path) -> str:
     """Markdown links to a run's tables and figures, relative to the report."""
     files = sorted(p for p in run.iterdir() if p.suffix in (".md", ".png", ".gif", ".csv") and p.is_file())
@@ -60,9 +54,8 @@ def links(run: Path, root: Path) -> str:
 
 # --------------------------------------------------------------------------- one summary per task
 def retrieval_summary(m: dict) -> list[str]:
-    rows = ["| direction | R@1 | R@5 | R@10 | mAP |", "|---|---|---|---|---|"]
-    rows += [f"| {d} | " + " | ".join(fmt(m[d][k]) for k in ("R@1", "R@5", "R@10", "mAP")) + " |"
-             for d in ("img2txt", "txt2img")]
+    rows = md_table(["direction", "R@1", "R@5", "R@10", "mAP"],
+                    [[d, *(fmt(m[d][k]) for k in ("R@1", "R@5", "R@10", "mAP"))] for d in ("img2txt", "txt2img")])
     return [f"{m['n_train_images']} training images, evaluated on {m['n_eval_images']} test images and "
             f"{m['n_eval_captions']} captions.", ""] + rows
 
@@ -76,13 +69,11 @@ def task_c_summary(m: dict) -> list[str]:
 
 
 def task_a_summary(m: dict) -> list[str]:
-    rows = ["| model | params (M) | s/image | peak MB | fidelity [95% CI] | FD (floor) |", "|---|---|---|---|---|---|"]
-    for name, r in m["models"].items():
-        rows.append(f"| {name} | {r['params']['total'] / 1e6:.2f} | {fmt(r['sec_per_image'])} | "
-                    f"{r['peak_mem_mb']:.0f} | {fmt(r['fidelity'])} {fmt_ci(r.get('fidelity_ci95'))} | "
-                    f"{r['fd']:.1f} ({r['fd_real_vs_real']:.1f}) |" if r.get("fd") is not None else
-                    f"| {name} | {r['params']['total'] / 1e6:.2f} | {fmt(r['sec_per_image'])} | "
-                    f"{r['peak_mem_mb']:.0f} | {fmt(r['fidelity'])} {fmt_ci(r.get('fidelity_ci95'))} | n/a |")
+    rows = md_table(["model", "params (M)", "s/image", "peak MB", "fidelity [95% CI]", "FD (floor)"],
+                    [[name, f"{r['params']['total'] / 1e6:.2f}", fmt(r["sec_per_image"]), f"{r['peak_mem_mb']:.0f}",
+                      f"{fmt(r['fidelity'])} {fmt_ci(r.get('fidelity_ci95'))}",
+                      f"{r['fd']:.1f} ({r['fd_real_vs_real']:.1f})" if r.get("fd") is not None else "n/a"]
+                     for name, r in m["models"].items()])
     return [f"{m['n_images']} images per model ({m['fidelity_metric']}, {m['device']})."] + [""] + rows
 
 
@@ -144,13 +135,16 @@ def task_b_figures(m: dict, run: str) -> list[str]:
 
 
 def task_d_summary(m: dict) -> list[str]:
-    met = m.get("targets_met", {})
-    return [f"Filter acceptance {fmt(m['filter']['acceptance_rate'])} ({m['filter']['rule']}). "
-            f"`synthetic_filtered` − `baseline`, txt2img R@10 on the target categories: "
-            f"{delta(m['rare_txt2img_R@10_delta'])} (target ≥ +0.10 with the CI above 0: "
-            f"{'met' if met.get('rare_txt2img_R@10_gain_ge_0.10_ci_above_0') else 'not met'}); overall: "
-            f"{delta(m['overall_txt2img_R@10_delta'])}; filtered − oversample on the targets: "
-            f"{delta(m.get('filtered_vs_oversample', {}).get('rare'))}. Seeds {m['seeds']}, {m['epochs']} epochs per arm."]
+    gap = next((r for r in m.get("targets_met", []) if r["target"] == "gap_closed"), None)
+    verdict = ("not judged" if gap is None or gap["met"] is None else "met" if gap["met"] else "not met")
+    target = f"closes ≥ {gap['threshold']:.0%} of the gap with the CI above 0" if gap else "no target recorded"
+    acceptance = (f"Filter acceptance {fmt(m['filter']['acceptance_rate'])} ({m['filter']['rule']}). "
+                  if m.get("filter") else "No filter (no generated arm). ")
+    return [acceptance + f"`synthetic_filtered` − `baseline`, txt2img R@10 on the target categories: "
+            f"{fmt_delta(m['rare_txt2img_R@10_delta'])} (target: {target}: {verdict}); overall: "
+            f"{fmt_delta(m['overall_txt2img_R@10_delta'])}; filtered − oversample on the targets: "
+            f"{fmt_delta((m.get('filtered_vs_oversample') or {}).get('rare'))}. Seeds {m['seeds']}, {m['epochs']} "
+            "epochs per arm."]
 
 
 def task_e_summary(m: dict) -> list[str]:
@@ -160,7 +154,7 @@ def task_e_summary(m: dict) -> list[str]:
         w = r["weighted"][k]["R@10"]
         lines.append(f"- {subset} ({r['n']} queries): text-only R@10 {fmt(r['text']['R@10']['mean'])}; weighted "
                      f"fusion with k = {k} images (w = {m['fusion']['weighted'][k]['w']} chosen on val; 0 = "
-                     f"text only): ΔR@10 {w['delta']:+.3f} {fmt_ci(w['delta_ci95'])}")
+                     f"text only): ΔR@10 {fmt_delta({'mean': w['delta'], 'ci95': w['delta_ci95']})}")
     added = f"- added cost {m['cost']['added_s_per_query']['weighted'][k]:.2f} s per query at k = {k}; "
     editing = m.get("editing")
     if not editing or not editing.get("by_strength"):  # `--n-edits 0` skips editing: metrics hold `editing: null`
@@ -181,8 +175,18 @@ def bench_summary(m: dict) -> list[str]:
 SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
     "retrieval": retrieval_summary, "task_a": task_a_summary, "task_b": task_b_summary, "task_c": task_c_summary,
     "task_d": task_d_summary, "task_e": task_e_summary, "bench": bench_summary}
-# Figures shown inline (metrics, run folder relative to the report -> markdown lines).
+# Each task's key figures, shown inline when the run wrote them (task_b's depend on its metrics).
+KEY_FIGURES: dict[str, tuple[str, ...]] = {
+    "retrieval": ("per_category.png",), "task_a": ("grid.png",), "task_c": ("recall_vs_frequency.png", "confusion.png"),
+    "task_d": ("deltas.png",), "task_e": ("recall_vs_k.png", "edit_success.png")}
 FIGURES: dict[str, Callable[[dict, str], list[str]]] = {"task_b": task_b_figures}
+README_BLOCK = "study-numbers"
+
+
+def key_figures(task: str, run: Path, rel: str) -> list[str]:
+    """`![name](rel/name.png)` lines (each followed by a blank line) for the task's key figures that exist."""
+    shown = [f for f in KEY_FIGURES.get(task, ()) if (run / f).is_file()]
+    return [line for f in shown for line in (f"![{Path(f).stem}]({rel}/{f})", "")]
 
 
 def model_section(model_dir: Path) -> list[str]:
@@ -210,10 +214,36 @@ def task_section(task: str, outputs: Path, root: Path) -> list[str]:
     summary = SUMMARIES.get(task)
     if summary:
         lines += summary(m) + [""]
-    if task in FIGURES:
-        lines += FIGURES[task](m, os.path.relpath(run.resolve(), root))
+    rel = os.path.relpath(run.resolve(), root)
+    lines += FIGURES[task](m, rel) if task in FIGURES else key_figures(task, run.resolve(), rel)
     lines += [f"Run `{run.resolve().name}`: {links(run.resolve(), root)}", ""]
     return lines
+
+
+def study_numbers(outputs: Path) -> list[str]:
+    """The README's measured study numbers: each task's summary from outputs/<task>/latest/metrics.json."""
+    lines = ["### Headline results", "",
+             "Filled in by `python report.py --readme README.md` from each step's `outputs/<task>/latest/metrics.json`"
+             " (`outputs/REPORT.md` has the figures and links).", ""]
+    for task in TASKS:
+        run = outputs / task / "latest"
+        lines += [f"#### {TITLES[task]}", ""]
+        if not (run / "metrics.json").is_file():
+            lines += ["Not run yet.", ""]
+            continue
+        lines += SUMMARIES[task](read_json(run / "metrics.json")) + [f"(run `{run.resolve().name}`)", ""]
+    return lines
+
+
+def fill_block(text: str, name: str, lines: list[str]) -> str:
+    """`text` with what lies between `<!-- name -->` and `<!-- /name -->` replaced by `lines`.
+
+    Raises:
+        UserError: when the text lacks the pair of markers.
+    """
+    pattern = re.compile(rf"(<!-- {re.escape(name)} -->\n).*?(<!-- /{re.escape(name)} -->)", re.S)
+    check(pattern.search(text) is not None, f"no <!-- {name} --> ... <!-- /{name} --> block to fill")
+    return pattern.sub(lambda mo: mo.group(1) + "\n".join(lines) + "\n" + mo.group(2), text, count=1)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -228,6 +258,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         lines += task_section(task, outputs, root)
     write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
+    if args.readme:
+        readme = Path(args.readme)
+        write_text(readme, fill_block(readme.read_text(), README_BLOCK, study_numbers(outputs)))
+        print(f"filled the {README_BLOCK} block of {readme}")
     return args.out
 
 

@@ -31,9 +31,9 @@ import numpy as np
 import fidelity
 import generate_data as gd
 from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, check, cli, finish_run, fmt, generate_images,
-                   image_grid, init_wandb, load_data, load_image_encoder, load_pipeline, make_run_dir,
-                   mean_ci95, peak_memory_mb, pick_device, pick_dtype, reset_peak_memory, resolve_model, time_call,
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, bootstrap_ci, check, cli, finish_run, fmt, fmt_ci,
+                   generate_images, image_grid, init_wandb, load_data, load_image_encoder, load_pipeline, make_run_dir,
+                   md_table, peak_memory_mb, pick_device, pick_dtype, reset_peak_memory, resolve_model, time_call,
                    write_text)
 
 DEFAULT_MODELS = "shapes-tiny,shapes-tiny-4k"
@@ -134,8 +134,8 @@ def score_fidelity(mode: str, images: np.ndarray, prompts: list, texts: list[str
     else:
         values = fidelity.alignment_score(images, texts, args.heads, oracle)
         detail, metric = {}, "alignment score (0-100, retrieval heads)"
-    mean, ci = mean_ci95(values, seed=args.seed)
-    return {"fidelity": mean, "fidelity_ci95": list(ci), "fidelity_metric": metric, **detail}
+    est = bootstrap_ci(values, seed=args.seed)
+    return {"fidelity": est["mean"], "fidelity_ci95": est["ci95"], "fidelity_metric": metric, **detail}
 
 
 def _kind(prompt: dict) -> str:
@@ -234,19 +234,19 @@ def results_markdown(m: dict) -> str:
              f"{m['seeds_per_prompt']} seeds, image k with seed {m['seed']} + k, the same for every model. "
              f"Fidelity: {m['fidelity_metric']}, mean with bootstrap 95% CI over images. Time: seconds per image of the "
              f"fastest of {m['timed_batches']} timed batches of {m['batch_size']} after a warm-up batch, on "
-             f"{m['device']} ({m['threads']} torch threads).", "",
-             "| model | steps | guidance | scheduler | params (denoiser / text / VAE) | s/image | images/s | "
-             "peak MB | fidelity [95% CI] | FD (real-vs-real floor) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{m['device']} ({m['threads']} torch threads).", ""]
+    rows = []
     for name, r in m["models"].items():
         p = r["params"]
         den = p.get("unet", p.get("transformer", 0))
         text = sum(v for k, v in p.items() if k.startswith("text_encoder"))
         fd = "skipped" if r["fd"] is None else f"{r['fd']:.1f} ({r['fd_real_vs_real']:.1f}, n={r['fd_n']})"
-        lines.append(f"| {name} | {r['steps']} | {r['guidance']} | {r['scheduler']} | {den / 1e6:.2f}M / "
-                     f"{text / 1e6:.2f}M / {p.get('vae', 0) / 1e6:.2f}M | {r['sec_per_image']:.3f} | "
-                     f"{fmt(r['images_per_s'], '.2f')} | {r['peak_mem_mb']:.0f} | {fmt(r['fidelity'])} "
-                     f"[{fmt(r['fidelity_ci95'][0])}, {fmt(r['fidelity_ci95'][1])}] | {fd} |")
+        rows.append([name, r["steps"], r["guidance"], r["scheduler"],
+                     f"{den / 1e6:.2f}M / {text / 1e6:.2f}M / {p.get('vae', 0) / 1e6:.2f}M", f"{r['sec_per_image']:.3f}",
+                     fmt(r["images_per_s"], ".2f"), f"{r['peak_mem_mb']:.0f}",
+                     f"{fmt(r['fidelity'])} {fmt_ci(r['fidelity_ci95'])}", fd])
+    lines += md_table(["model", "steps", "guidance", "scheduler", "params (denoiser / text / VAE)", "s/image",
+                       "images/s", "peak MB", "fidelity [95% CI]", "FD (real-vs-real floor)"], rows)
     lines += ["", comparison_sentence(m), ""]
     same = same_weights(m)
     if same:
@@ -254,11 +254,10 @@ def results_markdown(m: dict) -> str:
                   "so any difference between them above is timing noise, not the model.", ""]
     if any(r.get("per_kind") for r in m["models"].values()):
         lines += ["## Oracle attribute rates (share of images with the named attribute right)", "",
-                  "| model | prompts | shape | colour | size | position | count | all |", "|---|---|---|---|---|---|---|---|"]
-        for name, r in m["models"].items():
-            for kind, s in (r.get("per_kind") or {}).items():
-                lines.append(f"| {name} | {kind} (n={s['n']}) | " + " | ".join(fmt(s[a]) for a in ATTRIBUTES) + " |")
-        lines.append("")
+                  *md_table(["model", "prompts", "shape", "colour", "size", "position", "count", "all"],
+                            [[name, f"{kind} (n={s['n']})", *(fmt(s[a]) for a in ATTRIBUTES)]
+                             for name, r in m["models"].items() for kind, s in (r.get("per_kind") or {}).items()]),
+                  ""]
     lines += [f"Peak memory: {next(iter(m['models'].values()))['peak_mem_kind']}.", "", "![grid](grid.png)", ""]
     return "\n".join(lines)
 

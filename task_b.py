@@ -60,10 +60,10 @@ import numpy as np
 import fidelity
 import generate_data as gd
 from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
-from utils import (DEFAULT_IMAGE_ENCODER, OUTPUTS, ImageStore, UserError, check, cli, finish_run, fmt,
-                   generate_images, image_grid, init_wandb, load_image_encoder, load_pipeline, make_run_dir,
-                   make_scheduler, mean_ci95, model_fingerprint, pick_device, pyplot, read_json, resolve_model,
-                   time_call, write_json, write_text)
+from utils import (DEFAULT_IMAGE_ENCODER, OUTPUTS, ImageStore, UserError, bootstrap_ci, check, cli, finish_run, fmt,
+                   fmt_ci, fmt_delta, generate_images, image_grid, init_wandb, load_image_encoder, load_pipeline,
+                   make_run_dir, make_scheduler, md_table, model_fingerprint, pick_device, pyplot, read_json,
+                   resolve_model, time_call, write_json, write_text)
 
 EXPERIMENTS = ("schedulers", "steps", "cfg", "eta", "negative", "trajectory", "grid", "cell")
 DEFAULT_EXPERIMENTS = ("schedulers", "steps", "cfg")
@@ -523,9 +523,9 @@ def run_cell(ctx: Context, experiment: str, settings: dict, label: str) -> dict:
         scores = ctx.oracle.score(images, [p for p in ctx.prompts for _ in range(a.seeds)])
         per_prompt = np.array([[np.nan if s[a.fidelity_key] is None else float(s[a.fidelity_key])
                                 for s in scores[i * a.seeds:(i + 1) * a.seeds]] for i in range(len(ctx.prompts))])
-        mean, ci = mean_ci95(np.nanmean(per_prompt, axis=1), seed=a.seed)
+        est = bootstrap_ci(np.nanmean(per_prompt, axis=1), seed=a.seed)
         summary = summarize_scores(scores)
-        cell = {**settings, "fidelity_mean": mean, "fidelity_ci95": list(ci), "fidelity_key": a.fidelity_key,
+        cell = {**settings, "fidelity_mean": est["mean"], "fidelity_ci95": est["ci95"], "fidelity_key": a.fidelity_key,
                 "attributes": {k: summary[k] for k in ATTRIBUTES},
                 "diversity": per_prompt_diversity(ctx, images, len(ctx.prompts)), **timing,
                 "timestep_spacing": getattr(ctx.pipe.scheduler.config, "timestep_spacing", None),
@@ -721,11 +721,12 @@ def exp_negative(ctx: Context) -> list[dict]:
             shape_rate = per(lambda d, i: any(o["shape"] == shapes[i] for o in d))
             colour_rate = per(lambda d, i: any(o["color"] == negatives[i] for o in d))
             count_rate = per(lambda d, i: len(d) == 1)
-            mean, ci = mean_ci95(shape_rate, seed=a.seed)
-            c_mean, c_ci = mean_ci95(colour_rate, seed=a.seed)
+            shape_est = bootstrap_ci(shape_rate, seed=a.seed)
+            colour_est = bootstrap_ci(colour_rate, seed=a.seed)
             ctx.cache[key] = {**base, "negative_prompt": "<per prompt colour>" if use else None,
-                              "fidelity_mean": mean, "fidelity_ci95": list(ci), "fidelity_key": "shape present",
-                              "negative_colour_rate": c_mean, "negative_colour_rate_ci95": list(c_ci),
+                              "fidelity_mean": shape_est["mean"], "fidelity_ci95": shape_est["ci95"],
+                              "fidelity_key": "shape present", "negative_colour_rate": colour_est["mean"],
+                              "negative_colour_rate_ci95": colour_est["ci95"],
                               "count_rate": float(count_rate.mean()), "per_prompt_colour_rate": colour_rate.tolist(),
                               "per_prompt_shape_rate": shape_rate.tolist(), "attributes": {},
                               "diversity": per_prompt_diversity(ctx, images, len(shapes)), **timing,
@@ -740,10 +741,10 @@ def exp_negative(ctx: Context) -> list[dict]:
         cells.append(cell)
         print(f"  negative   {label:40s} colour rate {cell['negative_colour_rate']:.3f}, shape present "
               f"{cell['fidelity_mean']:.3f}, {cell['sec_per_image']:.3f} s/image")
-    drop, drop_ci = mean_ci95(rates[False][0] - rates[True][0], seed=a.seed)
-    cost, cost_ci = mean_ci95(rates[False][1] - rates[True][1], seed=a.seed)
-    cells[1].update({"colour_rate_drop": drop, "colour_rate_drop_ci95": list(drop_ci), "shape_rate_cost": cost,
-                     "shape_rate_cost_ci95": list(cost_ci)})
+    drop = bootstrap_ci(rates[False][0], rates[True][0], seed=a.seed)
+    cost = bootstrap_ci(rates[False][1], rates[True][1], seed=a.seed)
+    cells[1].update({"colour_rate_drop": drop["mean"], "colour_rate_drop_ci95": drop["ci95"],
+                     "shape_rate_cost": cost["mean"], "shape_rate_cost_ci95": cost["ci95"]})
     if ctx.wandb is not None:
         for cell in cells:
             ctx.wandb.log({"experiment": "negative", **_loggable(cell)})
@@ -917,12 +918,12 @@ def findings_markdown(m: dict) -> str:
         if not cells:
             continue
         lines += [f"## {name}: fewest steps to reach 95% of each scheduler's best fidelity", "",
-                  "| scheduler | steps tried | best fidelity [95% CI] | at steps | fewest steps to 95% of best |",
-                  "|---|---|---|---|---|"]
-        for sched, r in fewest_steps_to_95(cells).items():
-            lines.append(f"| {short(sched)} | {', '.join(map(str, r['tested_steps']))} | {r['best']:.3f} "
-                         f"[{r['best_ci95'][0]:.3f}, {r['best_ci95'][1]:.3f}] | {fmt(r['best_steps'], 'd')} | "
-                         f"{'n/a (best is 0)' if r['steps_to_95'] is None else r['steps_to_95']} |")
+                  *md_table(["scheduler", "steps tried", "best fidelity [95% CI]", "at steps",
+                             "fewest steps to 95% of best"],
+                            [[short(sched), ", ".join(map(str, r["tested_steps"])),
+                              f"{fmt(r['best'])} {fmt_ci(r['best_ci95'])}", fmt(r["best_steps"], "d"),
+                              "n/a (best is 0)" if r["steps_to_95"] is None else r["steps_to_95"]]
+                             for sched, r in fewest_steps_to_95(cells).items()])]
         if ranked(cells):
             best, tied = indistinguishable_from_best(ranked(cells))
             lines += ["", f"Best cell: {best['label']} ({best['fidelity_mean']:.3f}); {len(tied) - 1} of the other "
@@ -936,40 +937,38 @@ def findings_markdown(m: dict) -> str:
         g = sorted(c["guidance_scale"] for c in tied)
         div = sorted(cells, key=lambda c: c["guidance_scale"])
         lines += ["## cfg: guidance scale", "",
-                  f"Best guidance {best['guidance_scale']:g} (fidelity {best['fidelity_mean']:.3f} "
-                  f"[{best['fidelity_ci95'][0]:.3f}, {best['fidelity_ci95'][1]:.3f}], {best['num_inference_steps']} "
+                  f"Best guidance {best['guidance_scale']:g} (fidelity {fmt(best['fidelity_mean'])} "
+                  f"{fmt_ci(best['fidelity_ci95'])}, {best['num_inference_steps']} "
                   f"steps). Guidance scales whose mean lies inside that CI (the best range these numbers support): "
                   f"{', '.join(f'{v:g}' for v in g)}. Diversity from guidance {div[0]['guidance_scale']:g} to "
                   f"{div[-1]['guidance_scale']:g}: {fmt(div[0]['diversity'])} -> {fmt(div[-1]['diversity'])}.", ""]
     cells = scored(exps.get("eta", []))
     if cells:
         lines += ["## eta (DDIM)", "", f"DDIM at {cells[0]['num_inference_steps']} steps, the same seeds in every row.",
-                  "", "| eta | fidelity [95% CI] | diversity | s/image |", "|---|---|---|---|"]
-        lines += [f"| {c['eta']:g} | {c['fidelity_mean']:.3f} [{c['fidelity_ci95'][0]:.3f}, {c['fidelity_ci95'][1]:.3f}]"
-                  f" | {fmt(c['diversity'])} | {c['sec_per_image']:.3f} |"
-                  + (" (no effect)" if "no_effect" in c else "") for c in cells]
+                  "", *md_table(["eta", "fidelity [95% CI]", "diversity", "s/image"],
+                                [[f"{c['eta']:g}" + (" (no effect)" if "no_effect" in c else ""),
+                                  f"{fmt(c['fidelity_mean'])} {fmt_ci(c['fidelity_ci95'])}", fmt(c["diversity"]),
+                                  f"{c['sec_per_image']:.3f}"] for c in cells])]
         lines.append("")
     neg = exps.get("negative", [])
     if len(neg) == 2:
         c = neg[1]
+        shape_change = {"mean": 0.0 - c["shape_rate_cost"], "ci95": [0.0 - v for v in c["shape_rate_cost_ci95"][::-1]]}
         lines += ["## negative prompts", "",
                   f"Prompts naming only a shape ({', '.join(c['prompts'])}); negative prompt = the colour the model "
                   f"drew most for each on separate seeds ({', '.join(c['negatives'])}); {c['num_inference_steps']} "
                   f"steps, guidance {c['guidance_scale']:g}. Rate of that colour: "
                   f"{neg[0]['negative_colour_rate']:.3f} without, {c['negative_colour_rate']:.3f} with the negative "
-                  f"prompt: a drop of {c['colour_rate_drop']:.3f} (95% CI {c['colour_rate_drop_ci95'][0]:.3f} to "
-                  f"{c['colour_rate_drop_ci95'][1]:.3f}). Cost: the share of images showing the asked shape goes "
-                  f"from {neg[0]['fidelity_mean']:.3f} to {c['fidelity_mean']:.3f} (change "
-                  f"{0.0 - c['shape_rate_cost']:+.3f}, CI {0.0 - c['shape_rate_cost_ci95'][1]:+.3f} to "
-                  f"{0.0 - c['shape_rate_cost_ci95'][0]:+.3f}).", ""]
+                  f"prompt: a drop of {fmt(c['colour_rate_drop'])} (95% CI {fmt_ci(c['colour_rate_drop_ci95'])}). "
+                  f"Cost: the share of images showing the asked shape goes from {fmt(neg[0]['fidelity_mean'])} to "
+                  f"{fmt(c['fidelity_mean'])} (change {fmt_delta(shape_change)}).", ""]
         if "no_effect" in c:
             lines += [f"**The negative prompt cannot change these images: {c['no_effect']}.**", ""]
     cells = ranked(exps.get("grid", []))
     if cells:
         best, tied = indistinguishable_from_best(cells)
-        lines += ["## grid", "", f"Best cell {best['label']}: {best['fidelity_mean']:.3f} "
-                                 f"[{best['fidelity_ci95'][0]:.3f}, {best['fidelity_ci95'][1]:.3f}]; {len(tied) - 1} "
-                                 "other cells inside its CI.", ""]
+        lines += ["## grid", "", f"Best cell {best['label']}: {fmt(best['fidelity_mean'])} "
+                                 f"{fmt_ci(best['fidelity_ci95'])}; {len(tied) - 1} other cells inside its CI.", ""]
     if ranked(every):
         front = pareto_front(ranked(every))
         lines += ["## Fidelity vs time: the Pareto front", "",

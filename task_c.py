@@ -33,8 +33,8 @@ from typing import Callable, Sequence
 import numpy as np
 
 import retrieval
-from utils import (DEFAULT_DATA, category_names, check, cli, finish_run, fmt, fmt_ci, load_data, make_run_dir, pyplot,
-                   read_json, write_json, write_text)
+from utils import (DEFAULT_DATA, category_names, check, ci_verdict, cli, cluster_bootstrap, finish_run, fmt, fmt_ci,
+                   load_data, make_run_dir, md_table, percentile_ci, pyplot, read_json, write_json, write_text)
 
 # How each --rule ranks categories (lowest first): the per-category key of `category_rows` it ranks by, and what
 # it means in words.
@@ -55,6 +55,13 @@ SHARED_CAPTIONS = 0.5  # above this share of test captions shared by several ima
 QUICK_EVAL_IMAGES = 200
 QUICK_BOOTSTRAP = 100
 TOP_PAIRS = 5
+# What a Spearman CI says (`utils.ci_verdict` of it) about frequency and recall.
+CORRELATION_WORDS = {
+    "better": "CI above 0: categories seen more often in training are retrieved better",
+    "worse": "CI below 0: categories seen more often in training are retrieved worse",
+    "no detectable difference": "CI includes 0: no evidence that training frequency predicts recall",
+    "undefined": "undefined (fewer than 3 categories with test queries, or constant recall)",
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -157,10 +164,23 @@ def eval_embeddings(run: Path, records: list[dict]):
 
 
 # --------------------------------------------------------------------------- 3. frequency vs recall
-def per_image_sums(hits: np.ndarray, owner: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sum of per-query hits and number of queries per image (a query belongs to the image it is about)."""
-    return (np.bincount(owner, weights=hits, minlength=n_images).astype(np.float64),
-            np.bincount(owner, minlength=n_images).astype(np.float64))
+def per_image_sums(hits: np.ndarray, owner: np.ndarray, has: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per image and category: the sum of its queries' hits and their number, for `utils.cluster_bootstrap`.
+
+    A query belongs to the image it is about, and counts for every category of that image.
+
+    Args:
+        hits: (n_q,) per-query hits (or any per-query value).
+        owner: (n_q,) the image each query belongs to.
+        has: (n_images, n_cat) bool category membership.
+
+    Returns:
+        (sums, counts), both (n_images, n_cat).
+    """
+    g = has.astype(np.float64)
+    n_images = len(has)
+    return (np.bincount(owner, weights=hits, minlength=n_images).astype(np.float64)[:, None] * g,
+            np.bincount(owner, minlength=n_images).astype(np.float64)[:, None] * g)
 
 
 def per_image_category_sums(values: np.ndarray, owner: np.ndarray, n_images: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,34 +197,6 @@ def per_image_category_sums(values: np.ndarray, owner: np.ndarray, n_images: int
     np.add.at(sums, owner, np.where(finite, values, 0.0))
     np.add.at(counts, owner, finite.astype(np.float64))
     return sums, counts
-
-
-def bootstrap_category_recall(hit_sum: np.ndarray, n_queries: np.ndarray, has: np.ndarray | None, n_boot: int,
-                              seed: int) -> np.ndarray:
-    """Per-category recall (or any per-query mean) on `n_boot` resamples of the test images, with replacement.
-
-    An image is resampled together with all its queries (itself for img2txt, its captions for
-    txt2img): the 5 captions of one image are not independent queries.
-
-    Args:
-        hit_sum: (n_img,) hits summed over each image's queries, or (n_img, n_cat) per category
-            (`per_image_category_sums`, then `has` is None).
-        n_queries: (n_img,) queries per image, or (n_img, n_cat) per category.
-        has: (n_img, n_cat) bool category membership (for 1-d sums), or None.
-        n_boot: number of resamples.
-        seed: seed of the numpy Generator.
-
-    Returns:
-        (n_boot, n_cat) recall; NaN where a resample has no query of a category.
-    """
-    rng = np.random.default_rng(seed)
-    n = len(hit_sum)
-    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(n_boot)]).astype(np.float64)
-    if has is not None:
-        has = has.astype(np.float64)
-        hit_sum, n_queries = hit_sum[:, None] * has, n_queries[:, None] * has
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return (weights @ hit_sum) / (weights @ n_queries)
 
 
 def minus_others(values: np.ndarray) -> np.ndarray:
@@ -276,26 +268,17 @@ def spearman_with_ci(freq: np.ndarray, recall: np.ndarray, boot: np.ndarray) -> 
     Args:
         freq: (n_cat,) training images per category.
         recall: (n_cat,) per-category recall on the full test set.
-        boot: (n_boot, n_cat) from `bootstrap_category_recall`.
+        boot: (n_boot, n_cat) the same recall on resampled test images (`utils.cluster_bootstrap`).
+
+    Returns:
+        {"rho", "ci95", "verdict" (`utils.ci_verdict`: "better" = CI above 0), "n_categories", "n_resamples"}.
     """
     keep = np.isfinite(recall)
     rho = _spearman(freq[keep], recall[keep])
     rhos = np.array([_spearman(freq[keep], b[keep]) for b in boot])
-    rhos = rhos[np.isfinite(rhos)]
-    ci = [float(v) for v in np.percentile(rhos, [2.5, 97.5])] if len(rhos) else [float("nan")] * 2
-    return {"rho": rho, "ci95": ci, "n_categories": int(keep.sum()), "n_resamples": int(len(rhos))}
-
-
-def describe_correlation(stats: dict) -> str:
-    """What a Spearman estimate and its CI say, in words derived from their signs."""
-    lo, hi = stats["ci95"]
-    if not np.isfinite(stats["rho"]) or not np.isfinite(lo):
-        return "undefined (fewer than 3 categories with test queries, or constant recall)"
-    if lo > 0:
-        return "CI above 0: categories seen more often in training are retrieved better"
-    if hi < 0:
-        return "CI below 0: categories seen more often in training are retrieved worse"
-    return "CI includes 0: no evidence that training frequency predicts recall"
+    ci = percentile_ci(rho, rhos)["ci95"]
+    return {"rho": rho, "ci95": ci, "verdict": ci_verdict(ci, rho), "n_categories": int(keep.sum()),
+            "n_resamples": int(np.isfinite(rhos).sum())}
 
 
 # --------------------------------------------------------------------------- 4. confusions
@@ -534,7 +517,7 @@ def summary_sentence(m: dict, scored: list[dict]) -> str:
             + (f"; per category txt2img R@10 spans {fmt(scored[0]['txt2img_R@10'])}-{fmt(scored[-1]['txt2img_R@10'])}"
                if scored else "")
             + f"; against training frequency Spearman rho = {fmt(s['rho'])}, 95% CI {fmt_ci(s['ci95'])}: "
-            f"{describe_correlation(s)}. Targets by `{t['rule_name']}`: {names} ({t['selection']}).")
+            f"{CORRELATION_WORDS[s['verdict']]}. Targets by `{t['rule_name']}`: {names} ({t['selection']}).")
     pairs = m["confusion"]["top_pairs"]
     if pairs:
         text += (f" The commonest {m['vocabulary']['unit']} confusion: {pairs[0]['query_category']} asked for, an "
@@ -557,19 +540,18 @@ def problem_markdown(m: dict) -> str:
         "## Overall", "",
         "Instance level: only the described image (txt2img) or the image's own captions (img2txt) count. "
         "Category level: any item whose image shares a category of the query's image counts.", "",
-        "| direction | level | R@1 | R@5 | R@10 | mAP / mAP@R |", "|---|---|---|---|---|---|",
+        *md_table(["direction", "level", "R@1", "R@5", "R@10", "mAP / mAP@R"],
+                  [row for d in ("img2txt", "txt2img") for row in (
+                      [d, "instance", *(fmt(ov[d][k]) for k in ("R@1", "R@5", "R@10", "mAP"))],
+                      [d, "category", *(fmt(ov["category_level"][d][k]) for k in ("R@1", "R@5", "R@10", "mAP@R"))])]),
     ]
-    for d in ("img2txt", "txt2img"):
-        cat = ov["category_level"][d]
-        lines.append(f"| {d} | instance | " + " | ".join(fmt(ov[d][k]) for k in ("R@1", "R@5", "R@10", "mAP")) + " |")
-        lines.append(f"| {d} | category | " + " | ".join(fmt(cat[k]) for k in ("R@1", "R@5", "R@10", "mAP@R")) + " |")
     lines += ["", f"{fmt(vocab['shared_captions'])} of the test captions are also captions of other images; with "
               f"such ties a perfect ranking reaches an instance-level txt2img R@10 of "
               f"{fmt(m['instance_ceiling_txt2img_R@10'])}.", "", "## Does training frequency predict recall?", ""]
     for d, label in (("txt2img", "txt2img R@10"), ("img2txt", "img2txt R@10"), ("txt2img_mAP@R", "txt2img mAP@R")):
         s = m["spearman"][d]
         lines.append(f"- {label}: Spearman rho = {fmt(s['rho'])}, 95% CI {fmt_ci(s['ci95'])} over "
-                     f"{s['n_categories']} categories: {describe_correlation(s)}.")
+                     f"{s['n_categories']} categories: {CORRELATION_WORDS[s['verdict']]}.")
     if scored:
         lo, hi = scored[0], scored[-1]
         widths = [r["txt2img_R@10_ci95"][1] - r["txt2img_R@10_ci95"][0] for r in scored]
@@ -577,12 +559,11 @@ def problem_markdown(m: dict) -> str:
                      f"{lo['train_count']} training images) to {fmt(hi['txt2img_R@10'])} ({hi['category']}, "
                      f"{hi['train_count']}); the median 95% CI width of one category is {fmt(float(np.median(widths)))}.")
     lines += ["", "## Per category (weakest txt2img R@10 first)", "",
-              "| category | train images | test images | txt2img R@10 | 95% CI | img2txt R@10 | hit@1 | mAP@R |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['category']} | {r['train_count']} | {r['n_eval_images']} | {fmt(r['txt2img_R@10'])} | "
-                     f"{fmt_ci(r['txt2img_R@10_ci95'])} | {fmt(r['img2txt_R@10'])} | {fmt(r['hit@1'])} | "
-                     f"{fmt(r['txt2img_mAP@R'])} |")
+              *md_table(["category", "train images", "test images", "txt2img R@10", "95% CI", "img2txt R@10", "hit@1",
+                         "mAP@R"],
+                        [[r["category"], r["train_count"], r["n_eval_images"], fmt(r["txt2img_R@10"]),
+                          fmt_ci(r["txt2img_R@10_ci95"]), fmt(r["img2txt_R@10"]), fmt(r["hit@1"]),
+                          fmt(r["txt2img_mAP@R"])] for r in rows])]
     mixes = (f", which instance-level R@K mixes with {', '.join(vocab['attributes'])}" if vocab["attributes"]
              else "; instance-level R@K also asks for the one image a caption was written for")
     lines += ["", f"hit@1: share of a category's txt2img queries whose top-1 image contains the category at all "
@@ -625,7 +606,7 @@ def print_summary(spearman: dict, targets: dict, run_dir: Path) -> None:
     for d in ("txt2img", "img2txt"):
         s = spearman[d]
         print(f"{d} R@10 vs training frequency: rho {fmt(s['rho'])}, 95% CI {fmt_ci(s['ci95'])} "
-              f"({describe_correlation(s)})")
+              f"({CORRELATION_WORDS[s['verdict']]})")
     print(f"targets ({targets['rule']}; {targets['selection']}): " + ", ".join(
         f"{r['category']} ({targets['metric']} {fmt(r['value'])}, {r['train_count']} training images)"
         for r in targets["targets"]))
@@ -679,15 +660,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     # 3. does frequency predict recall? bootstrap over test images (same seed: the same resampled image sets)
     freq = np.array([train_counts.get(c, 0) for c in cat_ids], dtype=np.float64)
-    sums = {"img2txt": (per_q["img2txt"]["R@10"], np.ones(len(records))),
-            "txt2img": per_image_sums(per_q["txt2img"]["R@10"], cap2img, len(records))}
+    sums = {"img2txt": per_image_sums(per_q["img2txt"]["R@10"], np.arange(len(records)), has),
+            "txt2img": per_image_sums(per_q["txt2img"]["R@10"], cap2img, has)}
     spearman, boots = {}, {}
     for d in ("txt2img", "img2txt"):
-        boots[d] = bootstrap_category_recall(*sums[d], has, args.bootstrap, args.seed)
+        boots[d] = cluster_bootstrap(*sums[d], args.bootstrap, args.seed)[1]
         spearman[d] = spearman_with_ci(freq, np.array([per_cat[n][d]["R@10"] for n in cat_names]), boots[d])
     map_r = per_q["category"]["txt2img"]["by_category"]["mAP@R"]
-    boots["txt2img_mAP@R"] = bootstrap_category_recall(*per_image_category_sums(map_r, cap2img, len(records)), None,
-                                                       args.bootstrap, args.seed)
+    boots["txt2img_mAP@R"] = cluster_bootstrap(*per_image_category_sums(map_r, cap2img, len(records)),
+                                               args.bootstrap, args.seed)[1]
     spearman["txt2img_mAP@R"] = spearman_with_ci(
         freq, np.array([per_cat[n]["category_level"]["txt2img"]["mAP@R"] for n in cat_names]), boots["txt2img_mAP@R"])
     with warnings.catch_warnings():  # all-NaN columns: categories without test images
@@ -713,8 +694,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             r.update({"value": float(r["train_count"]), "value_ci95": None, "gap_to_others": None, "gap_ci95": None,
                       "separated": None})
     else:
-        boot = bootstrap_category_recall(*per_image_category_sums(values[0], values[1], len(records)), None,
-                                         args.bootstrap, args.seed)
+        boot = cluster_bootstrap(*per_image_category_sums(values[0], values[1], len(records)), args.bootstrap,
+                                 args.seed)[1]
         point = np.array([r[RULES[rule][0]] for r in rows], dtype=np.float64)
         gap, gap_ci = separation(point, boot)
         with warnings.catch_warnings():

@@ -43,9 +43,10 @@ from tqdm.auto import tqdm
 import generate_data as gd
 import retrieval
 from oracle import DEFAULT_ORACLE, Oracle
-from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, UserError, category_names, check, cli, encode_images,
-                   finish_run, fmt, fmt_ci, image_grid, l2_normalize, load_data, load_image_encoder, load_pipeline,
-                   make_run_dir, mean_ci95, pick_device, pyplot, read_json, time_call, write_text)
+from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, UserError, bootstrap_ci, category_names, check, ci_verdict, cli,
+                   encode_images, finish_run, fmt, fmt_delta, fmt_est, image_grid, l2_normalize, load_data,
+                   load_image_encoder, load_pipeline, make_run_dir, md_table, pick_device, pyplot, read_json, time_call,
+                   write_text)
 
 MAX_K = 8  # generated images per query at most; also the seed stride per query (seeds seed + MAX_K * caption + i)
 FUSIONS = ("weighted", "rrf")
@@ -56,6 +57,9 @@ KEPT_KEYS = ("shape", "color", "size", "position", "count")
 DEFAULT_WEIGHTS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
 DEFAULT_STRENGTHS = "0.3,0.5,0.7,0.9,1.0"
 VAL_SEED_OFFSET = 10**7  # val queries' seeds never coincide with test queries'
+# What the CI of a paired difference to text-only says (`utils.ci_verdict` of it).
+VERDICT_WORDS = {"better": "better than text-only (CI above 0)", "worse": "worse than text-only (CI below 0)",
+                 "no detectable difference": "no detectable difference (CI includes 0)", "undefined": "undefined"}
 QUICK = {"n_queries": 4, "n_subset_queries": 2, "n_val_queries": 2, "n_edits": 1, "bootstrap": 200}
 
 
@@ -322,16 +326,36 @@ def select_weights(val: Fuser, val_img: np.ndarray, grid: Sequence[float], k_max
     return out
 
 
-def compare(fused: dict[str, np.ndarray], text: dict[str, np.ndarray], mask: np.ndarray, n_boot: int,
-            seed: int) -> dict:
-    """Mean and 95% CI of each metric on `mask`, and of its paired difference to text-only."""
+def vs_text_only(fused: dict[str, np.ndarray], text: dict[str, np.ndarray], mask: np.ndarray, n_boot: int,
+                 seed: int) -> dict:
+    """Mean and 95% CI of each metric on `mask`, and of its paired difference to text-only (queries resampled).
+
+    Args:
+        fused, text: metric name (METRICS) -> (n_queries,) per-query values of a ranking and of text-only.
+        mask: (n_queries,) bool, the queries of a subset.
+        n_boot: resamples.
+        seed: resampling seed.
+
+    Returns:
+        {"R@1" | "R@5" | "R@10" | "mAP": {"mean", "ci95", "delta", "delta_ci95"}}.
+    """
     out = {}
     for name in METRICS:
         key = "mAP" if name == "AP" else name
-        mean, ci = mean_ci95(fused[name][mask], n_boot, seed)
-        delta, dci = mean_ci95(fused[name][mask] - text[name][mask], n_boot, seed)
-        out[key] = {"mean": mean, "ci95": list(ci), "delta": delta, "delta_ci95": list(dci)}
+        delta = bootstrap_ci(fused[name][mask], text[name][mask], n_boot=n_boot, seed=seed)
+        out[key] = {**bootstrap_ci(fused[name][mask], n_boot=n_boot, seed=seed), "delta": delta["mean"],
+                    "delta_ci95": delta["ci95"]}
     return out
+
+
+def delta_of(metric: dict) -> dict:
+    """A `vs_text_only` metric's paired difference as a `{"mean", "ci95"}` estimate."""
+    return {"mean": metric["delta"], "ci95": metric["delta_ci95"]}
+
+
+def rate(r: dict) -> str:
+    """An edit rate `{"rate", "ci95"}` as "0.500 [0.250, 0.750]"."""
+    return fmt_est({"mean": r["rate"], "ci95": r["ci95"]})
 
 
 # --------------------------------------------------------------------------- 4. editing
@@ -415,8 +439,8 @@ def summarize_edits(verdicts: dict[str, np.ndarray], kinds: np.ndarray, n_boot: 
             continue
         out[group] = {"n": int(mask.sum())}
         for key, values in verdicts.items():
-            mean, ci = mean_ci95(values[mask].astype(float), n_boot, seed)
-            out[group][key] = {"rate": mean, "ci95": list(ci)}
+            est = bootstrap_ci(values[mask].astype(float), n_boot=n_boot, seed=seed)
+            out[group][key] = {"rate": est["mean"], "ci95": est["ci95"]}
     return out
 
 
@@ -483,37 +507,19 @@ def plot_edit_success(edits: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _signed(x) -> str:
-    return "n/a" if x is None or not np.isfinite(x) else f"{x:+.3f}"
-
-
-def delta_verdict(delta_ci: Sequence[float]) -> str:
-    """What a paired-difference CI says, from its signs."""
-    lo, hi = delta_ci
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        return "undefined"
-    if lo > 0:
-        return "better than text-only (CI above 0)"
-    if hi < 0:
-        return "worse than text-only (CI below 0)"
-    return "no detectable difference (CI includes 0)"
-
-
 def retrieval_table(r: dict, chosen: dict, k_max: int) -> list[str]:
-    lines = ["| query | w (val) | R@1 | R@5 | R@10 [95% CI] | mAP | ΔR@10 [95% CI] | ΔmAP [95% CI] |",
-             "|---|---|---|---|---|---|---|---|"]
     t = r["text"]
-    lines.append(f"| text only | - | {fmt(t['R@1']['mean'])} | {fmt(t['R@5']['mean'])} | {fmt(t['R@10']['mean'])} "
-                 f"{fmt_ci(t['R@10']['ci95'])} | {fmt(t['mAP']['mean'])} | - | - |")
+    rows = [["text only", "-", fmt(t["R@1"]["mean"]), fmt(t["R@5"]["mean"]), fmt_est(t["R@10"]), fmt(t["mAP"]["mean"]),
+             "-", "-"]]
     for method in ("weighted", "rrf", "image_only"):
         for k in range(1, k_max + 1):
             m = r[method][str(k)]
             w = "1" if method == "image_only" else f"{chosen[method][str(k)]['w']:g}"
-            lines.append(f"| {method.replace('_', ' ')}, k={k} | {w} | {fmt(m['R@1']['mean'])} | {fmt(m['R@5']['mean'])}"
-                         f" | {fmt(m['R@10']['mean'])} {fmt_ci(m['R@10']['ci95'])} | {fmt(m['mAP']['mean'])} | "
-                         f"{_signed(m['R@10']['delta'])} {fmt_ci(m['R@10']['delta_ci95'])} | "
-                         f"{_signed(m['mAP']['delta'])} {fmt_ci(m['mAP']['delta_ci95'])} |")
-    return lines
+            rows.append([f"{method.replace('_', ' ')}, k={k}", w, fmt(m["R@1"]["mean"]), fmt(m["R@5"]["mean"]),
+                         fmt_est(m["R@10"]), fmt(m["mAP"]["mean"]), fmt_delta(delta_of(m["R@10"])),
+                         fmt_delta(delta_of(m["mAP"]))])
+    return md_table(["query", "w (val)", "R@1", "R@5", "R@10 [95% CI]", "mAP", "ΔR@10 [95% CI]", "ΔmAP [95% CI]"],
+                    rows)
 
 
 def summary_lines(m: dict) -> list[str]:
@@ -532,12 +538,11 @@ def summary_lines(m: dict) -> list[str]:
                 parts.append(f"{method} (k={k}): val chose w=0, i.e. text-only rankings (generated images did not "
                              "raise val mAP at any w > 0)")
                 continue
-            parts.append(f"{method} (k={k}, w={w:g}) ΔR@10 {_signed(d['delta'])} {fmt_ci(d['delta_ci95'])}: "
-                         f"{delta_verdict(d['delta_ci95'])}")
+            parts.append(f"{method} (k={k}, w={w:g}) ΔR@10 {fmt_delta(delta_of(d))}: "
+                         f"{VERDICT_WORDS[ci_verdict(d['delta_ci95'])]}")
         io = r["image_only"][str(k)]["R@10"]
         lines.append(f"- {subset} ({r['n']} queries, text-only R@10 {fmt(r['text']['R@10']['mean'])}): "
-                     + "; ".join(parts) + f"; generated images alone (w=1) ΔR@10 {_signed(io['delta'])} "
-                     f"{fmt_ci(io['delta_ci95'])}.")
+                     + "; ".join(parts) + f"; generated images alone (w=1) ΔR@10 {fmt_delta(delta_of(io))}.")
     c = m["cost"]
     lines.append(f"- Cost: {fmt(c['generate_s_per_image'])} s to generate and {fmt(c['embed_s_per_image'])} s to embed "
                  f"one image ({m['model']['device']}, batch {m['batch_size']}): k={k} adds "
@@ -547,7 +552,7 @@ def summary_lines(m: dict) -> list[str]:
     if e and e["by_strength"]:
         best = max(e["by_strength"], key=lambda s: (e["by_strength"][s]["all"]["success"]["rate"], -float(s)))
         b = e["by_strength"][best]["all"]
-        lines.append(f"- Editing: best success {fmt(b['success']['rate'])} {fmt_ci(b['success']['ci95'])} at strength "
+        lines.append(f"- Editing: best success {rate(b['success'])} at strength "
                      f"{best} over {b['n']} edits; the oracle reads {fmt(e['source_oracle_correct'])} of the unedited "
                      f"sources entirely right, {fmt(e['vae_roundtrip_oracle_correct'])} after a VAE round trip.")
     return lines
@@ -593,10 +598,8 @@ def results_markdown(m: dict) -> str:
               f"image (wall clock, batched, {m['model']['device']}, {m['threads']} torch threads, under whatever else "
               f"the machine ran; in CPU seconds {fmt(c['generate_cpu_s_per_image'])} and "
               f"{fmt(c['embed_cpu_s_per_image'])}). Added wall-clock seconds per query:", "",
-              "| k | weighted | rrf |", "|---|---|---|"]
-    for k in range(1, m["k_max"] + 1):
-        lines.append(f"| {k} | {fmt(c['added_s_per_query']['weighted'][str(k)])} | "
-                     f"{fmt(c['added_s_per_query']['rrf'][str(k)])} |")
+              *md_table(["k", "weighted", "rrf"], [[k, *(fmt(c["added_s_per_query"][f][str(k)]) for f in FUSIONS)]
+                                                   for k in range(1, m["k_max"] + 1)])]
     e = m.get("editing")
     if e and e["by_strength"]:
         lines += ["", "## Text-guided editing (img2img, same components)", "",
@@ -606,14 +609,12 @@ def results_markdown(m: dict) -> str:
                   f"The oracle reads {fmt(e['source_oracle_correct'])} of the unedited sources entirely right, and "
                   f"{fmt(e['vae_roundtrip_oracle_correct'])} of them after a round trip through the model's VAE (no "
                   "denoising): an upper bound on what any strength can keep.", "",
-                  "| strength | success (all) [95% CI] | colour edits | shape edits | edited attr. right | rest kept |",
-                  "|---|---|---|---|---|---|"]
-        for s, row in e["by_strength"].items():
-            a = row["all"]
-            per_kind = [f"{fmt(row[k]['success']['rate'])} {fmt_ci(row[k]['success']['ci95'])}" if k in row else "-"
-                        for k in EDIT_KINDS]
-            lines.append(f"| {s} | {fmt(a['success']['rate'])} {fmt_ci(a['success']['ci95'])} | {per_kind[0]} | "
-                         f"{per_kind[1]} | {fmt(a['edited']['rate'])} | {fmt(a['kept']['rate'])} |")
+                  *md_table(["strength", "success (all) [95% CI]", "colour edits", "shape edits", "edited attr. right",
+                             "rest kept"],
+                            [[s, rate(row["all"]["success"]), *(rate(row[k]["success"]) if k in row else "-"
+                                                                for k in EDIT_KINDS),
+                              fmt(row["all"]["edited"]["rate"]), fmt(row["all"]["kept"]["rate"])]
+                             for s, row in e["by_strength"].items()])]
         lines += ["", "Strength 1.0 replaces the source by pure noise: it is text-to-image generation, the reference "
                   "an edit has to beat on keeping the rest."]
     lines += ["", "## Figures", "", "- [R@10 vs k](recall_vs_k.png)"]
@@ -718,9 +719,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ret[subset] = {"n": int(mask.sum())}
         if not mask.any():
             continue
-        ret[subset]["text"] = compare(per_q["text"], per_q["text"], mask, args.bootstrap, args.seed)
+        ret[subset]["text"] = vs_text_only(per_q["text"], per_q["text"], mask, args.bootstrap, args.seed)
         for method in (*FUSIONS, "image_only"):
-            ret[subset][method] = {k: compare(v, per_q["text"], mask, args.bootstrap, args.seed)
+            ret[subset][method] = {k: vs_text_only(v, per_q["text"], mask, args.bootstrap, args.seed)
                                    for k, v in per_q[method].items()}
     # Fixed-w test curves for reading only (w was chosen on val above, never here).
     test_sweep = {method: {f"{w:g}": float(per_query_metrics(fuser.ranking(method, args.k_max, w), test_img)["R@10"]

@@ -41,9 +41,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils import (DEFAULT_DATA, REPO, UserError, check, cli, generate_images, git_commit, image_grid,
-                   library_versions, load_data, model_card, pick_device, pick_dtype, read_json, set_seed, write_json,
-                   write_text)
+from utils import (DEFAULT_DATA, REPO, UserError, check, cli, generate_images, git_commit, image_grid, library_versions,
+                   load_data, model_card, pick_device, pick_dtype, read_json, set_seed, write_json, write_text)
 
 DEFAULT_OUT = REPO / "models" / "shapes-sd-tiny"
 CHECKPOINTS = REPO / "checkpoints"
@@ -902,7 +901,7 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path) -> 
     from diffusers import DiffusionPipeline
 
     from oracle import summarize_scores, to_uint8_64
-    from utils import generate_images, mean_ci95
+    from utils import bootstrap_ci, generate_images
 
     if cache.is_file():
         return read_json(cache)
@@ -914,7 +913,7 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path) -> 
                                              20, 5.0, batch_size=50, progress=False))
         scores = oracle.score(images, prompts)
         summary = summarize_scores(scores)
-        summary["all_ci"] = mean_ci95([s["all"] for s in scores])[1]
+        summary["all_ci"] = bootstrap_ci([s["all"] for s in scores])["ci95"]
         result[kind] = summary
     write_json(cache, result)
     return result

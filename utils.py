@@ -688,26 +688,139 @@ def fmt_ci(pair, spec: str = ".3f") -> str:
     return f"[{fmt(pair[0], spec)}, {fmt(pair[1], spec)}]" if pair else "n/a"
 
 
+def fmt_est(d: dict | None, spec: str = ".3f") -> str:
+    """A `{"mean", "ci95"}` estimate as "0.500 [0.250, 0.750]" ("n/a" when there is none)."""
+    return "n/a" if not d or d.get("mean") is None else f"{fmt(d['mean'], spec)} {fmt_ci(d.get('ci95'), spec)}"
+
+
+def fmt_delta(d: dict | None, spec: str = ".3f") -> str:
+    """A `{"mean", "ci95"}` difference with signs, as "+0.012 [-0.004, +0.030]" ("n/a" when it is undefined)."""
+    if not d or d.get("mean") is None or not np.isfinite(d["mean"]):
+        return "n/a"
+    return f"{fmt(d['mean'], '+' + spec)} {fmt_ci(d.get('ci95'), '+' + spec)}"
+
+
+def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    """A markdown table as lines: the header, the `|---|` rule, one line per row (cells passed through str)."""
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
 # --------------------------------------------------------------------------- statistics / resources
-def mean_ci95(values, n_boot: int = 2000, seed: int = 0) -> tuple[float, tuple[float, float]]:
-    """Mean and percentile-bootstrap 95% CI of the mean (NaNs dropped).
+def bootstrap_ci(values, ref=None, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Mean and percentile-bootstrap 95% CI of the mean, resampling the values (queries, prompts, images).
+
+    With `ref`, the paired difference `values - ref`: both arms see the same draws (`scipy.stats.bootstrap`
+    with `paired=True`). NaN values (or pairs with a NaN on either side) are dropped first.
 
     Args:
-        values: 1-d numbers (per prompt, per query, per seed ...).
+        values: 1-d numbers, one per resampling unit.
+        ref: None, or the same units' numbers under the reference arm (same length as `values`).
         n_boot: bootstrap resamples.
-        seed: resampling seed.
+        seed: resampling seed (numpy Generator).
 
     Returns:
-        (mean, (lo, hi)); NaNs when there are no values, (mean, (mean, mean)) for one value.
+        {"mean": float, "ci95": [lo, hi]}: NaNs when no value is left, [mean, mean] for one value.
+
+    Raises:
+        UserError: when `ref` does not have one value per unit.
     """
+    from scipy.stats import bootstrap
+
     x = np.asarray(values, dtype=np.float64).ravel()
-    x = x[~np.isnan(x)]
-    if x.size == 0:
-        return float("nan"), (float("nan"), float("nan"))
+    samples = (x,)
+    if ref is not None:
+        y = np.asarray(ref, dtype=np.float64).ravel()
+        check(y.shape == x.shape, f"bootstrap_ci needs one reference value per unit, got {y.size} for {x.size}")
+        samples = (x, y)
+    keep = np.all([~np.isnan(s) for s in samples], axis=0)
+    samples = tuple(s[keep] for s in samples)
+    n = samples[0].size
+    if n == 0:
+        return {"mean": float("nan"), "ci95": [float("nan"), float("nan")]}
+    diff = samples[0] - samples[1] if ref is not None else samples[0]
+    mean = float(diff.mean())
+    if n == 1:
+        return {"mean": mean, "ci95": [mean, mean]}
+    if ref is None:
+        res = bootstrap(samples, np.mean, n_resamples=n_boot, method="percentile", vectorized=True,
+                        rng=np.random.default_rng(seed))
+    else:
+        res = bootstrap(samples, lambda a, b, axis: np.mean(a - b, axis=axis), paired=True, n_resamples=n_boot,
+                        method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    lo, hi = res.confidence_interval
+    return {"mean": mean, "ci95": [float(lo), float(hi)]}
+
+
+def percentile_ci(point: float, draws: np.ndarray) -> dict:
+    """{"mean": point, "ci95": the 2.5th and 97.5th percentiles of the finite draws} (NaNs without any).
+
+    Args:
+        point: the estimate on the full data.
+        draws: the same estimate on bootstrap resamples (any shape; NaN and inf draws are dropped).
+    """
+    d = np.asarray(draws, dtype=np.float64)
+    d = d[np.isfinite(d)]
+    lo, hi = np.percentile(d, [2.5, 97.5]) if len(d) else (np.nan, np.nan)
+    return {"mean": float(point), "ci95": [float(lo), float(hi)]}
+
+
+def cluster_bootstrap(sums: np.ndarray, counts: np.ndarray, n_boot: int, seed: int,
+                      ref: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-group mean over queries (e.g. recall per category), resampling clusters of queries together.
+
+    A cluster (an image with all its caption queries) is drawn with replacement as a whole, because the
+    captions of one image are not independent queries. With a leading seeds axis, training seeds are drawn
+    with replacement too and the statistic is averaged over the drawn seeds. With `ref`, the statistic is the
+    paired difference arm - ref: both see the same draws of clusters and seeds.
+
+    Args:
+        sums: (n_clusters, G) per cluster and group, the sum of its queries' values; or (S, n_clusters, G),
+            one per training seed.
+        counts: (n_clusters, G) the number of those queries.
+        n_boot: resamples.
+        seed: resampling seed (numpy Generator; clusters are drawn first, then seeds).
+        ref: None, or the reference arm's sums, shaped like `sums`.
+
+    Returns:
+        (point (G,), draws (n_boot, G)); NaN where a group has no query (in the data or in a resample).
+    """
+    per_seed = np.asarray(sums, dtype=np.float64)
+    per_seed = per_seed if per_seed.ndim == 3 else per_seed[None]
+    if ref is not None:
+        ref = np.asarray(ref, dtype=np.float64)
+        ref = ref if ref.ndim == 3 else ref[None]
+    n_seeds, n = per_seed.shape[:2]
     rng = np.random.default_rng(seed)
-    boots = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
-    lo, hi = np.percentile(boots, [2.5, 97.5])
-    return float(x.mean()), (float(lo), float(hi))
+    idx = rng.integers(0, n, size=(n_boot, n))
+    w = np.bincount((idx + n * np.arange(n_boot)[:, None]).ravel(), minlength=n_boot * n)
+    w = w.reshape(n_boot, n).astype(np.float64)
+    seed_draw = rng.integers(0, n_seeds, size=(n_boot, n_seeds))
+    rows = np.arange(n_boot)[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        den, den_b = np.ones(n) @ counts, w @ counts
+
+        def statistic(s):
+            point = np.stack([(np.ones(n) @ s[k]) / den for k in range(n_seeds)]).mean(0)
+            rec = np.stack([(w @ s[k]) / den_b for k in range(n_seeds)])  # (S, B, G)
+            return point, rec[seed_draw, rows].mean(1)
+
+        point, draws = statistic(per_seed)
+        if ref is not None:
+            ref_point, ref_draws = statistic(ref)
+            point, draws = point - ref_point, draws - ref_draws
+    return point, draws
+
+
+def ci_verdict(ci95, point: float | None = None) -> str:
+    """What a CI of a difference (or a correlation) says: "better" (above 0), "worse" (below 0),
+    "no detectable difference" (includes 0), or "undefined" (a bound or the point is NaN / missing)."""
+    if ci95 is None or point is not None and not np.isfinite(point):
+        return "undefined"
+    lo, hi = ci95
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return "undefined"
+    return "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference"
 
 
 def reset_peak_memory(device) -> None:

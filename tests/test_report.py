@@ -45,13 +45,16 @@ def test_report_missing_outputs_folder(tmp_path):
 def test_task_d_summary_states_whether_the_target_is_met(tmp_path):
     outputs = tmp_path / "outputs"
     d = {"mean": 0.123, "ci95": [0.05, 0.2]}
+    met = [{"target": "gap_closed", "threshold": 0.5, "measured": 0.6, "met": True},
+           {"target": "overall_txt2img_R@10_delta", "threshold": -0.01, "measured": -0.004, "met": True}]
     _run(outputs, "task_d", {"filter": {"acceptance_rate": 0.5, "rule": "r"}, "rare_txt2img_R@10_delta": d,
                              "overall_txt2img_R@10_delta": {"mean": -0.004, "ci95": [-0.01, 0.002]},
                              "filtered_vs_oversample": {"rare": d}, "seeds": [0, 1, 2], "epochs": 3,
-                             "targets_met": {"rare_txt2img_R@10_gain_ge_0.10_ci_above_0": True}})
+                             "targets_met": met}, files=("results.md", "deltas.png"))
     text = report.main(["--outputs", str(outputs)]).read_text()
-    assert "on the target categories: +0.123 (95% CI [+0.050, +0.200]) (target ≥ +0.10 with the CI above 0: met)" in text
-    assert "overall: -0.004 (95% CI [-0.010, +0.002])" in text
+    assert "on the target categories: +0.123 [+0.050, +0.200] (target: closes ≥ 50% of the gap" in text
+    assert "the CI above 0: met); overall: -0.004 [-0.010, +0.002]" in text
+    assert "![deltas](task_d/r1/deltas.png)" in text  # the key figure inline, not only linked
 
 
 def _cell(experiment, label, f, lo, hi, sec, **extra):
@@ -95,3 +98,34 @@ def test_task_e_without_editing_is_reported_not_a_crash(tmp_path):
                              "cost": {"added_s_per_query": {"weighted": {"2": 0.25}}}, "editing": None})
     text = report.main(["--outputs", str(outputs)]).read_text()
     assert "- added cost 0.25 s per query at k = 2; editing not run (--n-edits 0)" in text
+
+
+def test_readme_block_is_filled_from_the_latest_metrics(tmp_path):
+    outputs = tmp_path / "outputs"
+    split = {"R@1": 0.25, "R@5": 0.5, "R@10": 0.625, "mAP": 0.375}
+    _run(outputs, "retrieval", {"img2txt": split, "txt2img": split, "n_train_images": 12, "n_eval_images": 5,
+                                "n_eval_captions": 25})
+    s = {"rho": 0.14, "ci95": [-0.24, 0.53], "n_categories": 12}
+    _run(outputs, "task_c", {"spearman": {"txt2img": s}, "targets": {"rule_name": "rule", "targets": [
+        {"category": "hexagon"}, {"category": "circle"}]}})
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\nintro\n<!-- study-numbers -->\nold hand copy 0.999\n<!-- /study-numbers -->\n"
+                      "\nafter\n")
+    report.main(["--outputs", str(outputs), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# Title\n\nintro\n<!-- study-numbers -->\n") and text.endswith("<!-- /study-numbers -->\n\nafter\n")
+    assert "0.999" not in text
+    block = text.split("<!-- study-numbers -->")[1]
+    assert "| txt2img | 0.250 | 0.500 | 0.625 | 0.375 |" in block
+    assert "0.140 (95% CI [-0.240, 0.530], 12 categories)" in block and "**hexagon, circle**" in block
+    assert block.count("Not run yet.") == 5  # task_a, task_b, task_d, task_e, bench
+    again = report.main(["--outputs", str(outputs), "--readme", str(readme)])  # filling twice changes nothing
+    assert again.is_file() and readme.read_text() == text
+
+
+def test_readme_without_the_markers_is_an_error(tmp_path):
+    (tmp_path / "outputs").mkdir()
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(UserError, match="no <!-- study-numbers --> ... <!-- /study-numbers --> block to fill"):
+        report.main(["--outputs", str(tmp_path / "outputs"), "--readme", str(readme)])

@@ -10,7 +10,7 @@ import pytest
 
 import generate_data
 import task_c
-from utils import UserError
+from utils import UserError, cluster_bootstrap
 
 TARGET_KEYS = {"category", "category_id", "train_count", "txt2img_R@10", "img2txt_R@10", "hit@1", "txt2img_mAP@R",
                "txt2img_R@10_ci95", "value", "value_ci95", "gap_to_others", "gap_ci95", "separated"}
@@ -76,7 +76,8 @@ def test_quick_run_writes_problem_targets_metrics_and_figures(quick_run):
     assert "colour, size, count or position" in problem and "shape confusion" in problem
     assert on_disk["vocabulary"]["attributes"] == ["colour", "size", "count", "position"]
     rho = on_disk["spearman"]["txt2img"]["rho"]
-    assert f"Spearman rho = {rho:.3f}" in problem and task_c.describe_correlation(on_disk["spearman"]["txt2img"]) in problem
+    verdict = on_disk["spearman"]["txt2img"]["verdict"]
+    assert verdict in task_c.CORRELATION_WORDS and f"Spearman rho = {rho:.3f}" in problem
     assert all(f"**{t['category']}**" in problem for t in targets["targets"])
     assert "(confusion.png)" in problem and "(recall_vs_frequency.png)" in problem
 
@@ -105,33 +106,27 @@ def _one_category_per_image(recalls, per_cat=100):
 def test_spearman_bootstrap_on_a_monotone_case(recalls, sign):
     freq = np.array([10.0, 100.0, 1000.0, 10000.0])
     hits, has = _one_category_per_image(recalls)
-    boot = task_c.bootstrap_category_recall(hits, np.ones(len(hits)), has, 500, seed=0)
+    boot = cluster_bootstrap(*task_c.per_image_sums(hits, np.arange(len(hits)), has), 500, seed=0)[1]
     assert boot.shape == (500, 4)
-    np.testing.assert_allclose(np.nanmean(boot, axis=0), recalls, atol=0.02)  # resampling is unbiased
     stats = task_c.spearman_with_ci(freq, np.array(recalls), boot)
     assert stats["rho"] == pytest.approx(sign)
     lo, hi = sorted(sign * np.array(stats["ci95"]))
     assert 0.5 <= lo <= hi <= 1
-    assert task_c.describe_correlation(stats).startswith("CI above 0" if sign > 0 else "CI below 0")
-    again = task_c.spearman_with_ci(freq, np.array(recalls),
-                                    task_c.bootstrap_category_recall(hits, np.ones(len(hits)), has, 500, seed=0))
-    assert again == stats  # seeded
+    assert stats["verdict"] == ("better" if sign > 0 else "worse") and stats["n_resamples"] <= 500
 
 
-def test_txt2img_bootstrap_resamples_images_with_all_their_captions():
-    # image 0 (category 0): captions hit, hit, miss; image 1 (category 1): one caption, a miss.
-    hit_sum, n_q = task_c.per_image_sums(np.array([1.0, 1.0, 0.0, 0.0]), np.array([0, 0, 0, 1]), 2)
-    np.testing.assert_array_equal(hit_sum, [2, 0])
-    np.testing.assert_array_equal(n_q, [3, 1])
-    boot = task_c.bootstrap_category_recall(hit_sum, n_q, np.eye(2, dtype=bool), 200, seed=1)
-    # Category 0's recall is 2/3 in every resample that holds image 0 (its captions travel together).
-    col = boot[:, 0][np.isfinite(boot[:, 0])]
-    assert len(col) > 100 and np.allclose(col, 2 / 3)
+def test_per_image_sums_count_each_query_for_every_category_of_its_image():
+    # image 0 (categories 0 and 1): captions hit, hit, miss; image 1 (category 1): one caption, a miss.
+    sums, counts = task_c.per_image_sums(np.array([1.0, 1.0, 0.0, 0.0]), np.array([0, 0, 0, 1]),
+                                         np.array([[True, True], [False, True]]))
+    np.testing.assert_array_equal(sums, [[2, 2], [0, 0]])
+    np.testing.assert_array_equal(counts, [[3, 3], [0, 1]])
 
 
 def test_spearman_with_too_few_categories_is_undefined_not_an_error():
     stats = task_c.spearman_with_ci(np.array([1.0, 2.0]), np.array([0.1, 0.2]), np.array([[0.1, 0.2]]))
-    assert np.isnan(stats["rho"]) and task_c.describe_correlation(stats).startswith("undefined")
+    assert np.isnan(stats["rho"]) and stats["verdict"] == "undefined"
+    assert task_c.CORRELATION_WORDS["undefined"].startswith("undefined")
 
 
 # --------------------------------------------------------------------------- confusions by hand
@@ -171,7 +166,7 @@ def test_per_image_category_sums_leave_out_what_a_query_does_not_ask():
     sums, counts = task_c.per_image_category_sums(values, np.array([0, 0, 1]), 2)
     np.testing.assert_array_equal(sums, [[1.0, 0.5], [0.0, 1.0]])
     np.testing.assert_array_equal(counts, [[2, 1], [0, 1]])
-    boot = task_c.bootstrap_category_recall(sums, counts, None, 50, seed=0)
+    boot = cluster_bootstrap(sums, counts, 50, seed=0)[1]
     assert boot.shape == (50, 2) and np.nanmax(boot[:, 0]) == 0.5
 
 

@@ -13,7 +13,7 @@ import generate_data as gd
 import retrieval
 import task_e
 from tiny_models import tiny_sd_pipeline
-from utils import UserError, l2_normalize, load_data
+from utils import UserError, ci_verdict, l2_normalize, load_data
 
 METRIC_KEYS = {"R@1", "R@5", "R@10", "mAP"}
 
@@ -236,17 +236,16 @@ def test_choose_weight_takes_the_best_and_ties_go_to_the_smaller_w():
     assert task_e.choose_weight({0.2: 0.1, 0.7: 0.3, 0.9: 0.3}) == 0.7
 
 
-def test_compare_gives_the_paired_difference_on_the_mask():
+def test_vs_text_only_gives_the_paired_difference_on_the_mask():
     fused = {"R@1": np.array([1.0, 0, 1, 1, 0]), "R@5": np.ones(5), "R@10": np.ones(5), "AP": np.full(5, 0.5)}
     text = {"R@1": np.array([0.0, 0, 1, 1, 1]), "R@5": np.ones(5), "R@10": np.ones(5), "AP": np.full(5, 0.25)}
-    out = task_e.compare(fused, text, np.array([True, True, True, True, False]), 500, seed=0)
+    out = task_e.vs_text_only(fused, text, np.array([True, True, True, True, False]), 500, seed=0)
     assert set(out) == METRIC_KEYS
     assert out["R@1"]["mean"] == 0.75 and out["R@1"]["delta"] == 0.25  # the 5th query is masked out
     assert out["mAP"]["delta"] == 0.25 and out["mAP"]["delta_ci95"] == [0.25, 0.25]
     assert 0 <= out["R@1"]["delta_ci95"][0] < 0.25 < out["R@1"]["delta_ci95"][1] <= 1
-    assert task_e.delta_verdict(out["mAP"]["delta_ci95"]).startswith("better")
-    assert task_e.delta_verdict([-0.2, -0.1]).startswith("worse")
-    assert task_e.delta_verdict([-0.1, 0.1]).startswith("no detectable")
+    assert ci_verdict(out["mAP"]["delta_ci95"]) == "better"
+    assert set(task_e.VERDICT_WORDS) == {"better", "worse", "no detectable difference", "undefined"}
 
 
 # --------------------------------------------------------------------------- query draw
