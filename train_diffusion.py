@@ -408,8 +408,11 @@ def train_vae(args, images, eval_images, device, deadline: float) -> tuple:
     step, losses, seconds = 0, [], 0.0
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"]); step, losses, seconds = state["step"], state["losses"], state["seconds"]
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        step, losses, seconds = state["step"], state["losses"], state["seconds"]
 
     def save():
         atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
@@ -430,10 +433,12 @@ def train_vae(args, images, eval_images, device, deadline: float) -> tuple:
             loss = rec + args.kl_weight * posterior.kl().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step(); sched.step()
+            opt.step()
+            sched.step()
             step += 1
             losses.append(round(rec.item(), 5))
-            bar.update(1); bar.set_postfix(loss=f"{float(rec):.4f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(rec):.4f}")
             if step % 250 == 0:
                 seconds = time.time() - start
                 save()
@@ -456,7 +461,8 @@ def train_vae(args, images, eval_images, device, deadline: float) -> tuple:
 def save_vae_atomically(vae, folder: Path) -> None:
     """save_pretrained into a sibling folder, then swap it in (a reader never sees half a model)."""
     tmp, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     vae.save_pretrained(tmp)
     os.replace(folder, old)
     os.replace(tmp, folder)
@@ -490,7 +496,8 @@ def finetune_decoder(args, images, eval_images, device) -> dict:
         loss.backward()
         opt.step()
         step += 1
-        bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 200 == 0:
             save_vae_atomically(vae, folder)
     bar.close()
@@ -512,7 +519,8 @@ def encode_latents(args, vae, images, device) -> dict:
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), 256), desc="latents", leave=False):
             dist = vae.encode(to_unit(images[start:start + 256], device)).latent_dist
-            means.append(dist.mean.cpu()); stds.append(dist.std.cpu())
+            means.append(dist.mean.cpu())
+            stds.append(dist.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     scaling = float(1.0 / torch.sqrt(mean.var() + std.pow(2).mean()))  # std of posterior samples
     latents = {"mean": mean.half(), "std": std.half(), "scaling_factor": scaling}
@@ -621,11 +629,16 @@ class Trainer:
 
     def load(self) -> None:
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        self.unet.load_state_dict(state["unet"]); self.text_encoder.load_state_dict(state["text"])
-        self.ema_unet.load_state_dict(state["ema_unet"]); self.ema_text.load_state_dict(state["ema_text"])
-        self.ema_unet.to(self.device); self.ema_text.to(self.device)
-        self.opt.load_state_dict(state["opt"]); self.sched.load_state_dict(state["sched"])
-        self.gen.set_state(state["gen"]); torch.set_rng_state(state["torch_rng"])
+        self.unet.load_state_dict(state["unet"])
+        self.text_encoder.load_state_dict(state["text"])
+        self.ema_unet.load_state_dict(state["ema_unet"])
+        self.ema_text.load_state_dict(state["ema_text"])
+        self.ema_unet.to(self.device)
+        self.ema_text.to(self.device)
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
         self.step, self.seconds, self.log = state["step"], state["seconds"], state["log"]
         self.cpu_seconds = state.get("cpu_seconds", state["seconds"])
 
@@ -670,8 +683,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
-        self.opt.step(); self.sched.step()
-        self.ema_unet.step(self.unet.parameters()); self.ema_text.step(self.text_encoder.parameters())
+        self.opt.step()
+        self.sched.step()
+        self.ema_unet.step(self.unet.parameters())
+        self.ema_text.step(self.text_encoder.parameters())
         self.step += 1
         return float(loss)
 
@@ -726,7 +741,8 @@ class Trainer:
     def ema_modules(self):
         """Copies of the text encoder and UNet holding the EMA weights (training weights stay untouched)."""
         unet, text = copy.deepcopy(self.unet).eval(), copy.deepcopy(self.text_encoder).eval()
-        self.ema_unet.copy_to(unet.parameters()); self.ema_text.copy_to(text.parameters())
+        self.ema_unet.copy_to(unet.parameters())
+        self.ema_text.copy_to(text.parameters())
         return text, unet
 
     def pipeline(self):
