@@ -988,14 +988,44 @@ def sweep_main(argv: Sequence[str]) -> dict:
         tr, va = split_features(fx, train), split_features(fx, val)
 
     # 3. one training per trial, resumable: a finished trial (same parameters) is read back, not retrained
-    previous = {}
-    if (run.dir / "metrics.json").is_file():
-        previous = {json_key(t["params"]): t for t in read_json(run.dir / "metrics.json").get("trials", [])}
     sign = 1 if config["metric"]["goal"] == "maximize" else -1
     metrics = {"method": config["method"], "metric": config["metric"], "val_split": base.val_split,
                "n_train_images": len(train), "n_val_images": len(val), "trials": []}
+    with run.step("trials"):
+        run_trials(trials, fixed, tr, va, image_res, sign, metrics, run.dir / "metrics.json")
+
+    # 4. the choice (val only) and the command that trains it
+    best = max(metrics["trials"], key=lambda t: sign * t[SWEEP_METRIC])
+    flags = " ".join(fixed + [f"--{k} {v}" for k, v in best["params"].items()])
+    metrics["best"] = {"trial": best["trial"], "params": best["params"], SWEEP_METRIC: best[SWEEP_METRIC],
+                       "incumbent": metrics["trials"][0][SWEEP_METRIC], "command": f"python retrieval.py {flags}"}
+    write_text(run.dir / "results.md", sweep_markdown(metrics))
+    run.finish(metrics)
+    print(sweep_markdown(metrics))
+    print(f"wrote {run.dir}")
+    return metrics
+
+
+def run_trials(trials: list[dict], fixed: list[str], tr: tuple, va: tuple, image_res: int, sign: int, metrics: dict,
+               path: Path) -> None:
+    """Train heads once per trial, appending each result to metrics["trials"] and rewriting `path` after each.
+
+    A trial whose parameters `path` already holds (an interrupted sweep) is read back, not retrained.
+
+    Args:
+        trials: parameter dicts (`sweep_trials`).
+        fixed: the retrieval.py flags every trial shares.
+        tr: train (image feats, caption feats, cap2img); va: the same for val.
+        image_res: the backbone input side the features were made at.
+        sign: 1 when the sweep metric is maximised, -1 when minimised.
+        metrics: the sweep's metrics dict.
+        path: its metrics.json.
+    """
     from tqdm.auto import tqdm
 
+    previous = {}
+    if path.is_file():
+        previous = {json_key(t["params"]): t for t in read_json(path).get("trials", [])}
     for i, params in enumerate(tqdm(trials, desc="sweep trials")):
         if json_key(params) in previous:
             metrics["trials"].append(dict(previous[json_key(params)], trial=i))
@@ -1008,18 +1038,7 @@ def sweep_main(argv: Sequence[str]) -> dict:
         metrics["trials"].append({"trial": i, "params": params, SWEEP_METRIC: best["val_txt2img_R@10"],
                                   "best_epoch": best["epoch"], "train_s": round(time.time() - t, 2),
                                   "val_curve": [round(h["val_txt2img_R@10"], 4) for h in history]})
-        write_json(run.dir / "metrics.json", metrics)
-
-    # 4. the choice (val only) and the command that trains it
-    best = max(metrics["trials"], key=lambda t: sign * t[SWEEP_METRIC])
-    flags = " ".join(fixed + [f"--{k} {v}" for k, v in best["params"].items()])
-    metrics["best"] = {"trial": best["trial"], "params": best["params"], SWEEP_METRIC: best[SWEEP_METRIC],
-                       "incumbent": metrics["trials"][0][SWEEP_METRIC], "command": f"python retrieval.py {flags}"}
-    write_text(run.dir / "results.md", sweep_markdown(metrics))
-    run.finish(metrics)
-    print(sweep_markdown(metrics))
-    print(f"wrote {run.dir}")
-    return metrics
+        write_json(path, metrics)
 
 
 def json_key(params: dict) -> str:
