@@ -105,7 +105,7 @@ def _raise_user_error(message: str):
 def quick_help(quick: dict) -> str:
     """The `--quick` help text, generated from a script's QUICK settings."""
     settings = ", ".join(f"{key.replace('_', '-')} {value}" for key, value in quick.items())
-    return f"smoke run in seconds: {settings} (flags given explicitly win)"
+    return f"smoke run: {settings} (flags given explicitly win)"
 
 
 def apply_preset(args: argparse.Namespace, parser: argparse.ArgumentParser, preset: dict) -> None:
@@ -373,18 +373,15 @@ class Run:
     """One run of a task script: its folder, device, wandb run and step timings (made by `start_run`).
 
     Attributes:
-        task: the task folder name.
-        name: the run name.
-        dir: `<outputs>/<task>/<name>/`, holding config.json.
+        dir: `<outputs>/<task>/<run name>/`, holding config.json.
         device: the torch device (`--device`).
         dtype: float32 on CPU, bf16/fp16 on GPU, or the script's `--dtype`.
         wandb: the wandb run, or None without `--wandb`.
         timings: "<step>_s" -> seconds (2 decimals) of each finished `step`.
     """
 
-    def __init__(self, task: str, name: str, run_dir: Path, device, dtype, wandb_run):
-        self.task, self.name, self.dir = task, name, run_dir
-        self.device, self.dtype, self.wandb = device, dtype, wandb_run
+    def __init__(self, run_dir: Path, device, dtype, wandb_run):
+        self.dir, self.device, self.dtype, self.wandb = run_dir, device, dtype, wandb_run
         self.timings: dict[str, float] = {}
         self._start = time.perf_counter()
 
@@ -461,7 +458,7 @@ def start_run(task: str, args: argparse.Namespace, config: dict | None = None) -
 
         os.environ.setdefault("WANDB_MODE", "offline")
         wandb_run = wandb.init(project=task, config=config, name=run_dir.name, dir=str(outputs))
-    return Run(task, run_dir.name, run_dir, device, dtype, wandb_run)
+    return Run(run_dir, device, dtype, wandb_run)
 
 
 def set_threads(n: int) -> None:
