@@ -30,20 +30,19 @@ generation_grid.png; outputs/bench/latest points at the newest run.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import math
 import os
 import platform
-import time
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
-from utils import (DEFAULT_DATA, UserError, bootstrap_ci, check, cli, finish_run, fmt, fmt_ci, generate_images,
-                   image_grid, load_data, load_pipeline, make_run_dir, md_table, peak_memory_mb, pick_device,
-                   pick_dtype, read_json, reset_peak_memory, resolve_model, time_call, write_text)
+from utils import (DEFAULT_DATA, UserError, apply_quick, bootstrap_ci, check, cli, comma_list, common_args, fmt, fmt_ci,
+                   generate_images, image_grid, load_data, load_pipeline, md_table, peak_memory_mb, pick_device,
+                   pick_dtype, read_json, reset_peak_memory, resolve_model, set_threads, start_run, time_call,
+                   write_text)
 
 PARTS = ("generation", "sd21", "retrieval")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -54,27 +53,21 @@ TIE_TOLERANCE = 1e-5  # two scores this close are a tie: either id may come firs
 ANCHOR = ("diffusers' 'Speed up inference' / SDXL optimisation guide reports about 3x from bf16, SDPA, "
           "channels_last and torch.compile on SDXL")
 MIN_SIZE = 100  # random-vector database sizes must be at least this (IVF needs training points)
-QUICK = {"n_images": 2, "batch_size": 2, "sizes": "10000,50000", "queries": 200, "naive_queries": 300,
+QUICK = {"n_images": 2, "batch_size": 2, "repeats": 1, "sizes": "10000,50000", "queries": 200, "naive_queries": 300,
          "hnsw_max_n": 10000, "sd21_images": 2, "sd21_steps": 2, "sd21_batch": 2}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts to run: {', '.join(PARTS)}")
-    p.add_argument("--run-name", default=None, help="run folder name under outputs/bench (default: timestamp)")
-    p.add_argument("--outputs", default="outputs", help="outputs root")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run (< 40 s): {QUICK['n_images']} images, sizes {QUICK['sizes']}, "
-                        f"{QUICK['naive_queries']} loop queries, HNSW only up to {QUICK['hnsw_max_n']}")
-    p.add_argument("--threads", type=int, default=0, help="torch and FAISS CPU threads (0 = their defaults)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompts, image seeds and random vectors")
+    p.add_argument("--only", type=comma_list(), default=",".join(PARTS),
+                   help=f"comma-separated parts to run: {', '.join(PARTS)}")
     # generation on CPU
     p.add_argument("--model", default="shapes-tiny", help="registry name or pipeline folder for the CPU generation part")
     p.add_argument("--n-images", type=int, default=48,
                    help="images per configuration (half single-object, half two-object prompts)")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call on our path")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="timed runs of each CPU generation configuration (the fastest counts; >1 resists noise)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs of each CPU generation configuration (the fastest counts, which resists noise)")
     p.add_argument("--oracle", default=None, help="fidelity oracle folder (default: models/shapes-oracle)")
     # SD 2.1 architecture
     p.add_argument("--sd21-scale", default="full",
@@ -91,60 +84,39 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=10, help="neighbours retrieved per query")
     p.add_argument("--naive-queries", type=int, default=0,
                    help="queries run through the Python loop and its competitors (0 = all test captions)")
-    p.add_argument("--sizes", default="100000,1000000", help="comma-separated database sizes of random vectors")
+    p.add_argument("--sizes", type=comma_list(int, lo=MIN_SIZE), default="100000,1000000",
+                   help="comma-separated database sizes of random vectors")
     p.add_argument("--dim", type=int, default=256, help="dimension of the random vectors")
     p.add_argument("--queries", type=int, default=1000, help="random queries per database size")
-    p.add_argument("--indexes", default=",".join(INDEX_KINDS), help=f"comma-separated FAISS indexes: {', '.join(INDEX_KINDS)}")
+    p.add_argument("--indexes", type=comma_list(), default=",".join(INDEX_KINDS),
+                   help=f"comma-separated FAISS indexes: {', '.join(INDEX_KINDS)}")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0 = round(sqrt(n)))")
     p.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
     p.add_argument("--hnsw-max-n", type=int, default=100000,
                    help="largest database HNSW is built for (its build takes ~50 s per 100k vectors on one core)")
+    common_args(p, "bench", QUICK, helps={"seed": "seed of prompts, image seeds and random vectors"})
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            if getattr(args, key) == p.get_default(key):
-                setattr(args, key, value)
-    args.run_name = args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    apply_quick(args, p, QUICK)
     check_args(args)
     return args
 
 
-def _split_list(text: str) -> list[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-def parse_sizes(text: str) -> list[int]:
-    """Database sizes from "100000,1000000" (a one-line error names the bad entry)."""
-    sizes = []
-    for part in _split_list(text) or [text]:
-        try:
-            value = int(part)
-        except ValueError:
-            value = None
-        check(value is not None and value >= MIN_SIZE,
-              f"--sizes takes comma-separated integers >= {MIN_SIZE}, got {part!r}")
-        sizes.append(value)
-    return sizes
-
-
 def check_args(args: argparse.Namespace) -> None:
-    args.parts = _split_list(args.only)
-    check(bool(args.parts), "--only names no part; choose from " + ", ".join(PARTS))
-    for part in args.parts:
+    check(bool(args.only), "--only names no part; choose from " + ", ".join(PARTS))
+    for part in args.only:
         check(part in PARTS, f"unknown --only part {part!r}; choose from {', '.join(PARTS)}")
-    args.index_kinds = _split_list(args.indexes)
-    for kind in args.index_kinds:
+    for kind in args.indexes:
         check(kind in INDEX_KINDS, f"unknown index {kind!r} in --indexes; choose from {', '.join(INDEX_KINDS)}")
-    check("flat" in args.index_kinds, "--indexes must include flat: it is the exact reference for recall@10")
-    args.size_list = parse_sizes(args.sizes)
+    check("flat" in args.indexes, "--indexes must include flat: it is the exact reference for recall@10")
+    check(bool(args.sizes), f"--sizes names no size; give comma-separated integers >= {MIN_SIZE}")
     check(args.sd21_scale in SD21_SCALES, f"unknown --sd21-scale {args.sd21_scale!r}; choose {' or '.join(SD21_SCALES)}")
     for name in ("n_images", "batch_size", "repeats", "sd21_images", "sd21_steps", "sd21_batch", "k", "dim", "queries",
                  "nprobe", "hnsw_max_n"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("threads", "naive_queries", "nlist"):
         check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    check(args.k <= min(args.size_list), f"--k {args.k} is more than the smallest database size {min(args.size_list)}")
-    if "generation" in args.parts:
+    check(args.k <= min(args.sizes), f"--k {args.k} is more than the smallest database size {min(args.sizes)}")
+    if "generation" in args.only:
         resolve_model(args.model)  # a one-line error for an unknown model or missing folder, before any work
 
 
@@ -188,17 +160,6 @@ def quiet_loading() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-
-
-def set_threads(n: int) -> None:
-    """Pin torch's and FAISS's CPU threads (0 keeps their defaults)."""
-    if n <= 0:
-        return
-    import faiss
-    import torch
-
-    torch.set_num_threads(n)
-    faiss.omp_set_num_threads(n)
 
 
 def ratio(baseline_s: float, other_s: float) -> float:
@@ -675,11 +636,11 @@ def bench_index_scale(args: argparse.Namespace) -> list[dict]:
     rows = []
     queries = random_unit_vectors(args.queries, args.dim, args.seed + 7)
     k = args.k
-    for n in args.size_list:
+    for n in args.sizes:
         db = random_unit_vectors(n, args.dim, args.seed + n)
         nlist = args.nlist or max(1, round(math.sqrt(n)))
         flat_ids = None
-        for kind in args.index_kinds:
+        for kind in args.indexes:
             row = {"n": n, "index": kind, "dim": args.dim, "n_queries": len(queries), "k": k}
             if kind == "hnsw" and n > args.hnsw_max_n:
                 row["skipped"] = f"n > --hnsw-max-n {args.hnsw_max_n} (build time grows to minutes on CPU)"
@@ -833,44 +794,39 @@ def results_markdown(m: dict) -> str:
 # --------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    t0 = time.time()
 
     # 1. threads and hardware, recorded with the arguments before anything is timed
-    set_threads(args.threads)
+    if args.threads:
+        set_threads(args.threads)  # before hardware_info reads them (start_run pins the same)
     quiet_loading()
     hardware = hardware_info(args.threads)
-    run_dir = make_run_dir("bench", args.run_name, dict(vars(args), hardware=hardware), args.outputs)
-    metrics: dict = {"run_name": args.run_name, "quick": args.quick, "parts": args.parts, "hardware": hardware,
-                     "timings": {}}
+    run = start_run("bench", args, config=dict(vars(args), hardware=hardware))
+    metrics: dict = {"run_name": args.run_name, "quick": args.quick, "parts": args.only, "hardware": hardware}
 
     # 2. generation on CPU: plain diffusers vs our path, at equal fidelity
-    if "generation" in args.parts:
-        t = time.time()
-        metrics["generation"] = bench_generation(args, run_dir)
-        metrics["timings"]["generation_s"] = round(time.time() - t, 2)
+    if "generation" in args.only:
+        with run.step("generation"):
+            metrics["generation"] = bench_generation(args, run.dir)
 
     # 3. the SD 2.1 architecture (GPU; tiny scale on CPU)
-    if "sd21" in args.parts:
-        t = time.time()
-        metrics["sd21"] = bench_sd21(args)
-        metrics["timings"]["sd21_s"] = round(time.time() - t, 2)
+    if "sd21" in args.only:
+        with run.step("sd21"):
+            metrics["sd21"] = bench_sd21(args)
 
     # 4. retrieval: same results as the loop, then index scaling
-    if "retrieval" in args.parts:
-        t = time.time()
-        equal = bench_equal_results(args)
-        print(f"index build + search, random {args.dim}-d vectors, {args.queries} queries:")
-        metrics["retrieval"] = {"equal_results": equal, "scale": bench_index_scale(args)}
-        metrics["timings"]["retrieval_s"] = round(time.time() - t, 2)
+    if "retrieval" in args.only:
+        with run.step("retrieval"):
+            equal = bench_equal_results(args)
+            print(f"index build + search, random {args.dim}-d vectors, {args.queries} queries:")
+            metrics["retrieval"] = {"equal_results": equal, "scale": bench_index_scale(args)}
 
     # 5. ratios, results.md and metrics.json (latest moves last)
     metrics["ratios"] = headline_ratios(metrics)
     metrics["load_avg_1m_at_end"] = round(os.getloadavg()[0], 2)
-    metrics["timings"]["total_s"] = round(time.time() - t0, 2)
-    write_text(run_dir / "results.md", results_markdown(metrics))
-    finish_run(run_dir, metrics)
+    write_text(run.dir / "results.md", results_markdown(metrics))
+    run.finish(metrics)
     print("ratios: " + ", ".join(f"{k} x{v:.2f}" for k, v in metrics["ratios"].items()))
-    print(f"wrote {run_dir} in {metrics['timings']['total_s']:.0f} s")
+    print(f"wrote {run.dir} in {metrics['timings']['total_s']:.0f} s")
     return metrics
 
 

@@ -42,14 +42,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from utils import DEFAULT_DATA, REPO, UserError, check, cli, load_data, load_rgb, read_json, write_json
+from utils import (DEFAULT_DATA, REPO, UserError, apply_quick, check, cli, comma_list, common_args, load_data, load_rgb,
+                   read_json, write_json)
 
 SOURCES = ("shapes", "coco")
 SPLITS = ("pretrain", "train", "val", "test")
 SPLIT_IDS = {name: i + 1 for i, name in enumerate(SPLITS)}  # part of every image's seed and id
 ID_BLOCK = 10**8  # image_id = split_id * ID_BLOCK + index + 1: unique across splits, stable across runs
 DEFAULT_COUNTS = {"pretrain": 10000, "train": 5000, "val": 500, "test": 1000}
-QUICK_COUNTS = {"pretrain": 200, "train": 200, "val": 50, "test": 50}
+QUICK = {"n_pretrain": 200, "n_train": 200, "n_val": 50, "n_test": 50}
 DEFAULT_COCO_OUT = REPO / "data" / "coco"
 SUPERSAMPLE = 4
 
@@ -103,9 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--source", default="shapes", help=f"where images come from: {' or '.join(SOURCES)}")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"output folder (default: {DEFAULT_DATA.parent} for shapes, {DEFAULT_COCO_OUT} for coco)")
-    parser.add_argument("--splits", default=None,
+    parser.add_argument("--splits", type=comma_list(), default=None,
                         help=f"comma-separated subset of {','.join(SPLITS)} (default: all that the source has)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw (>= 0)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     shapes = parser.add_argument_group("shapes source")
     shapes.add_argument("--size", type=int, default=64, help="image side in pixels, 32..256")
@@ -115,15 +115,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     shapes.add_argument("--imbalance", type=float, default=COCO_IMBALANCE,
                         help=f"train split: commonest/rarest category instance ratio (>= 1; default "
                              f"{COCO_IMBALANCE:.1f}, COCO train2017's own person/hair drier ratio)")
-    shapes.add_argument("--quick", action="store_true",
-                        help=f"small run for smoke tests: {QUICK_COUNTS} images (overrides --n-*)")
     coco = parser.add_argument_group("coco source")
     coco.add_argument("--coco-root", type=Path, default=None,
                       help="folder with annotations/captions_<name>.json, instances_<name>.json and <name>/ images")
-    coco.add_argument("--coco-splits", default=None,
+    coco.add_argument("--coco-splits", type=comma_list(), default=None,
                       help="NAME=SPLIT,... e.g. train2017=train,val2017=val,val2017=test; a name mapped to k splits "
                            "is divided into k seeded parts (default: train*=train, val*=val+test)")
+    common_args(parser, "data", QUICK, omit=("run_name", "outputs", "device", "threads", "wandb"),
+                helps={"seed": "seed of every random draw (>= 0)"})
     args = parser.parse_args(argv)
+    apply_quick(args, parser, QUICK)
     check_args(args)
     return args
 
@@ -133,7 +134,6 @@ def check_args(args: argparse.Namespace) -> None:
     check(args.seed >= 0, f"--seed must be >= 0, got {args.seed}")
     check(args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
     if args.splits is not None:
-        args.splits = [s.strip() for s in args.splits.split(",") if s.strip()]
         for split in args.splits:
             check(split in SPLITS, f"unknown split {split!r} in --splits; valid splits: {', '.join(SPLITS)}")
         check(args.splits, "--splits is empty")
@@ -710,7 +710,7 @@ def build_shapes(args: argparse.Namespace) -> dict:
     """Render every requested split; write COCO json files; return the pickle's dict."""
     order = train_category_order(args.seed)
     rank_probs = category_probs(args.imbalance)
-    counts = QUICK_COUNTS if args.quick else {s: getattr(args, f"n_{s}") for s in SPLITS}
+    counts = {s: getattr(args, f"n_{s}") for s in SPLITS}
     data = {
         "version": 1, "source": "shapes", "seed": args.seed, "image_size": args.size,
         "categories": [dict(c) for c in CATEGORIES], "colors": list(COLORS), "sizes": list(SIZES),
@@ -729,17 +729,18 @@ def build_shapes(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------- coco source
-def parse_coco_mapping(text: str | None, names: list[str]) -> dict[str, list[str]]:
-    """COCO annotation name -> our splits. Default: train* -> train, val* -> val and test."""
+def parse_coco_mapping(items: list[str] | None, names: list[str]) -> dict[str, list[str]]:
+    """COCO annotation name -> our splits, from --coco-splits' NAME=SPLIT items. Default (None): train* -> train,
+    val* -> val and test."""
     mapping: dict[str, list[str]] = {}
-    if text is None:
+    if items is None:
         for name in names:
             if name.startswith("train"):
                 mapping[name] = ["train"]
             elif name.startswith("val"):
                 mapping[name] = ["val", "test"]
     else:
-        for item in filter(None, (s.strip() for s in text.split(","))):
+        for item in items:
             name, sep, split = item.partition("=")
             check(sep == "=", f"bad --coco-splits item {item!r}; write NAME=SPLIT, e.g. val2017=test")
             check(split in SPLITS, f"unknown split {split!r} in --coco-splits; valid splits: {', '.join(SPLITS)}")

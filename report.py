@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 from typing import Callable, Sequence
 
-from utils import REPO, check, cli, fmt, fmt_ci, fmt_delta, md_table, read_json, write_text
+from utils import (REPO, check, cli, common_args, fmt, fmt_ci, fmt_delta, md_table, read_json, write_text)
 
 TASKS = ("retrieval", "task_a", "task_b", "task_c", "task_d", "task_e", "bench")
 TITLES = {
@@ -34,10 +34,11 @@ TITLES = {
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--outputs", default="outputs", help="outputs root holding <task>/latest/")
     p.add_argument("--model", default=str(REPO / "models" / "shapes-sd-tiny"), help="shipped model folder (its metrics.json)")
     p.add_argument("--out", default=None, help="report path (default: <outputs>/REPORT.md)")
     p.add_argument("--readme", default=None, help="a README whose <!-- study-numbers --> block to fill (default: none)")
+    common_args(p, "report", omit=("run_name", "device", "threads", "seed", "quick", "wandb"),
+                helps={"outputs": "outputs root holding <task>/latest/"})
     args = p.parse_args(argv)
     check(Path(args.outputs).is_dir(), f"outputs folder not found: {args.outputs} (run `make demo` first)")
     args.out = Path(args.out or Path(args.outputs) / "REPORT.md")

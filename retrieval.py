@@ -30,14 +30,16 @@ from typing import Sequence
 
 import numpy as np
 
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, UserError, cached, category_names,
-                   check, cli, encode_images, encode_texts, finish_run, fmt, init_wandb, l2_normalize, load_data,
-                   load_image_encoder, load_text_encoder, make_run_dir, pick_device, read_json, write_json, write_text)
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, UserError, apply_quick, cached,
+                   category_names, check, cli, common_args, encode_images, encode_texts, fmt, l2_normalize, load_data,
+                   load_image_encoder, load_text_encoder, pick_device, pyplot, read_json, start_run, write_json,
+                   write_text)
 
 KS = (1, 5, 10)
 LOSSES = ("triplet", "ntxent")
 MINERS = ("semihard", "hard", "all", "none")
 INDEXES = ("flat", "ivf", "hnsw")
+QUICK = {"max_train": 500, "max_eval": 200, "epochs": 10, "batch_size": 64, "no_umap": True}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,24 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query (--index ivf)")
     p.add_argument("--max-train", type=int, default=0, help="use at most this many training images (0 = all)")
     p.add_argument("--max-eval", type=int, default=0, help="evaluate on at most this many images (0 = all)")
-    p.add_argument("--seed", type=int, default=0, help="seed for head init, batches and caption choice")
-    p.add_argument("--run-name", default=None, help="run folder name under outputs/retrieval (default: timestamp)")
-    p.add_argument("--outputs", default="outputs", help="outputs root")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure (saves ~20 s)")
-    p.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 500 train / 200 eval images, 10 epochs of batch 64, no UMAP")
+    common_args(p, "retrieval", QUICK, helps={"seed": "seed for head init, batches and caption choice"})
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if args.quick:
-        args.max_train = args.max_train or 500
-        args.max_eval = args.max_eval or 200
-        args.epochs = min(args.epochs, 10)
-        args.batch_size = min(args.batch_size, 64)
-        args.no_umap = True
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_quick(args, parser, QUICK)
     check_args(args)
     return args
 
@@ -705,11 +698,7 @@ def optional_figure(path: Path, draw, *args, **kwargs) -> str:
 
 def plot_per_category(per_cat: dict, path: Path) -> None:
     """Recall@10 of each category against its training frequency (log x), both directions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = sorted(per_cat, key=lambda n: per_cat[n]["train_count"])
     x = [max(per_cat[n]["train_count"], 1) for n in names]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -730,10 +719,7 @@ def plot_per_category(per_cat: dict, path: Path) -> None:
 def plot_umap(img_emb: np.ndarray, txt_emb: np.ndarray, img_labels: Sequence[str], txt_labels: Sequence[str],
               path: Path, seed: int = 0, max_points: int = 1500) -> None:
     """UMAP of test image (dots) and caption (crosses) embeddings, coloured by category."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import umap
 
     rng = np.random.default_rng(seed)
@@ -770,7 +756,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if argv[:1] == ["sweep"]:  # `python retrieval.py sweep ...`: the offline sweep (see sweep_main)
         return sweep_main(argv[1:])
     args = parse_args(argv)
-    t0 = time.time()
 
     # 1. data and splits
     splits = [args.train_split, args.eval_split] + ([args.val_split] if args.val_split else [])
@@ -780,66 +765,71 @@ def main(argv: Sequence[str] | None = None) -> dict:
     test = subset(data["splits"][args.eval_split], args.max_eval, args.seed + 1)
     val = subset(data["splits"][args.val_split], args.max_eval, args.seed + 2) if args.val_split else None
     args.image_res = args.image_res or auto_image_res(data, args.image_encoder)
-    run_dir = make_run_dir("retrieval", args.run_name, vars(args), args.outputs)
-    wb = init_wandb(args.wandb, "retrieval", vars(args), args.run_name)
-    metrics: dict = {"timings": {}}
+    run = start_run("retrieval", args)
+    metrics: dict = {}
 
     # 2. frozen backbone features (cached on disk)
-    fx = FeatureExtractor(args.image_encoder, args.text_encoder, args.image_res, pick_device(args.device))
-    tr, te = split_features(fx, train), split_features(fx, test)
-    va = split_features(fx, val) if val is not None else None
-    metrics["timings"]["features_s"] = round(time.time() - t0, 2)
+    with run.step("features"):
+        fx = FeatureExtractor(args.image_encoder, args.text_encoder, args.image_res, run.device)
+        tr, te = split_features(fx, train), split_features(fx, test)
+        va = split_features(fx, val) if val is not None else None
 
     # 3. train the projection heads (best epoch on val)
-    t1 = time.time()
-    heads, history = train_heads(*tr, args, val=va,
-                                 on_epoch=(lambda e, row: wb.log(row, step=e)) if wb else None)
-    metrics["timings"]["train_s"] = round(time.time() - t1, 2)
+    with run.step("train"):
+        heads, history = train_heads(*tr, args, val=va, on_epoch=lambda e, row: run.log(row, step=e))
     metrics["history"] = history
     if va is not None and history:  # the sweep's metric (sweeps/retrieval.yaml): best val epoch, test plays no part
         metrics[SWEEP_METRIC] = max(h["val_txt2img_R@10"] for h in history)
-        if wb:
-            wb.log({SWEEP_METRIC: metrics[SWEEP_METRIC]})
-    save_heads(run_dir / "heads.pt", heads, {
+    save_heads(run.dir / "heads.pt", heads, {
         "in_image": tr[0].shape[1], "in_text": tr[1].shape[1], "hidden": args.hidden, "dim": args.dim,
         "image_encoder": args.image_encoder, "text_encoder": args.text_encoder, "image_res": args.image_res})
 
     # 4. evaluate both directions with FAISS, overall and per category
-    t2 = time.time()
-    img_emb, txt_emb = embed(heads, "image", te[0]), embed(heads, "text", te[1])
-    per_q = retrieve_both(img_emb, txt_emb, te[2], args.index, has=category_matrix(test, list(names)),
-                          cat_ids=list(names), nlist=args.nlist, nprobe=args.nprobe, seed=args.seed)
-    for d in ("img2txt", "txt2img"):
-        metrics[d] = summarize(per_q[d])
-    metrics["category_level"] = {d: summarize(per_q["category"][d]) for d in ("img2txt", "txt2img")}
-    metrics["per_category"] = per_category_metrics(per_q, test, te[2], names, image_counts(train))
-    metrics["n_eval_images"], metrics["n_eval_captions"] = len(test), len(te[2])
-    metrics["n_train_images"] = len(train)
-    metrics["timings"]["eval_s"] = round(time.time() - t2, 2)
+    with run.step("eval"):
+        img_emb, txt_emb = embed(heads, "image", te[0]), embed(heads, "text", te[1])
+        metrics.update(split_metrics(img_emb, txt_emb, te[2], test, train, names, args))
 
     # 5. tables, then metrics.json and `latest`: the results are on disk before any optional figure runs
     headline = headline_table(metrics)
-    write_text(run_dir / "results.md", "# Retrieval baseline\n\n" + headline + "\n\n## Both relevance levels\n\n"
+    write_text(run.dir / "results.md", "# Retrieval baseline\n\n" + headline + "\n\n## Both relevance levels\n\n"
                + levels_table(metrics) + "\n\n## Per category\n\n" + per_category_table(metrics["per_category"])
                + "\n")
-    metrics["timings"]["total_s"] = round(time.time() - t0, 2)
-    finish_run(run_dir, metrics)
+    run.finish(metrics)
 
     # 6. figures: a failure is a warning line in the log and in metrics.json, never a lost run
-    figures = {"per_category.png": optional_figure(run_dir / "per_category.png", plot_per_category,
+    figures = {"per_category.png": optional_figure(run.dir / "per_category.png", plot_per_category,
                                                    metrics["per_category"])}
     if not args.no_umap:
         first = [names[r["category_ids"][0]] if r["category_ids"] else "none" for r in test]
-        figures["umap.png"] = optional_figure(run_dir / "umap.png", plot_umap, img_emb, txt_emb, first,
+        figures["umap.png"] = optional_figure(run.dir / "umap.png", plot_umap, img_emb, txt_emb, first,
                                               [first[i] for i in te[2]], seed=args.seed)
     metrics["figures"] = figures
-    write_json(run_dir / "metrics.json", metrics)
-    if wb:
-        wb.log({f"{d}/{k}": v for d in ("img2txt", "txt2img") for k, v in metrics[d].items()})
-        wb.finish()
+    write_json(run.dir / "metrics.json", metrics)
     print(headline + "\n\n" + levels_table(metrics))
-    print(f"\nwrote {run_dir}")
+    print(f"\nwrote {run.dir}")
     return metrics
+
+
+def split_metrics(img_emb: np.ndarray, txt_emb: np.ndarray, cap2img: np.ndarray, test: list[dict], train: list[dict],
+              names: dict[int, str], args: argparse.Namespace) -> dict:
+    """Both directions' metrics at both relevance levels, overall and per category, with the split sizes.
+
+    Args:
+        img_emb: (n_img, d) normalised test image embeddings.
+        txt_emb: (n_cap, d) normalised test caption embeddings.
+        cap2img: (n_cap,) image index of each caption.
+        test: the test records; train: the training records (for each category's training frequency).
+        names: category id -> name.
+        args: retrieval.py's arguments (index kind, nlist, nprobe, seed).
+    """
+    per_q = retrieve_both(img_emb, txt_emb, cap2img, args.index, has=category_matrix(test, list(names)),
+                          cat_ids=list(names), nlist=args.nlist, nprobe=args.nprobe, seed=args.seed)
+    out = {d: summarize(per_q[d]) for d in ("img2txt", "txt2img")}
+    out["category_level"] = {d: summarize(per_q["category"][d]) for d in ("img2txt", "txt2img")}
+    out["per_category"] = per_category_metrics(per_q, test, cap2img, names, image_counts(train))
+    out["n_eval_images"], out["n_eval_captions"] = len(test), len(cap2img)
+    out["n_train_images"] = len(train)
+    return out
 
 
 # --------------------------------------------------------------------------- offline sweep
@@ -862,10 +852,8 @@ def parse_sweep_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]
                    help="trials, the incumbent (retrieval.py's defaults) included; 0 = the whole grid (random "
                         "search needs >= 1)")
     p.add_argument("--sweep-seed", type=int, default=0, help="seed of the random search's draws")
-    p.add_argument("--run-name", default=None,
-                   help="folder under <outputs>/retrieval_sweep (default: timestamp); an existing one resumes, "
-                        "skipping finished trials")
-    p.add_argument("--outputs", default="outputs", help="outputs root")
+    # The sweep's device, threads and --wandb come from the fixed retrieval.py flags; an existing run folder resumes.
+    common_args(p, "retrieval_sweep", omit=("device", "threads", "seed", "quick", "wandb"))
     args, fixed = p.parse_known_args(list(argv))
     check(args.max_runs >= 0, f"--max-runs must be >= 0, got {args.max_runs}")
     return args, fixed
@@ -977,7 +965,6 @@ def sweep_main(argv: Sequence[str]) -> dict:
     results.md; the best trial is chosen on the val split only.
     """
     sargs, fixed = parse_sweep_args(argv)
-    t0 = time.time()
 
     # 1. the search space and the trials (the incumbent, i.e. today's defaults, is trial 0)
     config = load_sweep_config(sargs.config)
@@ -994,21 +981,51 @@ def sweep_main(argv: Sequence[str]) -> dict:
     train = subset(data["splits"][base.train_split], base.max_train, base.seed)
     val = subset(data["splits"][base.val_split], base.max_eval, base.seed + 2)
     image_res = base.image_res or auto_image_res(data, base.image_encoder)
-    fx = FeatureExtractor(base.image_encoder, base.text_encoder, image_res, pick_device(base.device))
-    tr, va = split_features(fx, train), split_features(fx, val)
-    run_dir = make_run_dir("retrieval_sweep", sargs.run_name,
-                           {"sweep": vars(sargs), "fixed_flags": fixed, "sweep_config": config, "trials": trials},
-                           sargs.outputs)
+    run = start_run("retrieval_sweep", argparse.Namespace(**{**vars(base), **vars(sargs)}),
+                    config={"sweep": vars(sargs), "fixed_flags": fixed, "sweep_config": config, "trials": trials})
+    with run.step("features"):
+        fx = FeatureExtractor(base.image_encoder, base.text_encoder, image_res, run.device)
+        tr, va = split_features(fx, train), split_features(fx, val)
 
     # 3. one training per trial, resumable: a finished trial (same parameters) is read back, not retrained
-    previous = {}
-    if (run_dir / "metrics.json").is_file():
-        previous = {json_key(t["params"]): t for t in read_json(run_dir / "metrics.json").get("trials", [])}
     sign = 1 if config["metric"]["goal"] == "maximize" else -1
     metrics = {"method": config["method"], "metric": config["metric"], "val_split": base.val_split,
                "n_train_images": len(train), "n_val_images": len(val), "trials": []}
+    with run.step("trials"):
+        run_trials(trials, fixed, tr, va, image_res, sign, metrics, run.dir / "metrics.json")
+
+    # 4. the choice (val only) and the command that trains it
+    best = max(metrics["trials"], key=lambda t: sign * t[SWEEP_METRIC])
+    flags = " ".join(fixed + [f"--{k} {v}" for k, v in best["params"].items()])
+    metrics["best"] = {"trial": best["trial"], "params": best["params"], SWEEP_METRIC: best[SWEEP_METRIC],
+                       "incumbent": metrics["trials"][0][SWEEP_METRIC], "command": f"python retrieval.py {flags}"}
+    write_text(run.dir / "results.md", sweep_markdown(metrics))
+    run.finish(metrics)
+    print(sweep_markdown(metrics))
+    print(f"wrote {run.dir}")
+    return metrics
+
+
+def run_trials(trials: list[dict], fixed: list[str], tr: tuple, va: tuple, image_res: int, sign: int, metrics: dict,
+               path: Path) -> None:
+    """Train heads once per trial, appending each result to metrics["trials"] and rewriting `path` after each.
+
+    A trial whose parameters `path` already holds (an interrupted sweep) is read back, not retrained.
+
+    Args:
+        trials: parameter dicts (`sweep_trials`).
+        fixed: the retrieval.py flags every trial shares.
+        tr: train (image feats, caption feats, cap2img); va: the same for val.
+        image_res: the backbone input side the features were made at.
+        sign: 1 when the sweep metric is maximised, -1 when minimised.
+        metrics: the sweep's metrics dict.
+        path: its metrics.json.
+    """
     from tqdm.auto import tqdm
 
+    previous = {}
+    if path.is_file():
+        previous = {json_key(t["params"]): t for t in read_json(path).get("trials", [])}
     for i, params in enumerate(tqdm(trials, desc="sweep trials")):
         if json_key(params) in previous:
             metrics["trials"].append(dict(previous[json_key(params)], trial=i))
@@ -1021,19 +1038,7 @@ def sweep_main(argv: Sequence[str]) -> dict:
         metrics["trials"].append({"trial": i, "params": params, SWEEP_METRIC: best["val_txt2img_R@10"],
                                   "best_epoch": best["epoch"], "train_s": round(time.time() - t, 2),
                                   "val_curve": [round(h["val_txt2img_R@10"], 4) for h in history]})
-        write_json(run_dir / "metrics.json", metrics)
-
-    # 4. the choice (val only) and the command that trains it
-    best = max(metrics["trials"], key=lambda t: sign * t[SWEEP_METRIC])
-    flags = " ".join(fixed + [f"--{k} {v}" for k, v in best["params"].items()])
-    metrics["best"] = {"trial": best["trial"], "params": best["params"], SWEEP_METRIC: best[SWEEP_METRIC],
-                       "incumbent": metrics["trials"][0][SWEEP_METRIC], "command": f"python retrieval.py {flags}"}
-    metrics["timings"] = {"total_s": round(time.time() - t0, 2)}
-    write_text(run_dir / "results.md", sweep_markdown(metrics))
-    finish_run(run_dir, metrics)
-    print(sweep_markdown(metrics))
-    print(f"wrote {run_dir}")
-    return metrics
+        write_json(path, metrics)
 
 
 def json_key(params: dict) -> str:

@@ -20,7 +20,6 @@ fd, ...}}}), results.md, grid.png (rows prompts, columns models), config.json.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import statistics
 import time
 from pathlib import Path
@@ -30,11 +29,10 @@ import numpy as np
 
 import fidelity
 import generate_data as gd
-from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, bootstrap_ci, check, cli, finish_run, fmt, fmt_ci,
-                   generate_images, image_grid, init_wandb, load_data, load_image_encoder, load_pipeline, make_run_dir,
-                   md_table, peak_memory_mb, pick_device, pick_dtype, reset_peak_memory, resolve_model, time_call,
-                   write_text)
+from oracle import (ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64)
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, apply_quick, bootstrap_ci, check, cli, comma_list, common_args,
+                   fmt, fmt_ci, generate_images, image_grid, load_data, load_image_encoder, load_pipeline, md_table,
+                   peak_memory_mb, reset_peak_memory, resolve_model, start_run, time_call, write_text)
 
 DEFAULT_MODELS = "shapes-tiny,shapes-tiny-4k"
 FIDELITY_MODES = ("auto", "oracle", "alignment")
@@ -44,13 +42,13 @@ QUICK = {"n_prompts": 2, "seeds_per_prompt": 2, "batch_size": 2, "max_steps": 2,
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default=DEFAULT_MODELS,
+    p.add_argument("--models", type=comma_list(), default=DEFAULT_MODELS,
                    help="comma-separated registry names (shapes-tiny, shapes-tiny-4k, sd21, sd-turbo, sdxl, "
                         "sdxl-turbo, sd35-medium), local pipeline folders or hub ids")
     p.add_argument("--n-prompts", type=int, default=24, help="prompts per kind (shapes world) or data captions")
-    p.add_argument("--kinds", default="single,two", help="prompt kinds in the shapes world: single, two")
+    p.add_argument("--kinds", type=comma_list(), default="single,two",
+                   help="prompt kinds in the shapes world: single, two")
     p.add_argument("--seeds-per-prompt", type=int, default=2, help="images per prompt (seeds seed + k)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompt list and of image k's noise (seed + k)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps for every model (default: each model's own)")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (= one timed batch)")
     p.add_argument("--timed-batches", type=int, default=3, help="timed batches after the warm-up batch (>= 3)")
@@ -61,33 +59,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", default=str(fidelity.DEFAULT_HEADS), help="retrieval heads.pt for --fidelity alignment")
     p.add_argument("--no-fd", action="store_true", help="skip the Fréchet distance")
     p.add_argument("--grid-rows", type=int, default=6, help="prompts shown in grid.png (first seed of each)")
-    p.add_argument("--run-name", default=None, help="run folder name under outputs/task_a (default: timestamp)")
-    p.add_argument("--outputs", default=str(OUTPUTS), help="outputs root")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (fp32 CPU, bf16/fp16 GPU)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--wandb", action="store_true", help="log each model's numbers to wandb (offline unless WANDB_MODE)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: {QUICK['n_prompts']} prompts per kind x {QUICK['seeds_per_prompt']} seeds, "
-                        f"batches of {QUICK['batch_size']}, <= {QUICK['max_steps']} steps")
+    run = common_args(p, "task_a", QUICK,
+                      helps={"seed": "seed of the prompt list and of image k's noise (seed + k)"})
+    run.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (fp32 CPU, bf16/fp16 GPU)")
     args = p.parse_args(argv)
-    if args.quick:
-        args.n_prompts = min(args.n_prompts, QUICK["n_prompts"])
-        args.seeds_per_prompt = min(args.seeds_per_prompt, QUICK["seeds_per_prompt"])
-        args.batch_size = min(args.batch_size, QUICK["batch_size"])
-        args.grid_rows = min(args.grid_rows, QUICK["grid_rows"])
-    args.run_name = args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    apply_quick(args, p, QUICK)
     check_args(args)
     return args
 
 
 def check_args(args: argparse.Namespace) -> None:
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     check(bool(args.models), "--models is empty; give registry names, folders or hub ids separated by commas")
     args.specs = [resolve_model(m) for m in args.models]  # unknown names fail here, before anything slow
     names = [s["name"] for s in args.specs]
     check(len(set(names)) == len(names), f"--models names a model twice: {', '.join(names)}")
-    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for kind in args.kinds:
         check(kind in gd.KINDS, f"unknown prompt kind {kind!r} in --kinds; choose from {', '.join(gd.KINDS)}")
     check(bool(args.kinds), "--kinds is empty")
@@ -122,8 +107,11 @@ def fidelity_mode(args: argparse.Namespace, data: dict) -> str:
     return args.fidelity
 
 
-def score_fidelity(mode: str, images: np.ndarray, prompts: list, texts: list[str], oracle, args) -> dict:
-    """Mean fidelity with a bootstrap 95% CI over images, plus the oracle's per-kind attribute rates."""
+def score_fidelity(mode: str, images: np.ndarray, prompts: list, texts: list[str], args, oracle=None,
+                   device=None) -> dict:
+    """Mean fidelity with a bootstrap 95% CI over images, plus the oracle's per-kind attribute rates.
+
+    `oracle` scores in "oracle" mode; "alignment" mode runs the retrieval heads (`args.heads`) on `device`."""
     if mode == "oracle":
         scores = oracle.score(images, prompts)
         values = [float(s["all"]) for s in scores]
@@ -132,7 +120,7 @@ def score_fidelity(mode: str, images: np.ndarray, prompts: list, texts: list[str
         detail = {"per_kind": kinds, "attributes": summarize_scores(scores)}
         metric = "oracle all-correct rate"
     else:
-        values = fidelity.alignment_score(images, texts, args.heads, oracle)
+        values = fidelity.alignment_score(images, texts, args.heads, device=device)
         detail, metric = {}, "alignment score (0-100, retrieval heads)"
     est = bootstrap_ci(values, seed=args.seed)
     return {"fidelity": est["mean"], "fidelity_ci95": est["ci95"], "fidelity_metric": metric, **detail}
@@ -205,7 +193,7 @@ def evaluate_model(model: str, texts, prompts, seeds, mode, oracle, real_feats, 
            "peak_mem_kind": "CUDA allocator peak" if device.type == "cuda" else
                             "process peak RSS so far (CPU peak cannot be reset between models)",
            "load_s": round(load_s, 2)}
-    row.update(score_fidelity(mode, small, prompts, texts, oracle if mode == "oracle" else device, args))
+    row.update(score_fidelity(mode, small, prompts, texts, args, oracle=oracle, device=device))
     row["fd"] = row["fd_real_vs_real"] = None
     if real_feats is not None:
         n = len(small)
@@ -221,7 +209,7 @@ def real_features(args: argparse.Namespace, n: int, device):
     """EfficientNet features of 2n real images (the reference set and the floor's second set), cached on disk."""
     real = fidelity.real_pool(args.data, 2 * n)
     ref, other = fidelity.real_reference_split(len(real), n, args.seed)
-    enc = load_image_encoder(DEFAULT_IMAGE_ENCODER, device)
+    enc = load_image_encoder(DEFAULT_IMAGE_ENCODER, device=device)
     return fidelity.real_fd_features(real, np.concatenate([ref, other]), *enc), enc
 
 
@@ -298,12 +286,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t_start = time.time()
-    device = pick_device(args.device)
-    dtype = pick_dtype(device, args.dtype)
-
     # 1. data, prompts, shared seeds, and the scorer (oracle or retrieval heads)
     data = load_data(args.data, splits=["test"])
     mode = fidelity_mode(args, data)
@@ -311,30 +293,29 @@ def main(argv: Sequence[str] | None = None) -> dict:
     texts = [t for t in texts for _ in range(args.seeds_per_prompt)]
     prompts = [p for p in prompts for _ in range(args.seeds_per_prompt)]
     seeds = [args.seed + k for k in range(len(texts))]
-    oracle = Oracle.load(args.oracle, device) if mode == "oracle" else None
     if mode == "alignment":
         check(Path(args.heads).is_file(), f"retrieval checkpoint not found: {args.heads} (run `python retrieval.py`)")
-    config = {k: v for k, v in vars(args).items() if k != "specs"}
-    run_dir = make_run_dir("task_a", args.run_name, config, args.outputs)
-    run = init_wandb(args.wandb, "task_a", config, args.run_name)
+    run = start_run("task_a", args, config={k: v for k, v in vars(args).items() if k != "specs"})
+    oracle = Oracle.load(args.oracle, run.device) if mode == "oracle" else None
 
     # 2. real features for FD (the reference set and, for the floor, a second disjoint set of the same size)
-    real_feats, enc = (None, None) if args.no_fd else real_features(args, len(texts), device)
+    with run.step("real_features"):
+        real_feats, enc = (None, None) if args.no_fd else real_features(args, len(texts), run.device)
 
     # 3. every model at its own settings on the same prompts and seeds
     metrics = {"models": {}, "n_prompts": len(texts) // args.seeds_per_prompt, "seeds_per_prompt": args.seeds_per_prompt,
                "n_images": len(texts), "seed": args.seed, "prompt_source": source, "fidelity_mode": mode,
-               "batch_size": args.batch_size, "timed_batches": args.timed_batches, "device": str(device),
+               "batch_size": args.batch_size, "timed_batches": args.timed_batches, "device": str(run.device),
                "threads": torch.get_num_threads()}
     images = {}
     for model, spec in zip(args.models, args.specs):
         print(f"{spec['name']}: generating {len(texts)} images")
-        row, images[spec["name"]] = evaluate_model(model, texts, prompts, seeds, mode, oracle, real_feats, enc, args,
-                                                   device, dtype)
+        with run.step(spec["name"]):
+            row, images[spec["name"]] = evaluate_model(model, texts, prompts, seeds, mode, oracle, real_feats, enc,
+                                                       args, run.device, run.dtype)
         metrics["models"][spec["name"]] = row
         metrics["fidelity_metric"] = row["fidelity_metric"]
-        if run is not None:
-            run.log({f"{spec['name']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
+        run.log({f"{spec['name']}/{k}": v for k, v in row.items() if isinstance(v, (int, float))})
         print(f"  {row['sec_per_image']:.3f} s/image, fidelity {row['fidelity']:.3f} "
               f"[{row['fidelity_ci95'][0]:.3f}, {row['fidelity_ci95'][1]:.3f}], FD {fmt(row['fd'], '.1f')} "
               f"(floor {fmt(row['fd_real_vs_real'], '.1f')})")
@@ -342,16 +323,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # 4. grid, table, metrics
     shown = [i * args.seeds_per_prompt for i in range(min(args.grid_rows, metrics["n_prompts"]))]
     if shown:
-        write_grid(run_dir / "grid.png", images, texts, shown)
-    write_text(run_dir / "results.md", results_markdown(metrics))
-    metrics["seconds"] = round(time.time() - t_start, 1)
-    finish_run(run_dir, metrics)
-    if run is not None:
-        run.finish()
+        write_grid(run.dir / "grid.png", images, texts, shown)
+    write_text(run.dir / "results.md", results_markdown(metrics))
+    run.finish(metrics)
     print(comparison_sentence(metrics))
     for group in same_weights(metrics):
         print(f"note: {' and '.join(group)} have identical denoiser weights")
-    print(f"wrote {run_dir} ({metrics['seconds']} s)")
+    print(f"wrote {run.dir} ({metrics['timings']['total_s']} s)")
     return metrics
 
 

@@ -45,13 +45,11 @@ and cells/ (their images).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import hashlib
 import inspect
 import itertools
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -59,11 +57,11 @@ import numpy as np
 
 import fidelity
 import generate_data as gd
-from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
-from utils import (DEFAULT_IMAGE_ENCODER, OUTPUTS, ImageStore, UserError, bootstrap_ci, check, cli, finish_run, fmt,
-                   fmt_ci, fmt_delta, generate_images, image_grid, init_wandb, load_image_encoder, load_pipeline,
-                   make_run_dir, make_scheduler, md_table, model_fingerprint, pick_device, pyplot, read_json,
-                   resolve_model, time_call, write_json, write_text)
+from oracle import (ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64)
+from utils import (DEFAULT_IMAGE_ENCODER, ImageStore, UserError, apply_quick, bootstrap_ci, check, cli, comma_list,
+                   common_args, fmt, fmt_ci, fmt_delta, generate_images, image_grid, load_image_encoder, load_pipeline,
+                   make_scheduler, md_table, model_fingerprint, pyplot, read_json, resolve_model, start_run, time_call,
+                   write_json, write_text)
 
 EXPERIMENTS = ("schedulers", "steps", "cfg", "eta", "negative", "trajectory", "grid", "cell")
 DEFAULT_EXPERIMENTS = ("schedulers", "steps", "cfg")
@@ -92,20 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "cell when --scheduler/--steps/--guidance is given)")
     p.add_argument("--n-prompts", type=int, default=8, help="single-object prompts per cell (>= 8 for the study)")
     p.add_argument("--seeds", type=int, default=4, help="seeds per prompt (>= 4 for the study)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompt list and of the noise (seed + j)")
-    p.add_argument("--kinds", default="single", help="prompt kinds: single, two (comma-separated)")
+    p.add_argument("--kinds", type=comma_list(), default="single", help="prompt kinds: single, two (comma-separated)")
     p.add_argument("--fidelity-key", default="all",
                    help=f"oracle rate reported as fidelity_mean: {', '.join(FIDELITY_KEYS)}")
-    p.add_argument("--zoo", default=",".join(SCHEDULERS),
+    p.add_argument("--zoo", type=comma_list(resolve_scheduler), default=",".join(SCHEDULERS),
                    help=f"schedulers of the schedulers/trajectory experiments: short names ({', '.join(SCHEDULERS)}) "
                         "or diffusers class names")
-    p.add_argument("--sched-steps", default="3,6,12", help="step counts of the schedulers experiment")
+    p.add_argument("--sched-steps", type=comma_list(int, lo=1), default="3,6,12",
+                   help="step counts of the schedulers experiment")
     p.add_argument("--true-ddpm", action="store_true",
                    help="schedulers experiment: add DDPM at all num_train_timesteps steps (the original sampler)")
-    p.add_argument("--steps-list", default="1,2,3,6,12,24", help="step counts of the steps experiment")
-    p.add_argument("--cfg-list", default="1,3,5,7,9", help="guidance scales of the cfg experiment")
+    p.add_argument("--steps-list", type=comma_list(int, lo=1), default="1,2,3,6,12,24",
+                   help="step counts of the steps experiment")
+    p.add_argument("--cfg-list", type=comma_list(float, lo=0), default="1,3,5,7,9",
+                   help="guidance scales of the cfg experiment")
     p.add_argument("--cfg-steps", type=int, default=12, help="steps of the cfg experiment")
-    p.add_argument("--eta-list", default="0,0.5,1", help="DDIM eta values of the eta experiment")
+    p.add_argument("--eta-list", type=comma_list(float), default="0,0.5,1",
+                   help="DDIM eta values of the eta experiment")
     p.add_argument("--eta-steps", type=int, default=12, help="steps of the eta experiment")
     p.add_argument("--neg-steps", type=int, default=12, help="steps of the negative experiment")
     p.add_argument("--traj-steps", type=int, default=12, help="steps of the trajectory experiment")
@@ -118,21 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-repeats", type=int, default=3,
                    help="timed calls on one batch per cell after its generation (the warm-up); the fastest counts")
     p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder (oracle.py train)")
-    p.add_argument("--run-name", default=None, help="run folder under outputs/task_b (default: timestamp); "
-                                                   "an existing one is resumed")
-    p.add_argument("--outputs", default=str(OUTPUTS), help="outputs root")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--wandb", action="store_true", help="log every cell to wandb (offline unless WANDB_MODE says)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: {QUICK['n_prompts']} prompts x {QUICK['seeds']} seeds, schedulers "
-                        f"{QUICK['zoo']}, <= 2 steps")
+    common_args(p, "task_b", QUICK, helps={
+        "seed": "seed of the prompt list and of the noise (seed + j)",
+        "run_name": "run folder under <outputs>/task_b (default: the start time); an existing one is resumed",
+        "wandb": "log every cell, and the run's metrics, to wandb (offline unless WANDB_MODE=online)"})
     return p
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    args.run_name = args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_quick(args, parser, QUICK)
     check_args(args)
     return args
 
@@ -147,29 +144,16 @@ def check_args(args: argparse.Namespace) -> None:
         check(name in EXPERIMENTS, f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}, all")
     check(bool(names), f"--experiments is empty; valid: {', '.join(EXPERIMENTS)}, all")
     args.experiments = list(dict.fromkeys(names))
-    if args.quick:
-        args.n_prompts, args.seeds = min(args.n_prompts, QUICK["n_prompts"]), min(args.seeds, QUICK["seeds"])
-        for key in ("zoo", "sched_steps", "steps_list", "cfg_list", "eta_list"):
-            if getattr(args, key) == _default(key):
-                setattr(args, key, QUICK[key])
-        for key in ("cfg_steps", "eta_steps", "traj_steps", "neg_steps"):
-            setattr(args, key, min(getattr(args, key), QUICK[key]))
     check(args.n_prompts > 0 and args.seeds > 0, f"--n-prompts and --seeds must be positive, got {args.n_prompts} "
                                                   f"and {args.seeds}")
-    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     for kind in args.kinds:
         check(kind in gd.KINDS, f"unknown prompt kind {kind!r} in --kinds; choose from {', '.join(gd.KINDS)}")
     check(args.fidelity_key in FIDELITY_KEYS,
           f"unknown --fidelity-key {args.fidelity_key!r}; choose one of {', '.join(FIDELITY_KEYS)}")
-    args.zoo = [resolve_scheduler(s) for s in args.zoo.split(",") if s.strip()]
-    args.sched_steps = parse_list(args.sched_steps, "--sched-steps", int)
-    args.steps_list = parse_list(args.steps_list, "--steps-list", int)
-    args.cfg_list = parse_list(args.cfg_list, "--cfg-list", float)
-    args.eta_list = parse_list(args.eta_list, "--eta-list", float)
+    for name in ("zoo", "sched_steps", "steps_list", "cfg_list", "eta_list"):
+        check(bool(getattr(args, name)), f"--{name.replace('_', '-')} is empty")
     for name in ("cfg_steps", "eta_steps", "neg_steps", "traj_steps", "batch_size", "time_repeats"):
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    check(all(s > 0 for s in args.sched_steps + args.steps_list), "step counts must be positive")
-    check(all(g >= 0 for g in args.cfg_list), f"guidance scales must be >= 0, got {args.cfg_list}")
     check(args.steps is None or args.steps > 0, f"--steps must be positive, got {args.steps}")
     check(args.guidance is None or args.guidance >= 0, f"--guidance must be >= 0, got {args.guidance}")
     if args.scheduler is not None:
@@ -182,20 +166,6 @@ def check_args(args: argparse.Namespace) -> None:
         check(args.axes[0][0] != args.axes[1][0], f"--x and --y sweep the same argument {args.axes[0][0]!r}")
     check(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
     resolve_model(args.model)  # a bad model name fails before anything slow
-
-
-def _default(key: str) -> Any:
-    return {"zoo": ",".join(SCHEDULERS), "sched_steps": "3,6,12", "steps_list": "1,2,3,6,12,24",
-            "cfg_list": "1,3,5,7,9", "eta_list": "0,0.5,1"}[key]
-
-
-def parse_list(text: str, flag: str, kind: type) -> list:
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
-    check(bool(values), f"{flag} is empty")
-    return values
 
 
 def resolve_scheduler(name: str) -> str:
@@ -1082,21 +1052,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    t0 = time.time()
-    device = pick_device(args.device)
-
     # 1. model, oracle, feature encoder; grid names are checked against this pipeline before any cell runs
-    pipe, settings = load_pipeline(args.model, device=device)
+    run = start_run("task_b", args)
+    pipe, settings = load_pipeline(args.model, device=run.device)
     if args.axes:
         check_axes(args.axes, pipe)
-    oracle = Oracle.load(args.oracle, device)
-    encoder = load_image_encoder(DEFAULT_IMAGE_ENCODER, device)
-    config = {k: v for k, v in vars(args).items()}
-    run_dir = make_run_dir("task_b", args.run_name, config, args.outputs)
-    wandb_run = init_wandb(args.wandb, "task_b", config, args.run_name)
-    ctx = Context(args, pipe, settings, oracle, encoder, run_dir, wandb_run)
+    oracle = Oracle.load(args.oracle, run.device)
+    encoder = load_image_encoder(DEFAULT_IMAGE_ENCODER, run.device)
+    ctx = Context(args, pipe, settings, oracle, encoder, run.dir, run.wandb)
     if "grid" in args.experiments:  # every grid cell once on one image: a value nothing above caught fails here
         check_cells(ctx, grid_cells(ctx))
 
@@ -1105,29 +1068,25 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      "model_settings": {k: settings[k] for k in ("scheduler", "steps", "guidance", "size")},
                      "prompts": [p["text"] for p in ctx.prompts], "n_prompts": len(ctx.prompts),
                      "n_seeds": args.seeds, "seed": args.seed, "fidelity_key": args.fidelity_key,
-                     "batch_size": args.batch_size, "time_repeats": args.time_repeats, "device": str(device),
-                     "threads": torch.get_num_threads(), "experiments": {}, "timings": {}}
+                     "batch_size": args.batch_size, "time_repeats": args.time_repeats, "device": str(run.device),
+                     "threads": torch.get_num_threads(), "experiments": {}}
     for name in args.experiments:
         print(f"experiment {name}")
-        t = time.time()
-        cells = RUNNERS[name](ctx)
+        with run.step(name):
+            cells = RUNNERS[name](ctx)
         metrics["experiments"][name] = cells if name == "trajectory" else mark_no_effect(ctx, name, cells)
-        metrics["timings"][name + "_s"] = round(time.time() - t, 1)
 
     # 3. plots, contact sheets, findings, metrics
-    metrics["figures"] = make_plots(metrics, run_dir) + contact_sheets(ctx, metrics)
-    write_text(run_dir / "findings.md", findings_markdown(metrics))
-    metrics["timings"]["total_s"] = round(time.time() - t0, 1)
-    finish_run(run_dir, metrics)
-    if wandb_run is not None:
-        cells = [c for cs in metrics["experiments"].values() for c in scored(cs)]
-        if len(cells) == 1:  # the sweep's metric
-            wandb_run.summary["fidelity_mean"] = cells[0]["fidelity_mean"]
-        wandb_run.finish()
-    print(f"wrote {run_dir} ({metrics['timings']['total_s']} s)")
+    metrics["figures"] = make_plots(metrics, run.dir) + contact_sheets(ctx, metrics)
+    write_text(run.dir / "findings.md", findings_markdown(metrics))
+    cells = [c for cs in metrics["experiments"].values() for c in scored(cs)]
+    if run.wandb is not None and len(cells) == 1:  # the sweep's metric (sweeps/task_b.yaml)
+        run.wandb.summary["fidelity_mean"] = cells[0]["fidelity_mean"]
+    run.finish(metrics)
+    print(f"wrote {run.dir} ({metrics['timings']['total_s']} s)")
     failed = [c for cells in metrics["experiments"].values() for c in cells if "error" in c]
     n_cells = sum(len(cells) for cells in metrics["experiments"].values())
-    check(not failed, f"{len(failed)} of {n_cells} cells failed (listed in {run_dir / 'findings.md'}): "
+    check(not failed, f"{len(failed)} of {n_cells} cells failed (listed in {run.dir / 'findings.md'}): "
                       + "; ".join(f"{c['experiment']} {c['label']}: {c['error']}" for c in failed))
     return metrics
 

@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as dt
-import time
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import (Sequence)
 
 import numpy as np
 
 import retrieval
-from utils import (DEFAULT_DATA, category_names, check, ci_verdict, cli, cluster_bootstrap, finish_run, fmt, fmt_ci,
-                   load_data, make_run_dir, md_table, percentile_ci, pyplot, read_json, write_json, write_text)
+from utils import (DEFAULT_DATA, apply_quick, category_names, check, ci_verdict, cli, cluster_bootstrap, common_args,
+                   fmt, fmt_ci, load_data, md_table, percentile_ci, pyplot, read_json, start_run, write_json,
+                   write_text)
 
 # How each --rule ranks categories (lowest first): the per-category key of `category_rows` it ranks by, and what
 # it means in words.
@@ -52,8 +51,8 @@ RULES: dict[str, tuple[str, str]] = {
 }
 AUTO_RULE = "auto"
 SHARED_CAPTIONS = 0.5  # above this share of test captions shared by several images, captions name a class
-QUICK_EVAL_IMAGES = 200
-QUICK_BOOTSTRAP = 100
+# --quick: a quick baseline when one is trained here, and eval_images test images (a seeded subset).
+QUICK = {"bootstrap": 100, "no_umap": True, "eval_images": 200}
 TOP_PAIRS = 5
 # What a Spearman CI says (`utils.ci_verdict` of it) about frequency and recall.
 CORRELATION_WORDS = {
@@ -81,18 +80,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "most test captions are shared by several images, i.e. name a class; else "
                         "bottom-txt2img-R@10)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test images (>= 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap, the UMAP and any baseline trained here")
-    p.add_argument("--run-name", default=None, help="run folder name under outputs/task_c (default: timestamp)")
-    p.add_argument("--outputs", default="outputs", help="outputs root")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: quick baseline if one is trained, {QUICK_EVAL_IMAGES} test images, "
-                        f"{QUICK_BOOTSTRAP} resamples, no UMAP")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure (saves ~20 s)")
+    common_args(p, "task_c", QUICK, helps={"seed": "seed of the bootstrap, the UMAP and any baseline trained here"})
     args = p.parse_args(argv)
-    if args.quick:
-        args.bootstrap = min(args.bootstrap, QUICK_BOOTSTRAP)
-        args.no_umap = True
-    args.run_name = args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    apply_quick(args, p, QUICK)
     check_args(args)
     return args
 
@@ -151,7 +142,8 @@ def train_baseline(args: argparse.Namespace) -> Path:
     where = args.retrieval_run or Path(args.outputs) / "retrieval" / "latest"
     print(f"{where} has no heads trained on {args.data}: training a baseline as retrieval run {name!r}")
     retrieval.main(["--data", args.data, "--seed", str(args.seed), "--run-name", name, "--outputs", args.outputs,
-                    "--no-umap", *(["--quick"] if args.quick else [])])
+                    "--device", args.device, "--threads", str(args.threads), "--no-umap",
+                    *(["--quick"] if args.quick else [])])
     return (Path(args.outputs) / "retrieval" / name).resolve()
 
 
@@ -613,70 +605,63 @@ def print_summary(spearman: dict, targets: dict, run_dir: Path) -> None:
     print(f"wrote {run_dir}")
 
 
-# --------------------------------------------------------------------------- main
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    t0 = time.time()
-    timings: dict[str, float] = {}
-
-    # 1. the run to analyse (it decides the data), the data, then the run's heads (reused or trained)
-    run = choose_run(args)
-    data = load_data(args.data, [args.eval_split])
-    records = data["splits"][args.eval_split]
-    if args.quick:
-        records = retrieval.subset(records, QUICK_EVAL_IMAGES, args.seed + 1)
-    cat_ids = [c["id"] for c in data["categories"]]
-    names = category_names(data)
-    cat_names = [names[c] for c in cat_ids]
-    has = retrieval.category_matrix(records, cat_ids)
-    n_scored = int(has.any(axis=0).sum())
-    check(args.k_targets <= n_scored, f"--k-targets {args.k_targets} is more than the {n_scored} categories "
-                                      f"with {args.eval_split} images")
-    run = run or train_baseline(args)
+# --------------------------------------------------------------------------- steps of main
+def baseline_training(run: Path, data: dict) -> tuple[dict, list[dict]]:
+    """The retrieval run's arguments and the images its heads were trained on (its --max-train subset, same seed)."""
     cfg = read_json(run / "config.json")["args"]
     train_split = cfg.get("train_split", "train")
-    check(train_split in data["splits"], f"split {train_split!r} not in {args.data}; it has {sorted(data['splits'])}")
-    # The images the heads were trained on (retrieval.py's --max-train subset, same seed).
-    train = retrieval.subset(data["splits"][train_split], cfg.get("max_train", 0), cfg.get("seed", 0))
-    run_dir = make_run_dir("task_c", args.run_name, dict(vars(args), baseline_run=str(run)), args.outputs)
-    img_emb, txt_emb, cap2img = eval_embeddings(run, records)
-    captions = retrieval.flatten_captions(records)[0]
-    shared = shared_caption_share(captions, cap2img)
-    vocab = data_vocabulary(data, shared)
-    rule, why = resolve_rule(args.rule, shared)
-    timings["load_s"] = round(time.time() - t0, 2)
+    check(train_split in data["splits"], f"split {train_split!r} not in {data['pickle_path']}; it has "
+                                         f"{sorted(data['splits'])}")
+    return cfg, retrieval.subset(data["splits"][train_split], cfg.get("max_train", 0), cfg.get("seed", 0))
 
-    # 2. per-category metrics at both levels next to training frequency (the retrieval run's own index kind)
-    t = time.time()
+
+def category_metrics(emb: tuple, records: list[dict], has: np.ndarray, cat_ids: list[int], names: dict[int, str],
+                     train_counts: dict, cfg: dict) -> tuple[dict, dict, dict, np.ndarray]:
+    """Per-query, per-category and overall metrics at both levels (the retrieval run's own index kind).
+
+    Returns:
+        (per_q from `retrieval.retrieve_both`, per_cat, overall, (n_cap,) txt2img top-1 image of each caption).
+    """
+    img_emb, txt_emb, cap2img = emb
     index_kw = {"nlist": cfg.get("nlist", 64), "nprobe": cfg.get("nprobe", 8), "seed": cfg.get("seed", 0)}
     per_q = retrieval.retrieve_both(img_emb, txt_emb, cap2img, cfg.get("index", "flat"), has=has, cat_ids=cat_ids,
                                     **index_kw)
-    train_counts = retrieval.image_counts(train)
     per_cat = retrieval.per_category_metrics(per_q, records, cap2img, names, train_counts)
     overall = {d: retrieval.summarize(per_q[d]) for d in ("img2txt", "txt2img")}
     overall["category_level"] = {d: retrieval.summarize(per_q["category"][d]) for d in ("img2txt", "txt2img")}
     _, top = retrieval.search(retrieval.build_index(img_emb, cfg.get("index", "flat"), **index_kw), txt_emb, 1)
-    top1 = top[:, 0]
+    return per_q, per_cat, overall, top[:, 0]
 
-    # 3. does frequency predict recall? bootstrap over test images (same seed: the same resampled image sets)
-    freq = np.array([train_counts.get(c, 0) for c in cat_ids], dtype=np.float64)
-    sums = {"img2txt": per_image_sums(per_q["img2txt"]["R@10"], np.arange(len(records)), has),
+
+def frequency_vs_recall(per_q: dict, per_cat: dict, freq: np.ndarray, cat_names: list[str], cap2img: np.ndarray,
+                        has: np.ndarray, args: argparse.Namespace) -> tuple[dict, np.ndarray]:
+    """Spearman of training frequency vs R@10 (both directions) and vs txt2img mAP@R, bootstrapped over test
+    images (same seed: the same resampled image sets); and each category's txt2img R@10 95% CI, (n_cat, 2)."""
+    n_images = has.shape[0]
+    sums = {"img2txt": per_image_sums(per_q["img2txt"]["R@10"], np.arange(n_images), has),
             "txt2img": per_image_sums(per_q["txt2img"]["R@10"], cap2img, has)}
     spearman, boots = {}, {}
     for d in ("txt2img", "img2txt"):
         boots[d] = cluster_bootstrap(*sums[d], args.bootstrap, args.seed)[1]
         spearman[d] = spearman_with_ci(freq, np.array([per_cat[n][d]["R@10"] for n in cat_names]), boots[d])
     map_r = per_q["category"]["txt2img"]["by_category"]["mAP@R"]
-    boots["txt2img_mAP@R"] = cluster_bootstrap(*per_image_category_sums(map_r, cap2img, len(records)),
+    boots["txt2img_mAP@R"] = cluster_bootstrap(*per_image_category_sums(map_r, cap2img, n_images),
                                                args.bootstrap, args.seed)[1]
     spearman["txt2img_mAP@R"] = spearman_with_ci(
         freq, np.array([per_cat[n]["category_level"]["txt2img"]["mAP@R"] for n in cat_names]), boots["txt2img_mAP@R"])
     with warnings.catch_warnings():  # all-NaN columns: categories without test images
         warnings.simplefilter("ignore")
         t2i_ci = np.nanpercentile(boots["txt2img"], [2.5, 97.5], axis=0).T
-    timings["metrics_s"] = round(time.time() - t, 2)
+    return spearman, t2i_ci
 
-    # 4. confusions among txt2img top-1 errors, and per-category hit@1
+
+def confusions(run_dir: Path, top1: np.ndarray, cap2img: np.ndarray, has: np.ndarray, per_cat: dict,
+               t2i_ci: np.ndarray, cat_ids: list[int], cat_names: list[str]) -> tuple[np.ndarray, dict, list[dict]]:
+    """Confusions among txt2img top-1 errors (confusion.csv) and per-category hit@1 and R@10 CI added to per_cat.
+
+    Returns:
+        (confusion counts, confusion summary with its top pairs, `category_rows`).
+    """
     counts, conf = confusion_counts(top1, cap2img, has)
     hit1 = category_hit_at_1(top1, cap2img, has)
     write_confusion_csv(run_dir / "confusion.csv", counts, cat_names)
@@ -684,55 +669,103 @@ def main(argv: Sequence[str] | None = None) -> dict:
         per_cat[name].update({"hit@1": float(hit1[j]), "txt2img_R@10_ci95": [float(v) for v in t2i_ci[j]],
                               "missing_in_wrong_top1": int(conf["missing_per_category"][j])})
     conf.pop("missing_per_category")
-    rows = category_rows(per_cat, cat_ids, cat_names)
     conf["top_pairs"] = top_pairs(counts, cat_names)
+    return counts, conf, category_rows(per_cat, cat_ids, cat_names)
 
-    # 5. targets: the rule's value per category, its gap to the other categories with a bootstrap CI
+
+def rank_by_rule(rows: list[dict], rule: str, per_q: dict, has: np.ndarray, cap2img: np.ndarray,
+                 args: argparse.Namespace) -> None:
+    """Each row's value under `rule`, its gap to the other categories with a bootstrap CI, and whether the CI
+    separates it (rows are updated in place; the rarest rule uses exact counts, without CIs)."""
     values = rule_values(rule, per_q, has, cap2img)
     if values is None:  # rarest: exact counts
         for r in rows:
             r.update({"value": float(r["train_count"]), "value_ci95": None, "gap_to_others": None, "gap_ci95": None,
                       "separated": None})
-    else:
-        boot = cluster_bootstrap(*per_image_category_sums(values[0], values[1], len(records)), args.bootstrap,
-                                 args.seed)[1]
-        point = np.array([r[RULES[rule][0]] for r in rows], dtype=np.float64)
-        gap, gap_ci = separation(point, boot)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            value_ci = np.nanpercentile(boot, [2.5, 97.5], axis=0).T
-        for j, r in enumerate(rows):
-            r.update({"value": float(point[j]), "value_ci95": [float(v) for v in value_ci[j]],
-                      "gap_to_others": float(gap[j]), "gap_ci95": [float(v) for v in gap_ci[j]],
-                      "separated": bool(np.isfinite(gap_ci[j, 1]) and gap_ci[j, 1] < 0)})
-    chosen, separable = pick_targets(rows, rule, args.k_targets)
-    targets = targets_record(rows, chosen, separable, rule, why, args, run)
-    write_json(run_dir / "targets.json", targets)
+        return
+    boot = cluster_bootstrap(*per_image_category_sums(values[0], values[1], has.shape[0]), args.bootstrap,
+                             args.seed)[1]
+    point = np.array([r[RULES[rule][0]] for r in rows], dtype=np.float64)
+    gap, gap_ci = separation(point, boot)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        value_ci = np.nanpercentile(boot, [2.5, 97.5], axis=0).T
+    for j, r in enumerate(rows):
+        r.update({"value": float(point[j]), "value_ci95": [float(v) for v in value_ci[j]],
+                  "gap_to_others": float(gap[j]), "gap_ci95": [float(v) for v in gap_ci[j]],
+                  "separated": bool(np.isfinite(gap_ci[j, 1]) and gap_ci[j, 1] < 0)})
 
-    # 6. problem statement and metrics, generated from the numbers above; then `latest`
-    metrics = {"data": targets["data"], "baseline_run": str(run), "eval_split": args.eval_split,
-               "n_eval_images": len(records), "n_eval_captions": int(len(cap2img)), "n_bootstrap": args.bootstrap,
-               "overall": overall, "instance_ceiling_txt2img_R@10": instance_ceiling(captions, cap2img),
-               "vocabulary": vocab, "per_category": per_cat, "categories": rows, "spearman": spearman,
-               "confusion": conf, "targets": targets, "umap": not args.no_umap}
-    write_text(run_dir / "problem.md", problem_markdown(metrics))
-    timings["total_s"] = round(time.time() - t0, 2)
-    metrics["timings"] = timings
-    finish_run(run_dir, metrics)
 
-    # 7. figures, after the results: a failing one is a warning line in the log and in metrics.json
-    t = time.time()
-    figures = {"confusion.png": retrieval.optional_figure(run_dir / "confusion.png", plot_confusion, counts, cat_names),
-               "recall_vs_frequency.png": retrieval.optional_figure(run_dir / "recall_vs_frequency.png",
-                                                                    plot_recall_vs_frequency, rows)}
+def figures(run_dir: Path, counts: np.ndarray, cat_names: list[str], rows: list[dict], records: list[dict],
+            names: dict[int, str], emb: tuple, args: argparse.Namespace) -> dict:
+    """The figures, after the results: a failing one is a warning line in the log and in metrics.json."""
+    img_emb, txt_emb, cap2img = emb
+    out = {"confusion.png": retrieval.optional_figure(run_dir / "confusion.png", plot_confusion, counts, cat_names),
+           "recall_vs_frequency.png": retrieval.optional_figure(run_dir / "recall_vs_frequency.png",
+                                                                plot_recall_vs_frequency, rows)}
     if not args.no_umap:
         first = [names[r["category_ids"][0]] if r["category_ids"] else "none" for r in records]
-        figures["umap.png"] = retrieval.optional_figure(run_dir / "umap.png", retrieval.plot_umap, img_emb, txt_emb,
-                                                        first, [first[i] for i in cap2img], seed=args.seed)
-    metrics["figures"] = figures
-    metrics["timings"]["figures_s"] = round(time.time() - t, 2)
-    write_json(run_dir / "metrics.json", metrics)
-    print_summary(spearman, targets, run_dir)
+        out["umap.png"] = retrieval.optional_figure(run_dir / "umap.png", retrieval.plot_umap, img_emb, txt_emb,
+                                                    first, [first[i] for i in cap2img], seed=args.seed)
+    return out
+
+
+# --------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+
+    # 1. the run to analyse (it decides the data), the data, then the run's heads (reused or trained)
+    baseline = choose_run(args)
+    data = load_data(args.data, [args.eval_split])
+    records = data["splits"][args.eval_split]
+    if args.quick:
+        records = retrieval.subset(records, QUICK["eval_images"], args.seed + 1)
+    cat_ids = [c["id"] for c in data["categories"]]
+    names = category_names(data)
+    cat_names = [names[c] for c in cat_ids]
+    has = retrieval.category_matrix(records, cat_ids)
+    n_scored = int(has.any(axis=0).sum())
+    check(args.k_targets <= n_scored, f"--k-targets {args.k_targets} is more than the {n_scored} categories "
+                                      f"with {args.eval_split} images")
+    baseline = baseline or train_baseline(args)
+    cfg, train = baseline_training(baseline, data)
+    run = start_run("task_c", args, config=dict(vars(args), baseline_run=str(baseline)))
+    with run.step("load"):
+        emb = eval_embeddings(baseline, records)
+        cap2img = emb[2]
+        captions = retrieval.flatten_captions(records)[0]
+        shared = shared_caption_share(captions, cap2img)
+        rule, why = resolve_rule(args.rule, shared)
+
+    # 2. per-category metrics at both levels next to training frequency; does frequency predict recall?
+    with run.step("metrics"):
+        train_counts = retrieval.image_counts(train)
+        per_q, per_cat, overall, top1 = category_metrics(emb, records, has, cat_ids, names, train_counts, cfg)
+        freq = np.array([train_counts.get(c, 0) for c in cat_ids], dtype=np.float64)
+        spearman, t2i_ci = frequency_vs_recall(per_q, per_cat, freq, cat_names, cap2img, has, args)
+
+    # 3. confusions among txt2img top-1 errors; targets by the rule's value and its gap to the other categories
+    counts, conf, rows = confusions(run.dir, top1, cap2img, has, per_cat, t2i_ci, cat_ids, cat_names)
+    rank_by_rule(rows, rule, per_q, has, cap2img, args)
+    chosen, separable = pick_targets(rows, rule, args.k_targets)
+    targets = targets_record(rows, chosen, separable, rule, why, args, baseline)
+    write_json(run.dir / "targets.json", targets)
+
+    # 4. problem statement and metrics, generated from the numbers above; then `latest`
+    metrics = {"data": targets["data"], "baseline_run": str(baseline), "eval_split": args.eval_split,
+               "n_eval_images": len(records), "n_eval_captions": int(len(cap2img)), "n_bootstrap": args.bootstrap,
+               "overall": overall, "instance_ceiling_txt2img_R@10": instance_ceiling(captions, cap2img),
+               "vocabulary": data_vocabulary(data, shared), "per_category": per_cat, "categories": rows,
+               "spearman": spearman, "confusion": conf, "targets": targets, "umap": not args.no_umap}
+    write_text(run.dir / "problem.md", problem_markdown(metrics))
+    run.finish(metrics)
+
+    # 5. figures, after the results: a failing one is a warning line in the log and in metrics.json
+    with run.step("figures"):
+        metrics["figures"] = figures(run.dir, counts, cat_names, rows, records, names, emb, args)
+    metrics["timings"]["figures_s"] = run.timings["figures_s"]
+    write_json(run.dir / "metrics.json", metrics)
+    print_summary(spearman, targets, run.dir)
     return metrics
 
 

@@ -40,7 +40,6 @@ reused by every later run with the same model, sampler settings and prompt seed.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import os
 import time
 import warnings
@@ -51,9 +50,10 @@ import numpy as np
 
 import generate_data as gd
 import retrieval
-from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, UserError, category_names, check, ci_verdict, cli,
-                   cluster_bootstrap, finish_run, fmt, fmt_delta, fmt_est, image_grid, load_data, load_rgb,
-                   make_run_dir, md_table, percentile_ci, pick_device, pyplot, read_json, resolve_model, write_text)
+from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, apply_quick, category_names, check, ci_verdict, cli,
+                   cluster_bootstrap, comma_list, common_args, finish_run, fmt, fmt_delta, fmt_est, image_grid,
+                   load_data, load_rgb, make_run_dir, md_table, percentile_ci, pick_device, pyplot, read_json,
+                   resolve_model, write_text)
 
 DEFAULT_TARGETS = OUTPUTS / "task_c" / "latest" / "targets.json"
 DEFAULT_ORACLE = Path(__file__).resolve().parent / "models" / "shapes-oracle"
@@ -94,29 +94,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=None,
                    help="retrieval training epochs per arm and seed (default: the baseline run's own; every arm, "
                         "baseline included, gets the same epochs and the same best-epoch choice on val)")
-    p.add_argument("--arms", default="all",
+    p.add_argument("--arms", type=comma_list(), default="all",
                    help=f"comma-separated arms to train: {', '.join(ARMS)} or all; baseline is always trained, ratio "
                         "arms come with synthetic_filtered. Without synthetic/synthetic_filtered nothing is generated")
     p.add_argument("--n-seeds", type=int, default=3, help="training seeds per arm (seed, seed+1, ...; >= 3 for CIs)")
-    p.add_argument("--ratios", default="0.5,2",
+    p.add_argument("--ratios", type=comma_list(float), default="0.5,2",
                    help="ratio ablation: comma-separated multiples of the accepted synthetic images ('' for none)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of test images and seeds")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prompts, image noise, subsets and training")
     p.add_argument("--cache-dir", default=None, help="where generated images live (default: <outputs>/task_d/cache)")
-    p.add_argument("--run-name", default=None, help="run folder name under outputs/task_d (default: timestamp)")
-    p.add_argument("--outputs", default="outputs", help="outputs root")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: {QUICK['n_per_target']} images per target, <= {QUICK['steps']} sampler steps, "
-                        f"{QUICK['epochs']} epochs, <= {QUICK['max_train']} train / {QUICK['max_eval']} test images, "
-                        f"{QUICK['bootstrap']} resamples")
+    common_args(p, "task_d", QUICK, omit=("wandb",),  # --wandb comes with main's restructuring
+                helps={"seed": "seed of the prompts, image noise, subsets and training"})
     args = p.parse_args(argv)
-    if args.quick:
-        args.n_per_target = min(args.n_per_target, QUICK["n_per_target"])
-        args.epochs = min(args.epochs or QUICK["epochs"], QUICK["epochs"])
-        args.bootstrap = min(args.bootstrap, QUICK["bootstrap"])
-    args.run_name = args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    apply_quick(args, p, {k: v for k, v in QUICK.items() if k != "steps"})  # steps: a cap (sampler_settings)
     check_args(args)
     return args
 
@@ -125,7 +114,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("n_per_target", "gen_batch_size", "bootstrap"):
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check(args.epochs is None or args.epochs > 0, f"--epochs must be positive, got {args.epochs}")
-    arms = list(ARMS) if args.arms.strip() == "all" else [a.strip() for a in args.arms.split(",") if a.strip()]
+    arms = list(ARMS) if args.arms == ["all"] else args.arms
     for arm in arms:
         check(arm in ARMS, f"unknown arm {arm!r} in --arms; choose from {', '.join(ARMS)} or all")
     args.arms = [a for a in ARMS if a in arms or a == "baseline"]
@@ -135,12 +124,8 @@ def check_args(args: argparse.Namespace) -> None:
     check(0 <= args.min_score <= 1, f"--min-score must be in 0..1, got {args.min_score}")
     check(args.min_alignment <= 100, f"--min-alignment must be <= 100, got {args.min_alignment}")
     check(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
-    try:
-        ratios = [float(r) for r in args.ratios.split(",") if r.strip()]
-    except ValueError:
-        raise UserError(f"--ratios must be comma-separated numbers, got {args.ratios!r}") from None
-    check(all(r > 0 for r in ratios), f"--ratios must be positive, got {args.ratios!r}")
-    args.ratios = [r for r in dict.fromkeys(ratios) if r != 1.0]  # 1x is synthetic_filtered itself
+    check(all(r > 0 for r in args.ratios), f"--ratios must be positive, got {', '.join(f'{r:g}' for r in args.ratios)}")
+    args.ratios = [r for r in dict.fromkeys(args.ratios) if r != 1.0]  # 1x is synthetic_filtered itself
     if "synthetic_filtered" not in args.arms:
         args.ratios = []  # ratio arms are multiples of synthetic_filtered's accepted images
 

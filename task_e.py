@@ -32,7 +32,6 @@ edit_success.png, edit_grid.png (and generated/ and edited/, the resumable image
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import time
 from pathlib import Path
 from typing import Sequence
@@ -42,11 +41,11 @@ from tqdm.auto import tqdm
 
 import generate_data as gd
 import retrieval
-from oracle import DEFAULT_ORACLE, Oracle
-from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, UserError, bootstrap_ci, category_names, check, ci_verdict, cli,
-                   encode_images, finish_run, fmt, fmt_delta, fmt_est, image_grid, l2_normalize, load_data,
-                   load_image_encoder, load_pipeline, make_run_dir, md_table, pick_device, pyplot, read_json, time_call,
-                   write_text)
+from oracle import (DEFAULT_ORACLE, Oracle)
+from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, apply_quick, bootstrap_ci, category_names, check, ci_verdict, cli,
+                   comma_list, common_args, encode_images, finish_run, fmt, fmt_delta, fmt_est, image_grid,
+                   l2_normalize, load_data, load_image_encoder, load_pipeline, make_run_dir, md_table, pick_device,
+                   pyplot, read_json, time_call, write_text)
 
 MAX_K = 8  # generated images per query at most; also the seed stride per query (seeds seed + MAX_K * caption + i)
 FUSIONS = ("weighted", "rrf")
@@ -81,41 +80,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-val-queries", type=int, default=24, help="random val captions the fusion weights are chosen on")
     p.add_argument("--eval-split", default="test", help="split of the reported queries and index")
     p.add_argument("--val-split", default="val", help="split the fusion weights are chosen on")
-    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="comma-separated fusion weights w in [0, 1] to choose from")
+    p.add_argument("--weights", type=comma_list(float, lo=0, hi=1), default=DEFAULT_WEIGHTS,
+                   help="comma-separated fusion weights w in [0, 1] to choose from")
     p.add_argument("--rrf-c", type=float, default=60.0, help="reciprocal-rank-fusion constant c (> 0)")
     p.add_argument("--n-edits", type=int, default=8, help="edited source scenes per edit kind (0 = skip editing)")
-    p.add_argument("--edit-kinds", default=",".join(EDIT_KINDS), help=f"comma-separated: {', '.join(EDIT_KINDS)}")
-    p.add_argument("--strengths", default=DEFAULT_STRENGTHS, help="comma-separated img2img strengths in (0, 1]")
+    p.add_argument("--edit-kinds", type=comma_list(), default=",".join(EDIT_KINDS),
+                   help=f"comma-separated: {', '.join(EDIT_KINDS)}")
+    p.add_argument("--strengths", type=comma_list(float), default=DEFAULT_STRENGTHS,
+                   help="comma-separated img2img strengths in (0, 1]")
     p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder (oracle.py train)")
     p.add_argument("--grid-rows", type=int, default=8, help="edit examples shown in edit_grid.png")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the queries (>= 1)")
     p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
-    p.add_argument("--seed", type=int, default=0, help="seed of the query draw, the bootstrap and every image's noise")
-    p.add_argument("--run-name", default=None, help="run folder under outputs/task_e (default: timestamp); the same "
-                                                    "name resumes the generation")
-    p.add_argument("--outputs", default="outputs", help="outputs root")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: {n_queries} + 2 x {n_subset_queries} test and {n_val_queries} val queries, "
-                        "{n_edits} edits per kind, {bootstrap} resamples".format(**QUICK))
+    common_args(p, "task_e", QUICK, omit=("wandb",), helps={  # --wandb comes with main's restructuring
+        "seed": "seed of the query draw, the bootstrap and every image's noise",
+        "run_name": "run folder under <outputs>/task_e (default: the start time); the same name resumes the "
+                    "generation"})
     args = p.parse_args(argv)
-    if args.quick:
-        for key, value in QUICK.items():
-            setattr(args, key, min(getattr(args, key), value))
-    args.run_name = args.run_name or dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    apply_quick(args, p, QUICK)
     check_args(args)
     return args
-
-
-def parse_floats(text: str, flag: str) -> list[float]:
-    """Comma-separated numbers, with a one-line error naming the flag."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    check(len(values) > 0, f"{flag} needs at least one value")
-    return values
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -130,15 +114,15 @@ def check_args(args: argparse.Namespace) -> None:
     check(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
     check(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
     check(args.rrf_c > 0, f"--rrf-c must be > 0, got {args.rrf_c}")
-    args.weight_grid = sorted(set(parse_floats(args.weights, "--weights")))
-    for w in args.weight_grid:
-        check(0 <= w <= 1, f"--weights must lie in [0, 1], got {w:g}")
-    args.strength_list = sorted(set(parse_floats(args.strengths, "--strengths")))
+    check(len(args.weights) > 0, "--weights needs at least one value")
+    args.weight_grid = sorted(set(args.weights))
+    check(len(args.strengths) > 0, "--strengths needs at least one value")
+    args.strength_list = sorted(set(args.strengths))
     for s in args.strength_list:
         check(0 < s <= 1, f"--strengths must lie in (0, 1], got {s:g}")
-    args.edit_kind_list = [k.strip() for k in args.edit_kinds.split(",") if k.strip()]
-    check(args.edit_kind_list and set(args.edit_kind_list) <= set(EDIT_KINDS),
-          f"--edit-kinds must be a comma-separated subset of {', '.join(EDIT_KINDS)}, got {args.edit_kinds!r}")
+    args.edit_kind_list = args.edit_kinds
+    check(args.edit_kind_list and set(args.edit_kind_list) <= set(EDIT_KINDS), f"--edit-kinds must be a "
+          f"comma-separated subset of {', '.join(EDIT_KINDS)}, got {','.join(args.edit_kinds)!r}")
     check(Path(args.data).is_file(), f"data file not found: {args.data} (run `python generate_data.py` first)")
     check(Path(args.heads).is_file(), f"retrieval checkpoint not found: {args.heads} (run `python retrieval.py` first)")
 

@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils import (DEFAULT_DATA, REPO, UserError, check, cli, generate_images, git_commit, image_grid, library_versions,
-                   load_data, model_card, pick_device, pick_dtype, read_json, set_seed, write_json, write_text)
+from utils import (DEFAULT_DATA, REPO, UserError, apply_preset, apply_quick, check, cli, comma_list, common_args,
+                   generate_images, git_commit, image_grid, library_versions, load_data, model_card, pick_device,
+                   pick_dtype, read_json, set_seed, set_threads, start_run, write_json, write_text)
 
 DEFAULT_OUT = REPO / "models" / "shapes-sd-tiny"
 CHECKPOINTS = REPO / "checkpoints"
@@ -154,7 +155,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--cpu-minutes", type=float, default=0,
                        help="stop the UNet stage after this much process CPU time, all threads summed, carried "
                             "over resumes (0: no limit); fair under shared cores, unlike --max-minutes")
-    train.add_argument("--snapshot-cpu-minutes", default="",
+    train.add_argument("--snapshot-cpu-minutes", type=comma_list(float), default="",
                        help="comma-separated CPU-minute marks at which an EMA pipeline is saved to "
                             "<ckpt-dir>/snapshots/cpuNNN (the points of a learning curve)")
     train.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every this many steps (> 0)")
@@ -162,25 +163,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     sample = parser.add_argument_group("sampling (grids and the recommended setting)")
     sample.add_argument("--sample-steps", type=int, default=20, help="DPM-Solver++ steps (> 0)")
     sample.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (>= 1)")
-    run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0, help="seed of every random draw (>= 0)")
-    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    # Writes --out and --ckpt-dir, not a run folder; training is logged in <out>/training_log.json.
+    run = common_args(parser, "models", QUICK, omit=("run_name", "outputs", "wandb"),
+                      helps={"seed": "seed of every random draw (>= 0)"})
     run.add_argument("--dtype", default="auto",
                      help="autocast dtype for training on GPU: float32, bfloat16, float16 or auto (CPU: float32)")
-    run.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     run.add_argument("--eval-images", type=int, default=500, help="held-out images for the autoencoder PSNR (> 0)")
-    run.add_argument("--quick", action="store_true",
-                     help="tiny models, a few steps, 64 images: the whole script in < 60 s on CPU (for tests)")
     args = parser.parse_args(argv)
     design = {}
     if args.design is not None:
         check(args.design in DESIGNS, f"unknown design {args.design!r}; valid: {', '.join(DESIGNS)}")
         design = DESIGNS[args.design]
     # Explicit flags win over a design, and a design over --quick (which only shrinks what the design leaves).
-    for preset in (design, {k: v for k, v in QUICK.items() if k not in design} if args.quick else {}):
-        for key, value in preset.items():
-            if parser.get_default(key) == getattr(args, key):
-                setattr(args, key, value)
+    apply_preset(args, parser, design)
+    apply_quick(args, parser, {k: v for k, v in QUICK.items() if k not in design})
     check_args(args)
     return args
 
@@ -219,17 +215,14 @@ def check_args(args: argparse.Namespace) -> None:
         check(width % args.attn_head_dim == 0, f"--attn-head-dim {args.attn_head_dim} must divide UNet width {width}")
     check(args.attn_levels < len(args.unet_widths),
           f"--attn-levels {args.attn_levels} must be below the {len(args.unet_widths)} UNet levels")
-    args.snapshot_marks = _marks(args.snapshot_cpu_minutes)
+    args.snapshot_marks = _marks(args.snapshot_cpu_minutes, "--snapshot-cpu-minutes")
     args.ckpt_dir = args.ckpt_dir or CHECKPOINTS / args.out.name
 
 
-def _marks(text: str) -> tuple[float, ...]:
-    try:
-        marks = tuple(sorted(float(v) for v in text.split(",") if v.strip()))
-    except ValueError:
-        raise UserError(f"--snapshot-cpu-minutes must be comma-separated minutes, got {text!r}") from None
-    check(all(m > 0 for m in marks), f"--snapshot-cpu-minutes must be > 0, got {text!r}")
-    return marks
+def _marks(minutes: list[float], flag: str) -> tuple[float, ...]:
+    """CPU-minute marks in increasing order, each > 0."""
+    check(all(m > 0 for m in minutes), f"{flag} must be > 0, got {', '.join(f'{m:g}' for m in minutes)}")
+    return tuple(sorted(minutes))
 
 
 def check_architecture(args) -> None:
@@ -408,8 +401,11 @@ def train_vae(args, images, eval_images, device, deadline: float) -> tuple:
     step, losses, seconds = 0, [], 0.0
     if state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
-        vae.load_state_dict(state["model"]); opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"]); step, losses, seconds = state["step"], state["losses"], state["seconds"]
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        step, losses, seconds = state["step"], state["losses"], state["seconds"]
 
     def save():
         atomic_save({"model": vae.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
@@ -430,10 +426,12 @@ def train_vae(args, images, eval_images, device, deadline: float) -> tuple:
             loss = rec + args.kl_weight * posterior.kl().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step(); sched.step()
+            opt.step()
+            sched.step()
             step += 1
             losses.append(round(rec.item(), 5))
-            bar.update(1); bar.set_postfix(loss=f"{float(rec):.4f}")
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(rec):.4f}")
             if step % 250 == 0:
                 seconds = time.time() - start
                 save()
@@ -456,7 +454,8 @@ def train_vae(args, images, eval_images, device, deadline: float) -> tuple:
 def save_vae_atomically(vae, folder: Path) -> None:
     """save_pretrained into a sibling folder, then swap it in (a reader never sees half a model)."""
     tmp, old = folder.with_name(folder.name + ".new"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True); shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     vae.save_pretrained(tmp)
     os.replace(folder, old)
     os.replace(tmp, folder)
@@ -490,7 +489,8 @@ def finetune_decoder(args, images, eval_images, device) -> dict:
         loss.backward()
         opt.step()
         step += 1
-        bar.update(1); bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 200 == 0:
             save_vae_atomically(vae, folder)
     bar.close()
@@ -512,7 +512,8 @@ def encode_latents(args, vae, images, device) -> dict:
     with torch.inference_mode():
         for start in tqdm(range(0, len(images), 256), desc="latents", leave=False):
             dist = vae.encode(to_unit(images[start:start + 256], device)).latent_dist
-            means.append(dist.mean.cpu()); stds.append(dist.std.cpu())
+            means.append(dist.mean.cpu())
+            stds.append(dist.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     scaling = float(1.0 / torch.sqrt(mean.var() + std.pow(2).mean()))  # std of posterior samples
     latents = {"mean": mean.half(), "std": std.half(), "scaling_factor": scaling}
@@ -621,11 +622,16 @@ class Trainer:
 
     def load(self) -> None:
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
-        self.unet.load_state_dict(state["unet"]); self.text_encoder.load_state_dict(state["text"])
-        self.ema_unet.load_state_dict(state["ema_unet"]); self.ema_text.load_state_dict(state["ema_text"])
-        self.ema_unet.to(self.device); self.ema_text.to(self.device)
-        self.opt.load_state_dict(state["opt"]); self.sched.load_state_dict(state["sched"])
-        self.gen.set_state(state["gen"]); torch.set_rng_state(state["torch_rng"])
+        self.unet.load_state_dict(state["unet"])
+        self.text_encoder.load_state_dict(state["text"])
+        self.ema_unet.load_state_dict(state["ema_unet"])
+        self.ema_text.load_state_dict(state["ema_text"])
+        self.ema_unet.to(self.device)
+        self.ema_text.to(self.device)
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
         self.step, self.seconds, self.log = state["step"], state["seconds"], state["log"]
         self.cpu_seconds = state.get("cpu_seconds", state["seconds"])
 
@@ -670,8 +676,10 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
-        self.opt.step(); self.sched.step()
-        self.ema_unet.step(self.unet.parameters()); self.ema_text.step(self.text_encoder.parameters())
+        self.opt.step()
+        self.sched.step()
+        self.ema_unet.step(self.unet.parameters())
+        self.ema_text.step(self.text_encoder.parameters())
         self.step += 1
         return float(loss)
 
@@ -726,7 +734,8 @@ class Trainer:
     def ema_modules(self):
         """Copies of the text encoder and UNet holding the EMA weights (training weights stay untouched)."""
         unet, text = copy.deepcopy(self.unet).eval(), copy.deepcopy(self.text_encoder).eval()
-        self.ema_unet.copy_to(unet.parameters()); self.ema_text.copy_to(text.parameters())
+        self.ema_unet.copy_to(unet.parameters())
+        self.ema_text.copy_to(text.parameters())
         return text, unet
 
     def pipeline(self):
@@ -834,31 +843,35 @@ def parse_study_args(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="train_diffusion.py study",
                                      description="Train several designs for the same CPU time and score their "
                                                  "learning curves with the oracle.")
-    parser.add_argument("--designs", default=",".join(DESIGNS), help=f"comma-separated, from {', '.join(DESIGNS)}")
+    parser.add_argument("--designs", type=comma_list(), default=",".join(DESIGNS),
+                        help=f"comma-separated, from {', '.join(DESIGNS)}")
     parser.add_argument("--cpu-minutes", type=float, default=30.0,
                         help="UNet-stage CPU minutes per design (process time, all threads; > 0)")
-    parser.add_argument("--eval-at", default="15,30", help="CPU-minute points of each curve to score (<= --cpu-minutes)")
+    parser.add_argument("--eval-at", type=comma_list(float), default="15,30",
+                        help="CPU-minute points of each curve to score (<= --cpu-minutes)")
     parser.add_argument("--jobs", type=int, default=2, help="designs trained at once, one torch thread each (> 0)")
     parser.add_argument("--n-prompts", type=int, default=200, help="prompts per kind (single, two) per point (> 0)")
-    parser.add_argument("--run-name", default="default", help="outputs/design_study/<run-name>; checkpoints likewise")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data.pkl to train on (split pretrain)")
     parser.add_argument("--oracle", type=Path, default=REPO / "models" / "shapes-oracle", help="oracle folder")
     parser.add_argument("--reference-model", type=Path, default=DEFAULT_OUT,
                         help="shipped model whose autoencoder ceiling is measured as a reference")
     parser.add_argument("--extra", default="",
                         help="more train_diffusion.py flags for every design, e.g. '--vae-steps 4 --quick' (tests)")
-    parser.add_argument("--outputs", type=Path, default=REPO / "outputs", help="outputs root (run: design_study/<run>)")
     parser.add_argument("--ckpt-root", type=Path, default=CHECKPOINTS / "design_study",
                         help="checkpoints of the designs go to <ckpt-root>/<run-name>/<design>")
+    # Scoring runs on CPU and each design trains with one thread (--jobs at once): no --device, --threads, --quick.
+    common_args(parser, "design_study", omit=("device", "threads", "seed", "quick"),
+                helps={"run_name": "run folder under <outputs>/design_study; checkpoints likewise under --ckpt-root"})
+    parser.set_defaults(run_name="default")  # a rerun of the same study resumes its designs
     args = parser.parse_args(argv)
-    args.design_list = [d.strip() for d in args.designs.split(",") if d.strip()]
-    unknown = [d for d in args.design_list if d not in DESIGNS]
-    check(not unknown and args.design_list, f"unknown design(s) {unknown or args.designs!r}; valid: {', '.join(DESIGNS)}")
+    unknown = [d for d in args.designs if d not in DESIGNS]
+    check(not unknown and args.designs, f"unknown design(s) {unknown or args.designs!r}; valid: {', '.join(DESIGNS)}")
     check(args.cpu_minutes > 0 and args.jobs > 0 and args.n_prompts > 0,
           "--cpu-minutes, --jobs and --n-prompts must be > 0")
-    args.marks = _marks(args.eval_at)
+    args.marks = _marks(args.eval_at, "--eval-at")
     check(args.marks and max(args.marks) <= args.cpu_minutes,
-          f"--eval-at points must lie in (0, --cpu-minutes {args.cpu_minutes}], got {args.eval_at!r}")
+          f"--eval-at points must lie in (0, --cpu-minutes {args.cpu_minutes}], got "
+          f"{', '.join(f'{m:g}' for m in args.eval_at)}")
     check(args.data.is_file(), f"data file not found: {args.data}")
     return args
 
@@ -919,43 +932,20 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path) -> 
     return result
 
 
-def study(argv) -> dict:
-    """`python train_diffusion.py study`: equal-CPU-time learning curves of several designs, scored by the oracle."""
+def train_designs(args: argparse.Namespace, ckpt_root: Path) -> None:
+    """Train every design for the same CPU time, --jobs at once, one thread each (resumable: a rerun continues or
+    skips each one). Raises UserError naming the log of a design that fails."""
     import subprocess
     import sys
 
-    from diffusers import AutoencoderKL
-
-    from generate_data import make_prompts
-    from oracle import Oracle, weights_sha
-    from utils import make_run_dir, pyplot, update_latest
-
-    args = parse_study_args(argv)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    run_dir = make_run_dir("design_study", args.run_name, config, outputs=args.outputs)
-    ckpt_root = args.ckpt_root / args.run_name
-    oracle = Oracle.load(args.oracle, torch.device("cpu"))
-    prompts = {kind: make_prompts(kind, args.n_prompts, seed=0) for kind in ("single", "two")}
-    ceiling_prompts = {kind: make_prompts(kind, args.n_prompts, seed=1) for kind in ("single", "two")}
-    fp = weights_sha(args.oracle)
-
-    # 1. reference ceilings (issue 10, facts 1 and 2): the shipped autoencoder, and 32 px with a fixed upsampler
-    metrics: dict = {"cpu_minutes": args.cpu_minutes, "eval_at": list(args.marks), "n_prompts": args.n_prompts,
-                     "oracle": str(args.oracle), "oracle_sha256_12": fp, "references": {}, "designs": {}}
-    if (args.reference_model / "vae" / "config.json").is_file():
-        vae = AutoencoderKL.from_pretrained(args.reference_model / "vae").float().eval()
-        metrics["references"]["shipped_autoencoder"] = round_trip(vae_round_trip(vae), ceiling_prompts, oracle)
-    metrics["references"]["pixels_32_bicubic"] = round_trip(resample_round_trip(32), ceiling_prompts, oracle)
-
-    # 2. train every design for the same CPU time (resumable: a rerun continues or skips each one)
     def command(design: str) -> list[str]:
         folder = ckpt_root / design
         return [sys.executable, str(Path(__file__).resolve()), "--design", design, "--data", str(args.data),
                 "--ckpt-dir", str(folder), "--out", str(folder / "final"), "--cpu-minutes", str(args.cpu_minutes),
-                "--snapshot-cpu-minutes", args.eval_at, "--max-steps", str(10**7), "--lr-schedule", "constant",
-                "--threads", "1", "--sample-every", "0", *args.extra.split()]
+                "--snapshot-cpu-minutes", ",".join(f"{m:g}" for m in args.eval_at), "--max-steps", str(10**7),
+                "--lr-schedule", "constant", "--threads", "1", "--sample-every", "0", *args.extra.split()]
 
-    todo = [d for d in args.design_list if not (ckpt_root / d / "final" / "model_index.json").is_file()]
+    todo = [d for d in args.designs if not (ckpt_root / d / "final" / "model_index.json").is_file()]
     running: dict = {}
     while todo or running:
         while todo and len(running) < args.jobs:
@@ -971,24 +961,31 @@ def study(argv) -> dict:
                 del running[design]
                 check(proc.returncode == 0, f"design {design} failed (exit {proc.returncode}); see {log.name}")
 
-    # 3. each design: its representation ceiling and its curve
-    for design in args.design_list:
-        folder = ckpt_root / design
-        vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
-        training = json.loads((folder / "final" / "training_log.json").read_text())
-        curve = []
-        for mark in args.marks:
-            snap = folder / "snapshots" / f"cpu{mark:g}"
-            check(snap.is_dir(), f"{design} has no snapshot at {mark} CPU-min in {snap}")
-            curve.append(score_snapshot(snap, prompts, oracle, run_dir / "evals" / f"{design}-{snap.name}-{fp}.json"))
-            print(f"{design} @ {mark} CPU-min: single {curve[-1]['single']['all']:.3f}, two {curve[-1]['two']['all']:.3f}")
-        metrics["designs"][design] = {
-            "note": DESIGN_NOTES[design], "flags": DESIGNS[design],
+
+def design_curve(design: str, folder: Path, args, prompts: dict, ceiling_prompts: dict, oracle, evals: Path,
+                 fp: str) -> dict:
+    """One trained design: its representation ceiling (autoencoder round trip) and its oracle learning curve."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae").float().eval()
+    training = json.loads((folder / "final" / "training_log.json").read_text())
+    curve = []
+    for mark in args.marks:
+        snap = folder / "snapshots" / f"cpu{mark:g}"
+        check(snap.is_dir(), f"{design} has no snapshot at {mark} CPU-min in {snap}")
+        curve.append(score_snapshot(snap, prompts, oracle, evals / f"{design}-{snap.name}-{fp}.json"))
+        print(f"{design} @ {mark} CPU-min: single {curve[-1]['single']['all']:.3f}, two {curve[-1]['two']['all']:.3f}")
+    return {"note": DESIGN_NOTES[design], "flags": DESIGNS[design],
             "representation_round_trip": round_trip(vae_round_trip(vae), ceiling_prompts, oracle),
             "params": training["params"], "steps": training["steps"],
             "steps_per_cpu_minute": round(training["steps"] / max(training.get("cpu_seconds", 1) / 60, 1e-9), 1),
             "curve": curve}
+
+
+def pick_winner(metrics: dict) -> None:
+    """The design with the highest single + two-object all-correct at the last curve point (added to `metrics`)."""
     final = {d: m["curve"][-1] for d, m in metrics["designs"].items()}
+
     def partial(d):  # the attributes a design has learned so far, where all-correct is still 0 for every design
         return float(np.mean([final[d]["single"][k] or 0 for k in ("shape", "color", "position")]))
 
@@ -997,7 +994,11 @@ def study(argv) -> dict:
                               "mean of single-object shape, colour and position")
     metrics["tied_on_all_correct"] = len({final[d]["single"]["all"] + final[d]["two"]["all"] for d in final}) == 1
 
-    # 4. figure and table, then metrics and `latest`
+
+def plot_curves(metrics: dict, n_prompts: int, path: Path) -> None:
+    """fidelity_vs_cpu.png: one panel per (prompt kind, attribute), a line per design, CIs on all-correct."""
+    from utils import pyplot
+
     plt = pyplot()
     panels = [("single", "all"), ("two", "all"), ("single", "shape"), ("single", "color"), ("single", "position")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), sharey=True)
@@ -1011,14 +1012,52 @@ def study(argv) -> dict:
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=design)
         ax.set(title=f"{kind}-object {key.replace('all', 'all-correct')}", xlabel="UNet CPU-minutes", ylim=(-0.02, 1))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(f"oracle fraction correct ({args.n_prompts} prompts)")
+    axes[0].set_ylabel(f"oracle fraction correct ({n_prompts} prompts)")
     axes[0].legend()
     fig.tight_layout()
-    fig.savefig(run_dir / "fidelity_vs_cpu.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    write_text(run_dir / "results.md", study_markdown(metrics))
-    write_json(run_dir / "metrics.json", metrics)
-    update_latest(run_dir)
+
+
+def study(argv) -> dict:
+    """`python train_diffusion.py study`: equal-CPU-time learning curves of several designs, scored by the oracle."""
+    from diffusers import AutoencoderKL
+
+    from generate_data import make_prompts
+    from oracle import Oracle, weights_sha
+
+    args = parse_study_args(argv)
+    run = start_run("design_study", args)
+    ckpt_root = args.ckpt_root / args.run_name
+    oracle = Oracle.load(args.oracle, torch.device("cpu"))
+    prompts = {kind: make_prompts(kind, args.n_prompts, seed=0) for kind in ("single", "two")}
+    ceiling_prompts = {kind: make_prompts(kind, args.n_prompts, seed=1) for kind in ("single", "two")}
+    fp = weights_sha(args.oracle)
+
+    # 1. reference ceilings (issue 10, facts 1 and 2): the shipped autoencoder, and 32 px with a fixed upsampler
+    metrics: dict = {"cpu_minutes": args.cpu_minutes, "eval_at": list(args.marks), "n_prompts": args.n_prompts,
+                     "oracle": str(args.oracle), "oracle_sha256_12": fp, "references": {}, "designs": {}}
+    with run.step("references"):
+        if (args.reference_model / "vae" / "config.json").is_file():
+            vae = AutoencoderKL.from_pretrained(args.reference_model / "vae").float().eval()
+            metrics["references"]["shipped_autoencoder"] = round_trip(vae_round_trip(vae), ceiling_prompts, oracle)
+        metrics["references"]["pixels_32_bicubic"] = round_trip(resample_round_trip(32), ceiling_prompts, oracle)
+
+    # 2. train every design for the same CPU time (resumable: a rerun continues or skips each one)
+    with run.step("train"):
+        train_designs(args, ckpt_root)
+
+    # 3. each design: its representation ceiling and its curve; the winner
+    with run.step("score"):
+        for design in args.designs:
+            metrics["designs"][design] = design_curve(design, ckpt_root / design, args, prompts, ceiling_prompts,
+                                                      oracle, run.dir / "evals", fp)
+    pick_winner(metrics)
+
+    # 4. figure and table, then metrics and `latest`
+    plot_curves(metrics, args.n_prompts, run.dir / "fidelity_vs_cpu.png")
+    write_text(run.dir / "results.md", study_markdown(metrics))
+    run.finish(metrics)
     print(study_markdown(metrics))
     return metrics
 
@@ -1058,7 +1097,7 @@ def main(argv=None) -> dict:
     wall_start = time.time()
     deadline = wall_start + 60 * args.max_minutes if args.max_minutes else float("inf")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     device = pick_device(args.device)
     set_seed(args.seed)  # for library code we do not control; our own draws use explicit generators
     if args.fresh and args.ckpt_dir.exists():

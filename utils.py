@@ -6,6 +6,8 @@ inside the functions that need them.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as _dt
 import errno
 import hashlib
@@ -15,6 +17,7 @@ import pickle
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -49,6 +52,129 @@ def check(condition: bool, message: str) -> None:
     """Raise `UserError(message)` unless `condition` holds (argument checks right after parsing)."""
     if not condition:
         raise UserError(message)
+
+
+def common_args(parser: argparse.ArgumentParser, task: str, quick: dict | None = None, omit: Sequence[str] = (),
+                helps: dict[str, str] | None = None) -> argparse._ArgumentGroup:
+    """Add the flags every task script shares, in a "run" group, and make parse errors one line.
+
+    `--run-name` (default: the start time), `--outputs` (absolute, default OUTPUTS), `--device`, `--threads`,
+    `--seed`, `--quick` (its help lists `quick`) and `--wandb`. A parse error (a bad `comma_list` value, an
+    unknown flag) raises `UserError`, which `cli` prints as one line.
+
+    Args:
+        parser: the script's parser.
+        task: folder name under the outputs root (named in the help).
+        quick: the script's QUICK settings (flag dest -> value; other keys are settings the script reads itself).
+        omit: flags the script cannot honour, by dest name (e.g. ("wandb",)).
+        helps: help texts that say more for this script, by dest name (e.g. what `--seed` seeds).
+
+    Returns:
+        The "run" argument group, for the script's own run flags (e.g. --dtype).
+    """
+    parser.error = _raise_user_error  # one line via cli(), instead of argparse's usage block and exit
+    helps = {
+        "run_name": f"run folder name under <outputs>/{task} (default: the start time)",
+        "outputs": "outputs root",
+        "device": "cpu, cuda, cuda:N or auto",
+        "threads": "torch (and FAISS) CPU threads (0 = their default)",
+        "seed": "seed of every random draw",
+        "quick": quick_help(quick or {}),
+        "wandb": "log the run's config and metrics to wandb (offline unless WANDB_MODE=online)",
+        **(helps or {}),
+    }
+    flags = {
+        "run_name": dict(default=_dt.datetime.now().strftime("%Y%m%d-%H%M%S")),
+        "outputs": dict(default=str(OUTPUTS)),
+        "device": dict(default="auto"),
+        "threads": dict(type=int, default=0),
+        "seed": dict(type=int, default=0),
+        "quick": dict(action="store_true"),
+        "wandb": dict(action="store_true"),
+    }
+    group = parser.add_argument_group("run")
+    for dest, spec in flags.items():
+        if dest not in omit:
+            group.add_argument("--" + dest.replace("_", "-"), help=helps[dest], **spec)
+    return group
+
+
+def _raise_user_error(message: str):
+    raise UserError(message)
+
+
+def quick_help(quick: dict) -> str:
+    """The `--quick` help text, generated from a script's QUICK settings."""
+    settings = ", ".join(f"{key.replace('_', '-')} {value}" for key, value in quick.items())
+    return f"smoke run: {settings} (flags given explicitly win)"
+
+
+def apply_preset(args: argparse.Namespace, parser: argparse.ArgumentParser, preset: dict) -> None:
+    """Set each flag of `preset` unless the user gave it: a flag still at its default takes the preset's value.
+
+    String values go through the flag's `type=`, as argparse converts string defaults. Keys that are not flags
+    of `parser` are left to the script.
+
+    Args:
+        args: the parsed arguments (changed in place).
+        parser: the parser that made them.
+        preset: flag dest -> value.
+    """
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in preset.items():
+        action = actions.get(key)
+        if action is None:
+            continue
+        if getattr(args, key) == _converted(action, action.default):
+            setattr(args, key, _converted(action, value))
+
+
+def _converted(action: argparse.Action, value: Any) -> Any:
+    return action.type(value) if isinstance(value, str) and callable(action.type) else value
+
+
+def apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser, quick: dict) -> None:
+    """With `--quick`, apply the script's QUICK settings by `apply_preset`'s rule: explicit flags win.
+
+    Args:
+        args: the parsed arguments (changed in place).
+        parser: the parser that made them.
+        quick: the script's QUICK dict.
+    """
+    if args.quick:
+        apply_preset(args, parser, quick)
+
+
+def comma_list(kind: Callable[[str], Any] = str, lo: float | None = None, hi: float | None = None) -> Callable:
+    """An argparse `type=` for comma-separated values: "1, 2,3" -> [1, 2, 3]; empty items are dropped.
+
+    Args:
+        kind: converts one item (int, float, str, or a function raising ValueError / UserError).
+        lo: smallest allowed value, inclusive (None: no bound).
+        hi: largest allowed value, inclusive (None: no bound).
+
+    Returns:
+        The parser function. A bad item fails as "argument --flag: must be comma-separated ints >= 100, got
+        'abc'", which `common_args` turns into a one-line `UserError`.
+    """
+    bounds = [f">= {lo:g}"] if lo is not None else []
+    bounds += [f"<= {hi:g}"] if hi is not None else []
+    what = " ".join([f"comma-separated {getattr(kind, '__name__', 'value')}s", " and ".join(bounds)]).strip()
+
+    def parse(text: str) -> list:
+        values = []
+        for part in filter(None, (s.strip() for s in text.split(","))):
+            try:
+                value = kind(part)
+            except (ValueError, TypeError):
+                raise argparse.ArgumentTypeError(f"must be {what}, got {part!r}") from None
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                raise argparse.ArgumentTypeError(f"must be {what}, got {part!r}")
+            values.append(value)
+        return values
+
+    parse.__name__ = what
+    return parse
 
 
 # --------------------------------------------------------------------------- seeds / devices
@@ -244,21 +370,112 @@ def update_latest(run_dir: Path) -> None:
     os.replace(tmp, latest)
 
 
-def init_wandb(enabled: bool, project: str, config: dict, run_name: str | None = None):
-    """Start a wandb run when asked (offline unless WANDB_MODE says otherwise); None when disabled.
+class Run:
+    """One run of a task script: its folder, device, wandb run and step timings (made by `start_run`).
+
+    Attributes:
+        dir: `<outputs>/<task>/<run name>/`, holding config.json.
+        device: the torch device (`--device`).
+        dtype: float32 on CPU, bf16/fp16 on GPU, or the script's `--dtype`.
+        wandb: the wandb run, or None without `--wandb`.
+        timings: "<step>_s" -> seconds (2 decimals) of each finished `step`.
+    """
+
+    def __init__(self, run_dir: Path, device, dtype, wandb_run):
+        self.dir, self.device, self.dtype, self.wandb = run_dir, device, dtype, wandb_run
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        """`with run.step("train"):` records the block's wall seconds as timings["train_s"] (when it finishes)."""
+        start = time.perf_counter()
+        yield
+        self.timings[f"{name}_s"] = round(time.perf_counter() - start, 2)
+
+    def log(self, row: dict, step: int | None = None) -> None:
+        """Log a row of numbers to wandb (nothing without `--wandb`)."""
+        if self.wandb is not None:
+            self.wandb.log(row, step=step)
+
+    def finish(self, metrics: dict) -> None:
+        """Add the timings (and total_s) to `metrics`, write metrics.json, log its numbers to wandb, move `latest`.
+
+        Args:
+            metrics: the run's metrics dict (its "timings" entry is updated in place).
+        """
+        timings = metrics.setdefault("timings", {})
+        timings.update(self.timings)
+        timings["total_s"] = round(time.perf_counter() - self._start, 2)
+        if self.wandb is not None:
+            self.wandb.log(flat_numbers(metrics))
+            self.wandb.finish()
+        finish_run(self.dir, metrics)
+
+
+def flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
+    """The int / float / bool leaves of nested dicts as {"a/b/c": value} (what wandb can chart); lists are skipped.
 
     Args:
-        enabled: whether the user asked for wandb (`--wandb`).
-        project: wandb project name.
-        config: the run's arguments.
-        run_name: the run's name.
+        tree: nested dicts.
+        prefix: key prefix ("" at the top).
     """
-    if not enabled:
-        return None
-    import wandb
+    out: dict[str, float] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_numbers(value, name + "/"))
+        elif isinstance(value, (bool, int, float, np.integer, np.floating)):
+            out[name] = value
+    return out
 
-    os.environ.setdefault("WANDB_MODE", "offline")
-    return wandb.init(project=project, config=config, name=run_name, dir=str(OUTPUTS))
+
+def start_run(task: str, args: argparse.Namespace, config: dict | None = None) -> Run:
+    """Start a task script's run: threads, device and dtype, `<outputs>/<task>/<run_name>/` with config.json, wandb.
+
+    Args:
+        task: task folder name ("retrieval", "task_a", ...).
+        args: parsed arguments with `common_args`' flags (any it omitted fall back to: no run name -> the
+            start time, OUTPUTS, automatic device, default threads, no wandb; `--dtype` is read when present).
+        config: what config.json records as the run's arguments (default: vars(args)).
+
+    Returns:
+        The `Run`; call `run.finish(metrics)` at the end.
+
+    Raises:
+        UserError: a bad run name, or a CUDA device asked for where there is none.
+    """
+    threads = getattr(args, "threads", 0)
+    if threads:
+        set_threads(threads)
+    device = pick_device(getattr(args, "device", None))
+    dtype = pick_dtype(device, getattr(args, "dtype", None))
+    config = dict(vars(args)) if config is None else config
+    outputs = getattr(args, "outputs", OUTPUTS)
+    run_dir = make_run_dir(task, getattr(args, "run_name", None), config, outputs)
+    wandb_run = None
+    if getattr(args, "wandb", False):
+        import wandb
+
+        os.environ.setdefault("WANDB_MODE", "offline")
+        wandb_run = wandb.init(project=task, config=config, name=run_dir.name, dir=str(outputs))
+    return Run(run_dir, device, dtype, wandb_run)
+
+
+def set_threads(n: int) -> None:
+    """Pin torch's (and, where installed, FAISS's) CPU threads to `n`.
+
+    Args:
+        n: threads (> 0).
+    """
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        import faiss
+    except ImportError:
+        return
+    faiss.omp_set_num_threads(n)
 
 
 # --------------------------------------------------------------------------- data

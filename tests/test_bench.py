@@ -246,9 +246,9 @@ def test_topk_agreement_allows_ties_only():
 @pytest.mark.parametrize("argv, message", [
     (["--only", "generation,foo"], "unknown --only part 'foo'; choose from generation, sd21, retrieval"),
     (["--only", ","], "--only names no part; choose from generation, sd21, retrieval"),
-    (["--sizes", "10000,abc"], "--sizes takes comma-separated integers >= 100, got 'abc'"),
-    (["--sizes", "0"], "--sizes takes comma-separated integers >= 100, got '0'"),
-    (["--sizes", "50"], "--sizes takes comma-separated integers >= 100, got '50'"),
+    (["--sizes", "10000,abc"], "argument --sizes: must be comma-separated ints >= 100, got 'abc'"),
+    (["--sizes", "0"], "argument --sizes: must be comma-separated ints >= 100, got '0'"),
+    (["--sizes", "50"], "argument --sizes: must be comma-separated ints >= 100, got '50'"),
     (["--sizes", "100", "--k", "101"], "--k 101 is more than the smallest database size 100"),
     (["--indexes", "ivf,hnsw"], "--indexes must include flat: it is the exact reference for recall@10"),
     (["--indexes", "flat,lsh"], "unknown index 'lsh' in --indexes; choose from flat, ivf, hnsw"),

@@ -210,7 +210,7 @@ def test_sweep_yaml_parameters_are_task_b_flags():
     (["--experiments", "grid"], "the grid experiment needs --x (and optionally --y)"),
     (["--experiments", "grid", "--x", "guidance_scale=1:9"], "malformed range '1:9'"),
     (["--experiments", "grid", "--x", "eta=0,1", "--y", "eta=0:1:1"], "--x and --y sweep the same argument 'eta'"),
-    (["--steps-list", "1,two"], "--steps-list must be comma-separated ints, got '1,two'"),
+    (["--steps-list", "1,two"], "argument --steps-list: must be comma-separated ints >= 1, got 'two'"),
     (["--fidelity-key", "vibe"], "unknown --fidelity-key 'vibe'; choose one of all, shape, color"),
     (["--model", "dalle"], "unknown model 'dalle': not a registry name"),
 ])

@@ -277,7 +277,7 @@ def test_unloadable_model(tmp_path, tiny_data):
 @pytest.mark.parametrize("flags, message", [
     (["--n-seeds", "1"], "--n-seeds must be >= 2 (a spread needs several seeds), got 1"),
     (["--min-score", "1.5"], "--min-score must be in 0..1, got 1.5"),
-    (["--ratios", "half"], "--ratios must be comma-separated numbers, got 'half'"),
+    (["--ratios", "half"], "argument --ratios: must be comma-separated floats, got 'half'"),
     (["--n-per-target", "0"], "--n-per-target must be positive, got 0"),
     (["--arms", "baseline,magic"], "unknown arm 'magic' in --arms; choose from baseline, oversample, synthetic, "
                                    "synthetic_filtered, rendered or all"),

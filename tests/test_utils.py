@@ -1,0 +1,160 @@
+"""utils' script lifecycle: common flags, --quick presets (explicit flags win), comma lists, runs and their steps."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import utils
+from utils import UserError
+
+QUICK = {"epochs": 2, "sizes": "10,20", "note": "read by the script itself"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--sizes", type=utils.comma_list(int, lo=10), default="100,1000")
+    utils.common_args(p, "demo", QUICK, omit=("wandb",))
+    return p
+
+
+def parse(argv):
+    p = parser()
+    args = p.parse_args(argv)
+    utils.apply_quick(args, p, QUICK)
+    return args
+
+
+def test_common_flags_and_their_defaults():
+    args = parse([])
+    assert Path(args.outputs).is_absolute() and Path(args.outputs) == utils.OUTPUTS
+    assert (args.device, args.threads, args.seed, args.quick) == ("auto", 0, 0, False)
+    assert len(args.run_name) == len("20261130-120000") and args.run_name[8] == "-"
+    assert not hasattr(args, "wandb")  # omitted: the flag does not exist
+    with pytest.raises(UserError, match="^unrecognized arguments: --wandb$"):
+        parse(["--wandb"])
+
+
+def test_quick_applies_its_settings_but_explicit_flags_win():
+    assert (parse([]).epochs, parse([]).sizes) == (20, [100, 1000])
+    quick = parse(["--quick"])
+    assert (quick.epochs, quick.sizes) == (2, [10, 20])  # the string preset goes through the flag's type
+    assert not hasattr(quick, "note")  # a key that is no flag is left to the script
+    explicit = parse(["--quick", "--epochs", "7", "--sizes", "30"])
+    assert (explicit.epochs, explicit.sizes) == (7, [30])
+    assert parse(["--epochs", "7"]).epochs == 7
+
+
+def test_quick_help_lists_the_settings():
+    text = parser().format_help()
+    assert "epochs 2, sizes 10,20, note read by the script itself (flags given explicitly win)" in " ".join(text.split())
+
+
+def test_apply_preset_sets_only_flags_left_at_their_default():
+    p = parser()
+    args = p.parse_args(["--epochs", "5"])
+    utils.apply_preset(args, p, {"epochs": 1, "sizes": "50"})
+    assert (args.epochs, args.sizes) == (5, [50])
+
+
+@pytest.mark.parametrize("text, values", [("1,2,3", [1, 2, 3]), (" 4 , 5,", [4, 5]), ("", [])])
+def test_comma_list_parses(text, values):
+    assert utils.comma_list(int)(text) == values
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "10,abc"], "argument --sizes: must be comma-separated ints >= 10, got 'abc'"),
+    (["--sizes", "10,9"], "argument --sizes: must be comma-separated ints >= 10, got '9'"),
+    (["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+])
+def test_bad_values_are_one_line_user_errors(argv, message):
+    with pytest.raises(UserError) as err:
+        parse(argv)
+    assert str(err.value) == message
+
+
+def test_comma_list_upper_bound_and_float_names():
+    parse_weight = utils.comma_list(float, lo=0, hi=1)
+    assert parse_weight("0,0.5,1") == [0.0, 0.5, 1.0]
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^must be comma-separated floats >= 0 and <= 1, got '1.5'$"):
+        parse_weight("0.5,1.5")
+
+
+def test_cli_prints_a_bad_list_value_as_one_line(tmp_path):
+    script = tmp_path / "demo.py"
+    script.write_text("import argparse, utils\n"
+                      "def main():\n"
+                      "    p = argparse.ArgumentParser()\n"
+                      "    p.add_argument('--k', type=utils.comma_list(int))\n"
+                      "    utils.common_args(p, 'demo')\n"
+                      "    p.parse_args()\n"
+                      "utils.cli(main)\n")
+    proc = subprocess.run([sys.executable, str(script), "--k", "1,b"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(utils.REPO)})
+    assert proc.returncode == 2
+    assert proc.stderr == "error: argument --k: must be comma-separated ints, got 'b'\n"
+
+
+def test_run_records_steps_and_moves_latest_only_at_finish(tmp_path):
+    args = parse(["--outputs", str(tmp_path), "--run-name", "first", "--device", "cpu"])
+    run = utils.start_run("demo", args)
+    assert run.dir == tmp_path / "demo" / "first" and run.device.type == "cpu"
+    assert json.loads((run.dir / "config.json").read_text())["args"]["epochs"] == 20
+    with run.step("load"):
+        time.sleep(0.05)
+    assert run.timings["load_s"] >= 0.05
+    with pytest.raises(RuntimeError), run.step("broken"):
+        raise RuntimeError("stop")
+    assert "broken_s" not in run.timings  # only finished steps are timed
+    assert not (tmp_path / "demo" / "latest").exists() and not (run.dir / "metrics.json").exists()
+    metrics = {"score": 0.5}
+    run.finish(metrics)
+    on_disk = json.loads((run.dir / "metrics.json").read_text())
+    assert on_disk["score"] == 0.5 and on_disk["timings"]["load_s"] == run.timings["load_s"]
+    assert on_disk["timings"]["total_s"] >= on_disk["timings"]["load_s"]
+    assert (tmp_path / "demo" / "latest").resolve() == run.dir.resolve()
+    second = utils.start_run("demo", parse(["--outputs", str(tmp_path), "--run-name", "second"]))
+    assert (tmp_path / "demo" / "latest").resolve() == run.dir.resolve()  # a started run is not yet the latest
+    second.finish({})
+    assert (tmp_path / "demo" / "latest").resolve() == second.dir.resolve()
+
+
+def test_threads_flag_pins_torch_threads(tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        utils.start_run("demo", parse(["--outputs", str(tmp_path), "--threads", "1"]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_wandb_logs_the_metrics(tmp_path, monkeypatch):
+    logged = []
+
+    class FakeRun:
+        def log(self, row, step=None):
+            logged.append(row)
+
+        def finish(self):
+            logged.append("finished")
+
+    class FakeWandb:
+        @staticmethod
+        def init(**kwargs):
+            logged.append(kwargs["project"])
+            return FakeRun()
+
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
+    args = argparse.Namespace(outputs=str(tmp_path), run_name="w", wandb=True)
+    run = utils.start_run("demo", args)
+    run.finish({"img2txt": {"R@1": 0.25, "per_query": [1, 2]}, "n": 3, "name": "x"})
+    assert logged[0] == "demo" and logged[-1] == "finished"
+    assert logged[1] == {"img2txt/R@1": 0.25, "n": 3, "timings/total_s": logged[1]["timings/total_s"]}
