@@ -310,9 +310,25 @@ def select_weights(val: Fuser, val_img: np.ndarray, grid: Sequence[float], k_max
     return out
 
 
+def estimates(values: dict[str, np.ndarray], mask: np.ndarray, n_boot: int, seed: int) -> dict:
+    """Mean and 95% CI of each metric on `mask` (queries resampled): the text-only reference row.
+
+    Args:
+        values: metric name (METRICS) -> (n_queries,) per-query values of a ranking.
+        mask: (n_queries,) bool, the queries of a subset.
+        n_boot: resamples.
+        seed: resampling seed.
+
+    Returns:
+        {"R@1" | "R@5" | "R@10" | "mAP": {"mean", "ci95"}}.
+    """
+    return {"mAP" if name == "AP" else name: bootstrap_ci(values[name][mask], n_boot=n_boot, seed=seed)
+            for name in METRICS}
+
+
 def vs_text_only(fused: dict[str, np.ndarray], text: dict[str, np.ndarray], mask: np.ndarray, n_boot: int,
                  seed: int) -> dict:
-    """Mean and 95% CI of each metric on `mask`, and of its paired difference to text-only (queries resampled).
+    """`estimates` of a fused ranking plus its paired difference to text-only on the same queries.
 
     Args:
         fused, text: metric name (METRICS) -> (n_queries,) per-query values of a ranking and of text-only.
@@ -323,12 +339,10 @@ def vs_text_only(fused: dict[str, np.ndarray], text: dict[str, np.ndarray], mask
     Returns:
         {"R@1" | "R@5" | "R@10" | "mAP": {"mean", "ci95", "delta", "delta_ci95"}}.
     """
-    out = {}
+    out = estimates(fused, mask, n_boot, seed)
     for name in METRICS:
-        key = "mAP" if name == "AP" else name
         delta = bootstrap_ci(fused[name][mask], text[name][mask], n_boot=n_boot, seed=seed)
-        out[key] = {**bootstrap_ci(fused[name][mask], n_boot=n_boot, seed=seed), "delta": delta["mean"],
-                    "delta_ci95": delta["ci95"]}
+        out["mAP" if name == "AP" else name].update(delta=delta["mean"], delta_ci95=delta["ci95"])
     return out
 
 
@@ -703,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         ret[subset] = {"n": int(mask.sum())}
         if not mask.any():
             continue
-        ret[subset]["text"] = vs_text_only(per_q["text"], per_q["text"], mask, args.bootstrap, args.seed)
+        ret[subset]["text"] = estimates(per_q["text"], mask, args.bootstrap, args.seed)
         for method in (*FUSIONS, "image_only"):
             ret[subset][method] = {k: vs_text_only(v, per_q["text"], mask, args.bootstrap, args.seed)
                                    for k, v in per_q[method].items()}

@@ -92,11 +92,15 @@ def test_task_b_section_shows_every_experiment_and_the_filmstrips_inline(tmp_pat
 
 def test_task_e_without_editing_is_reported_not_a_crash(tmp_path):
     outputs = tmp_path / "outputs"
-    r10 = {"R@10": {"mean": 0.5, "delta": 0.0, "delta_ci95": [0.0, 0.0]}}
-    _run(outputs, "task_e", {"k_max": 2, "retrieval": {"overall": {"n": 4, "text": r10, "weighted": {"2": r10}}},
-                             "fusion": {"weighted": {"2": {"w": 0.0}}},
+    text_only = {"R@10": {"mean": 0.5, "ci95": [0.25, 0.75]}}  # the reference row: no delta to itself
+    fused = {"R@10": {"mean": 0.625, "ci95": [0.375, 0.875], "delta": 0.125, "delta_ci95": [-0.25, 0.5]}}
+    overall = {"n": 4, "text": text_only, "weighted": {"2": fused}}
+    _run(outputs, "task_e", {"k_max": 2, "retrieval": {"overall": overall},
+                             "fusion": {"weighted": {"2": {"w": 0.5}}},
                              "cost": {"added_s_per_query": {"weighted": {"2": 0.25}}}, "editing": None})
     text = report.main(["--outputs", str(outputs)]).read_text()
+    assert "- overall (4 queries): text-only R@10 0.500; weighted fusion with k = 2 images (w = 0.5 " in text
+    assert "ΔR@10 +0.125 [-0.250, +0.500]" in text
     assert "- added cost 0.25 s per query at k = 2; editing not run (--n-edits 0)" in text
 
 

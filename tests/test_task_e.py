@@ -99,6 +99,7 @@ def test_quick_run_writes_metrics_figures_and_report(quick_run, tiny_data):
         assert r["n"] == q["subsets"][subset]
         text = r["text"]
         assert set(text) == METRIC_KEYS
+        assert all(set(text[m]) == {"mean", "ci95"} for m in METRIC_KEYS)  # the reference: no delta to itself
         for method in ("weighted", "rrf", "image_only"):
             assert set(r[method]) == {"1", "2"}
             for row in r[method].values():
@@ -239,7 +240,11 @@ def test_choose_weight_takes_the_best_and_ties_go_to_the_smaller_w():
 def test_vs_text_only_gives_the_paired_difference_on_the_mask():
     fused = {"R@1": np.array([1.0, 0, 1, 1, 0]), "R@5": np.ones(5), "R@10": np.ones(5), "AP": np.full(5, 0.5)}
     text = {"R@1": np.array([0.0, 0, 1, 1, 1]), "R@5": np.ones(5), "R@10": np.ones(5), "AP": np.full(5, 0.25)}
-    out = task_e.vs_text_only(fused, text, np.array([True, True, True, True, False]), 500, seed=0)
+    mask = np.array([True, True, True, True, False])
+    reference = task_e.estimates(text, mask, 500, seed=0)  # the text-only row: estimates, no delta
+    assert set(reference) == METRIC_KEYS and all(set(v) == {"mean", "ci95"} for v in reference.values())
+    assert reference["R@1"]["mean"] == 0.5 and reference["mAP"] == {"mean": 0.25, "ci95": [0.25, 0.25]}
+    out = task_e.vs_text_only(fused, text, mask, 500, seed=0)
     assert set(out) == METRIC_KEYS
     assert out["R@1"]["mean"] == 0.75 and out["R@1"]["delta"] == 0.25  # the 5th query is masked out
     assert out["mAP"]["delta"] == 0.25 and out["mAP"]["delta_ci95"] == [0.25, 0.25]
