@@ -34,7 +34,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -43,9 +43,9 @@ import generate_data as gd
 import retrieval
 from oracle import (DEFAULT_ORACLE, Oracle)
 from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, apply_quick, bootstrap_ci, category_names, check, ci_verdict, cli,
-                   comma_list, common_args, encode_images, finish_run, fmt, fmt_delta, fmt_est, image_grid,
-                   l2_normalize, load_data, load_image_encoder, load_pipeline, make_run_dir, md_table, pick_device,
-                   pyplot, read_json, time_call, write_text)
+                   comma_list, common_args, encode_images, fmt, fmt_delta, fmt_est, image_grid, l2_normalize, load_data,
+                   load_image_encoder, load_pipeline, md_table, pick_device, pyplot, read_json, start_run, time_call,
+                   write_json, write_text)
 
 MAX_K = 8  # generated images per query at most; also the seed stride per query (seeds seed + MAX_K * caption + i)
 FUSIONS = ("weighted", "rrf")
@@ -92,7 +92,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grid-rows", type=int, default=8, help="edit examples shown in edit_grid.png")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the queries (>= 1)")
     p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
-    common_args(p, "task_e", QUICK, omit=("wandb",), helps={  # --wandb comes with main's restructuring
+    common_args(p, "task_e", QUICK, helps={
         "seed": "seed of the query draw, the bootstrap and every image's noise",
         "run_name": "run folder under <outputs>/task_e (default: the start time); the same name resumes the "
                     "generation"})
@@ -120,8 +120,7 @@ def check_args(args: argparse.Namespace) -> None:
     args.strength_list = sorted(set(args.strengths))
     for s in args.strength_list:
         check(0 < s <= 1, f"--strengths must lie in (0, 1], got {s:g}")
-    args.edit_kind_list = args.edit_kinds
-    check(args.edit_kind_list and set(args.edit_kind_list) <= set(EDIT_KINDS), f"--edit-kinds must be a "
+    check(args.edit_kinds and set(args.edit_kinds) <= set(EDIT_KINDS), f"--edit-kinds must be a "
           f"comma-separated subset of {', '.join(EDIT_KINDS)}, got {','.join(args.edit_kinds)!r}")
     check(Path(args.data).is_file(), f"data file not found: {args.data} (run `python generate_data.py` first)")
     check(Path(args.heads).is_file(), f"retrieval checkpoint not found: {args.heads} (run `python retrieval.py` first)")
@@ -181,6 +180,34 @@ def draw_queries(captions: list[str], cap2img: np.ndarray, records: list[dict], 
                                                   "relational_extra": len(pool_c)}}
 
 
+def choose_queries(test: list[dict], val: list[dict], target_ids: Sequence[int], args: argparse.Namespace):
+    """The seeded test queries (`draw_queries`) and the val caption ids (sorted) the fusion weights are chosen on."""
+    captions, cap2img = retrieval.flatten_captions(test)
+    draw = draw_queries(captions, cap2img, test, target_ids, args.n_queries, args.n_subset_queries, args.seed)
+    n_val = len(retrieval.flatten_captions(val)[0])
+    val_ids = np.sort(np.random.default_rng([args.seed, 6]).choice(n_val, min(args.n_val_queries, n_val),
+                                                                   replace=False))
+    return draw, val_ids
+
+
+class Queries(NamedTuple):
+    """One split's query captions and the index they search."""
+    index: object  # FAISS index of the split's images
+    text_emb: np.ndarray  # (n, d) normalised query text embeddings
+    owners: np.ndarray  # (n,) image id each caption belongs to (its one relevant image)
+    texts: list[str]  # the n captions
+    caption_ids: np.ndarray  # (n,) their indices among the split's captions (they fix the images' seeds)
+
+
+def split_queries(fx, heads, records: list[dict], caption_ids: np.ndarray) -> Queries:
+    """Index of a split's images and the embeddings / owners / texts of the chosen captions."""
+    captions, cap2img = retrieval.flatten_captions(records)
+    img_emb = retrieval.embed(heads, "image", fx.images([r["path"] for r in records]))
+    texts = [captions[i] for i in caption_ids]
+    txt_emb = retrieval.embed(heads, "text", fx.texts(texts))
+    return Queries(retrieval.build_index(img_emb, "flat"), txt_emb, cap2img[caption_ids], texts, caption_ids)
+
+
 # --------------------------------------------------------------------------- 2. generation (resumable)
 def query_seeds(caption_ids: np.ndarray, k: int, base: int) -> np.ndarray:
     """(n, k) seeds: image i of caption c gets base + MAX_K * c + i, whatever the query subset or k_max."""
@@ -219,6 +246,30 @@ def embed_generated(heads, encoder, images: np.ndarray) -> np.ndarray:
     n, k = images.shape[:2]
     feats = encode_images(*encoder, list(images.reshape(n * k, *images.shape[2:])), desc="generated features")
     return retrieval.embed(heads, "image", feats).reshape(n, k, -1)
+
+
+def imagine(pipe, settings: dict, heads, encoder, test: Queries, val: Queries, args: argparse.Namespace,
+            folder: Path) -> dict:
+    """k_max generated images per test and val query, embedded (the first k serve every smaller k: same seeds).
+
+    Returns:
+        {"test": (n_test, k_max, d), "val": (n_val, k_max, d) embeddings, "per_image": {"generate_s",
+        "generate_cpu_s", "embed_s", "embed_cpu_s"}}: wall and process CPU seconds per image, generation's
+        as saved with each image (resumed images keep their cost).
+    """
+    test_seeds = query_seeds(test.caption_ids, args.k_max, args.seed)
+    val_seeds = query_seeds(val.caption_ids, args.k_max, args.seed + VAL_SEED_OFFSET)
+    test_gen, test_s, _ = generate_for_queries(pipe, settings, test.texts, test_seeds, folder / "test",
+                                               args.batch_size, "imagine (test)")
+    val_gen, val_s, _ = generate_for_queries(pipe, settings, val.texts, val_seeds, folder / "val", args.batch_size,
+                                             "imagine (val)")
+    n = (len(test.texts) + len(val.texts)) * args.k_max
+    wall, cpu = time.perf_counter(), time.process_time()
+    test_emb, val_emb = embed_generated(heads, encoder, test_gen), embed_generated(heads, encoder, val_gen)
+    per_image = {"generate_s": (test_s["wall_s"] + val_s["wall_s"]) / n,
+                 "generate_cpu_s": (test_s["cpu_s"] + val_s["cpu_s"]) / n,
+                 "embed_s": (time.perf_counter() - wall) / n, "embed_cpu_s": (time.process_time() - cpu) / n}
+    return {"test": test_emb, "val": val_emb, "per_image": per_image}
 
 
 # --------------------------------------------------------------------------- 3. fusion
@@ -346,6 +397,79 @@ def vs_text_only(fused: dict[str, np.ndarray], text: dict[str, np.ndarray], mask
     return out
 
 
+def fuse(test: Queries, val: Queries, gen: dict, masks: dict[str, np.ndarray], args: argparse.Namespace) -> dict:
+    """Choose each fusion's w per k on val, then measure every ranking on the test queries against text-only.
+
+    Args:
+        test, val: the two splits' queries.
+        gen: `imagine`'s output (the generated-image embeddings of both splits).
+        masks: subset -> (n_test,) bool over the test queries (`draw_queries`).
+        args: the parsed arguments (k_max, weight_grid, rrf_c, bootstrap, seed).
+
+    Returns:
+        {"fusion": chosen w and val curves, "retrieval": per subset its size, text-only estimates and every
+        ranking's `vs_text_only`, "test_sweep": overall test R@10 at k_max for each w (for reading only),
+        "search_s": fastest seconds per query of the text search, one image search and each fusion at each k}.
+    """
+    chosen = select_weights(Fuser(val.index, val.text_emb, gen["val"], args.rrf_c), val.owners, args.weight_grid,
+                            args.k_max)
+    fuser = Fuser(test.index, test.text_emb, gen["test"], args.rrf_c)
+    n, ks = len(test.texts), [str(k) for k in range(1, args.k_max + 1)]
+    search_s = {"text": time_call(lambda: retrieval.search(test.index, test.text_emb, 10))[0]["min_s"] / n,
+                # RRF's own searches (one per generated image) happened inside Fuser: time one image list.
+                "image": time_call(lambda: full_ranking(test.index, gen["test"][:, 0]))[0]["min_s"] / n}
+    per_q = {"text": per_query_metrics(fuser.text_ids, test.owners)}
+    for method in FUSIONS:
+        per_q[method], search_s[method] = {}, {}
+        for k in ks:
+            timing, ids = time_call(lambda: fuser.ranking(method, int(k), chosen[method][k]["w"]))
+            per_q[method][k], search_s[method][k] = per_query_metrics(ids, test.owners), timing["min_s"] / n
+    per_q["image_only"] = {k: per_query_metrics(fuser.ranking("weighted", int(k), 1.0), test.owners) for k in ks}
+    # Fixed-w test curves for reading only (w was chosen on val above, never here).
+    sweep = {method: {f"{w:g}": float(per_query_metrics(fuser.ranking(method, args.k_max, w), test.owners)["R@10"]
+                                      [masks["overall"]].mean()) for w in args.weight_grid} for method in FUSIONS}
+    return {"fusion": chosen, "retrieval": subset_metrics(per_q, masks, args.bootstrap, args.seed),
+            "test_sweep": sweep, "search_s": search_s}
+
+
+def subset_metrics(per_q: dict, masks: dict[str, np.ndarray], n_boot: int, seed: int) -> dict:
+    """Per subset: its size, text-only's `estimates` and every other ranking's `vs_text_only` (none when empty).
+
+    Args:
+        per_q: "text" -> per-query metrics; "weighted" / "rrf" / "image_only" -> k -> per-query metrics.
+        masks: subset -> (n_queries,) bool.
+        n_boot: resamples.
+        seed: resampling seed.
+    """
+    ret = {}
+    for subset in SUBSETS:
+        mask = masks[subset]
+        ret[subset] = {"n": int(mask.sum())}
+        if not mask.any():
+            continue
+        ret[subset]["text"] = estimates(per_q["text"], mask, n_boot, seed)
+        for method in (*FUSIONS, "image_only"):
+            ret[subset][method] = {k: vs_text_only(v, per_q["text"], mask, n_boot, seed)
+                                   for k, v in per_q[method].items()}
+    return ret
+
+
+def cost_model(per_image: dict, search_s: dict, k_max: int) -> dict:
+    """Seconds per image and the seconds a query adds at each k: k * (generate + embed) + fusion (+ k image
+    searches for rrf). `per_image` from `imagine`, `search_s` from `fuse`."""
+    image_s = per_image["generate_s"] + per_image["embed_s"]
+    ks = [str(k) for k in range(1, k_max + 1)]
+    return {"generate_s_per_image": per_image["generate_s"], "embed_s_per_image": per_image["embed_s"],
+            "generate_cpu_s_per_image": per_image["generate_cpu_s"], "embed_cpu_s_per_image": per_image["embed_cpu_s"],
+            "text_only_search_s_per_query": search_s["text"],
+            "added_s_per_query": {"weighted": {k: int(k) * image_s + search_s["weighted"][k] for k in ks},
+                                  "rrf": {k: int(k) * (image_s + search_s["image"]) + search_s["rrf"][k] for k in ks}},
+            "note": "wall-clock seconds; generation and embedding per image are batch averages; searches and "
+                    "fusion are the fastest of 3 calls after a warm-up (utils.time_call); added = k * "
+                    "(generate + embed) + fusion (+ k image searches for rrf); *_cpu_s_* = process CPU seconds (all "
+                    "threads), which contention on a shared machine does not inflate"}
+
+
 def delta_of(metric: dict) -> dict:
     """A `vs_text_only` metric's paired difference as a `{"mean", "ci95"}` estimate."""
     return {"mean": metric["delta"], "ci95": metric["delta_ci95"]}
@@ -442,6 +566,37 @@ def summarize_edits(verdicts: dict[str, np.ndarray], kinds: np.ndarray, n_boot: 
     return out
 
 
+def edit(pipe, oracle: Oracle, settings: dict, args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
+    """Rendered scenes, one attribute changed by img2img at each strength, scored by the oracle.
+
+    Returns:
+        (the editing metrics, the edit grid's examples: {"cases": the first `--grid-rows` cases, "edited":
+        strength -> their uint8 (rows, H, W, 3) edits, "success": strength -> (rows,) bool}).
+    """
+    cases = edit_cases(args.edit_kinds, args.n_edits, args.seed, settings["size"])
+    kinds = np.array([c["kind"] for c in cases])
+    sources = np.stack([c["source"] for c in cases])
+    source_prompts = [c["source_prompt"] for c in cases]
+    source_ok = [s["all"] for s in oracle.score(sources, source_prompts)]
+    # What survives the VAE alone bounds what any strength can keep.
+    roundtrip_ok = [s["all"] for s in oracle.score(vae_roundtrip(pipe, sources), source_prompts)]
+    edit_pipe = img2img_pipeline(pipe)
+    rows = min(args.grid_rows, len(cases))
+    by_strength, examples = {}, {"cases": cases[:rows], "edited": {}, "success": {}}
+    for strength in tqdm(args.strength_list, desc="edit strengths", leave=False):
+        edited = run_edits(edit_pipe, cases, strength, settings, args.seed, args.batch_size, folder)
+        verdicts = edit_verdicts(oracle.score(edited, [c["target_prompt"] for c in cases]), cases)
+        by_strength[f"{strength:g}"] = summarize_edits(verdicts, kinds, args.bootstrap, args.seed)
+        examples["edited"][strength], examples["success"][strength] = edited[:rows], verdicts["success"][:rows]
+    editing = {"n_cases": len(cases), "n_by_kind": {k: int((kinds == k).sum()) for k in args.edit_kinds},
+               "source_oracle_correct": float(np.mean(source_ok)),
+               "vae_roundtrip_oracle_correct": float(np.mean(roundtrip_ok)), "strengths": args.strength_list,
+               "by_strength": by_strength,
+               "examples": [{"kind": c["kind"], "source": c["source_prompt"]["text"],
+                             "target": c["target_prompt"]["text"]} for c in examples["cases"]]}
+    return editing, examples
+
+
 def framed(image: np.ndarray, ok: bool, width: int = 2) -> np.ndarray:
     """The image with a green (success) or red (failure) frame, for the edit grid."""
     image = image.copy()
@@ -503,6 +658,31 @@ def plot_edit_success(edits: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def edit_grid(examples: dict, path: Path) -> None:
+    """edit_grid.png: a row per example (source, then its edit at each strength, framed green = success, red =
+    failure); `examples` from `edit`."""
+    strengths = list(examples["edited"])
+    cells, labels = [], []
+    for i, case in enumerate(examples["cases"]):
+        src, tgt = case["source_prompt"]["objects"][0], case["target_prompt"]["objects"][0]
+        labels.append(f"{src['color']} {src['shape']} -> {tgt['color']} {tgt['shape']}")
+        cells.append(case["source"])
+        cells += [framed(examples["edited"][s][i], bool(examples["success"][s][i])) for s in strengths]
+    image_grid(cells, len(labels), 1 + len(strengths), row_labels=labels,
+               col_labels=["source"] + [f"s={s:g}" for s in strengths]).save(path)
+
+
+def figures(run_dir: Path, metrics: dict, examples: dict | None) -> dict:
+    """The figures, after the results: a failing one is a warning line in the log and in metrics.json."""
+    out = {"recall_vs_k.png": retrieval.optional_figure(run_dir / "recall_vs_k.png", plot_recall_vs_k,
+                                                        metrics["retrieval"])}
+    if examples is not None:
+        out["edit_success.png"] = retrieval.optional_figure(run_dir / "edit_success.png", plot_edit_success,
+                                                            metrics["editing"])
+        out["edit_grid.png"] = retrieval.optional_figure(run_dir / "edit_grid.png", edit_grid, examples)
+    return out
 
 
 def retrieval_table(r: dict, chosen: dict, k_max: int) -> list[str]:
@@ -624,183 +804,93 @@ def results_markdown(m: dict) -> str:
 
 
 # --------------------------------------------------------------------------- main
-def split_queries(fx, heads, records: list[dict], caption_ids: np.ndarray):
-    """Index of a split's images and the embeddings / owners / texts of the chosen captions."""
-    captions, cap2img = retrieval.flatten_captions(records)
-    img_emb = retrieval.embed(heads, "image", fx.images([r["path"] for r in records]))
-    texts = [captions[i] for i in caption_ids]
-    txt_emb = retrieval.embed(heads, "text", fx.texts(texts))
-    return retrieval.build_index(img_emb, "flat"), txt_emb, cap2img[caption_ids], texts
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    t0 = time.time()
-    timings: dict[str, float] = {}
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-    # 1. retrieval heads, data, targets, queries and the model (every bad input fails before slow work)
+def load_heads(args: argparse.Namespace):
+    """The retrieval heads and their meta, and the data they were trained on (a warning when it is not --data)."""
     heads, meta = retrieval.load_heads(args.heads)
-    heads_cfg = Path(args.heads).parent / "config.json"
-    heads_data = read_json(heads_cfg).get("args", {}).get("data") if heads_cfg.is_file() else None
+    config = Path(args.heads).parent / "config.json"
+    heads_data = read_json(config).get("args", {}).get("data") if config.is_file() else None
     if heads_data and Path(heads_data).resolve() != Path(args.data).resolve():
         print(f"warning: {args.heads} was trained on {heads_data}, not {args.data}")
-    data = load_data(args.data, [args.eval_split, args.val_split, "train"])
-    test, val = data["splits"][args.eval_split], data["splits"][args.val_split]
-    targets = target_categories(args.targets, data, data["splits"]["train"])
-    captions, cap2img = retrieval.flatten_captions(test)
-    draw = draw_queries(captions, cap2img, test, targets["ids"], args.n_queries, args.n_subset_queries, args.seed)
-    val_captions, _ = retrieval.flatten_captions(val)
-    val_ids = np.sort(np.random.default_rng([args.seed, 6]).choice(
-        len(val_captions), min(args.n_val_queries, len(val_captions)), replace=False))
-    device = pick_device(args.device)
+    return heads, meta, heads_data
+
+
+def load_generator(args: argparse.Namespace, device):
+    """The text-to-image pipeline and its sampler settings (--steps / --guidance applied).
+
+    Raises:
+        UserError: a strength that leaves no denoising step at these steps.
+    """
     pipe, settings = load_pipeline(args.model, device)
     settings["steps"] = args.steps or settings["steps"]
     settings["guidance"] = settings["guidance"] if args.guidance is None else args.guidance
     for s in args.strength_list:
         check(int(settings["steps"] * s) >= 1, f"--strengths {s:g} gives no denoising step at {settings['steps']} "
                                                f"steps; use at least {1 / settings['steps']:g}")
+    return pipe, settings
+
+
+def run_settings(args: argparse.Namespace, settings: dict, heads_data: str | None, targets: dict) -> dict:
+    """What the run's numbers depend on, for metrics.json and results.md: model, heads, data, targets, sizes."""
+    return {"model": settings, "heads": str(Path(args.heads).resolve()), "heads_data": heads_data,
+            "data": str(Path(args.data).resolve()), "eval_split": args.eval_split, "val_split": args.val_split,
+            "targets": targets, "k_max": args.k_max, "batch_size": args.batch_size,
+            "threads": args.threads or "default", "n_bootstrap": args.bootstrap, "rrf_c": args.rrf_c,
+            "weight_grid": args.weight_grid}
+
+
+def query_counts(draw: dict, test: Queries, val: Queries) -> dict:
+    """How many queries of each kind and split were drawn, the index sizes, and the first test captions."""
+    return {"n_test": len(test.texts), "n_val": len(val.texts), "pools": draw["pools"],
+            "subsets": {s: int(draw["masks"][s].sum()) for s in SUBSETS}, "n_index_images": test.index.ntotal,
+            "n_val_index_images": val.index.ntotal, "examples": test.texts[:5]}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+
+    # 1. load: heads, data, targets, queries, model and oracle (every bad input fails before the run folder exists)
+    heads, meta, heads_data = load_heads(args)
+    data = load_data(args.data, [args.eval_split, args.val_split, "train"])
+    test, val = data["splits"][args.eval_split], data["splits"][args.val_split]
+    targets = target_categories(args.targets, data, data["splits"]["train"])
+    draw, val_ids = choose_queries(test, val, targets["ids"], args)
+    device = pick_device(args.device)
+    pipe, settings = load_generator(args, device)
     oracle = Oracle.load(args.oracle, device) if args.n_edits else None
-    run_dir = make_run_dir("task_e", args.run_name, {k: v for k, v in vars(args).items()}, args.outputs)
-    timings["load_s"] = round(time.time() - t0, 2)
+    run = start_run("task_e", args, config=dict(vars(args), heads_data=heads_data))
 
-    # 2. text-only retrieval: embeddings and indexes of both splits
-    t = time.time()
-    fx = retrieval.FeatureExtractor(meta["image_encoder"], meta["text_encoder"], meta.get("image_res", 0), device)
-    test_index, test_txt, test_img, test_texts = split_queries(fx, heads, test, draw["ids"])
-    val_index, val_txt, val_img, val_texts = split_queries(fx, heads, val, val_ids)
-    text_search_s = time_call(lambda: retrieval.search(test_index, test_txt, 10))[0]["min_s"] / len(test_txt)
-    timings["features_s"] = round(time.time() - t, 2)
+    # 2. encode: the text-only side, both splits' image indexes and query embeddings
+    with run.step("encode"):
+        fx = retrieval.FeatureExtractor(meta["image_encoder"], meta["text_encoder"], meta.get("image_res", 0),
+                                        run.device)
+        test_q, val_q = split_queries(fx, heads, test, draw["ids"]), split_queries(fx, heads, val, val_ids)
 
-    # 3. imagine: k_max images per query (the first k serve every smaller k: same seeds, shared cost)
-    t = time.time()
-    test_gen, test_gen_s, _ = generate_for_queries(
-        pipe, settings, test_texts, query_seeds(draw["ids"], args.k_max, args.seed), run_dir / "generated" / "test",
-        args.batch_size, "imagine (test)")
-    val_gen, val_gen_s, _ = generate_for_queries(
-        pipe, settings, val_texts, query_seeds(val_ids, args.k_max, args.seed + VAL_SEED_OFFSET),
-        run_dir / "generated" / "val", args.batch_size, "imagine (val)")
-    n_gen = (len(test_texts) + len(val_texts)) * args.k_max
-    timings["generate_s"] = round(time.time() - t, 2)
-    t = time.time()
-    encoder = image_encoder_for(meta, device)
-    t_embed, cpu_embed = time.perf_counter(), time.process_time()
-    test_emb = embed_generated(heads, encoder, test_gen)
-    val_emb = embed_generated(heads, encoder, val_gen)
-    embed_s_per_image = (time.perf_counter() - t_embed) / n_gen
-    embed_cpu_s_per_image = (time.process_time() - cpu_embed) / n_gen
-    timings["embed_s"] = round(time.time() - t, 2)
+    # 3. imagine: k_max images per query, embedded by the heads' image side (resumable image stores)
+    with run.step("imagine"):
+        gen = imagine(pipe, settings, heads, image_encoder_for(meta, run.device), test_q, val_q, args,
+                      run.dir / "generated")
 
     # 4. fuse: choose w on val, then measure on the test queries against text-only
-    t = time.time()
-    val_fuser = Fuser(val_index, val_txt, val_emb, args.rrf_c)
-    chosen = select_weights(val_fuser, val_img, args.weight_grid, args.k_max)
-    fuser = Fuser(test_index, test_txt, test_emb, args.rrf_c)
-    per_q = {"text": per_query_metrics(fuser.text_ids, test_img)}
-    fuse_s: dict[str, float] = {}
-    for method in FUSIONS:
-        per_q[method] = {}
-        for k in range(1, args.k_max + 1):
-            timing, ids = time_call(lambda: fuser.ranking(method, k, chosen[method][str(k)]["w"]))
-            per_q[method][str(k)] = per_query_metrics(ids, test_img)
-            fuse_s[f"{method}{k}"] = timing["min_s"] / len(test_txt)
-    # RRF's own searches (one per generated image) happened inside Fuser: time them once per image list.
-    image_search_s = time_call(lambda: full_ranking(test_index, test_emb[:, 0]))[0]["min_s"] / len(test_txt)
-    per_q["image_only"] = {str(k): per_query_metrics(fuser.ranking("weighted", k, 1.0), test_img)
-                           for k in range(1, args.k_max + 1)}
-    ret = {}
-    for subset in SUBSETS:
-        mask = draw["masks"][subset]
-        ret[subset] = {"n": int(mask.sum())}
-        if not mask.any():
-            continue
-        ret[subset]["text"] = estimates(per_q["text"], mask, args.bootstrap, args.seed)
-        for method in (*FUSIONS, "image_only"):
-            ret[subset][method] = {k: vs_text_only(v, per_q["text"], mask, args.bootstrap, args.seed)
-                                   for k, v in per_q[method].items()}
-    # Fixed-w test curves for reading only (w was chosen on val above, never here).
-    test_sweep = {method: {f"{w:g}": float(per_query_metrics(fuser.ranking(method, args.k_max, w), test_img)["R@10"]
-                                           [draw["masks"]["overall"]].mean()) for w in args.weight_grid}
-                  for method in FUSIONS}
-    gen_s_per_image = (test_gen_s["wall_s"] + val_gen_s["wall_s"]) / n_gen
-    per_image = gen_s_per_image + embed_s_per_image
-    cost = {"generate_s_per_image": gen_s_per_image, "embed_s_per_image": embed_s_per_image,
-            "generate_cpu_s_per_image": (test_gen_s["cpu_s"] + val_gen_s["cpu_s"]) / n_gen,
-            "embed_cpu_s_per_image": embed_cpu_s_per_image,
-            "text_only_search_s_per_query": text_search_s,
-            "added_s_per_query": {
-                "weighted": {str(k): k * per_image + fuse_s[f"weighted{k}"] for k in range(1, args.k_max + 1)},
-                "rrf": {str(k): k * (per_image + image_search_s) + fuse_s[f"rrf{k}"]
-                        for k in range(1, args.k_max + 1)}},
-            "note": "wall-clock seconds; generation and embedding per image are batch averages; searches and "
-                    "fusion are the fastest of 3 calls after a warm-up (utils.time_call); added = k * "
-                    "(generate + embed) + fusion (+ k image searches for rrf); *_cpu_s_* = process CPU seconds (all "
-                    "threads), which contention on a shared machine does not inflate"}
-    timings["fuse_s"] = round(time.time() - t, 2)
+    with run.step("fuse"):
+        fused = fuse(test_q, val_q, gen, draw["masks"], args)
 
     # 5. edit: rendered scenes, one attribute changed by img2img at each strength, scored by the oracle
-    t = time.time()
-    editing = None
-    if args.n_edits:
-        cases = edit_cases(args.edit_kind_list, args.n_edits, args.seed, settings["size"])
-        kinds = np.array([c["kind"] for c in cases])
-        sources = np.stack([c["source"] for c in cases])
-        source_ok = [s["all"] for s in oracle.score(sources, [c["source_prompt"] for c in cases])]
-        # What survives the VAE alone bounds what any strength can keep.
-        roundtrip_ok = [s["all"] for s in oracle.score(vae_roundtrip(pipe, sources),
-                                                       [c["source_prompt"] for c in cases])]
-        edit_pipe = img2img_pipeline(pipe)
-        edited, by_strength = {}, {}
-        for strength in tqdm(args.strength_list, desc="edit strengths", leave=False):
-            edited[strength] = run_edits(edit_pipe, cases, strength, settings, args.seed, args.batch_size,
-                                         run_dir / "edited")
-            verdicts = edit_verdicts(oracle.score(edited[strength], [c["target_prompt"] for c in cases]), cases)
-            by_strength[f"{strength:g}"] = summarize_edits(verdicts, kinds, args.bootstrap, args.seed)
-            by_strength[f"{strength:g}"]["_success"] = verdicts["success"]
-        rows = min(args.grid_rows, len(cases))
-        cells, labels = [], []
-        for i in range(rows):
-            src, tgt = cases[i]["source_prompt"]["objects"][0], cases[i]["target_prompt"]["objects"][0]
-            labels.append(f"{src['color']} {src['shape']} -> {tgt['color']} {tgt['shape']}")
-            cells.append(cases[i]["source"])
-            cells += [framed(edited[s][i], bool(by_strength[f"{s:g}"]["_success"][i])) for s in args.strength_list]
-        image_grid(cells, rows, 1 + len(args.strength_list), row_labels=labels,
-                   col_labels=["source"] + [f"s={s:g}" for s in args.strength_list]).save(run_dir / "edit_grid.png")
-        for row in by_strength.values():
-            row.pop("_success")
-        editing = {"n_cases": len(cases), "n_by_kind": {k: int((kinds == k).sum()) for k in args.edit_kind_list},
-                   "source_oracle_correct": float(np.mean(source_ok)),
-                   "vae_roundtrip_oracle_correct": float(np.mean(roundtrip_ok)), "strengths": args.strength_list,
-                   "by_strength": by_strength,
-                   "examples": [{"kind": c["kind"], "source": c["source_prompt"]["text"],
-                                 "target": c["target_prompt"]["text"]} for c in cases[:rows]]}
-    timings["edit_s"] = round(time.time() - t, 2)
+    with run.step("edit"):
+        editing, examples = edit(pipe, oracle, settings, args, run.dir / "edited") if args.n_edits else (None, None)
 
-    # 6. metrics, figures and the report, generated from the numbers above
-    metrics = {
-        "model": settings, "heads": str(Path(args.heads).resolve()), "heads_data": heads_data,
-        "data": str(Path(args.data).resolve()), "eval_split": args.eval_split, "val_split": args.val_split,
-        "targets": targets, "k_max": args.k_max, "batch_size": args.batch_size, "threads": args.threads or "default",
-        "n_bootstrap": args.bootstrap, "rrf_c": args.rrf_c, "weight_grid": args.weight_grid,
-        "queries": {"n_test": len(test_texts), "n_val": len(val_texts), "pools": draw["pools"],
-                    "subsets": {s: int(draw["masks"][s].sum()) for s in SUBSETS},
-                    "n_index_images": len(test), "n_val_index_images": len(val),
-                    "examples": test_texts[:5]},
-        "fusion": chosen, "retrieval": ret, "test_sweep_R@10_overall_at_k_max": test_sweep, "cost": cost,
-        "editing": editing,
-    }
-    plot_recall_vs_k(ret, run_dir / "recall_vs_k.png")
-    if editing:
-        plot_edit_success(editing, run_dir / "edit_success.png")
-    write_text(run_dir / "results.md", results_markdown(metrics))  # --n-edits 0 still gets its retrieval results
-    timings["total_s"] = round(time.time() - t0, 2)
-    metrics["timings"] = timings
-    finish_run(run_dir, metrics)
+    # 6. results: results.md (with or without editing), metrics.json and `latest`; then the figures
+    metrics = {**run_settings(args, settings, heads_data, targets), "queries": query_counts(draw, test_q, val_q),
+               "fusion": fused["fusion"], "retrieval": fused["retrieval"],
+               "test_sweep_R@10_overall_at_k_max": fused["test_sweep"],
+               "cost": cost_model(gen["per_image"], fused["search_s"], args.k_max), "editing": editing}
+    write_text(run.dir / "results.md", results_markdown(metrics))
+    run.finish(metrics)
+    with run.step("figures"):
+        metrics["figures"] = figures(run.dir, metrics, examples)
+    metrics["timings"]["figures_s"] = run.timings["figures_s"]
+    write_json(run.dir / "metrics.json", metrics)
     print("\n".join(summary_lines(metrics)))
-    print(f"wrote {run_dir} in {timings['total_s']:.0f} s")
+    print(f"wrote {run.dir} in {metrics['timings']['total_s']:.0f} s")
     return metrics
 
 

@@ -154,13 +154,54 @@ def test_a_rerun_resumes_and_gives_the_same_numbers(quick_run, tiny_data, tiny_h
     assert resumed["cost"]["generate_s_per_image"] == first["cost"]["generate_s_per_image"]  # its saved cost
 
 
-def test_skipping_editing_still_writes_the_results(quick_run, tiny_data, tiny_heads, tiny_model):
+class FakeWandb:
+    """Stands in for `wandb.init`'s run: records what the script logs."""
+
+    def __init__(self, **kwargs):
+        self.init, self.logged, self.finished = kwargs, {}, False
+
+    def log(self, row, step=None):
+        self.logged.update(row)
+
+    def finish(self):
+        self.finished = True
+
+
+def test_without_editing_results_metrics_and_wandb_survive_a_failing_figure(quick_run, tiny_data, tiny_heads,
+                                                                             tiny_model, monkeypatch, capsys):
+    import wandb
+
+    runs = []
+    monkeypatch.setattr(wandb, "init", lambda **kw: runs.append(FakeWandb(**kw)) or runs[-1])
+
+    def broken_plot(*args):
+        raise RuntimeError("no display\nsecond line")
+
+    monkeypatch.setattr(task_e, "plot_recall_vs_k", broken_plot)
     out, _ = quick_run
-    metrics = task_e.main(_args(tiny_data, tiny_heads, tiny_model, out, "no-edits", "--n-edits", "0"))
-    report = (out / "task_e" / "no-edits" / "results.md").read_text()
+    metrics = task_e.main(_args(tiny_data, tiny_heads, tiny_model, out, "no-edits", "--n-edits", "0", "--wandb"))
+    run = out / "task_e" / "no-edits"
+    report = (run / "results.md").read_text()
     assert metrics["editing"] is None
     assert "## Retrieval: overall (" in report and "## Text-guided editing" not in report
-    assert not (out / "task_e" / "no-edits" / "edit_grid.png").exists()
+    assert not (run / "edit_grid.png").exists() and not (run / "recall_vs_k.png").exists()
+    # the figure failed after the results were on disk: one warning line, recorded, and `latest` moved
+    assert metrics["figures"] == {"recall_vs_k.png": "failed: RuntimeError: no display"}
+    assert "warning: recall_vs_k.png not written (RuntimeError: no display)\n" in capsys.readouterr().out
+    assert json.loads((run / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert (out / "task_e" / "latest").resolve() == run.resolve()
+    # --wandb: one run named after the folder, given the config, logging the run's numbers
+    (fake,) = runs
+    assert fake.init["project"] == "task_e" and fake.init["name"] == "no-edits" and fake.init["config"]["wandb"]
+    assert fake.logged["retrieval/overall/text/R@10/mean"] == metrics["retrieval"]["overall"]["text"]["R@10"]["mean"]
+    assert fake.logged["queries/n_test"] == 8 and fake.finished
+
+
+def test_quick_fills_only_the_flags_not_given(tiny_data, tiny_heads):
+    args = task_e.parse_args(["--data", str(tiny_data), "--heads", str(tiny_heads), "--quick", "--n-queries", "7"])
+    assert args.n_queries == 7  # given explicitly: kept
+    assert (args.n_subset_queries, args.n_val_queries, args.n_edits, args.bootstrap) == (2, 2, 1, 200)
+    assert task_e.parse_args(["--data", str(tiny_data), "--heads", str(tiny_heads)]).n_queries == 60
 
 
 def test_query_images_come_back_per_query_in_seed_order(tiny_pipe, tmp_path):
