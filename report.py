@@ -152,6 +152,9 @@ def task_e_summary(m: dict) -> list[str]:
     k = str(m["k_max"])
     lines = []
     for subset, r in m["retrieval"].items():
+        if r["n"] == 0:  # a subset none of the drawn queries fell in has no numbers
+            lines.append(f"- {subset}: no queries drawn")
+            continue
         w = r["weighted"][k]["R@10"]
         lines.append(f"- {subset} ({r['n']} queries): text-only R@10 {fmt(r['text']['R@10']['mean'])}; weighted "
                      f"fusion with k = {k} images (w = {m['fusion']['weighted'][k]['w']} chosen on val; 0 = "

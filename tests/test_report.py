@@ -95,12 +95,13 @@ def test_task_e_without_editing_is_reported_not_a_crash(tmp_path):
     text_only = {"R@10": {"mean": 0.5, "ci95": [0.25, 0.75]}}  # the reference row: no delta to itself
     fused = {"R@10": {"mean": 0.625, "ci95": [0.375, 0.875], "delta": 0.125, "delta_ci95": [-0.25, 0.5]}}
     overall = {"n": 4, "text": text_only, "weighted": {"2": fused}}
-    _run(outputs, "task_e", {"k_max": 2, "retrieval": {"overall": overall},
+    _run(outputs, "task_e", {"k_max": 2, "retrieval": {"overall": overall, "relational": {"n": 0}},
                              "fusion": {"weighted": {"2": {"w": 0.5}}},
                              "cost": {"added_s_per_query": {"weighted": {"2": 0.25}}}, "editing": None})
     text = report.main(["--outputs", str(outputs)]).read_text()
     assert "- overall (4 queries): text-only R@10 0.500; weighted fusion with k = 2 images (w = 0.5 " in text
     assert "ΔR@10 +0.125 [-0.250, +0.500]" in text
+    assert "- relational: no queries drawn\n" in text  # an empty subset has no numbers to read
     assert "- added cost 0.25 s per query at k = 2; editing not run (--n-edits 0)" in text
 
 
