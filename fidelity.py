@@ -13,12 +13,12 @@ Commands:
     python fidelity.py evaluate-model --model shapes-tiny --quick   # smoke run, < 1 min
     python fidelity.py evaluate-model --model shapes-tiny     # 200 + 200 prompts, FD on 400 caption images
     python fidelity.py evaluate-model --model shapes-tiny --write-card   # also update models/shapes-sd-tiny
-    python fidelity.py evaluate-model --model sd-turbo --run-name turbo
+    python fidelity.py evaluate-model --model sd-turbo --run-name turbo --wandb   # also log to wandb (offline)
 
 Read FD next to fd_real_vs_real: with n = 400 images per set two real sets are already ~30 apart.
 
-Outputs: outputs/fidelity/<model>/<run_name>/{config.json, metrics.json, fidelity_grid.png}, and `latest`
-beside them. With --write-card (a train_diffusion.py model folder): the folder's metrics.json (training keys
+Outputs: outputs/fidelity/<model>/<run_name>/{config.json, metrics.json (with each step's timings),
+fidelity_grid.png}, and `latest` beside them. With --write-card (a train_diffusion.py model folder): the folder's metrics.json (training keys
 kept), fidelity_grid.png and README.md (the whole card, rebuilt by utils.model_card).
 """
 
@@ -29,7 +29,6 @@ import datetime as _dt
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -37,64 +36,67 @@ import numpy as np
 
 from generate_data import KINDS, make_prompts, render_prompts
 from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, cached, check, cli, encode_images, encode_texts,
-                   finish_run, generate_images, image_grid, load_data, load_image_encoder, load_pipeline, load_rgb,
-                   load_text_encoder, make_run_dir, model_card, pick_device, read_json, resolve_model, write_json,
-                   write_text)
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, apply_quick, cached, check, cli, comma_list,
+                   common_args, encode_images, encode_texts, generate_images, image_grid, load_data, load_image_encoder,
+                   load_pipeline, load_rgb, load_text_encoder, model_card, pick_device, read_json, resolve_model,
+                   start_run, write_json, write_text)
 
 COMMANDS = ("evaluate-model",)
 DEFAULT_HEADS = OUTPUTS / "retrieval" / "latest" / "heads.pt"
 FD_RES = 128  # EfficientNet input side for 64-px images (2x, as retrieval.py uses)
+QUICK = {"n_prompts": 4, "n_fd": 8, "grid_rows": 4, "max_steps": 4}  # max_steps caps the model's recommended steps
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("-h", "--help"):
-        check(argv[0] in COMMANDS, f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
-    check(bool(argv), f"no command given; choose one of {', '.join(COMMANDS)}")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command")
-    e = sub.add_parser("evaluate-model", help="score a text-to-image model with the oracle, FD and alignment",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("--model", default="shapes-tiny",
+def evaluate_parser() -> argparse.ArgumentParser:
+    """`fidelity.py evaluate-model`'s flags."""
+    p = argparse.ArgumentParser(prog="fidelity.py evaluate-model",
+                                description="score a text-to-image model with the oracle, FD and alignment",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="shapes-tiny",
                    help="registry name (shapes-tiny, sd-turbo, ...), local pipeline folder or hub id")
-    e.add_argument("--n-prompts", type=int, default=200, help="prompts per kind (one image each)")
-    e.add_argument("--kinds", default="single,two", help=f"comma-separated prompt kinds: {', '.join(KINDS)}")
-    e.add_argument("--seed", type=int, default=0, help="seed of the prompts and of image i's noise (seed + i)")
-    e.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended)")
-    e.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: recommended)")
-    e.add_argument("--scheduler", default=None, help="diffusers scheduler class to swap in (default: the model's)")
-    e.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
-    e.add_argument("--n-fd", type=int, default=400,
+    p.add_argument("--n-prompts", type=int, default=200, help="prompts per kind (one image each)")
+    p.add_argument("--kinds", type=comma_list(), default="single,two",
+                   help=f"comma-separated prompt kinds: {', '.join(KINDS)}")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: recommended)")
+    p.add_argument("--scheduler", default=None, help="diffusers scheduler class to swap in (default: the model's)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
+    p.add_argument("--n-fd", type=int, default=400,
                    help="images per set for the Fréchet distance (0 = skip); needs 2x this many real images")
-    e.add_argument("--fd-from", default="captions",
+    p.add_argument("--fd-from", default="captions",
                    help="what the FD images are generated from: 'captions' (one per real reference image, from "
                         "its first caption, as COCO FID does) or 'prompts' (reuse the fidelity images: no extra "
                         "generation, but their prompt mix differs from the real set's)")
-    e.add_argument("--data", default=str(DEFAULT_DATA), help="data.pkl with the real images (test split, then val)")
-    e.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder from `python oracle.py train`")
-    e.add_argument("--heads", default=None,
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="data.pkl with the real images (test split, then val)")
+    p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder from `python oracle.py train`")
+    p.add_argument("--heads", default=None,
                    help=f"retrieval heads.pt for the alignment score (default {DEFAULT_HEADS} when it exists; "
                         "'' to skip)")
-    e.add_argument("--run-name", default=None, help="run folder under outputs/fidelity/<model> (default: timestamp)")
-    e.add_argument("--outputs", type=Path, default=OUTPUTS, help="outputs root")
-    e.add_argument("--write-card", action="store_true",
+    p.add_argument("--write-card", action="store_true",
                    help="also write metrics.json, fidelity_grid.png and the rebuilt README.md card into the model "
                         "folder (a train_diffusion.py model; git-tracked for the shipped ones)")
-    e.add_argument("--grid-rows", type=int, default=8, help="prompts per kind shown in the sample grid")
-    e.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    e.add_argument("--quick", action="store_true", help="smoke run: 4 prompts per kind, FD on 8 images, <= 4 steps")
-    args = p.parse_args(argv)
+    p.add_argument("--grid-rows", type=int, default=8, help="prompts per kind shown in the sample grid")
+    common_args(p, "fidelity/<model>", QUICK, helps={"seed": "seed of the prompts and of image i's noise (seed + i)"})
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command (argv[0], one of COMMANDS) and its flags; `-h` alone lists the commands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check(bool(argv), f"no command given; choose one of {', '.join(COMMANDS)}")
+    if argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0)
+    check(argv[0] in COMMANDS, f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
+    parser = evaluate_parser()
+    args = parser.parse_args(argv[1:])
+    apply_quick(args, parser, QUICK)
     check_evaluate_args(args)
     return args
 
 
 def check_evaluate_args(args: argparse.Namespace) -> None:
-    if args.quick:
-        args.n_prompts, args.n_fd, args.grid_rows = min(args.n_prompts, 4), min(args.n_fd, 8), min(args.grid_rows, 4)
     check(args.n_prompts > 0, f"--n-prompts must be positive, got {args.n_prompts}")
-    args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     check(bool(args.kinds), "--kinds is empty")
     for kind in args.kinds:
         check(kind in KINDS, f"unknown prompt kind {kind!r} in --kinds; choose from {', '.join(KINDS)}")
@@ -233,11 +235,24 @@ def card_folder(spec: dict) -> Path:
     return folder
 
 
-def run_folder(spec: dict, args: argparse.Namespace) -> Path:
-    """outputs/fidelity/<model>/<run_name>/ with its config.json (a hub id's "/" becomes "-")."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", spec["name"]).strip("-")
-    return make_run_dir(f"fidelity/{name}", args.run_name, {k: v for k, v in vars(args).items() if k != "command"},
-                        args.outputs)
+def heads_path(flag: str | None) -> Path | None:
+    """The retrieval checkpoint for the alignment score: `--heads`, else DEFAULT_HEADS when it exists, else None.
+
+    Raises:
+        UserError: an explicit `--heads` that is not a file.
+    """
+    heads = DEFAULT_HEADS if flag is None else (Path(flag) if flag else None)
+    if flag:
+        check(heads.is_file(), f"retrieval checkpoint not found: {heads} (run `python retrieval.py` first)")
+    if heads is not None and not heads.is_file():
+        print(f"note: no retrieval checkpoint at {heads}: alignment score skipped (run `python retrieval.py`)")
+        return None
+    return heads
+
+
+def run_task(spec: dict) -> str:
+    """The run's task folder, fidelity/<model> (a hub id's "/" becomes "-")."""
+    return "fidelity/" + re.sub(r"[^A-Za-z0-9_.-]+", "-", spec["name"]).strip("-")
 
 
 def real_pool(data_path: str, n_needed: int) -> list[dict]:
@@ -247,6 +262,72 @@ def real_pool(data_path: str, n_needed: int) -> list[dict]:
     if len(records) < n_needed and "val" in data["splits"]:
         records += data["splits"]["val"]
     return records
+
+
+def sampler_settings(settings: dict, args: argparse.Namespace) -> dict:
+    """The sampler the run uses: the model's recommended steps and guidance unless given (--quick caps steps)."""
+    steps = args.steps or (min(settings["steps"], QUICK["max_steps"]) if args.quick else settings["steps"])
+    guidance = settings["guidance"] if args.guidance is None else args.guidance
+    return {"scheduler": settings["scheduler"], "steps": steps, "guidance": guidance, "size": settings["size"],
+            "dtype": settings["dtype"], "device": settings["device"]}
+
+
+def run_header(settings: dict, sam: dict, args: argparse.Namespace) -> dict:
+    """The metrics' first keys: model, sampler, prompt counts, seed, the oracle and its accuracy on renders."""
+    oracle_metrics = Path(args.oracle) / "metrics.json"
+    return {"model": {"name": settings["name"], "id": settings["id"]}, "sampler": sam,
+            "n_prompts": args.n_prompts, "seed": args.seed, "oracle": str(args.oracle), "args": dict(vars(args)),
+            "oracle_accuracy_on_renders": (read_json(oracle_metrics)["heldout"]["all"]
+                                           if oracle_metrics.is_file() else None)}
+
+
+def structured_prompts(args: argparse.Namespace) -> tuple[list[dict], dict[str, slice]]:
+    """make_prompts for every kind, concatenated, and each kind's slice of the list."""
+    prompts = [p for kind in args.kinds for p in make_prompts(kind, args.n_prompts, args.seed)]
+    part = {kind: slice(i * args.n_prompts, (i + 1) * args.n_prompts) for i, kind in enumerate(args.kinds)}
+    return prompts, part
+
+
+def generate(pipe, sam: dict, texts: Sequence[str], seeds: Sequence[int], batch_size: int) -> np.ndarray:
+    """One image per (text, seed) with the run's sampler, as uint8 (n, 64, 64, 3)."""
+    return to_uint8_64(generate_images(pipe, list(texts), list(seeds), sam["steps"], sam["guidance"], sam["size"],
+                                       batch_size))
+
+
+def oracle_metrics(scores: list[dict], render_scores: list[dict], part: dict[str, slice]) -> dict:
+    """Per kind, the oracle's summary of the generated images and its all-correct rate on renders of the same
+    prompts (its ceiling on this prompt set); None for kinds not run."""
+    key = {"single": "single_object", "two": "two_object"}
+    out: dict = {"prompt_renders_all_correct": {}}
+    for kind in KINDS:
+        out[f"{key[kind]}_all_correct"] = out[key[kind]] = None
+        if kind in part:
+            out[key[kind]] = summarize_scores(scores[part[kind]])
+            out[f"{key[kind]}_all_correct"] = out[key[kind]]["all"]
+            out["prompt_renders_all_correct"][kind] = summarize_scores(render_scores[part[kind]])["all"]
+    return out
+
+
+def fd_metrics(pipe, sam: dict, real: list[dict], generated: np.ndarray, args: argparse.Namespace, device) -> dict:
+    """FD of generated images to real test images and the real-vs-real floor at the same n (None with --n-fd 0).
+
+    With --fd-from captions the FD images are generated from the reference images' first captions (seeds
+    seed + 10^6 + i); with prompts they are the first n prompt images.
+    """
+    if not args.n_fd:
+        return {"fd": None, "fd_real_vs_real": None}
+    ref, other = real_reference_split(len(real), args.n_fd, args.seed)
+    if args.fd_from == "captions":
+        fd_images = generate(pipe, sam, [real[i]["captions"][0] for i in ref],
+                             [args.seed + 10**6 + i for i in range(len(ref))], args.batch_size)
+    else:
+        fd_images = generated[:args.n_fd]
+    enc, info = load_image_encoder(DEFAULT_IMAGE_ENCODER, device)
+    real_feats = real_fd_features(real, np.concatenate([ref, other]), enc, info)
+    gen_feats = fd_features(enc, info, fd_images, "generated features")
+    return {"fd": frechet_distance(gen_feats, real_feats[:len(ref)]),
+            "fd_real_vs_real": frechet_distance(real_feats[len(ref):], real_feats[:len(ref)]),
+            "fd_n": int(args.n_fd), "fd_from": args.fd_from}
 
 
 def write_grid(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, dict]]) -> None:
@@ -270,92 +351,58 @@ def write_card(folder: Path, run_dir: Path, metrics: dict) -> None:
 
 
 def evaluate_model(args: argparse.Namespace) -> dict:
-    t0 = time.time()
-    # 1. model, oracle and where results go (fail on a bad name or an unwritable card before any slow step)
+    """`fidelity.py evaluate-model`: oracle scores, FD and alignment of one model; returns the metrics dict."""
+    # 1. model, oracle and checkpoints: a bad name or an unwritable card fails before any slow step or run folder
     spec = resolve_model(args.model)
     card = card_folder(spec) if args.write_card else None
+    heads = heads_path(args.heads)
     device = pick_device(args.device)
     oracle = Oracle.load(args.oracle, device)
-    heads = DEFAULT_HEADS if args.heads is None else (Path(args.heads) if args.heads else None)
-    if args.heads:
-        check(heads.is_file(), f"retrieval checkpoint not found: {heads} (run `python retrieval.py` first)")
-    if heads is not None and not heads.is_file():
-        print(f"note: no retrieval checkpoint at {heads}: alignment score skipped (run `python retrieval.py`)")
-        heads = None
     real = real_pool(args.data, 2 * args.n_fd) if args.n_fd else []
     pipe, settings = load_pipeline(args.model, device=device, scheduler=args.scheduler)
-    steps = args.steps or (min(settings["steps"], 4) if args.quick else settings["steps"])
-    guidance = settings["guidance"] if args.guidance is None else args.guidance
-    run_dir = run_folder(spec, args)
-    metrics: dict = {"model": {"name": settings["name"], "id": settings["id"]},
-                     "sampler": {"scheduler": settings["scheduler"], "steps": steps, "guidance": guidance,
-                                 "size": settings["size"], "dtype": settings["dtype"], "device": settings["device"]},
-                     "n_prompts": args.n_prompts, "seed": args.seed, "oracle": str(args.oracle),
-                     "args": {k: v for k, v in vars(args).items() if k != "command"}}
-    oracle_metrics = Path(args.oracle) / "metrics.json"
-    metrics["oracle_accuracy_on_renders"] = (read_json(oracle_metrics)["heldout"]["all"]
-                                             if oracle_metrics.is_file() else None)
+    run = start_run(run_task(spec), args)
+    sam = sampler_settings(settings, args)
+    metrics = run_header(settings, sam, args)
 
     # 2. structured prompts and one image per prompt (seed + i for image i, across kinds)
-    prompts = {kind: make_prompts(kind, args.n_prompts, args.seed) for kind in args.kinds}
-    all_prompts = [p for kind in args.kinds for p in prompts[kind]]
-    part = {kind: slice(i * args.n_prompts, (i + 1) * args.n_prompts) for i, kind in enumerate(args.kinds)}
-    seeds = [args.seed + i for i in range(len(all_prompts))]
-    generated = to_uint8_64(generate_images(pipe, [p["text"] for p in all_prompts], seeds, steps, guidance,
-                                            settings["size"], args.batch_size))
+    prompts, part = structured_prompts(args)
+    with run.step("generate"):
+        generated = generate(pipe, sam, [p["text"] for p in prompts], [args.seed + i for i in range(len(prompts))],
+                             args.batch_size)
 
-    # 3. oracle scores, next to the same oracle on renders of the same prompts (its ceiling on this prompt set)
-    scores = oracle.score(generated, all_prompts, progress=True)
-    renders = render_prompts(all_prompts, args.seed)
-    render_scores = oracle.score(renders, all_prompts)
-    key = {"single": "single_object", "two": "two_object"}
-    metrics["prompt_renders_all_correct"] = {}
-    for kind in KINDS:
-        metrics[f"{key[kind]}_all_correct"] = metrics[key[kind]] = None
-        if kind in args.kinds:
-            metrics[key[kind]] = summarize_scores(scores[part[kind]])
-            metrics[f"{key[kind]}_all_correct"] = metrics[key[kind]]["all"]
-            metrics["prompt_renders_all_correct"][kind] = summarize_scores(render_scores[part[kind]])["all"]
+    # 3. oracle scores, next to the same oracle on renders of the same prompts
+    with run.step("oracle"):
+        scores = oracle.score(generated, prompts, progress=True)
+        renders = render_prompts(prompts, args.seed)
+        metrics.update(oracle_metrics(scores, oracle.score(renders, prompts), part))
 
     # 4. Fréchet distance to real test images, and the real-vs-real floor at the same n
-    metrics["fd"] = metrics["fd_real_vs_real"] = None
-    if args.n_fd:
-        ref, other = real_reference_split(len(real), args.n_fd, args.seed)
-        if args.fd_from == "captions":
-            fd_prompts = [real[i]["captions"][0] for i in ref]
-            fd_images = to_uint8_64(generate_images(pipe, fd_prompts, [args.seed + 10**6 + i for i in range(len(ref))],
-                                                    steps, guidance, settings["size"], args.batch_size))
-        else:
-            fd_images = generated[:args.n_fd]
-        enc, info = load_image_encoder(DEFAULT_IMAGE_ENCODER, device)
-        real_feats = real_fd_features(real, np.concatenate([ref, other]), enc, info)
-        gen_feats = fd_features(enc, info, fd_images, "generated features")
-        metrics["fd"] = frechet_distance(gen_feats, real_feats[:len(ref)])
-        metrics["fd_real_vs_real"] = frechet_distance(real_feats[len(ref):], real_feats[:len(ref)])
-        metrics["fd_n"], metrics["fd_from"] = int(args.n_fd), args.fd_from
+    with run.step("fd"):
+        metrics.update(fd_metrics(pipe, sam, real, generated, args, device))
 
     # 5. alignment score of the prompt images (our retrieval model as a CLIPScore stand-in)
     metrics["alignment"] = None
     if heads is not None:
-        metrics["alignment"] = float(alignment_score(generated, [p["text"] for p in all_prompts], heads, device).mean())
+        with run.step("alignment"):
+            metrics["alignment"] = float(alignment_score(generated, [p["text"] for p in prompts], heads, device).mean())
         metrics["alignment_heads"] = str(heads.resolve())
 
-    # 6. sample grid and metrics
+    # 6. sample grid, metrics and `latest`; the model's card only when asked
     shown = [part[kind].start + i for kind in args.kinds for i in range(min(args.grid_rows, args.n_prompts))]
-    rows = [(all_prompts[j]["text"], renders[j], generated[j], scores[j]) for j in shown]
-    if rows:
-        write_grid(run_dir / "fidelity_grid.png", rows)
-    metrics["seconds"] = round(time.time() - t0, 1)
+    if shown:
+        write_grid(run.dir / "fidelity_grid.png", [(prompts[j]["text"], renders[j], generated[j], scores[j])
+                                                   for j in shown])
     metrics["evaluated"] = _dt.datetime.now().isoformat(timespec="seconds")
-    finish_run(run_dir, metrics)
+    run.finish(metrics)
     if card is not None:
-        write_card(card, run_dir, metrics)
+        write_card(card, run.dir, metrics)
     print(format_summary(metrics))
-    print(f"wrote {run_dir}" + (f" and the card, metrics and grid in {card}" if card is not None else ""))
+    print(f"wrote {run.dir}" + (f" and the card, metrics and grid in {card}" if card is not None else ""))
     return metrics
 
 
 def format_summary(m: dict) -> str:
+    """The run's numbers in a few lines for the terminal."""
     def f(v):
         return "n/a" if v is None else f"{v:.3f}"
 

@@ -9,14 +9,16 @@ by-eye audit of task_d's filter.
 Commands:
     python oracle.py train --quick     # smoke run, ~1 min, writes outputs/fidelity/oracle-quick
     python oracle.py train             # the shipped oracle in models/shapes-oracle (~20 min on 2 busy cores)
+    python oracle.py train --wandb     # the same, logging the loss per epoch and the metrics to wandb (offline)
     python oracle.py audit make        # unlabelled contact sheets of accepted and rejected generated images
     python oracle.py audit score       # precision and recall of the filter from the labels in audit.json
 
-The shipped oracle gets 0.995 of 5000 held-out rendered scenes entirely right (models/shapes-oracle/README.md).
+The shipped oracle gets 0.982 of 5000 held-out rendered scenes entirely right (models/shapes-oracle/README.md).
 
-Outputs: models/shapes-oracle/{model.safetensors, config.json, metrics.json, README.md} (train);
-models/shapes-oracle/audit.json and outputs/fidelity/audit/sheet_*.png (audit make); the audit's scores in
-metrics.json and README.md (audit score).
+Outputs: models/shapes-oracle/{model.safetensors, config.json, metrics.json, README.md} and the run's
+outputs/oracle/<run_name>/{config.json, metrics.json} (train); models/shapes-oracle/audit.json and
+outputs/oracle_audit/<run_name>/sheet_*.png (audit make); the audit's scores in metrics.json and README.md
+(audit score).
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -34,8 +35,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generate_data as gd
-from utils import (DEFAULT_DATA, OUTPUTS, REPO, UserError, bootstrap_ci, cached, check, cli, generate_images,
-                   library_versions, load_data, load_pipeline, load_rgb, pick_device, read_json, write_json, write_text)
+from utils import (DEFAULT_DATA, REPO, UserError, apply_quick, bootstrap_ci, cached, check, cli, common_args,
+                   generate_images, library_versions, load_data, load_pipeline, load_rgb, pick_device, read_json,
+                   start_run, write_json, write_text)
 
 COMMANDS = ("train", "audit")
 DEFAULT_ORACLE = REPO / "models" / "shapes-oracle"
@@ -55,56 +57,85 @@ TRAIN_NEGATIVES = ("blur", "elastic", "melt", "fuse", "partial", "blob", "noise"
 HELDOUT_NEGATIVES = ("ellipse", "irregular", "overlap", "boxblur")
 MAX_FALSE_REJECT_VAL = 0.005  # the operating threshold keeps false rejects of clean val objects at most this
 MIN_VAL_ACCURACY = 0.993  # ... and whole-scene accuracy on clean val scenes at least this (target 0.99, with margin)
+# What the shipped oracle aims for on held-out seeds: metrics.json key -> (comparison, threshold).
+TARGETS = {"accuracy_on_renders": (">=", 0.99), "false_reject_rate_renders": ("<=", 0.01),
+           "reject_rate_heldout": (">=", 0.95)}
+
+
+def target_met(key: str, value: float) -> bool:
+    """Whether a measured `value` of metrics key `key` reaches its TARGETS entry."""
+    op, threshold = TARGETS[key]
+    return value >= threshold if op == ">=" else value <= threshold
+
+
+QUICK = {"n_train": 2000, "n_heldout": 500, "epochs": 1, "n_negatives": 800, "n_val": 200}
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """`oracle.py train`'s flags."""
+    p = argparse.ArgumentParser(prog="oracle.py train", description="train the per-cell oracle CNN on rendered scenes",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"folder for weights, config, metrics and card (default {DEFAULT_ORACLE}; "
+                        "--quick: <outputs>/fidelity/oracle-quick)")
+    p.add_argument("--n-train", type=int, default=20000, help="rendered training scenes")
+    p.add_argument("--n-heldout", type=int, default=5000, help="held-out rendered scenes (a different seed)")
+    p.add_argument("--n-negatives", type=int, default=8000,
+                   help=f"training scenes with 1-2 objects made unrecognisable ({', '.join(TRAIN_NEGATIVES)})")
+    p.add_argument("--n-val", type=int, default=2000,
+                   help="clean and as many negative validation scenes (seed 2) for the temperature and threshold")
+    p.add_argument("--epochs", type=int, default=8, help="passes over the training scenes")
+    p.add_argument("--batch-size", type=int, default=128, help="scenes per step")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle schedule)")
+    p.add_argument("--heldout-seed", type=int, default=HELDOUT_SEED, help="seed of the held-out scenes (!= --seed)")
+    p.add_argument("--data", default=str(DEFAULT_DATA),
+                   help="data.pkl whose test split is also scored, if it exists ('' to skip)")
+    common_args(p, "oracle", QUICK, helps={
+        "run_name": "run folder name under <outputs>/oracle (config, metrics, timings; the weights go to --out)",
+        "seed": "seed of the training scenes, init and batches"})
+    p.set_defaults(seed=TRAIN_SEED)
+    return p
+
+
+def audit_parser() -> argparse.ArgumentParser:
+    """`oracle.py audit`'s flags (make and score share them)."""
+    p = argparse.ArgumentParser(prog="oracle.py audit", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="by-eye audit of the oracle filter: contact sheets of accepted and "
+                                            "rejected generated images (make), then precision and recall from the "
+                                            "labels (score)")
+    p.add_argument("step", choices=("make", "score"), help="make: generate, filter and draw the sheets; score: "
+                                                          "precision/recall from the labels in --audit")
+    p.add_argument("--model", default="shapes-tiny", help="generator whose images are audited (registry name or folder)")
+    p.add_argument("--n", type=int, default=64, help="accepted and as many rejected images to label")
+    p.add_argument("--max-candidates", type=int, default=2400, help="give up after this many generated images")
+    p.add_argument("--min-score", type=float, default=0.5, help="task_d's filter: fraction of named checks passed")
+    p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder")
+    p.add_argument("--audit", type=Path, default=DEFAULT_AUDIT, help="the audit file (labels kept in the repo)")
+    common_args(p, "oracle_audit", omit=("threads", "quick", "wandb"), helps={
+        "run_name": "make: run folder under <outputs>/oracle_audit for the unlabelled contact sheets",
+        "seed": "seed of the prompts, the noise and the sheet order"})
+    return p
+
+
+PARSERS = {"train": train_parser, "audit": audit_parser}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command (argv[0], one of COMMANDS) and its flags, checked; `-h` alone lists the commands."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in ("-h", "--help"):
-        check(argv[0] in COMMANDS, f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
     check(bool(argv), f"no command given; choose one of {', '.join(COMMANDS)}")
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-
-    t = sub.add_parser("train", help="train the per-cell oracle CNN on rendered scenes", formatter_class=fmt)
-    t.add_argument("--out", type=Path, default=None,
-                   help=f"folder for weights, config, metrics and card (default {DEFAULT_ORACLE}; "
-                        "--quick: outputs/fidelity/oracle-quick)")
-    t.add_argument("--n-train", type=int, default=20000, help="rendered training scenes")
-    t.add_argument("--n-heldout", type=int, default=5000, help="held-out rendered scenes (a different seed)")
-    t.add_argument("--n-negatives", type=int, default=8000,
-                   help=f"training scenes with 1-2 objects made unrecognisable ({', '.join(TRAIN_NEGATIVES)})")
-    t.add_argument("--n-val", type=int, default=2000,
-                   help="clean and as many negative validation scenes (seed 2) for the temperature and threshold")
-    t.add_argument("--epochs", type=int, default=8, help="passes over the training scenes")
-    t.add_argument("--batch-size", type=int, default=128, help="scenes per step")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle schedule)")
-    t.add_argument("--seed", type=int, default=TRAIN_SEED, help="seed of the training scenes, init and batches")
-    t.add_argument("--heldout-seed", type=int, default=HELDOUT_SEED, help="seed of the held-out scenes (!= --seed)")
-    t.add_argument("--data", default=str(DEFAULT_DATA),
-                   help="data.pkl whose test split is also scored, if it exists ('' to skip)")
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    t.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    t.add_argument("--quick", action="store_true", help="smoke run: 2000 train / 500 held-out scenes, 1 epoch")
-
-    a = sub.add_parser("audit", help="by-eye audit of the oracle filter: contact sheets of accepted and rejected "
-                                     "generated images (make), then precision and recall from the labels (score)",
-                       formatter_class=fmt)
-    a.add_argument("step", choices=("make", "score"), help="make: generate, filter and draw the sheets; score: "
-                                                          "precision/recall from the labels in --audit")
-    a.add_argument("--model", default="shapes-tiny", help="generator whose images are audited (registry name or folder)")
-    a.add_argument("--n", type=int, default=64, help="accepted and as many rejected images to label")
-    a.add_argument("--max-candidates", type=int, default=2400, help="give up after this many generated images")
-    a.add_argument("--min-score", type=float, default=0.5, help="task_d's filter: fraction of named checks passed")
-    a.add_argument("--seed", type=int, default=0, help="seed of the prompts, the noise and the sheet order")
-    a.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder")
-    a.add_argument("--audit", type=Path, default=DEFAULT_AUDIT, help="the audit file (labels kept in the repo)")
-    a.add_argument("--sheets", type=Path, default=OUTPUTS / "fidelity" / "audit",
-                   help="folder for the unlabelled contact sheets and the candidate images")
-    a.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    args = p.parse_args(argv)
-    {"train": check_train_args, "audit": check_audit_args}[args.command](args)
+    if argv[0] in ("-h", "--help"):
+        print(__doc__)
+        sys.exit(0)
+    check(argv[0] in COMMANDS, f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
+    parser = PARSERS[argv[0]]()
+    args = parser.parse_args(argv[1:])
+    args.command = argv[0]
+    if args.command == "train":
+        apply_quick(args, parser, QUICK)
+        check_train_args(args)
+    else:
+        check_audit_args(args)
     return args
 
 
@@ -117,11 +148,7 @@ def check_audit_args(args: argparse.Namespace) -> None:
 
 
 def check_train_args(args: argparse.Namespace) -> None:
-    if args.quick:
-        args.n_train, args.n_heldout, args.epochs = min(args.n_train, 2000), min(args.n_heldout, 500), 1
-        args.n_negatives, args.n_val = min(args.n_negatives, 800), min(args.n_val, 200)
-        args.out = args.out or OUTPUTS / "fidelity" / "oracle-quick"
-    args.out = args.out or DEFAULT_ORACLE
+    args.out = args.out or (Path(args.outputs) / "fidelity" / "oracle-quick" if args.quick else DEFAULT_ORACLE)
     for name in ("n_train", "n_heldout", "n_negatives", "n_val", "epochs", "batch_size"):
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     check(args.lr > 0, f"--lr must be positive, got {args.lr}")
@@ -564,9 +591,12 @@ def oracle_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def train_oracle_net(images: np.ndarray, labels: np.ndarray, args: argparse.Namespace,
-                     device) -> tuple[OracleNet, list]:
-    """Train an `OracleNet` with AdamW and a one-cycle schedule; returns (net, per-epoch history)."""
+def train_oracle_net(images: np.ndarray, labels: np.ndarray, args: argparse.Namespace, device,
+                     on_epoch: Callable[[dict], None] | None = None) -> tuple[OracleNet, list]:
+    """Train an `OracleNet` with AdamW and a one-cycle schedule; returns (net, per-epoch history).
+
+    `on_epoch(row)` gets each epoch's history row ({"epoch", "loss"}) as it finishes (e.g. to log it to wandb).
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(args.seed)
@@ -594,6 +624,8 @@ def train_oracle_net(images: np.ndarray, labels: np.ndarray, args: argparse.Name
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses))})
+        if on_epoch is not None:
+            on_epoch(history[-1])
     bar.close()
     return net.eval(), history
 
@@ -787,9 +819,9 @@ validation ones, so the same threshold rejects more there).
 
 | measurement (held-out seeds) | value | target |
 |---|---|---|
-| whole-scene accuracy on clean renders | {m['accuracy_on_renders']:.4f} | >= 0.99 |
-| false rejects of clean objects | {m['false_reject_rate_renders']:.4f} | <= 0.01 |
-| rejection of held-out negatives made by other recipes ({', '.join(HELDOUT_NEGATIVES)}) | {m['reject_rate_heldout']:.4f} | >= 0.95 |
+| whole-scene accuracy on clean renders | {m['accuracy_on_renders']:.4f} | {' '.join(map(str, TARGETS['accuracy_on_renders']))} |
+| false rejects of clean objects | {m['false_reject_rate_renders']:.4f} | {' '.join(map(str, TARGETS['false_reject_rate_renders']))} |
+| rejection of held-out negatives made by other recipes ({', '.join(HELDOUT_NEGATIVES)}) | {m['reject_rate_heldout']:.4f} | {' '.join(map(str, TARGETS['reject_rate_heldout']))} |
 | expected calibration error (15 bins; before scaling {m['ece_uncalibrated']:.4f}) | {m['ece']:.4f} | |
 | objects of renders blurred with sigma = 2 px not read as a shape | {blur['rejected']:.4f} | |
 | shape-correct on sigma = 2 blurred prompt renders, single / two objects (was 0.655 / 0.49) | {blur['single_shape_correct']:.3f} / {blur['two_shape_correct']:.3f} | |
@@ -801,64 +833,91 @@ By-eye audit (`models/shapes-oracle/audit.json`): {audit_line}.
 
 
 # --------------------------------------------------------------------------- train steps
-def train_oracle(args: argparse.Namespace) -> dict:
-    t0 = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    # 1. rendered scenes, and scenes with objects made unrecognisable: training, validation and held-out seeds differ
+def training_scenes(args: argparse.Namespace) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(images, labels) of the training scenes (with unrecognisable negatives), the validation scenes (clean and
+    negative, seed VAL_SEED) and the held-out scenes (--heldout-seed): no two share a seed."""
     images, labels = render_scenes(args.seed, args.n_train)
     neg_images, neg_labels = render_negatives(args.seed, args.n_negatives, TRAIN_NEGATIVES)
-    images, labels = np.concatenate([images, neg_images]), np.concatenate([labels, neg_labels])
-    held_images, held_labels = render_scenes(args.heldout_seed, args.n_heldout)
+    held = render_scenes(args.heldout_seed, args.n_heldout)
     val = [render_scenes(VAL_SEED, args.n_val), render_negatives(VAL_SEED, args.n_val, TRAIN_NEGATIVES)]
-    val_images, val_labels = np.concatenate([v[0] for v in val]), np.concatenate([v[1] for v in val])
-    render_s = time.time() - t0
+    return {"train": (np.concatenate([images, neg_images]), np.concatenate([labels, neg_labels])),
+            "val": (np.concatenate([v[0] for v in val]), np.concatenate([v[1] for v in val])), "heldout": held}
 
-    # 2. train
-    t1 = time.time()
-    net, history = train_oracle_net(images, labels, args, device)
-    train_s = time.time() - t1
-    config = {"widths": [m.out_channels for m in net.features if isinstance(m, nn.Conv2d)],
-              "hidden": net.head[0].out_features, "image_size": IMAGE_SIZE, "classes": list(CLASSES),
-              "colors": list(gd.COLOR_NAMES), "sizes": list(gd.SIZE_NAMES), "cells": [list(c) for c in gd.CELLS],
-              "n_params": int(sum(p.numel() for p in net.parameters())), "n_train": args.n_train,
-              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-              "heldout_seed": args.heldout_seed, "train_seconds": round(train_s, 1), "device": str(device),
-              "n_negatives": args.n_negatives, "n_val": args.n_val,
-              "command": "python oracle.py train" + (" --quick" if args.quick else ""),
-              "versions": library_versions()}
-    oracle = Oracle(net, config)
 
-    # 3. calibration on validation scenes: the temperature, then the operating threshold
+def oracle_config(net: OracleNet, args: argparse.Namespace, device, train_seconds: float) -> dict:
+    """What the oracle folder's config.json records: architecture, labels and how it was trained."""
+    return {"widths": [m.out_channels for m in net.features if isinstance(m, nn.Conv2d)],
+            "hidden": net.head[0].out_features, "image_size": IMAGE_SIZE, "classes": list(CLASSES),
+            "colors": list(gd.COLOR_NAMES), "sizes": list(gd.SIZE_NAMES), "cells": [list(c) for c in gd.CELLS],
+            "n_params": int(sum(p.numel() for p in net.parameters())), "n_train": args.n_train,
+            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+            "heldout_seed": args.heldout_seed, "train_seconds": round(train_seconds, 1), "device": str(device),
+            "n_negatives": args.n_negatives, "n_val": args.n_val,
+            "command": "python oracle.py train" + (" --quick" if args.quick else ""),
+            "versions": library_versions()}
+
+
+def calibrate(oracle: Oracle, val_images: np.ndarray, val_labels: np.ndarray) -> None:
+    """Fit the temperature, then the operating threshold, on validation scenes (into oracle.config)."""
     val_logits = class_logits(oracle, val_images)
-    config["temperature"] = fit_temperature(val_logits, val_labels)
-    config["threshold"] = choose_threshold(torch.softmax(val_logits / config["temperature"], -1), val_labels)
-    config["max_false_reject_val"], config["min_val_accuracy"] = MAX_FALSE_REJECT_VAL, MIN_VAL_ACCURACY
+    oracle.config["temperature"] = fit_temperature(val_logits, val_labels)
+    oracle.config["threshold"] = choose_threshold(torch.softmax(val_logits / oracle.config["temperature"], -1),
+                                                  val_labels)
+    oracle.config["max_false_reject_val"], oracle.config["min_val_accuracy"] = MAX_FALSE_REJECT_VAL, MIN_VAL_ACCURACY
 
-    # 4. held-out accuracy (new seed), rejection of a recipe never trained on, calibration error
-    metrics = {"heldout": oracle_accuracy(oracle, held_images, held_labels), "history": history}
+
+def evaluate_oracle(oracle: Oracle, held: tuple[np.ndarray, np.ndarray], history: list, data: str) -> dict:
+    """Held-out accuracy (new seed), rejection of recipes never trained on, calibration error, and the dataset's
+    own test split when `data` is a shapes-world pickle."""
+    metrics = {"heldout": oracle_accuracy(oracle, *held), "history": history}
     metrics["accuracy_on_renders"] = metrics["heldout"]["all"]
-    metrics.update(rejection_metrics(oracle, held_images, held_labels, args.n_heldout))
-    real = dataset_scenes(args.data)
+    metrics.update(rejection_metrics(oracle, *held, len(held[0])))
+    real = dataset_scenes(data)
     metrics["dataset_test"] = oracle_accuracy(oracle, *real) if real is not None else None
-    metrics["timings"] = {"render_s": round(render_s, 1), "train_s": round(train_s, 1),
-                          "total_s": round(time.time() - t0, 1)}
+    return metrics
 
-    # 5. weights, config, metrics and card (an earlier by-eye audit is kept, marked stale: see `audit`)
-    old_metrics = Path(args.out) / "metrics.json"
+
+def save_oracle_folder(oracle: Oracle, metrics: dict, out: Path) -> None:
+    """Weights, config, metrics and card in `out`; an earlier by-eye audit there is kept, marked stale."""
+    old_metrics = Path(out) / "metrics.json"
     if old_metrics.is_file() and read_json(old_metrics).get("audit"):
         metrics["audit"] = dict(read_json(old_metrics)["audit"], stale="the oracle was retrained after this audit")
-    oracle.save(args.out)
-    write_json(Path(args.out) / "metrics.json", metrics)
-    (Path(args.out) / "README.md").write_text(oracle_card(config, metrics))
+    oracle.save(out)
+    write_json(Path(out) / "metrics.json", metrics)
+    write_text(Path(out) / "README.md", oracle_card(oracle.config, metrics))
+
+
+def train_oracle(args: argparse.Namespace) -> dict:
+    """`oracle.py train`: render, train, calibrate, evaluate; the oracle goes to --out, the run to outputs/oracle."""
+    run = start_run("oracle", args)
+    # 1. rendered scenes, and scenes with objects made unrecognisable: training, validation and held-out seeds differ
+    with run.step("render"):
+        scenes = training_scenes(args)
+
+    # 2. train
+    with run.step("train"):
+        net, history = train_oracle_net(*scenes["train"], args, run.device,
+                                        on_epoch=lambda row: run.log(row, step=row["epoch"]))
+    oracle = Oracle(net, oracle_config(net, args, run.device, run.timings["train_s"]))
+
+    # 3. calibration on validation scenes: the temperature, then the operating threshold
+    with run.step("calibrate"):
+        calibrate(oracle, *scenes["val"])
+
+    # 4. held-out accuracy (new seed), rejection of a recipe never trained on, calibration error
+    with run.step("evaluate"):
+        metrics = evaluate_oracle(oracle, scenes["heldout"], history, args.data)
+
+    # 5. the run's metrics and `latest`, then weights, config, metrics and card in --out
+    run.finish(metrics)
+    save_oracle_folder(oracle, metrics, args.out)
     h = metrics["heldout"]
     print(f"held-out ({h['n_scenes']} scenes): " + ", ".join(f"{k} {h[k]:.4f}" for k in
           ("shape", "color", "size", "object", "count", "all")))
     if metrics["dataset_test"]:
         print(f"dataset test split: object {metrics['dataset_test']['object']:.4f}, "
               f"all {metrics['dataset_test']['all']:.4f}")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out} and {run.dir}")
     return metrics
 
 
@@ -910,12 +969,9 @@ def contact_sheet(images: np.ndarray, captions: list[str], zoom: int = 4, cols: 
     return sheet
 
 
-def audit_make(args: argparse.Namespace) -> dict:
-    """Generate candidates with task_d's prompts until n are accepted and n rejected by the filter, then write
-    unlabelled contact sheets (shuffled, no verdicts) and the audit file with empty labels."""
-    device = pick_device(args.device)
-    oracle = Oracle.load(args.oracle, device)
-    pipe, settings = load_pipeline(args.model, device=device)
+def audit_candidates(oracle: Oracle, pipe, settings: dict, args: argparse.Namespace) -> tuple[list, list, dict, dict]:
+    """Generate task_d's prompts in chunks until n images are accepted and n rejected by the filter (or
+    --max-candidates is reached): (accepted items, rejected items, their images by id, candidate counts)."""
     accepted, rejected, kept_images = [], [], {}
     total, n_keep, chunk = 0, 0, 96
     while (len(accepted) < args.n or len(rejected) < args.n) and total < args.max_candidates:
@@ -931,21 +987,43 @@ def audit_make(args: argparse.Namespace) -> dict:
                 kept_images[item["id"]] = image
             total += 1
         print(f"{total} candidates: {len(accepted)} accepted, {len(rejected)} rejected kept")
+    return accepted, rejected, kept_images, {"candidates": total, "accepted": n_keep}
+
+
+def write_sheets(folder: Path, shown: list[dict], images: dict, per_sheet: int = 16) -> int:
+    """Unlabelled contact sheets sheet_NN.png of the shown items, in their order; returns how many."""
+    for s in range(0, len(shown), per_sheet):
+        part = shown[s:s + per_sheet]
+        contact_sheet(np.stack([images[it["id"]] for it in part]),
+                      [f"#{it['sheet_position']}: {it['target']}" for it in part]).save(
+            folder / f"sheet_{s // per_sheet:02d}.png")
+    return len(range(0, len(shown), per_sheet))
+
+
+def audit_make(args: argparse.Namespace) -> dict:
+    """Generate candidates with task_d's prompts until n are accepted and n rejected by the filter, then write
+    unlabelled contact sheets (shuffled, no verdicts) into the run folder and the audit file with empty labels."""
+    # 1. the oracle and the generator, then the run folder for the sheets
+    device = pick_device(args.device)
+    oracle = Oracle.load(args.oracle, device)
+    pipe, settings = load_pipeline(args.model, device=device)
+    run = start_run("oracle_audit", args)
+
+    # 2. candidates until both halves are full
+    with run.step("generate"):
+        accepted, rejected, kept_images, counts = audit_candidates(oracle, pipe, settings, args)
+    total = counts["candidates"]
     # A generator whose images the filter rarely accepts cannot fill the accepted half: audit what there is.
     check(len(accepted) >= 8 and len(rejected) == args.n,
           f"only {len(accepted)} accepted / {len(rejected)} rejected in {total} candidates; raise --max-candidates")
     if len(accepted) < args.n:
         print(f"note: the filter accepted only {len(accepted)} of {total} candidates; all of them are audited")
+
+    # 3. shuffled, unlabelled sheets and the audit file (every candidate counts in the rate, kept for a sheet or not)
     shown = accepted + rejected
     order = np.random.default_rng(args.seed).permutation(len(shown))
     shown = [dict(shown[i], sheet_position=k, label=None) for k, i in enumerate(order)]
-    args.sheets.mkdir(parents=True, exist_ok=True)
-    per_sheet = 16
-    for s in range(0, len(shown), per_sheet):
-        part = shown[s:s + per_sheet]
-        contact_sheet(np.stack([kept_images[it["id"]] for it in part]),
-                      [f"#{it['sheet_position']}: {it['target']}" for it in part]).save(
-            args.sheets / f"sheet_{s // per_sheet:02d}.png")
+    n_sheets = write_sheets(run.dir, shown, kept_images)
     audit = {"question": "is the prompted shape (named above each image) clearly recognisable? yes / no",
              "how_to_regenerate": f"python oracle.py audit make --model {args.model} --n {args.n} --seed {args.seed}"
                                   f" --min-score {args.min_score}: item i of oracle.audit_items(), generated with "
@@ -954,10 +1032,12 @@ def audit_make(args: argparse.Namespace) -> dict:
              "oracle_weights_sha256_12": weights_sha(args.oracle), "sampler": {k: settings[k] for k in
                                                                              ("scheduler", "steps", "guidance", "size")},
              "min_score": args.min_score, "seed": args.seed, "candidates": total,
-             "acceptance_rate": n_keep / total, "items": shown}  # every candidate counts, kept for a sheet or not
+             "acceptance_rate": counts["accepted"] / total, "items": shown}
     write_json(args.audit, audit)
-    print(f"wrote {args.audit} and {len(range(0, len(shown), per_sheet))} sheets in {args.sheets}: label each item "
-          f"('yes' or 'no' in its 'label') by looking, then run `python oracle.py audit score`")
+    run.finish({"candidates": total, "acceptance_rate": audit["acceptance_rate"], "n_accepted": len(accepted),
+                "n_rejected": len(rejected), "sheets": n_sheets, "audit": str(args.audit)})
+    print(f"wrote {args.audit} and {n_sheets} sheets in {run.dir}: label each item ('yes' or 'no' in its 'label') "
+          "by looking, then run `python oracle.py audit score`")
     return audit
 
 

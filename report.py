@@ -3,10 +3,14 @@
 Reads `outputs/<task>/latest/metrics.json` of each step of the study (retrieval baseline, task_a ... task_e,
 bench) and the shipped model's `models/shapes-sd-tiny/metrics.json`, states the headline results in
 sentences filled in from those numbers, shows its key figures and links its own tables and figures. A step
-that has not run yet is listed as missing; nothing here is typed in by hand. With --readme it also fills the
-README's `<!-- study-numbers -->` block with the same summaries.
+that has not run yet is listed as missing; nothing here is typed in by hand. With --readme it also fills every
+measured-number block of the README, each between `<!-- name -->` and `<!-- /name -->`, from its metrics file:
+`study-numbers` (outputs/<task>/latest), `retrieval-numbers` (outputs/retrieval/latest), `oracle-numbers`
+(models/shapes-oracle) and `model-numbers` (models/*/metrics.json of the diffusion models). A block whose
+metrics file is missing is left as it is, with a one-line note on stderr.
 
-    python report.py                      # after `make demo` (which runs it last)
+    python report.py                      # after the study's steps
+    python report.py --readme README.md   # what `make demo` runs last
     python report.py --outputs outputs --out outputs/REPORT.md --readme README.md
 """
 
@@ -15,10 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from utils import (REPO, check, cli, common_args, fmt, fmt_ci, fmt_delta, md_table, read_json, write_text)
+import numpy as np
+
+from oracle import TARGETS as ORACLE_TARGETS, target_met
+from retrieval import headline_table
+from utils import (FIDELITY_TARGETS, REPO, check, cli, common_args, fmt, fmt_ci, fmt_delta, md_table, read_json,
+                   write_text)
 
 TASKS = ("retrieval", "task_a", "task_b", "task_c", "task_d", "task_e", "bench")
 TITLES = {
@@ -36,7 +46,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=str(REPO / "models" / "shapes-sd-tiny"), help="shipped model folder (its metrics.json)")
     p.add_argument("--out", default=None, help="report path (default: <outputs>/REPORT.md)")
-    p.add_argument("--readme", default=None, help="a README whose <!-- study-numbers --> block to fill (default: none)")
+    p.add_argument("--readme", default=None,
+                   help="a README whose measured-number blocks (<!-- study-numbers -->, retrieval-numbers, "
+                        "oracle-numbers, model-numbers) to fill (default: none)")
+    p.add_argument("--models", default=str(REPO / "models"),
+                   help="folder of the model folders whose metrics.json fill the oracle-numbers and model-numbers blocks")
     common_args(p, "report", omit=("run_name", "device", "threads", "seed", "quick", "wandb"),
                 helps={"outputs": "outputs root holding <task>/latest/"})
     args = p.parse_args(argv)
@@ -184,7 +198,6 @@ KEY_FIGURES: dict[str, tuple[str, ...]] = {
     "retrieval": ("per_category.png",), "task_a": ("grid.png",), "task_c": ("recall_vs_frequency.png", "confusion.png"),
     "task_d": ("deltas.png",), "task_e": ("recall_vs_k.png", "edit_success.png")}
 FIGURES: dict[str, Callable[[dict, str], list[str]]] = {"task_b": task_b_figures}
-README_BLOCK = "study-numbers"
 
 
 def key_figures(task: str, run: Path, rel: str) -> list[str]:
@@ -199,10 +212,12 @@ def model_section(model_dir: Path) -> list[str]:
         return ["## The shipped model", "",
                 f"`{path}` is missing: run `python fidelity.py evaluate-model --write-card`.", ""]
     m = read_json(path)
-    return ["## The shipped model (`models/shapes-sd-tiny`)", "",
+    return [f"## The shipped model (`{_repo_path(model_dir)}`)", "",
             f"Oracle accuracy on held-out renders {fmt(m['oracle_accuracy_on_renders'])}. Prompt fidelity (all "
-            f"attributes right): single object {fmt(m['single_object_all_correct'])} (target 0.90), two objects "
-            f"with a relation {fmt(m['two_object_all_correct'])} (target 0.60). Single-object per attribute: shape "
+            f"attributes right): single object {fmt(m['single_object_all_correct'])} (target "
+            f"{FIDELITY_TARGETS['single_object']:.2f}), two objects with a relation "
+            f"{fmt(m['two_object_all_correct'])} (target {FIDELITY_TARGETS['two_object']:.2f}). Single-object per "
+            "attribute: shape "
             f"{fmt(m['single_object']['shape'])}, colour {fmt(m['single_object']['color'])}, position "
             f"{fmt(m['single_object']['position'])}. FD {fmt(m['fd'])} vs the real-vs-real floor "
             f"{fmt(m['fd_real_vs_real'])} (n = {m['fd_n']}). Sampler: {m['sampler']['scheduler']}, "
@@ -239,15 +254,168 @@ def study_numbers(outputs: Path) -> list[str]:
     return lines
 
 
+def _repo_path(path: str | Path) -> str:
+    """`path` relative to the repo when it lies inside it (as a reader would type it), else as given."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO).as_posix() if resolved.is_relative_to(REPO) else str(path)
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "**not met**"
+
+
+def retrieval_numbers(m: dict, run: Path) -> list[str]:
+    """The README's retrieval baseline: retrieval.py's headline table of a run, its settings from config.json, and
+    the gap between the rarest and the commonest training categories.
+
+    Args:
+        m: the run's metrics.json.
+        run: the run folder (its config.json gives the data, seed and split).
+    """
+    cfg = read_json(run / "config.json")["args"] if (run / "config.json").is_file() else {}
+    per_cat = m["per_category"]
+    ranked = sorted(per_cat, key=lambda n: per_cat[n]["train_count"])
+    gap = {d: float(np.mean([per_cat[c][d]["R@10"] for c in ranked[:3]])
+                    - np.mean([per_cat[c][d]["R@10"] for c in ranked[-3:]])) for d in ("txt2img", "img2txt")}
+    by_t2i = sorted(per_cat, key=lambda n: per_cat[n]["txt2img"]["R@10"])
+    worst, best = per_cat[by_t2i[0]], per_cat[by_t2i[-1]]
+    return [f"`python retrieval.py --run-name {run.name}` (the run `outputs/retrieval/latest` points to), seed "
+            f"{cfg.get('seed', 'n/a')}, data `{_repo_path(cfg['data']) if cfg.get('data') else 'n/a'}`: "
+            f"{m['n_train_images']:,} training images, {cfg.get('eval_split', 'test')} split of "
+            f"{m['n_eval_images']:,} images and {m['n_eval_captions']:,} captions.", "",
+            headline_table(m), "",
+            f"The 3 rarest categories minus the 3 commonest: {gap['txt2img']:+.3f} txt2img R@10, "
+            f"{gap['img2txt']:+.3f} img2txt R@10. The weakest category is {by_t2i[0]} ({worst['train_count']:,} "
+            f"training images, txt2img R@10 {fmt(worst['txt2img']['R@10'])}), the best {by_t2i[-1]} "
+            f"({best['train_count']:,}, {fmt(best['txt2img']['R@10'])})."]
+
+
+def oracle_numbers(m: dict) -> list[str]:
+    """The README's oracle table: accuracy, rejection and calibration on held-out seeds, against oracle.TARGETS,
+    and the by-eye audit of the filter when it has been scored.
+
+    Args:
+        m: the oracle folder's metrics.json (`python oracle.py train`, `audit score`).
+    """
+    def target(key: str) -> str:
+        op, threshold = ORACLE_TARGETS[key]
+        return f"{op.replace('>=', '≥').replace('<=', '≤')} {threshold:g} ({_verdict(target_met(key, m[key]))})"
+
+    blur = m["blur_sigma2"]
+    by_recipe = ", ".join(f"{k} {v:.3f}" for k, v in m["reject_rate_heldout_by_recipe"].items())
+    rows = [[f"whole-scene accuracy on clean renders ({m['heldout']['n_scenes']:,} scenes)",
+             f"{m['accuracy_on_renders']:.3f}", target("accuracy_on_renders")],
+            ["false rejects of clean objects", f"{m['false_reject_rate_renders']:.3f}",
+             target("false_reject_rate_renders")],
+            [f"rejection of negatives made by recipes never trained on (by recipe: {by_recipe})",
+             f"{m['reject_rate_heldout']:.3f}", target("reject_rate_heldout")],
+            [f"expected calibration error (15 bins; {m['ece_uncalibrated']:.4f} before temperature scaling)",
+             f"{m['ece']:.4f}", ""],
+            ["renders blurred with σ = 2 px: shape-correct, single / two objects",
+             f"{blur['single_shape_correct']:.3f} / {blur['two_shape_correct']:.3f}", ""]]
+    audit = m.get("audit")
+    if audit:
+        rows.append([f"by-eye audit of task_d's filter on {audit['n']} generated images: precision [95% CI], recall",
+                     f"{fmt(audit['precision'])} {fmt_ci(audit['precision_ci'])}, {fmt(audit['recall'])}",
+                     f"stale: {audit['stale']}" if audit.get("stale") else ""])
+    return md_table(["measurement (held-out seeds)", "value", "target"], rows)
+
+
+def model_numbers(folders: list[Path]) -> list[str]:
+    """The README's model table: each diffusion model's evaluate-model numbers (its metrics.json) and UNet steps
+    (its training_log.json), the first model's settings as the command, and the targets' verdicts.
+
+    Args:
+        folders: model folders whose metrics.json holds `fidelity.py evaluate-model` results, the shipped one first.
+    """
+    ms = [read_json(f / "metrics.json") for f in folders]
+    first, sam = ms[0], ms[0]["sampler"]
+    heads = first["args"].get("heads")
+    lines = [f"`python fidelity.py evaluate-model --model {first['model']['name']}" + (f" --heads {heads}" if heads
+             else "") + f"` ({first['n_prompts']} single- and {first['n_prompts']} two-object prompts, seed "
+             f"{first['seed']}, {sam['scheduler']} {sam['steps']} steps, guidance {sam['guidance']}, {sam['device']}); "
+             "each row from that model's `metrics.json`:", ""]
+    rows = []
+    for folder, m in zip(folders, ms):
+        log = folder / "training_log.json"
+        steps = read_json(log).get("card_facts", {}).get("steps") if log.is_file() else None
+        s = m["single_object"] or {}
+        rows.append([f"`{m['model']['name']}` (`{_repo_path(folder)}`)", f"{steps:,}" if steps else "n/a",
+                     fmt(m["single_object_all_correct"]), fmt(s.get("shape")), fmt(s.get("color")),
+                     fmt(s.get("position")), fmt(m["two_object_all_correct"]),
+                     f"{fmt(m['fd'], '.1f')} ({fmt(m['fd_real_vs_real'], '.1f')})"])
+    lines += md_table(["model", "UNet steps", "single-object all-correct", "shape", "colour", "position",
+                       "two-object all-correct", "FD (real-vs-real floor)"], rows)
+    targets = ", ".join(f"{k.replace('_', '-')} all-correct ≥ {t:.2f}" for k, t in FIDELITY_TARGETS.items())
+    verdicts = ", ".join(f"`{m['model']['name']}` " + _verdict(all(
+        m.get(f"{k}_all_correct") is not None and m[f"{k}_all_correct"] >= t for k, t in FIDELITY_TARGETS.items()))
+        for m in ms)
+    return lines + ["", f"Targets ({targets}): {verdicts}."]
+
+
+def diffusion_models(models: Path, shipped: Path) -> list[Path]:
+    """Model folders under `models` with a diffusers pipeline and evaluate-model metrics, `shipped` first."""
+    found = [f for f in sorted(models.iterdir()) if (f / "model_index.json").is_file()
+             and "single_object" in (read_json(f / "metrics.json") if (f / "metrics.json").is_file() else {})
+             ] if models.is_dir() else []
+    return sorted(found, key=lambda f: f.resolve() != shipped.resolve())
+
+
+Sources = dict[str, tuple[list[Path], Callable[[], list[str]]]]
+
+
+def readme_sources(outputs: Path, models: Path, shipped: Path) -> Sources:
+    """Each README block: the metrics files its numbers come from (it is filled when any exists) and the renderer
+    that reads them."""
+    retrieval_run = outputs / "retrieval" / "latest"
+    generators = diffusion_models(models, shipped)
+    return {
+        "study-numbers": ([outputs / task / "latest" / "metrics.json" for task in TASKS],
+                          lambda: study_numbers(outputs)),
+        "retrieval-numbers": ([retrieval_run / "metrics.json"],
+                              lambda: retrieval_numbers(read_json(retrieval_run / "metrics.json"),
+                                                        retrieval_run.resolve())),
+        "oracle-numbers": ([models / "shapes-oracle" / "metrics.json"],
+                           lambda: oracle_numbers(read_json(models / "shapes-oracle" / "metrics.json"))),
+        "model-numbers": ([f / "metrics.json" for f in generators] or [models / "<model>" / "metrics.json"],
+                          lambda: model_numbers(generators)),
+    }
+
+
+def block_pattern(name: str) -> re.Pattern:
+    return re.compile(rf"(<!-- {re.escape(name)} -->\n).*?(<!-- /{re.escape(name)} -->)", re.S)
+
+
 def fill_block(text: str, name: str, lines: list[str]) -> str:
     """`text` with what lies between `<!-- name -->` and `<!-- /name -->` replaced by `lines`.
 
     Raises:
         UserError: when the text lacks the pair of markers.
     """
-    pattern = re.compile(rf"(<!-- {re.escape(name)} -->\n).*?(<!-- /{re.escape(name)} -->)", re.S)
+    pattern = block_pattern(name)
     check(pattern.search(text) is not None, f"no <!-- {name} --> ... <!-- /{name} --> block to fill")
     return pattern.sub(lambda mo: mo.group(1) + "\n".join(lines) + "\n" + mo.group(2), text, count=1)
+
+
+def fill_readme(readme: Path, sources: Sources) -> list[str]:
+    """Fill each block of `readme` whose sources exist (any of them); returns the names filled.
+
+    Raises:
+        UserError: the README lacks a block's markers (checked for every block before anything is written).
+    """
+    text = readme.read_text()
+    for name in sources:
+        check(block_pattern(name).search(text) is not None, f"no <!-- {name} --> ... <!-- /{name} --> block to fill")
+    filled = []
+    for name, (paths, render) in sources.items():
+        if not any(path.is_file() for path in paths):
+            others = f" nor any of the {len(paths) - 1} other metrics files it reads" if len(paths) > 1 else ""
+            print(f"note: {name} left as it is in {readme}: no {paths[0]}{others}", file=sys.stderr)
+            continue
+        text = fill_block(text, name, render())
+        filled.append(name)
+    write_text(readme, text)
+    return filled
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -263,9 +431,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     write_text(args.out, "\n".join(lines))
     print(f"wrote {args.out}")
     if args.readme:
-        readme = Path(args.readme)
-        write_text(readme, fill_block(readme.read_text(), README_BLOCK, study_numbers(outputs)))
-        print(f"filled the {README_BLOCK} block of {readme}")
+        filled = fill_readme(Path(args.readme), readme_sources(outputs, Path(args.models), Path(args.model)))
+        print(f"filled {', '.join(filled) or 'no'} block(s) of {args.readme}")
     return args.out
 
 

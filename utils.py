@@ -434,7 +434,8 @@ def start_run(task: str, args: argparse.Namespace, config: dict | None = None) -
     """Start a task script's run: threads, device and dtype, `<outputs>/<task>/<run_name>/` with config.json, wandb.
 
     Args:
-        task: task folder name ("retrieval", "task_a", ...).
+        task: task folder name ("retrieval", "task_a", ...; "fidelity/<model>" is wandb project "fidelity",
+            group "<model>").
         args: parsed arguments with `common_args`' flags (any it omitted fall back to: no run name -> the
             start time, OUTPUTS, automatic device, default threads, no wandb; `--dtype` is read when present).
         config: what config.json records as the run's arguments (default: vars(args)).
@@ -458,7 +459,9 @@ def start_run(task: str, args: argparse.Namespace, config: dict | None = None) -
         import wandb
 
         os.environ.setdefault("WANDB_MODE", "offline")
-        wandb_run = wandb.init(project=task, config=config, name=run_dir.name, dir=str(outputs))
+        project, _, group = task.partition("/")  # "fidelity/<model>": wandb names may not hold "/"
+        wandb_run = wandb.init(project=project, group=group or None, config=config, name=run_dir.name,
+                               dir=str(outputs))
     return Run(run_dir, device, dtype, wandb_run)
 
 

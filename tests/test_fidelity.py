@@ -112,7 +112,7 @@ def test_evaluate_model_writes_a_run_folder_and_leaves_the_model_alone(tmp_path,
     assert json.loads((run / "config.json").read_text())["args"]["steps"] == 2
     metrics = json.loads((run / "metrics.json").read_text())
     for key in ("oracle_accuracy_on_renders", "single_object_all_correct", "two_object_all_correct", "single_object",
-                "two_object", "fd", "fd_real_vs_real", "sampler", "n_prompts", "seed", "seconds",
+                "two_object", "fd", "fd_real_vs_real", "sampler", "n_prompts", "seed", "timings",
                 "prompt_renders_all_correct", "alignment"):
         assert key in metrics, key
     assert metrics["sampler"] == {**metrics["sampler"], "scheduler": "DDIMScheduler", "steps": 2, "guidance": 5.0,
@@ -123,6 +123,9 @@ def test_evaluate_model_writes_a_run_folder_and_leaves_the_model_alone(tmp_path,
     assert metrics["alignment"] == pytest.approx(50.0, abs=1e-3)
     assert metrics["prompt_renders_all_correct"]["single"] >= 0.75  # the oracle reads renders of the same prompts
     assert (run / "fidelity_grid.png").is_file()
+    steps = {"generate_s", "oracle_s", "fd_s", "alignment_s"}
+    assert steps | {"total_s"} == set(metrics["timings"])
+    assert sum(metrics["timings"][k] for k in steps) <= metrics["timings"]["total_s"]  # the steps lie inside the run
     assert returned["single_object"] == metrics["single_object"]
     # without --write-card the model folder is not touched
     assert sorted(p.name for p in model.iterdir()) == before
@@ -184,6 +187,8 @@ def test_model_card_before_any_measurement_says_how_to_measure():
      "unknown prompt kind 'triple' in --kinds; choose from single, two"),
     (["evaluate-model", "--fd-from", "noise"], "unknown --fd-from 'noise'; choose captions or prompts"),
     (["evaluate-model", "--quick", "--write-card"], "--write-card with --quick would put smoke-run numbers in the card"),
+    (["evaluate-model", "--n-fd", "many"], "argument --n-fd: invalid int value: 'many'"),
+    (["evaluate-model", "--kinds", " , "], "--kinds is empty"),
 ])
 def test_bad_arguments(argv, message):
     with pytest.raises(UserError) as err:

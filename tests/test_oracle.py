@@ -230,6 +230,36 @@ def test_summarize_scores_averages_where_defined():
                                                  "count": 1.0, "all": 0.5, "n": 2}
 
 
+# --------------------------------------------------------------------------- training (a tiny run)
+def test_quick_presets_yield_to_explicit_flags_and_quick_weights_stay_under_outputs(tmp_path):
+    args = oracle.parse_args(["train", "--quick", "--n-train", "64", "--outputs", str(tmp_path)])
+    assert (args.n_train, args.n_heldout, args.epochs) == (64, 500, 1)  # given flag kept, the rest from QUICK
+    assert args.out == tmp_path / "fidelity" / "oracle-quick"
+    assert oracle.parse_args(["train"]).out == oracle.DEFAULT_ORACLE
+
+
+def test_train_writes_a_loadable_oracle_and_a_run_folder(tmp_path):
+    out = tmp_path / "oracle"
+    out.mkdir()
+    audit = json.loads((oracle.DEFAULT_ORACLE / "metrics.json").read_text())["audit"]  # an earlier by-eye audit
+    (out / "metrics.json").write_text(json.dumps({"audit": audit}))
+    metrics = oracle.main(["train", "--quick", "--n-train", "64", "--n-heldout", "32", "--n-negatives", "32",
+                           "--n-val", "32", "--batch-size", "16", "--data", "", "--out", str(out), "--device", "cpu",
+                           "--threads", "1", "--outputs", str(tmp_path / "runs"), "--run-name", "t1"])
+    run = tmp_path / "runs" / "oracle" / "t1"
+    assert (run.parent / "latest").resolve() == run.resolve()
+    assert json.loads((run / "config.json").read_text())["args"]["n_train"] == 64
+    assert metrics["heldout"]["n_scenes"] == 32 and len(metrics["history"]) == 1  # --quick's one epoch
+    assert {"render_s", "train_s", "calibrate_s", "evaluate_s", "total_s"} == set(metrics["timings"])
+    loaded = oracle.Oracle.load(out, device="cpu")
+    assert 0.25 <= loaded.config["temperature"] <= 10 and 0 <= loaded.config["threshold"] < 1
+    assert loaded.config["n_train"] == 64 and loaded.config["command"] == "python oracle.py train --quick"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["audit"] == dict(audit, stale="the oracle was retrained after this audit")
+    card = (out / "README.md").read_text()
+    assert f"| all | {saved['heldout']['all']:.4f} |" in card and "STALE: the oracle was retrained" in card
+
+
 # --------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("argv, message", [
     (["nope"], "unknown command 'nope'; choose one of train, audit"),
@@ -241,6 +271,8 @@ def test_summarize_scores_averages_where_defined():
     (["audit", "score", "--min-score", "2"], "--min-score must be in 0..1, got 2.0"),
     (["audit", "score", "--audit", "/nowhere/audit.json"],
      "audit file not found: /nowhere/audit.json (run `python oracle.py audit make` first)"),
+    (["train", "--epochs", "two"], "argument --epochs: invalid int value: 'two'"),
+    (["audit", "check"], "argument step: invalid choice: 'check' (choose from 'make', 'score')"),
 ])
 def test_bad_arguments(argv, message):
     with pytest.raises(UserError) as err:

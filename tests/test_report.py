@@ -105,32 +105,105 @@ def test_task_e_without_editing_is_reported_not_a_crash(tmp_path):
     assert "- added cost 0.25 s per query at k = 2; editing not run (--n-edits 0)" in text
 
 
-def test_readme_block_is_filled_from_the_latest_metrics(tmp_path):
+BLOCKS = ("study-numbers", "retrieval-numbers", "oracle-numbers", "model-numbers")
+
+
+def _readme(path, blocks=BLOCKS):
+    """A README with each block holding a hand copy (0.999) between prose lines."""
+    path.write_text("# Title\n\nintro\n" + "".join(f"<!-- {b} -->\nold hand copy 0.999\n<!-- /{b} -->\nafter {b}\n"
+                                                   for b in blocks))
+    return path
+
+
+def _block(text, name):
+    return text.split(f"<!-- {name} -->\n")[1].split(f"<!-- /{name} -->")[0]
+
+
+def _category(train_count, t2i_r10, i2t_r10):
+    return {"train_count": train_count, "txt2img": {"R@1": 0.1, "R@5": 0.2, "R@10": t2i_r10},
+            "img2txt": {"R@1": 0.1, "R@5": 0.2, "R@10": i2t_r10}}
+
+
+def test_readme_blocks_are_filled_from_the_latest_metrics(tmp_path):
     outputs = tmp_path / "outputs"
     split = {"R@1": 0.25, "R@5": 0.5, "R@10": 0.625, "mAP": 0.375}
+    # rarest three: txt2img R@10 0.2, 0.3, 0.4 (mean 0.3); commonest three: 0.6, 0.7, 0.8 (mean 0.7)
+    per_cat = {"star": _category(2, 0.2, 0.5), "ring": _category(5, 0.3, 0.5), "moon": _category(9, 0.4, 0.5),
+               "cross": _category(50, 0.6, 0.25), "heart": _category(70, 0.7, 0.25), "arrow": _category(90, 0.8, 0.25)}
     _run(outputs, "retrieval", {"img2txt": split, "txt2img": split, "n_train_images": 12, "n_eval_images": 5,
-                                "n_eval_captions": 25})
+                                "n_eval_captions": 25, "per_category": per_cat})
+    _write(outputs / "retrieval" / "r1" / "config.json", {"args": {"seed": 7, "data": "/elsewhere/data.pkl",
+                                                                   "eval_split": "test"}})
     s = {"rho": 0.14, "ci95": [-0.24, 0.53], "n_categories": 12}
     _run(outputs, "task_c", {"spearman": {"txt2img": s}, "targets": {"rule_name": "rule", "targets": [
         {"category": "hexagon"}, {"category": "circle"}]}})
-    readme = tmp_path / "README.md"
-    readme.write_text("# Title\n\nintro\n<!-- study-numbers -->\nold hand copy 0.999\n<!-- /study-numbers -->\n"
-                      "\nafter\n")
-    report.main(["--outputs", str(outputs), "--readme", str(readme)])
+    readme = _readme(tmp_path / "README.md")
+    report.main(["--outputs", str(outputs), "--readme", str(readme), "--models", str(tmp_path / "no-models")])
     text = readme.read_text()
-    assert text.startswith("# Title\n\nintro\n<!-- study-numbers -->\n") and text.endswith("<!-- /study-numbers -->\n\nafter\n")
-    assert "0.999" not in text
-    block = text.split("<!-- study-numbers -->")[1]
-    assert "| txt2img | 0.250 | 0.500 | 0.625 | 0.375 |" in block
-    assert "0.140 (95% CI [-0.240, 0.530], 12 categories)" in block and "**hexagon, circle**" in block
-    assert block.count("Not run yet.") == 5  # task_a, task_b, task_d, task_e, bench
-    again = report.main(["--outputs", str(outputs), "--readme", str(readme)])  # filling twice changes nothing
-    assert again.is_file() and readme.read_text() == text
+    assert text.startswith("# Title\n\nintro\n<!-- study-numbers -->\n") and text.endswith("after model-numbers\n")
+    study, retrieval = _block(text, "study-numbers"), _block(text, "retrieval-numbers")
+    assert "0.999" not in study + retrieval
+    assert "| txt2img | 0.250 | 0.500 | 0.625 | 0.375 |" in study
+    assert "0.140 (95% CI [-0.240, 0.530], 12 categories)" in study and "**hexagon, circle**" in study
+    assert study.count("Not run yet.") == 5  # task_a, task_b, task_d, task_e, bench
+    assert "`python retrieval.py --run-name r1`" in retrieval and "seed 7, data `/elsewhere/data.pkl`" in retrieval
+    assert "| 3 rarest | star (2), ring (5), moon (9) | 0.100 | 0.200 | 0.500 | 0.100 | 0.200 | 0.300 |" in retrieval
+    assert "-0.400 txt2img R@10, +0.250 img2txt R@10" in retrieval  # 0.3 - 0.7 and 0.5 - 0.25
+    assert "weakest category is star (2 training images, txt2img R@10 0.200), the best arrow (90, 0.800)" in retrieval
+    # no models folder: both model blocks keep their hand copy
+    assert _block(text, "oracle-numbers") == _block(text, "model-numbers") == "old hand copy 0.999\n"
+    again = report.main(["--outputs", str(outputs), "--readme", str(readme), "--models", str(tmp_path / "no-models")])
+    assert again.is_file() and readme.read_text() == text  # filling twice changes nothing
 
 
-def test_readme_without_the_markers_is_an_error(tmp_path):
+def _model(models, folder, name, single, two, steps):
+    attrs = {"shape": single, "color": 0.5, "size": None, "position": 0.25, "count": 1.0, "all": single, "n": 4}
+    _write(models / folder / "model_index.json", {})
+    _write(models / folder / "training_log.json", {"card_facts": {"steps": steps}})
+    _write(models / folder / "metrics.json", {
+        "model": {"name": name}, "args": {"heads": None}, "n_prompts": 4, "seed": 3, "oracle_accuracy_on_renders": 0.9,
+        "sampler": {"scheduler": "S", "steps": 7, "guidance": 2.0, "device": "cpu"},
+        "single_object": attrs, "single_object_all_correct": single, "two_object": dict(attrs, all=two),
+        "two_object_all_correct": two, "fd": 12.34, "fd_real_vs_real": 5.0, "fd_n": 8})
+
+
+def test_readme_oracle_and_model_blocks_come_from_the_model_folders(tmp_path, capsys):
+    models = tmp_path / "models"
+    _write(models / "shapes-oracle" / "metrics.json", {
+        "heldout": {"n_scenes": 1234}, "accuracy_on_renders": 0.995, "false_reject_rate_renders": 0.02,
+        "reject_rate_heldout": 0.96, "reject_rate_heldout_by_recipe": {"ellipse": 1.0, "overlap": 0.92},
+        "ece": 0.0125, "ece_uncalibrated": 0.05, "blur_sigma2": {"single_shape_correct": 0.25, "two_shape_correct": 0.5}})
+    _model(models, "a-good", "good", single=0.95, two=0.75, steps=4000)
+    _model(models, "b-shipped", "shipped", single=0.5, two=0.75, steps=12345)
     (tmp_path / "outputs").mkdir()
-    readme = tmp_path / "README.md"
-    readme.write_text("# no markers\n")
-    with pytest.raises(UserError, match="no <!-- study-numbers --> ... <!-- /study-numbers --> block to fill"):
+    readme = _readme(tmp_path / "README.md")
+    report.main(["--outputs", str(tmp_path / "outputs"), "--readme", str(readme), "--models", str(models),
+                 "--model", str(models / "b-shipped")])
+    text = readme.read_text()
+    oracle = _block(text, "oracle-numbers")
+    assert "| whole-scene accuracy on clean renders (1,234 scenes) | 0.995 | ≥ 0.99 (met) |" in oracle
+    assert "| false rejects of clean objects | 0.020 | ≤ 0.01 (**not met**) |" in oracle
+    assert "(by recipe: ellipse 1.000, overlap 0.920) | 0.960 | ≥ 0.95 (met) |" in oracle
+    assert "0.0500 before temperature scaling) | 0.0125 |" in oracle and "| 0.250 / 0.500 |" in oracle
+    model = _block(text, "model-numbers")
+    rows = [line for line in model.splitlines() if line.startswith("| `")]
+    assert rows[0].startswith("| `shipped` (") and rows[1].startswith("| `good` (")  # the shipped model first
+    assert [c.strip() for c in rows[0].split("|")[2:-1]] == ["12,345", "0.500", "0.500", "0.500", "0.250", "0.750",
+                                                              "12.3 (5.0)"]
+    assert "`shipped` **not met**, `good` met." in model  # 0.5 < 0.90; 0.95 and 0.75 reach 0.90 and 0.60
+    assert "--model shipped` (4 single- and 4 two-object prompts, seed 3, S 7 steps, guidance 2.0, cpu)" in model
+    # the study and retrieval blocks have no metrics: left as they are, one note each on stderr
+    assert _block(text, "study-numbers") == _block(text, "retrieval-numbers") == "old hand copy 0.999\n"
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 2 and "study-numbers left as it is" in notes[0] and "retrieval-numbers" in notes[1]
+
+
+@pytest.mark.parametrize("blocks", [(), BLOCKS[:1], BLOCKS[1:]])
+def test_readme_without_every_block_is_an_error_and_stays_unchanged(tmp_path, blocks):
+    (tmp_path / "outputs").mkdir()
+    readme = _readme(tmp_path / "README.md", blocks)
+    before = readme.read_text()
+    missing = next(b for b in BLOCKS if b not in blocks)
+    with pytest.raises(UserError, match=f"^no <!-- {missing} --> ... <!-- /{missing} --> block to fill$"):
         report.main(["--outputs", str(tmp_path / "outputs"), "--readme", str(readme)])
+    assert readme.read_text() == before
