@@ -57,12 +57,10 @@ from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, apply_quick, category_name
 
 DEFAULT_TARGETS = OUTPUTS / "task_c" / "latest" / "targets.json"
 DEFAULT_ORACLE = Path(__file__).resolve().parent / "models" / "shapes-oracle"
-PROMPT_VERSION = 1  # bump when the prompt grammar below changes: cached images are keyed by it
 MAIN_ARMS = ("baseline", "oversample", "synthetic", "synthetic_filtered")
 ARMS = (*MAIN_ARMS, "rendered")  # what --arms chooses from (ratio arms come with synthetic_filtered and --ratios)
 GENERATED_ARMS = ("synthetic", "synthetic_filtered")  # the arms that need the text-to-image model and the filter
 RENDERER_VERSION = 1  # bump when generate_data's renderer changes: rendered images are cached by it
-N_CAPTIONS = 5  # captions per synthetic image, as in the real data
 # The issue's targets: synthetic_filtered closes >= 50% of the targets' txt2img R@10 gap to the other categories
 # (its delta's CI above 0), beats oversample on the targets (CI above 0), and loses <= 0.01 overall.
 CLOSE_FRACTION, OVERALL_LOSS = 0.5, 0.01
@@ -165,37 +163,9 @@ def baseline_config(targets: dict, data_path: str) -> tuple[dict, str]:
 
 
 # --------------------------------------------------------------------------- 2. prompts
-def _item_rng(seed: int, category_id: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, PROMPT_VERSION, category_id, index])
-
-
-def shapes_item(target: dict, index: int, seed: int) -> dict:
-    """One structured prompt: the target shape and 0-2 other objects, every attribute named, with its captions.
-
-    Every object gets a colour, size and cell, so the oracle can check all of them and the paraphrases
-    (generate_data's caption templates) only say what the prompt says. One object uses the structured prompts'
-    single-object grammar ("a small red hexagon in the top left", parseable by gd.parse_prompt); more
-    objects use the dataset's canonical caption (generate_data.describe), scored object by object by cell.
-    """
-    rng = _item_rng(seed, target["category_id"], index)
-    n = int(rng.integers(1, gd.MAX_OBJECTS + 1))
-    shapes = [target["category"]] + [gd.SHAPES[int(k)] for k in rng.integers(len(gd.SHAPES), size=n - 1)]
-    cells = rng.choice(len(gd.CELLS), size=n, replace=False)
-    objects = [{"shape": s, "color": list(gd.COLORS)[int(rng.integers(len(gd.COLORS)))],
-                "size": list(gd.SIZES)[int(rng.integers(len(gd.SIZES)))], "cell": list(gd.CELLS[int(c)])}
-               for s, c in zip(shapes, cells)]
-    prompt = {"objects": objects, "relation": None}
-    text = gd.prompt_text(prompt) if n == 1 else gd.describe(objects)
-    paraphrases = [c for c in gd.make_captions(objects, rng, N_CAPTIONS) if c != text][:N_CAPTIONS - 1]
-    return {"id": f"c{target['category_id']}-{index:05d}", "target": target["category"],
-            "category_id": target["category_id"], "text": text, "prompt": dict(prompt, text=text),
-            "captions": [text] + paraphrases, "category_ids": [gd.SHAPES.index(s) + 1 for s in shapes],
-            "seed": int(rng.integers(2**31 - 1))}
-
-
 def coco_item(target: dict, index: int, seed: int, categories: list[dict]) -> dict:
     """One templated prompt for non-shapes data: the target with 0-2 co-occurring categories, 5 captions."""
-    rng = _item_rng(seed, target["category_id"], index)
+    rng = gd.target_rng(seed, target["category_id"], index)
     others = [c for c in categories if c["id"] != target["category_id"]]
     k = min(int(rng.integers(0, 3)), len(others))
     picked = [others[int(j)] for j in rng.choice(len(others), size=k, replace=False)] if k else []
@@ -207,7 +177,7 @@ def coco_item(target: dict, index: int, seed: int, categories: list[dict]) -> di
         text = COCO_TEMPLATES[int(rng.integers(len(COCO_TEMPLATES)))].format(x=phrase)
         if text not in captions:
             captions.append(text)
-        if len(captions) == N_CAPTIONS:
+        if len(captions) == gd.N_CAPTIONS:
             break
     return {"id": f"c{target['category_id']}-{index:05d}", "target": target["category"],
             "category_id": target["category_id"], "text": captions[0], "prompt": None, "captions": captions,
@@ -218,7 +188,7 @@ def coco_item(target: dict, index: int, seed: int, categories: list[dict]) -> di
 def plan_items(targets: list[dict], data: dict, n: int, seed: int) -> list[dict]:
     """`n` items per target; item i of a target is the same whatever n is, so a larger n reuses earlier images."""
     shapes = data.get("source") == "shapes"
-    return [shapes_item(t, i, seed) if shapes else coco_item(t, i, seed, data["categories"])
+    return [gd.target_prompt(t, i, seed) if shapes else coco_item(t, i, seed, data["categories"])
             for t in targets for i in range(n)]
 
 
@@ -230,7 +200,7 @@ def cache_root(args: argparse.Namespace) -> Path:
 
 def synthetic_store(args: argparse.Namespace, settings: dict, source: str) -> ImageStore:
     """The store of generated images: model weights and sampler, plus the data source and the prompts' seed."""
-    return ImageStore(cache_root(args), settings, key=[source, args.seed, PROMPT_VERSION])
+    return ImageStore(cache_root(args), settings, key=[source, args.seed, gd.TARGET_PROMPT_VERSION])
 
 
 def sampler_settings(args: argparse.Namespace) -> dict:
@@ -294,7 +264,7 @@ def acceptance_table(entries: list[dict], verdicts: list[dict], targets: list[di
 def rendered_store(args: argparse.Namespace, image_size: int) -> ImageStore:
     """The store of rendered images, keyed by what a render depends on: renderer, image size, prompt seed."""
     return ImageStore(cache_root(args), {"name": "rendered"},
-                      key=[RENDERER_VERSION, image_size, args.seed, PROMPT_VERSION])
+                      key=[RENDERER_VERSION, image_size, args.seed, gd.TARGET_PROMPT_VERSION])
 
 
 def render_missing(store: ImageStore, items: list[dict], size: int) -> int:

@@ -47,8 +47,8 @@ def base_flags(tmp_path, tiny_data, tiny_pipe, targets=None):
 # --------------------------------------------------------------------------- prompts
 def test_prompts_name_the_target_every_attribute_and_the_oracle_reads_renders_of_them():
     target = {"category": "hexagon", "category_id": 7}
-    items = [task_d.shapes_item(target, i, seed=0) for i in range(24)]
-    assert items == [task_d.shapes_item(target, i, seed=0) for i in range(24)]  # seeded
+    items = [generate_data.target_prompt(target, i, seed=0) for i in range(24)]
+    assert items == [generate_data.target_prompt(target, i, seed=0) for i in range(24)]  # seeded
     assert len({it["text"] for it in items}) >= 20 and len({it["seed"] for it in items}) == 24  # varied
     counts = {len(it["prompt"]["objects"]) for it in items}
     assert counts == {1, 2, 3}  # 0-2 co-occurring objects
