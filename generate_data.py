@@ -617,6 +617,49 @@ def render_prompts(prompts: Sequence[dict], seed: int = 0, size: int = 64) -> np
     return np.stack(images)
 
 
+# --------------------------------------------------------------------------- targeted prompts (task_d)
+TARGET_PROMPT_VERSION = 1  # bump when target_prompt or task_d's COCO prompts change: generated images are keyed by it
+N_CAPTIONS = 5  # captions per image, as in the data
+
+
+def target_rng(seed: int, category_id: int, index: int) -> np.random.Generator:
+    """The generator of a target category's item `index`: item i is the same whatever else is drawn."""
+    return np.random.default_rng([seed, TARGET_PROMPT_VERSION, category_id, index])
+
+
+def target_prompt(target: dict, index: int, seed: int) -> dict:
+    """One structured prompt for a target shape and 0-2 other objects, every attribute named, with its captions.
+
+    Every object gets a colour, size and cell, so the oracle can check all of them and the paraphrases
+    (`make_captions`) only say what the prompt says. One object uses the structured prompts' single-object grammar
+    ("a small red hexagon in the top left", parseable by `parse_prompt`); more objects use the dataset's canonical
+    caption (`describe`), scored object by object by cell.
+
+    Args:
+        target: {"category": a name in SHAPES, "category_id": its id}.
+        index: the item's index within the target (ids and draws depend on it, not on how many are made).
+        seed: the prompts' seed.
+
+    Returns:
+        {"id", "target", "category_id", "text", "prompt" (structured, with "text"), "captions" (N_CAPTIONS, the
+        text first), "category_ids" (every object's), "seed" (the image noise seed)}.
+    """
+    rng = target_rng(seed, target["category_id"], index)
+    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    shapes = [target["category"]] + [SHAPES[int(k)] for k in rng.integers(len(SHAPES), size=n - 1)]
+    cells = rng.choice(len(CELLS), size=n, replace=False)
+    objects = [{"shape": s, "color": list(COLORS)[int(rng.integers(len(COLORS)))],
+                "size": list(SIZES)[int(rng.integers(len(SIZES)))], "cell": list(CELLS[int(c)])}
+               for s, c in zip(shapes, cells)]
+    prompt = {"objects": objects, "relation": None}
+    text = prompt_text(prompt) if n == 1 else describe(objects)
+    paraphrases = [c for c in make_captions(objects, rng, N_CAPTIONS) if c != text][:N_CAPTIONS - 1]
+    return {"id": f"c{target['category_id']}-{index:05d}", "target": target["category"],
+            "category_id": target["category_id"], "text": text, "prompt": dict(prompt, text=text),
+            "captions": [text] + paraphrases, "category_ids": [SHAPES.index(s) + 1 for s in shapes],
+            "seed": int(rng.integers(2**31 - 1))}
+
+
 # --------------------------------------------------------------------------- shapes: one split
 def image_id_for(split: str, index: int) -> int:
     return SPLIT_IDS[split] * ID_BLOCK + index + 1

@@ -939,12 +939,10 @@ def _repo_relative(path: str) -> str:
 
 
 def audit_items(n: int, seed: int) -> list[dict]:
-    """task_d's prompts (its `shapes_item`: a target shape plus 0-2 other objects, every attribute named), taking
-    the 12 shapes in turn."""
-    from task_d import shapes_item  # the prompt builder lives with the task that uses it
-
-    return [shapes_item({"category": gd.SHAPES[i % len(gd.SHAPES)], "category_id": i % len(gd.SHAPES) + 1},
-                        i // len(gd.SHAPES), seed) for i in range(n)]
+    """task_d's prompts (`generate_data.target_prompt`: a target shape plus 0-2 other objects, every attribute
+    named), taking the 12 shapes in turn."""
+    return [gd.target_prompt({"category": gd.SHAPES[i % len(gd.SHAPES)], "category_id": i % len(gd.SHAPES) + 1},
+                             i // len(gd.SHAPES), seed) for i in range(n)]
 
 
 def audit_generate(pipe, settings: dict, items: list[dict]) -> np.ndarray:

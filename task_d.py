@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -50,19 +50,17 @@ import numpy as np
 
 import generate_data as gd
 import retrieval
-from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, apply_quick, category_names, check, ci_verdict, cli,
-                   cluster_bootstrap, comma_list, common_args, finish_run, fmt, fmt_delta, fmt_est, image_grid,
-                   load_data, load_rgb, make_run_dir, md_table, percentile_ci, pick_device, pyplot, read_json,
-                   resolve_model, write_text)
+from utils import (DEFAULT_DATA, OUTPUTS, Clock, ImageStore, Run, apply_quick, category_names, check, ci_verdict,
+                   cli, cluster_bootstrap, comma_list, common_args, fmt, fmt_delta, fmt_est, image_grid, load_data,
+                   load_rgb, md_table, percentile_ci, pick_device, pyplot, read_json, resolve_model, set_threads,
+                   start_run, write_json, write_text)
 
 DEFAULT_TARGETS = OUTPUTS / "task_c" / "latest" / "targets.json"
 DEFAULT_ORACLE = Path(__file__).resolve().parent / "models" / "shapes-oracle"
-PROMPT_VERSION = 1  # bump when the prompt grammar below changes: cached images are keyed by it
 MAIN_ARMS = ("baseline", "oversample", "synthetic", "synthetic_filtered")
 ARMS = (*MAIN_ARMS, "rendered")  # what --arms chooses from (ratio arms come with synthetic_filtered and --ratios)
 GENERATED_ARMS = ("synthetic", "synthetic_filtered")  # the arms that need the text-to-image model and the filter
 RENDERER_VERSION = 1  # bump when generate_data's renderer changes: rendered images are cached by it
-N_CAPTIONS = 5  # captions per synthetic image, as in the real data
 # The issue's targets: synthetic_filtered closes >= 50% of the targets' txt2img R@10 gap to the other categories
 # (its delta's CI above 0), beats oversample on the targets (CI above 0), and loses <= 0.01 overall.
 CLOSE_FRACTION, OVERALL_LOSS = 0.5, 0.01
@@ -102,8 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="ratio ablation: comma-separated multiples of the accepted synthetic images ('' for none)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of test images and seeds")
     p.add_argument("--cache-dir", default=None, help="where generated images live (default: <outputs>/task_d/cache)")
-    common_args(p, "task_d", QUICK, omit=("wandb",),  # --wandb comes with main's restructuring
-                helps={"seed": "seed of the prompts, image noise, subsets and training"})
+    common_args(p, "task_d", QUICK, helps={"seed": "seed of the prompts, image noise, subsets and training"})
     args = p.parse_args(argv)
     apply_quick(args, p, {k: v for k, v in QUICK.items() if k != "steps"})  # steps: a cap (sampler_settings)
     check_args(args)
@@ -164,38 +161,67 @@ def baseline_config(targets: dict, data_path: str) -> tuple[dict, str]:
     return vars(retrieval.parse_args(["--data", data_path])), "retrieval.py defaults (baseline run not found)"
 
 
-# --------------------------------------------------------------------------- 2. prompts
-def _item_rng(seed: int, category_id: int, index: int) -> np.random.Generator:
-    return np.random.default_rng([seed, PROMPT_VERSION, category_id, index])
+@dataclass
+class Setup:
+    """What the steps share: the checked targets and data, the baseline's recipe, the prompts and the image stores."""
+
+    targets: list[dict]  # {category, category_id}, checked against the data
+    data: dict
+    data_path: str
+    cfg: dict  # the baseline retrieval run's arguments
+    cfg_source: str  # where `cfg` comes from
+    heads_path: Path  # the baseline's heads (the alignment filter's scorer on non-shapes data)
+    items: list[dict]  # --n-per-target prompts per target
+    skipped: dict[str, str]  # arm -> why it does not run
+    generated: ImageStore | None  # generated candidates (None: no generated arm)
+    rendered: ImageStore | None  # renders of the prompts (None: no rendered arm)
+    oracle: object | None  # the filter's oracle (shapes data with a generated arm)
+
+    @property
+    def shapes(self) -> bool:
+        return self.data.get("source") == "shapes"
 
 
-def shapes_item(target: dict, index: int, seed: int) -> dict:
-    """One structured prompt: the target shape and 0-2 other objects, every attribute named, with its captions.
+def load_setup(args: argparse.Namespace, device) -> Setup:
+    """Targets, data, the baseline's recipe, oracle and stores: every bad input fails here, before slow work.
 
-    Every object gets a colour, size and cell, so the oracle can check all of them and the paraphrases
-    (generate_data's caption templates) only say what the prompt says. One object uses the structured prompts'
-    single-object grammar ("a small red hexagon in the top left", parseable by gd.parse_prompt); more
-    objects use the dataset's canonical caption (generate_data.describe), scored object by object by cell.
+    Sets `args.epochs` to the baseline's own when not given, and drops the rendered arm on data without a renderer.
+
+    Raises:
+        UserError: a bad targets file, a target outside the data, or missing baseline heads for the alignment filter.
     """
-    rng = _item_rng(seed, target["category_id"], index)
-    n = int(rng.integers(1, gd.MAX_OBJECTS + 1))
-    shapes = [target["category"]] + [gd.SHAPES[int(k)] for k in rng.integers(len(gd.SHAPES), size=n - 1)]
-    cells = rng.choice(len(gd.CELLS), size=n, replace=False)
-    objects = [{"shape": s, "color": list(gd.COLORS)[int(rng.integers(len(gd.COLORS)))],
-                "size": list(gd.SIZES)[int(rng.integers(len(gd.SIZES)))], "cell": list(gd.CELLS[int(c)])}
-               for s, c in zip(shapes, cells)]
-    prompt = {"objects": objects, "relation": None}
-    text = gd.prompt_text(prompt) if n == 1 else gd.describe(objects)
-    paraphrases = [c for c in gd.make_captions(objects, rng, N_CAPTIONS) if c != text][:N_CAPTIONS - 1]
-    return {"id": f"c{target['category_id']}-{index:05d}", "target": target["category"],
-            "category_id": target["category_id"], "text": text, "prompt": dict(prompt, text=text),
-            "captions": [text] + paraphrases, "category_ids": [gd.SHAPES.index(s) + 1 for s in shapes],
-            "seed": int(rng.integers(2**31 - 1))}
+    raw = read_targets(args.targets)
+    data_path = args.data or raw.get("data") or str(DEFAULT_DATA)
+    cfg, cfg_source = baseline_config(raw, data_path)
+    args.epochs = args.epochs or int(cfg.get("epochs") or retrieval.parse_args([]).epochs)  # the baseline's own
+    val_split = cfg.get("val_split") or ""
+    data = load_data(data_path, [cfg.get("train_split", "train"), cfg.get("eval_split", "test")]
+                     + ([val_split] if val_split else []))
+    targets = match_targets(raw, data, args.targets)
+    shapes = data.get("source") == "shapes"
+    skipped = {}
+    if "rendered" in args.arms and not shapes:
+        args.arms = [a for a in args.arms if a != "rendered"]
+        skipped["rendered"] = "COCO-style data has no renderer"
+    generating = any(a in args.arms for a in GENERATED_ARMS)
+    oracle = None
+    if shapes and generating:
+        from oracle import Oracle
+
+        oracle = Oracle.load(args.oracle, device)
+    heads_path = Path(str(raw.get("baseline_run", ""))) / "heads.pt"
+    check(shapes or not generating or heads_path.is_file(),
+          f"the alignment filter needs the baseline's heads, not found: {heads_path}")
+    generated = synthetic_store(args, sampler_settings(args), data.get("source", "?")) if generating else None
+    rendered = rendered_store(args, int(data.get("image_size") or 64)) if "rendered" in args.arms else None
+    items = plan_items(targets, data, args.n_per_target, args.seed)
+    return Setup(targets, data, data_path, cfg, cfg_source, heads_path, items, skipped, generated, rendered, oracle)
 
 
+# --------------------------------------------------------------------------- 2. prompts
 def coco_item(target: dict, index: int, seed: int, categories: list[dict]) -> dict:
     """One templated prompt for non-shapes data: the target with 0-2 co-occurring categories, 5 captions."""
-    rng = _item_rng(seed, target["category_id"], index)
+    rng = gd.target_rng(seed, target["category_id"], index)
     others = [c for c in categories if c["id"] != target["category_id"]]
     k = min(int(rng.integers(0, 3)), len(others))
     picked = [others[int(j)] for j in rng.choice(len(others), size=k, replace=False)] if k else []
@@ -207,7 +233,7 @@ def coco_item(target: dict, index: int, seed: int, categories: list[dict]) -> di
         text = COCO_TEMPLATES[int(rng.integers(len(COCO_TEMPLATES)))].format(x=phrase)
         if text not in captions:
             captions.append(text)
-        if len(captions) == N_CAPTIONS:
+        if len(captions) == gd.N_CAPTIONS:
             break
     return {"id": f"c{target['category_id']}-{index:05d}", "target": target["category"],
             "category_id": target["category_id"], "text": captions[0], "prompt": None, "captions": captions,
@@ -218,7 +244,7 @@ def coco_item(target: dict, index: int, seed: int, categories: list[dict]) -> di
 def plan_items(targets: list[dict], data: dict, n: int, seed: int) -> list[dict]:
     """`n` items per target; item i of a target is the same whatever n is, so a larger n reuses earlier images."""
     shapes = data.get("source") == "shapes"
-    return [shapes_item(t, i, seed) if shapes else coco_item(t, i, seed, data["categories"])
+    return [gd.target_prompt(t, i, seed) if shapes else coco_item(t, i, seed, data["categories"])
             for t in targets for i in range(n)]
 
 
@@ -230,14 +256,14 @@ def cache_root(args: argparse.Namespace) -> Path:
 
 def synthetic_store(args: argparse.Namespace, settings: dict, source: str) -> ImageStore:
     """The store of generated images: model weights and sampler, plus the data source and the prompts' seed."""
-    return ImageStore(cache_root(args), settings, key=[source, args.seed, PROMPT_VERSION])
+    return ImageStore(cache_root(args), settings, key=[source, args.seed, gd.TARGET_PROMPT_VERSION])
 
 
 def sampler_settings(args: argparse.Namespace) -> dict:
     """The model's settings without loading its weights (registry values, else the pipeline's defaults)."""
     spec = resolve_model(args.model)
     steps = args.steps or spec["steps"] or 25
-    if args.quick:
+    if args.quick and args.steps is None:  # an explicit --steps wins, as every flag does over --quick
         steps = min(steps, QUICK["steps"])
     return {"name": spec["name"], "id": spec["id"], "steps": steps,
             # load_pipeline's own fallback for models outside the registry
@@ -273,6 +299,42 @@ def auto_alignment_threshold(data: dict, heads_path: Path, n: int = 200, seed: i
     return float(np.percentile(scores, 25))
 
 
+@dataclass
+class Candidates:
+    """The generated candidates and the filter's verdicts; without a generated arm, the prompts, all kept."""
+
+    entries: list[dict]  # manifest entries (or prompts), in the prompts' order
+    verdicts: list[dict]  # per entry: {"keep", "score", ...}
+    images: np.ndarray | None = None  # uint8 (n, H, W, 3) candidates
+    accept: dict | None = None  # `acceptance_table`
+    rule: str | None = None  # the filter rule, in words
+
+
+def filter_candidates(args: argparse.Namespace, setup: Setup) -> Candidates:
+    """Judge every candidate: the oracle's checks against its structured prompt (shapes data) or its alignment
+    score (other data). With no generated arm every prompt counts as accepted (the renderer draws what it says)."""
+    if setup.generated is None:
+        return Candidates(setup.items, [{"keep": True} for _ in setup.items])
+    done = setup.generated.entries()
+    entries = [done[it["id"]] for it in setup.items]
+    images = np.stack([load_rgb(setup.generated.images / e["file"]) for e in entries])
+    if setup.shapes:
+        from oracle import to_uint8_64
+
+        verdicts = oracle_verdicts(entries, to_uint8_64(images), setup.oracle, args.min_score)
+        rule = (f"the target object is found by the oracle with its prompted shape and colour, and at least "
+                f"{args.min_score:g} of the prompt's named checks (shape, colour, size, cell of every object; "
+                f"object count) pass")
+    else:
+        threshold = (auto_alignment_threshold(setup.data, setup.heads_path, seed=args.seed) if args.min_alignment < 0
+                     else args.min_alignment)
+        verdicts = alignment_verdicts(entries, images, setup.heads_path, threshold)
+        rule = (f"alignment score (retrieval heads of the baseline, 0..100) with the prompt ≥ {threshold:.2f}"
+                + (" (the 25th percentile of real validation image-caption pairs)" if args.min_alignment < 0
+                   else ""))
+    return Candidates(entries, verdicts, images, acceptance_table(entries, verdicts, setup.targets), rule)
+
+
 def acceptance_table(entries: list[dict], verdicts: list[dict], targets: list[dict]) -> dict[str, dict]:
     """Per target: candidates, accepted, acceptance rate, and the oracle's per-attribute rates where available."""
     from oracle import summarize_scores
@@ -294,7 +356,7 @@ def acceptance_table(entries: list[dict], verdicts: list[dict], targets: list[di
 def rendered_store(args: argparse.Namespace, image_size: int) -> ImageStore:
     """The store of rendered images, keyed by what a render depends on: renderer, image size, prompt seed."""
     return ImageStore(cache_root(args), {"name": "rendered"},
-                      key=[RENDERER_VERSION, image_size, args.seed, PROMPT_VERSION])
+                      key=[RENDERER_VERSION, image_size, args.seed, gd.TARGET_PROMPT_VERSION])
 
 
 def render_missing(store: ImageStore, items: list[dict], size: int) -> int:
@@ -310,7 +372,52 @@ def render_missing(store: ImageStore, items: list[dict], size: int) -> int:
     return len(todo)
 
 
+def render_targets(setup: Setup) -> dict | None:
+    """Render the prompts the rendered store lacks: {"n_images", "rendered_now", "reused", "cache"}, or None
+    without the rendered arm."""
+    if setup.rendered is None:
+        return None
+    drawn = render_missing(setup.rendered, setup.items, int(setup.data.get("image_size") or 64))
+    return {"n_images": len(setup.items), "rendered_now": drawn, "reused": len(setup.items) - drawn,
+            "cache": str(setup.rendered.folder)}
+
+
 # --------------------------------------------------------------------------- 5. arms
+@dataclass
+class Features:
+    """Frozen-backbone features, each (image feats, caption feats, cap2img): the real splits (with their records)
+    and the added images (generated; rendered), each with its prompt and paraphrases as captions."""
+
+    train: list[dict]  # the training records (retrieval.py's subset)
+    test: list[dict]  # the evaluation records
+    tr: tuple
+    te: tuple
+    va: tuple | None  # validation (best-epoch choice), when the baseline has a val split
+    syn: tuple | None  # generated candidates
+    ren: tuple | None  # renders
+
+
+def extract_features(args: argparse.Namespace, setup: Setup, cand: Candidates, device) -> Features:
+    """Features of the real splits (cached from the baseline run) and of the generated and rendered images."""
+    cfg, data = setup.cfg, setup.data
+    val_split = cfg.get("val_split") or ""
+    image_res = cfg.get("image_res") or retrieval.auto_image_res(data, cfg.get("image_encoder"))
+    fx = retrieval.FeatureExtractor(cfg["image_encoder"], cfg["text_encoder"], image_res, device)
+    max_eval = QUICK["max_eval"] if args.quick else cfg.get("max_eval", 0)
+    max_train = QUICK["max_train"] if args.quick else cfg.get("max_train", 0)
+    train, tr = split_subset(fx, data["splits"][cfg.get("train_split", "train")], max_train, cfg.get("seed", 0))
+    test, te = split_subset(fx, data["splits"][cfg.get("eval_split", "test")], max_eval, cfg.get("seed", 0) + 1)
+    va = split_subset(fx, data["splits"][val_split], max_eval, cfg.get("seed", 0) + 2)[1] if val_split else None
+    syn = ren = None
+    if setup.generated is not None:
+        syn = retrieval.split_features(fx, [{"path": str(setup.generated.images / e["file"]), "captions": e["captions"]}
+                                            for e in cand.entries])
+    if setup.rendered is not None:
+        ren = retrieval.split_features(fx, [{"path": str(setup.rendered.images / f"{it['id']}.png"),
+                                             "captions": it["captions"]} for it in setup.items])
+    return Features(train, test, tr, te, va, syn, ren)
+
+
 def select(img_f: np.ndarray, txt_f: np.ndarray, cap2img: np.ndarray, idx: np.ndarray):
     """Images `idx` (repeats allowed) with all their captions, re-indexed."""
     caps_of = retrieval._captions_by_image(cap2img, len(img_f))
@@ -399,6 +506,38 @@ def train_and_evaluate(train_set, val_set, test_set, cfg: dict, args: argparse.N
                                     nprobe=targs.nprobe, seed=seed)
     best = max((h.get("val_txt2img_R@10", -1), h["epoch"]) for h in history)[1] if history else None
     return {"per_q": per_q, "best_epoch": best, "n_train_images": int(len(train_set[0]))}
+
+
+@dataclass
+class Arms:
+    """The trained arms: each arm's extra samples (`arm_extras`) and its per-seed results (`train_and_evaluate`)."""
+
+    extras: dict[str, dict[str, np.ndarray]]
+    runs: dict[str, list[dict]]
+    seeds: list[int]
+    n_trainings: int  # distinct trainings (identical training sets train once)
+
+
+def train_arms(args: argparse.Namespace, setup: Setup, cand: Candidates, feats: Features) -> Arms:
+    """Retrain every arm with every seed with the baseline's recipe; an arm whose training set equals another's
+    (same extra samples, same seed) reuses that training."""
+    from tqdm.auto import tqdm
+
+    seeds = [args.seed + k for k in range(args.n_seeds)]
+    extras = arm_extras(cand.entries, cand.verdicts, feats.train, setup.targets, args.ratios, args.seed, args.arms)
+    runs: dict[str, list[dict]] = {}
+    trained: dict[tuple, dict] = {}
+    for arm, s in tqdm([(arm, s) for arm in extras for s in seeds], desc="arms x seeds"):
+        ex = extras[arm]
+        key = (tuple(ex["real"]), tuple(ex["syn"]), tuple(ex["ren"]), s)
+        if key not in trained:
+            parts = [feats.tr]
+            for part, idx in ((feats.tr, ex["real"]), (feats.syn, ex["syn"]), (feats.ren, ex["ren"])):
+                if len(idx):
+                    parts.append(select(*part, idx))
+            trained[key] = train_and_evaluate(concat(*parts), feats.va, feats.te, setup.cfg, args, s)
+        runs.setdefault(arm, []).append(dict(trained[key], seed=s))
+    return Arms(extras, runs, seeds, len(trained))
 
 
 # --------------------------------------------------------------------------- 6. statistics
@@ -519,7 +658,96 @@ def mean_metrics(runs: list[dict], records: list[dict], cap2img: np.ndarray, nam
     return out
 
 
+def compare_arms(args: argparse.Namespace, setup: Setup, feats: Features, arms: Arms) -> dict:
+    """Statistics on the real test split: each arm's metrics (`mean_metrics`), its txt2img R@10 deltas vs baseline
+    and (synthetic_filtered, rendered) vs oversample with paired CIs, and the targets' gap to the other categories
+    with the fraction of it each added-image arm closes.
+
+    Returns:
+        {"arms", "deltas", "vs_oversample", "closing" (`gap_closure`), "category_order"}.
+    """
+    names = category_names(setup.data)
+    cat_ids = [c["id"] for c in setup.data["categories"]]
+    cat_order = [names[c] for c in cat_ids]
+    cap2img, runs = feats.te[2], arms.runs
+    has = np.array([[cid in rec["category_ids"] for cid in cat_ids] for rec in feats.test], dtype=bool)
+    target_cols = [cat_ids.index(tg["category_id"]) for tg in setup.targets
+                   if has[:, cat_ids.index(tg["category_id"])].any()]
+    train_counts = retrieval.image_counts(feats.train)
+    hits = {arm: np.stack([r["per_q"]["txt2img"]["R@10"] for r in rs]) for arm, rs in runs.items()}
+    arms_out = {}
+    for arm, rs in runs.items():
+        arms_out[arm] = mean_metrics(rs, feats.test, cap2img, names, train_counts)
+        arms_out[arm]["n_extra"] = int(sum(len(v) for v in arms.extras[arm].values()))
+        vals = [arms_out[arm]["per_category"][cat_order[j]]["txt2img"]["R@10"] for j in target_cols]
+        arms_out[arm]["targets_txt2img_R@10"] = float(np.mean(vals)) if vals else None
+    deltas = {arm: arm_deltas(hits, arm, "baseline", cap2img, has, target_cols, args.bootstrap, args.seed)
+              for arm in runs if arm != "baseline"}
+    vs_over = {arm: {k: v for k, v in arm_deltas(hits, arm, "oversample", cap2img, has, target_cols, args.bootstrap,
+                                                 args.seed).items() if k != "per_category"}
+               for arm in ("synthetic_filtered", "rendered") if arm in runs and "oversample" in runs}
+    closing = gap_closure(hits, [a for a in ("synthetic_filtered", "rendered") if a in runs], "baseline", cap2img, has,
+                          target_cols, args.bootstrap, args.seed)
+    return {"arms": arms_out, "deltas": deltas, "vs_oversample": vs_over, "closing": closing,
+            "category_order": cat_order}
+
+
 # --------------------------------------------------------------------------- reports
+def collect_metrics(args: argparse.Namespace, setup: Setup, gen: dict | None, cand: Candidates,
+                    rendering: dict | None, feats: Features, arms: Arms, stats: dict) -> dict:
+    """The run's metrics dict (before timings and targets_met): the statistics with what produced them."""
+    import torch
+
+    deltas, vs_over, closing = stats["deltas"], stats["vs_oversample"], stats["closing"]
+    filt = deltas.get("synthetic_filtered")
+    settings = setup.generated.settings if setup.generated is not None else None
+    return {
+        "arms": stats["arms"], "arms_run": list(arms.runs), "skipped_arms": setup.skipped,
+        "rare_txt2img_R@10_delta": filt["rare"] if filt else None,
+        "overall_txt2img_R@10_delta": filt["overall"] if filt else None, "seeds": arms.seeds,
+        "filtered_vs_oversample": vs_over.get("synthetic_filtered"), "vs_oversample": vs_over,
+        "gap": {k: closing[k] for k in ("gap", "targets", "others")}, "closed_fraction": closing["closed_fraction"],
+        "deltas": deltas, "targets": setup.targets, "targets_file": str(Path(args.targets).resolve()),
+        "category_order": stats["category_order"], "epochs": args.epochs, "baseline_config": setup.cfg_source,
+        "training_hyperparameters": {k: v for k, v in vars(training_args(setup.cfg, args, arms.seeds[0])).items()
+                                     if k in ("image_encoder", "text_encoder", "image_res", "dim", "hidden", "loss",
+                                              "miner", "margin", "temperature", "epochs", "batch_size", "lr",
+                                              "weight_decay", "index", "val_split")},
+        "eval_split": setup.cfg.get("eval_split", "test"), "n_eval_images": len(feats.test),
+        "n_eval_captions": int(len(feats.te[2])), "n_train_images": len(feats.train), "n_bootstrap": args.bootstrap,
+        "n_trainings": arms.n_trainings,
+        "generation": None if gen is None else {
+            "model": settings["name"], "model_id": settings["id"], "steps": settings["steps"],
+            "guidance": settings["guidance"], "scheduler": settings["scheduler"], "n_candidates": len(cand.entries),
+            "n_per_target": args.n_per_target, "generated_now": gen["generated"], "reused": gen["reused"],
+            "processes": gen["processes"], "cache": str(setup.generated.folder)},
+        "filter": None if gen is None else {
+            "rule": cand.rule, "per_target": cand.accept,
+            "acceptance_rate": float(np.mean([v["keep"] for v in cand.verdicts])) if cand.verdicts else None},
+        "rendering": rendering, "host_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    }
+
+
+def write_results(run: Run, metrics: dict, targets_path: str) -> None:
+    """Judge the issue's targets (the time budget on task_c's time plus this run's so far), write results.md, then
+    metrics.json and `latest` (`run.finish`)."""
+    task_c_s, task_d_s = task_c_seconds(targets_path), run.elapsed()
+    metrics["timings"] = {**run.timings, "task_d_s": task_d_s, "task_c_s": task_c_s,
+                          "task_c_plus_d_s": None if task_c_s is None else round(task_c_s + task_d_s, 2)}
+    metrics["targets_met"] = targets_met(metrics)
+    write_text(run.dir / "results.md", results_markdown(metrics))
+    run.finish(metrics)
+
+
+def figures(run_dir: Path, metrics: dict, cand: Candidates, targets: list[dict]) -> dict[str, str]:
+    """The figures, after the results: a failing one is a warning line in the log and in metrics.json."""
+    out = {"deltas.png": retrieval.optional_figure(run_dir / "deltas.png", plot_deltas, metrics)}
+    if cand.images is not None:
+        out["samples.png"] = retrieval.optional_figure(run_dir / "samples.png", write_samples, cand.entries,
+                                                       cand.images, cand.verdicts, targets)
+    return out
+
+
 
 
 def targets_met(m: dict) -> list[dict]:
@@ -621,7 +849,7 @@ def results_markdown(m: dict) -> str:
               f"- Overall txt2img R@10 not lower than baseline by more than {OVERALL_LOSS:.2f}: measured "
               f"{fmt_delta(filt['overall']) if filt else 'n/a'} → "
               f"{verdict(met['overall_txt2img_R@10_delta'])}.",
-              f"- task_c + task_d ≤ 15 min: task_d took {m['timings']['total_s']:.0f} s, task_c "
+              f"- task_c + task_d ≤ 15 min: task_d took {m['timings']['task_d_s']:.0f} s, task_c "
               + (f"{m['timings']['task_c_s']:.0f} s" if m["timings"].get("task_c_s") is not None else "n/a")
               + f" → {verdict(met['task_c_plus_d_s'])} (measured on {m['host_cpus']} CPUs, "
               f"torch threads {m['torch_threads']}).", ""]
@@ -674,7 +902,7 @@ def plot_deltas(m: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_samples(path: Path, entries: list[dict], images: np.ndarray, verdicts: list[dict], targets: list[dict],
+def write_samples(entries: list[dict], images: np.ndarray, verdicts: list[dict], targets: list[dict], path: Path,
                   per_row: int = 6) -> None:
     """Grid: per target one row of accepted and one of rejected candidates (blank cells when there are fewer)."""
     blank = np.full_like(images[0], 255) if len(images) else np.full((64, 64, 3), 255, np.uint8)
@@ -699,192 +927,54 @@ def task_c_seconds(targets_path: str) -> float | None:
 # --------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> dict | None:
     args = parse_args(argv)
-    t0 = time.time()
-    timings: dict[str, float | None] = {}
-    import torch
-
+    # Setup and generation come before the run folder: a model that fails to load leaves none, and every
+    # `accelerate` process generates its share while only the main one goes on to the run.
+    clock = Clock()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
+    device = pick_device(args.device)
 
     # 1. targets, data and the baseline's training recipe (every bad input fails here, before slow work)
-    raw_targets = read_targets(args.targets)
-    data_path = args.data or raw_targets.get("data") or str(DEFAULT_DATA)
-    cfg, cfg_source = baseline_config(raw_targets, data_path)
-    args.epochs = args.epochs or int(cfg.get("epochs") or retrieval.parse_args([]).epochs)  # the baseline's own
-    val_split = cfg.get("val_split") or ""
-    data = load_data(data_path, [cfg.get("train_split", "train"), cfg.get("eval_split", "test")]
-                     + ([val_split] if val_split else []))
-    targets = match_targets(raw_targets, data, args.targets)
-    shapes = data.get("source") == "shapes"
-    skipped = {}
-    if "rendered" in args.arms and not shapes:
-        args.arms = [a for a in args.arms if a != "rendered"]
-        skipped["rendered"] = "COCO-style data has no renderer"
-    generating = any(a in args.arms for a in GENERATED_ARMS)
-    if shapes and generating:
-        from oracle import Oracle
+    with clock.step("setup"):
+        setup = load_setup(args, device)
 
-        oracle = Oracle.load(args.oracle, pick_device(args.device))
-    heads_path = Path(str(raw_targets.get("baseline_run", ""))) / "heads.pt"
-    check(shapes or not generating or heads_path.is_file(),
-          f"the alignment filter needs the baseline's heads, not found: {heads_path}")
-    settings = sampler_settings(args) if generating else None
-    store = synthetic_store(args, settings, data.get("source", "?")) if generating else None
-    timings["setup_s"] = round(time.time() - t0, 2)
-
-    # 2. prompts for every target, and their images (resumable; split across accelerate processes)
-    t = time.time()
-    items = plan_items(targets, data, args.n_per_target, args.seed)
-    gen = store.generate(args.model, items, args.gen_batch_size, pick_device(args.device)) if generating else None
+    # 2. the prompts' images (a store shared by runs: resumable, split across accelerate processes)
+    with clock.step("generate"):
+        gen = (setup.generated.generate(args.model, setup.items, args.gen_batch_size, device)
+               if setup.generated is not None else None)
     if gen is not None and not gen["is_main"]:
         return None
-    timings["generate_s"] = round(time.time() - t, 2) if generating else None
+    run = start_run("task_d", args, config=dict(vars(args), data=setup.data_path, baseline_config=setup.cfg_source),
+                    clock=clock)
 
-    # 3. filter: oracle checks against the structured prompt (shapes) or alignment score (other data); with no
-    # generated arm every planned prompt counts as accepted (the renderer draws what the prompt says)
-    t = time.time()
-    images, accept, rule = None, None, None
-    if generating:
-        done = store.entries()
-        entries = [done[it["id"]] for it in items]
-        images = np.stack([load_rgb(store.images / e["file"]) for e in entries])
-        if shapes:
-            from oracle import to_uint8_64
-
-            verdicts = oracle_verdicts(entries, to_uint8_64(images), oracle, args.min_score)
-            rule = (f"the target object is found by the oracle with its prompted shape and colour, and at least "
-                    f"{args.min_score:g} of the prompt's named checks (shape, colour, size, cell of every object; "
-                    f"object count) pass")
-        else:
-            threshold = (auto_alignment_threshold(data, heads_path, seed=args.seed) if args.min_alignment < 0
-                         else args.min_alignment)
-            verdicts = alignment_verdicts(entries, images, heads_path, threshold)
-            rule = (f"alignment score (retrieval heads of the baseline, 0..100) with the prompt ≥ {threshold:.2f}"
-                    + (" (the 25th percentile of real validation image-caption pairs)" if args.min_alignment < 0
-                       else ""))
-        accept = acceptance_table(entries, verdicts, targets)
-    else:
-        entries, verdicts = items, [{"keep": True} for _ in items]
-    timings["filter_s"] = round(time.time() - t, 2) if generating else None
+    # 3. filter: oracle checks against the structured prompt (shapes) or alignment score (other data)
+    with run.step("filter"):
+        cand = filter_candidates(args, setup)
 
     # 4. the renderer's upper bound: the same prompts drawn by the shapes world's own renderer (cached)
-    t = time.time()
-    rendering = None
-    if "rendered" in args.arms:
-        r_store = rendered_store(args, int(data.get("image_size") or 64))
-        drawn = render_missing(r_store, items, int(data.get("image_size") or 64))
-        rendering = {"n_images": len(items), "rendered_now": drawn, "reused": len(items) - drawn,
-                     "cache": str(r_store.folder)}
-    timings["render_s"] = round(time.time() - t, 2) if rendering else None
+    with run.step("render"):
+        rendering = render_targets(setup)
 
     # 5. features: real splits (cached from the baseline), generated and rendered images with prompt + paraphrases
-    t = time.time()
-    train_split, eval_split = cfg.get("train_split", "train"), cfg.get("eval_split", "test")
-    image_res = cfg.get("image_res") or retrieval.auto_image_res(data, cfg.get("image_encoder"))
-    fx = retrieval.FeatureExtractor(cfg["image_encoder"], cfg["text_encoder"], image_res, pick_device(args.device))
-    max_eval = QUICK["max_eval"] if args.quick else cfg.get("max_eval", 0)
-    max_train = QUICK["max_train"] if args.quick else cfg.get("max_train", 0)
-    train, tr = split_subset(fx, data["splits"][train_split], max_train, cfg.get("seed", 0))
-    test, te = split_subset(fx, data["splits"][eval_split], max_eval, cfg.get("seed", 0) + 1)
-    va = split_subset(fx, data["splits"][val_split], max_eval, cfg.get("seed", 0) + 2)[1] if val_split else None
-    syn = ren = None
-    if generating:
-        syn = retrieval.split_features(fx, [{"path": str(store.images / e["file"]), "captions": e["captions"]}
-                                            for e in entries])
-    if rendering:
-        ren = retrieval.split_features(fx, [{"path": str(r_store.images / f"{it['id']}.png"),
-                                             "captions": it["captions"]} for it in items])
-    timings["features_s"] = round(time.time() - t, 2)
+    with run.step("features"):
+        feats = extract_features(args, setup, cand, run.device)
 
-    # 6. retrain every arm with every seed, each with the baseline's recipe (identical training sets train once)
-    t = time.time()
-    run_dir = make_run_dir("task_d", args.run_name, dict(vars(args), data=data_path, baseline_config=cfg_source),
-                           args.outputs)
-    seeds = [args.seed + k for k in range(args.n_seeds)]
-    extras = arm_extras(entries, verdicts, train, targets, args.ratios, args.seed, args.arms)
-    runs: dict[str, list[dict]] = {}
-    trained: dict[tuple, dict] = {}
-    from tqdm.auto import tqdm
+    # 6. retrain every arm with every seed, each with the baseline's recipe
+    with run.step("train_eval"):
+        arms = train_arms(args, setup, cand, feats)
 
-    jobs = [(arm, s) for arm in extras for s in seeds]
-    for arm, s in tqdm(jobs, desc="arms x seeds"):
-        ex = extras[arm]
-        key = (tuple(ex["real"]), tuple(ex["syn"]), tuple(ex["ren"]), s)
-        if key not in trained:
-            parts = [tr]
-            for feats, idx in ((tr, ex["real"]), (syn, ex["syn"]), (ren, ex["ren"])):
-                if len(idx):
-                    parts.append(select(*feats, idx))
-            trained[key] = train_and_evaluate(concat(*parts), va, te, cfg, args, s)
-        runs.setdefault(arm, []).append(dict(trained[key], seed=s))
-    timings["train_eval_s"] = round(time.time() - t, 2)
-    n_trainings = len(trained)
+    # 7. statistics on the real test split: deltas with paired CIs, the targets' gap and how much each arm closes
+    with run.step("statistics"):
+        stats = compare_arms(args, setup, feats, arms)
 
-    # 7. statistics on the real test split: per arm, deltas vs baseline with paired CIs; the targets' gap to the
-    # other categories and the fraction of it each added-image arm closes
-    t = time.time()
-    names = category_names(data)
-    cat_ids = [c["id"] for c in data["categories"]]
-    cat_order = [names[c] for c in cat_ids]
-    has = np.array([[cid in rec["category_ids"] for cid in cat_ids] for rec in test], dtype=bool)
-    target_cols = [cat_ids.index(tg["category_id"]) for tg in targets if has[:, cat_ids.index(tg["category_id"])].any()]
-    train_counts = retrieval.image_counts(train)
-    hits = {arm: np.stack([r["per_q"]["txt2img"]["R@10"] for r in rs]) for arm, rs in runs.items()}
-    arms_out = {}
-    for arm, rs in runs.items():
-        arms_out[arm] = mean_metrics(rs, test, te[2], names, train_counts)
-        arms_out[arm]["n_extra"] = int(sum(len(v) for v in extras[arm].values()))
-        vals = [arms_out[arm]["per_category"][cat_order[j]]["txt2img"]["R@10"] for j in target_cols]
-        arms_out[arm]["targets_txt2img_R@10"] = float(np.mean(vals)) if vals else None
-    deltas = {arm: arm_deltas(hits, arm, "baseline", te[2], has, target_cols, args.bootstrap, args.seed)
-              for arm in runs if arm != "baseline"}
-    vs_over = {arm: {k: v for k, v in arm_deltas(hits, arm, "oversample", te[2], has, target_cols, args.bootstrap,
-                                                 args.seed).items() if k != "per_category"}
-               for arm in ("synthetic_filtered", "rendered") if arm in runs and "oversample" in runs}
-    closing = gap_closure(hits, [a for a in ("synthetic_filtered", "rendered") if a in runs], "baseline", te[2], has,
-                          target_cols, args.bootstrap, args.seed)
-    timings["statistics_s"] = round(time.time() - t, 2)
-
-    # 8. results: metrics.json, results.md, the delta chart and the sample grid
-    filt = deltas.get("synthetic_filtered")
-    metrics = {
-        "arms": arms_out, "arms_run": list(runs), "skipped_arms": skipped,
-        "rare_txt2img_R@10_delta": filt["rare"] if filt else None,
-        "overall_txt2img_R@10_delta": filt["overall"] if filt else None, "seeds": seeds,
-        "filtered_vs_oversample": vs_over.get("synthetic_filtered"), "vs_oversample": vs_over,
-        "gap": {k: closing[k] for k in ("gap", "targets", "others")}, "closed_fraction": closing["closed_fraction"],
-        "deltas": deltas, "targets": targets, "targets_file": str(Path(args.targets).resolve()),
-        "category_order": cat_order, "epochs": args.epochs, "baseline_config": cfg_source,
-        "training_hyperparameters": {k: v for k, v in vars(training_args(cfg, args, seeds[0])).items()
-                                     if k in ("image_encoder", "text_encoder", "image_res", "dim", "hidden", "loss",
-                                              "miner", "margin", "temperature", "epochs", "batch_size", "lr",
-                                              "weight_decay", "index", "val_split")},
-        "eval_split": eval_split, "n_eval_images": len(test), "n_eval_captions": int(len(te[2])),
-        "n_train_images": len(train), "n_bootstrap": args.bootstrap, "n_trainings": n_trainings,
-        "generation": None if not generating else {
-            "model": settings["name"], "model_id": settings["id"], "steps": settings["steps"],
-            "guidance": settings["guidance"], "scheduler": settings["scheduler"], "n_candidates": len(entries),
-            "n_per_target": args.n_per_target, "generated_now": gen["generated"], "reused": gen["reused"],
-            "processes": gen["processes"], "cache": str(store.folder)},
-        "filter": None if not generating else {
-            "rule": rule, "per_target": accept,
-            "acceptance_rate": float(np.mean([v["keep"] for v in verdicts])) if verdicts else None},
-        "rendering": rendering, "host_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-    }
-    t = time.time()
-    plot_deltas(metrics, run_dir / "deltas.png")
-    if generating:
-        write_samples(run_dir / "samples.png", entries, images, verdicts, targets)
-    timings["figures_s"] = round(time.time() - t, 2)
-    timings["total_s"] = round(time.time() - t0, 2)
-    timings["task_c_s"] = task_c_seconds(args.targets)
-    timings["task_c_plus_d_s"] = (None if timings["task_c_s"] is None
-                                  else round(timings["task_c_s"] + timings["total_s"], 2))
-    metrics["timings"] = timings
-    metrics["targets_met"] = targets_met(metrics)
-    write_text(run_dir / "results.md", results_markdown(metrics))
-    finish_run(run_dir, metrics)
-    print_summary(metrics, run_dir)
+    # 8. results.md, metrics.json and `latest`; then the figures (a failing one is a warning line)
+    metrics = collect_metrics(args, setup, gen, cand, rendering, feats, arms, stats)
+    write_results(run, metrics, args.targets)
+    with run.step("figures"):
+        metrics["figures"] = figures(run.dir, metrics, cand, setup.targets)
+    metrics["timings"]["figures_s"] = run.timings["figures_s"]
+    write_json(run.dir / "metrics.json", metrics)
+    print_summary(metrics, run.dir)
     return metrics
 
 

@@ -370,7 +370,30 @@ def update_latest(run_dir: Path) -> None:
     os.replace(tmp, latest)
 
 
-class Run:
+class Clock:
+    """Wall seconds of a script's steps and since its start (a `Run` is one, and can take over an earlier one).
+
+    Attributes:
+        timings: "<step>_s" -> seconds (2 decimals) of each finished `step`.
+    """
+
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        """`with run.step("train"):` records the block's wall seconds as timings["train_s"] (when it finishes)."""
+        start = time.perf_counter()
+        yield
+        self.timings[f"{name}_s"] = round(time.perf_counter() - start, 2)
+
+    def elapsed(self) -> float:
+        """Seconds since the clock started (2 decimals)."""
+        return round(time.perf_counter() - self._start, 2)
+
+
+class Run(Clock):
     """One run of a task script: its folder, device, wandb run and step timings (made by `start_run`).
 
     Attributes:
@@ -381,17 +404,11 @@ class Run:
         timings: "<step>_s" -> seconds (2 decimals) of each finished `step`.
     """
 
-    def __init__(self, run_dir: Path, device, dtype, wandb_run):
+    def __init__(self, run_dir: Path, device, dtype, wandb_run, clock: Clock | None = None):
+        super().__init__()
         self.dir, self.device, self.dtype, self.wandb = run_dir, device, dtype, wandb_run
-        self.timings: dict[str, float] = {}
-        self._start = time.perf_counter()
-
-    @contextlib.contextmanager
-    def step(self, name: str):
-        """`with run.step("train"):` records the block's wall seconds as timings["train_s"] (when it finishes)."""
-        start = time.perf_counter()
-        yield
-        self.timings[f"{name}_s"] = round(time.perf_counter() - start, 2)
+        if clock is not None:  # steps timed before the run folder could exist: their seconds count in total_s
+            self.timings, self._start = clock.timings, clock._start
 
     def log(self, row: dict, step: int | None = None) -> None:
         """Log a row of numbers to wandb (nothing without `--wandb`)."""
@@ -406,7 +423,7 @@ class Run:
         """
         timings = metrics.setdefault("timings", {})
         timings.update(self.timings)
-        timings["total_s"] = round(time.perf_counter() - self._start, 2)
+        timings["total_s"] = self.elapsed()
         if self.wandb is not None:
             self.wandb.log(flat_numbers(metrics))
             self.wandb.finish()
@@ -430,7 +447,7 @@ def flat_numbers(tree: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def start_run(task: str, args: argparse.Namespace, config: dict | None = None) -> Run:
+def start_run(task: str, args: argparse.Namespace, config: dict | None = None, clock: Clock | None = None) -> Run:
     """Start a task script's run: threads, device and dtype, `<outputs>/<task>/<run_name>/` with config.json, wandb.
 
     Args:
@@ -439,6 +456,8 @@ def start_run(task: str, args: argparse.Namespace, config: dict | None = None) -
         args: parsed arguments with `common_args`' flags (any it omitted fall back to: no run name -> the
             start time, OUTPUTS, automatic device, default threads, no wandb; `--dtype` is read when present).
         config: what config.json records as the run's arguments (default: vars(args)).
+        clock: a `Clock` started before the run, whose steps must come before the run folder (work that must leave
+            no folder when it fails, or that every `accelerate` process does): its timings and start carry over.
 
     Returns:
         The `Run`; call `run.finish(metrics)` at the end.
@@ -462,7 +481,7 @@ def start_run(task: str, args: argparse.Namespace, config: dict | None = None) -
         project, _, group = task.partition("/")  # "fidelity/<model>": wandb names may not hold "/"
         wandb_run = wandb.init(project=project, group=group or None, config=config, name=run_dir.name,
                                dir=str(outputs))
-    return Run(run_dir, device, dtype, wandb_run)
+    return Run(run_dir, device, dtype, wandb_run, clock)
 
 
 def set_threads(n: int) -> None:

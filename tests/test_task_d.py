@@ -47,8 +47,8 @@ def base_flags(tmp_path, tiny_data, tiny_pipe, targets=None):
 # --------------------------------------------------------------------------- prompts
 def test_prompts_name_the_target_every_attribute_and_the_oracle_reads_renders_of_them():
     target = {"category": "hexagon", "category_id": 7}
-    items = [task_d.shapes_item(target, i, seed=0) for i in range(24)]
-    assert items == [task_d.shapes_item(target, i, seed=0) for i in range(24)]  # seeded
+    items = [generate_data.target_prompt(target, i, seed=0) for i in range(24)]
+    assert items == [generate_data.target_prompt(target, i, seed=0) for i in range(24)]  # seeded
     assert len({it["text"] for it in items}) >= 20 and len({it["seed"] for it in items}) == 24  # varied
     counts = {len(it["prompt"]["objects"]) for it in items}
     assert counts == {1, 2, 3}  # 0-2 co-occurring objects
@@ -87,6 +87,10 @@ def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
     for name in ("results.md", "metrics.json", "config.json", "deltas.png", "samples.png"):
         assert (run / name).stat().st_size > 0, name
     m = json.loads((run / "metrics.json").read_text())
+    assert m["figures"] == {"deltas.png": "written", "samples.png": "written"}
+    # Setup and generation run before the run folder exists, and still count in the run's time.
+    t = m["timings"]
+    assert t["total_s"] >= t["setup_s"] + t["generate_s"] + t["train_eval_s"] and t["generate_s"] > 0
     assert set(m["arms"]) == {"baseline", "oversample", "synthetic", "synthetic_filtered", "synthetic_filtered_x0.5",
                               "synthetic_filtered_x2", "rendered"}
     assert m["seeds"] == [0, 1, 2]
@@ -138,10 +142,30 @@ def test_arms_add_equal_numbers_of_samples_when_the_filter_accepts(quick_run, ti
     def accept_even(entries, images, oracle, min_score):  # stand-in for a good model: half the images pass
         return [{"score": 1.0, "target_found": True, "keep": i % 2 == 0, "shape": True} for i in range(len(entries))]
 
+    logged = []
+
+    class FakeWandb:  # --wandb: what the run hands to wandb
+        @staticmethod
+        def init(**kwargs):
+            logged.append(kwargs)
+            return FakeWandb
+
+        @staticmethod
+        def log(row, step=None):
+            logged.append(row)
+
+        @staticmethod
+        def finish():
+            logged.append("finished")
+
     monkeypatch.setattr(task_d, "oracle_verdicts", accept_even)
+    monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
     flags = base_flags(tmp, tiny_data, tiny_pipe, targets=tmp / "targets.json")
     m = task_d.main([*flags[:-4], "--run-name", "accept", "--n-per-target", str(N_PER_TARGET), "--n-seeds", "2",
-                     "--ratios", "0.5", "--epochs", "1"])
+                     "--ratios", "0.5", "--epochs", "1", "--wandb"])
+    assert logged[0]["project"] == "task_d" and logged[0]["config"]["n_seeds"] == 2 and logged[-1] == "finished"
+    assert logged[1]["rare_txt2img_R@10_delta/mean"] == m["rare_txt2img_R@10_delta"]["mean"]
+    assert logged[1]["arms/synthetic_filtered/n_extra"] == 2 * (N_PER_TARGET // 2)
     assert m["generation"]["generated_now"] == 0  # every image reused from the cache
     n = {arm: a["n_extra"] for arm, a in m["arms"].items()}
     accepted = 2 * (N_PER_TARGET // 2)

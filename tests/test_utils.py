@@ -125,6 +125,21 @@ def test_run_records_steps_and_moves_latest_only_at_finish(tmp_path):
     assert (tmp_path / "demo" / "latest").resolve() == second.dir.resolve()
 
 
+def test_a_clock_started_before_the_run_carries_its_steps_and_start_into_the_run(tmp_path):
+    clock = utils.Clock()
+    with clock.step("generate"):  # work that must come before the run folder (task_d's generation)
+        time.sleep(0.1)
+    assert not (tmp_path / "demo").exists()
+    run = utils.start_run("demo", parse(["--outputs", str(tmp_path), "--run-name", "late"]), clock=clock)
+    with run.step("train"):
+        time.sleep(0.05)
+    metrics: dict = {}
+    run.finish(metrics)
+    timings = json.loads((run.dir / "metrics.json").read_text())["timings"]
+    assert set(timings) == {"generate_s", "train_s", "total_s"} and timings["generate_s"] >= 0.1
+    assert timings["total_s"] >= 0.15  # counted from the clock's start, not from start_run
+
+
 def test_threads_flag_pins_torch_threads(tmp_path):
     import torch
 
