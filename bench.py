@@ -39,10 +39,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from utils import (DEFAULT_DATA, UserError, apply_quick, bootstrap_ci, check, cli, comma_list, common_args, fmt, fmt_ci,
-                   generate_images, image_grid, load_data, load_pipeline, md_table, peak_memory_mb, pick_device,
-                   pick_dtype, read_json, reset_peak_memory, resolve_model, set_threads, start_run, time_call,
-                   write_text)
+from utils import (DEFAULT_DATA, UserError, bootstrap_ci, check, cli, comma_list, common_args, fmt, fmt_ci,
+                   generate_images, image_grid, load_data, load_pipeline, md_table, parse_checked, peak_memory_mb,
+                   pick_device, pick_dtype, read_json, reset_peak_memory, resolve_model, set_threads, start_run,
+                   time_call, write_text)
 
 PARTS = ("generation", "sd21", "retrieval")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -95,10 +95,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hnsw-max-n", type=int, default=100000,
                    help="largest database HNSW is built for (its build takes ~50 s per 100k vectors on one core)")
     common_args(p, "bench", QUICK, helps={"seed": "seed of prompts, image seeds and random vectors"})
-    args = p.parse_args(argv)
-    apply_quick(args, p, QUICK)
-    check_args(args)
-    return args
+    return parse_checked(p, argv, QUICK, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -28,7 +28,6 @@ import argparse
 import datetime as _dt
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -36,10 +35,10 @@ import numpy as np
 
 from generate_data import KINDS, make_prompts, render_prompts
 from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, apply_quick, cached, check, cli, comma_list,
-                   common_args, encode_images, encode_texts, generate_images, image_grid, load_data, load_image_encoder,
-                   load_pipeline, load_rgb, load_text_encoder, model_card, pick_device, read_json, resolve_model,
-                   start_run, write_json, write_text)
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, cached, check, cli, comma_list, common_args,
+                   encode_images, encode_texts, generate_images, image_grid, load_data, load_image_encoder,
+                   load_pipeline, load_rgb, load_text_encoder, model_card, parse_checked, pick_device, read_json,
+                   resolve_model, start_run, subcommand, write_json, write_text)
 
 COMMANDS = ("evaluate-model",)
 DEFAULT_HEADS = OUTPUTS / "retrieval" / "latest" / "heads.pt"
@@ -82,17 +81,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command (argv[0], one of COMMANDS) and its flags; `-h` alone lists the commands."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    check(bool(argv), f"no command given; choose one of {', '.join(COMMANDS)}")
-    if argv[0] in ("-h", "--help"):
-        print(__doc__)
-        sys.exit(0)
-    check(argv[0] in COMMANDS, f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
-    parser = evaluate_parser()
-    args = parser.parse_args(argv[1:])
-    apply_quick(args, parser, QUICK)
-    check_evaluate_args(args)
-    return args
+    _, flags = subcommand(argv, COMMANDS, __doc__)
+    return parse_checked(evaluate_parser(), flags, QUICK, check_evaluate_args)
 
 
 def check_evaluate_args(args: argparse.Namespace) -> None:

@@ -42,8 +42,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from utils import (DEFAULT_DATA, REPO, UserError, apply_quick, check, cli, comma_list, common_args, load_data, load_rgb,
-                   read_json, write_json)
+from utils import (DEFAULT_DATA, REPO, UserError, check, cli, comma_list, common_args, load_data, load_rgb,
+                   parse_checked, read_json, write_json)
 
 SOURCES = ("shapes", "coco")
 SPLITS = ("pretrain", "train", "val", "test")
@@ -123,10 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "is divided into k seeded parts (default: train*=train, val*=val+test)")
     common_args(parser, "data", QUICK, omit=("run_name", "outputs", "device", "threads", "wandb"),
                 helps={"seed": "seed of every random draw (>= 0)"})
-    args = parser.parse_args(argv)
-    apply_quick(args, parser, QUICK)
-    check_args(args)
-    return args
+    return parse_checked(parser, argv, QUICK, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,9 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generate_data as gd
-from utils import (DEFAULT_DATA, REPO, UserError, apply_quick, bootstrap_ci, cached, check, cli, common_args,
-                   generate_images, library_versions, load_data, load_pipeline, load_rgb, pick_device, read_json,
-                   start_run, write_json, write_text)
+from utils import (DEFAULT_DATA, REPO, UserError, bootstrap_ci, cached, check, cli, common_args, generate_images,
+                   library_versions, load_data, load_pipeline, load_rgb, parse_checked, pick_device, read_json,
+                   start_run, subcommand, write_json, write_text)
 
 COMMANDS = ("train", "audit")
 DEFAULT_ORACLE = REPO / "models" / "shapes-oracle"
@@ -122,20 +121,12 @@ PARSERS = {"train": train_parser, "audit": audit_parser}
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command (argv[0], one of COMMANDS) and its flags, checked; `-h` alone lists the commands."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    check(bool(argv), f"no command given; choose one of {', '.join(COMMANDS)}")
-    if argv[0] in ("-h", "--help"):
-        print(__doc__)
-        sys.exit(0)
-    check(argv[0] in COMMANDS, f"unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}")
-    parser = PARSERS[argv[0]]()
-    args = parser.parse_args(argv[1:])
-    args.command = argv[0]
-    if args.command == "train":
-        apply_quick(args, parser, QUICK)
-        check_train_args(args)
+    command, flags = subcommand(argv, COMMANDS, __doc__)
+    if command == "train":
+        args = parse_checked(PARSERS[command](), flags, QUICK, check_train_args)
     else:
-        check_audit_args(args)
+        args = parse_checked(PARSERS[command](), flags, check_args=check_audit_args)
+    args.command = command
     return args
 
 

@@ -30,10 +30,9 @@ from typing import Sequence
 
 import numpy as np
 
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, UserError, apply_quick, cached,
-                   category_names, check, cli, common_args, encode_images, encode_texts, fmt, l2_normalize, load_data,
-                   load_image_encoder, load_text_encoder, pick_device, pyplot, read_json, start_run, write_json,
-                   write_text)
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, UserError, cached, category_names, check,
+                   cli, common_args, encode_images, encode_texts, fmt, l2_normalize, load_data, load_image_encoder,
+                   load_text_encoder, parse_checked, pick_device, pyplot, read_json, start_run, write_json, write_text)
 
 KS = (1, 5, 10)
 LOSSES = ("triplet", "ntxent")
@@ -79,10 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    apply_quick(args, parser, QUICK)
-    check_args(args)
-    return args
+    return parse_checked(parser, argv, QUICK, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

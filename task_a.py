@@ -30,8 +30,8 @@ import numpy as np
 import fidelity
 import generate_data as gd
 from oracle import (ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64)
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, apply_quick, bootstrap_ci, check, cli, comma_list, common_args,
-                   fmt, fmt_ci, generate_images, image_grid, load_data, load_image_encoder, load_pipeline, md_table,
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, bootstrap_ci, check, cli, comma_list, common_args, fmt, fmt_ci,
+                   generate_images, image_grid, load_data, load_image_encoder, load_pipeline, md_table, parse_checked,
                    peak_memory_mb, reset_peak_memory, resolve_model, start_run, time_call, write_text)
 
 DEFAULT_MODELS = "shapes-tiny,shapes-tiny-4k"
@@ -62,10 +62,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     run = common_args(p, "task_a", QUICK,
                       helps={"seed": "seed of the prompt list and of image k's noise (seed + k)"})
     run.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 or auto (fp32 CPU, bf16/fp16 GPU)")
-    args = p.parse_args(argv)
-    apply_quick(args, p, QUICK)
-    check_args(args)
-    return args
+    return parse_checked(p, argv, QUICK, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

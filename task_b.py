@@ -58,9 +58,9 @@ import numpy as np
 import fidelity
 import generate_data as gd
 from oracle import (ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64)
-from utils import (DEFAULT_IMAGE_ENCODER, ImageStore, UserError, apply_quick, bootstrap_ci, check, cli, comma_list,
-                   common_args, fmt, fmt_ci, fmt_delta, generate_images, image_grid, load_image_encoder, load_pipeline,
-                   make_scheduler, md_table, model_fingerprint, pyplot, read_json, resolve_model, start_run, time_call,
+from utils import (DEFAULT_IMAGE_ENCODER, ImageStore, UserError, bootstrap_ci, check, cli, comma_list, common_args, fmt,
+                   fmt_ci, fmt_delta, generate_images, image_grid, load_image_encoder, load_pipeline, make_scheduler,
+                   md_table, model_fingerprint, parse_checked, pyplot, read_json, resolve_model, start_run, time_call,
                    write_json, write_text)
 
 EXPERIMENTS = ("schedulers", "steps", "cfg", "eta", "negative", "trajectory", "grid", "cell")
@@ -128,10 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    apply_quick(args, parser, QUICK)
-    check_args(args)
-    return args
+    return parse_checked(parser, argv, QUICK, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -31,8 +31,8 @@ from typing import (Sequence)
 import numpy as np
 
 import retrieval
-from utils import (DEFAULT_DATA, apply_quick, category_names, check, ci_verdict, cli, cluster_bootstrap, common_args,
-                   fmt, fmt_ci, load_data, md_table, percentile_ci, pyplot, read_json, start_run, write_json,
+from utils import (DEFAULT_DATA, category_names, check, ci_verdict, cli, cluster_bootstrap, common_args, fmt, fmt_ci,
+                   load_data, md_table, parse_checked, percentile_ci, pyplot, read_json, start_run, write_json,
                    write_text)
 
 # How each --rule ranks categories (lowest first): the per-category key of `category_rows` it ranks by, and what
@@ -82,10 +82,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples of the test images (>= 1)")
     p.add_argument("--no-umap", action="store_true", help="skip the UMAP figure (saves ~20 s)")
     common_args(p, "task_c", QUICK, helps={"seed": "seed of the bootstrap, the UMAP and any baseline trained here"})
-    args = p.parse_args(argv)
-    apply_quick(args, p, QUICK)
-    check_args(args)
-    return args
+    return parse_checked(p, argv, QUICK, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

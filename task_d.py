@@ -50,9 +50,9 @@ import numpy as np
 
 import generate_data as gd
 import retrieval
-from utils import (DEFAULT_DATA, OUTPUTS, Clock, ImageStore, Run, apply_quick, category_names, check, ci_verdict,
-                   cli, cluster_bootstrap, comma_list, common_args, fmt, fmt_delta, fmt_est, image_grid, load_data,
-                   load_rgb, md_table, percentile_ci, pick_device, pyplot, read_json, resolve_model, set_threads,
+from utils import (DEFAULT_DATA, OUTPUTS, Clock, ImageStore, Run, category_names, check, ci_verdict, cli,
+                   cluster_bootstrap, comma_list, common_args, fmt, fmt_delta, fmt_est, image_grid, load_data, load_rgb,
+                   md_table, parse_checked, percentile_ci, pick_device, pyplot, read_json, resolve_model, set_threads,
                    start_run, write_json, write_text)
 
 DEFAULT_TARGETS = OUTPUTS / "task_c" / "latest" / "targets.json"
@@ -101,10 +101,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of test images and seeds")
     p.add_argument("--cache-dir", default=None, help="where generated images live (default: <outputs>/task_d/cache)")
     common_args(p, "task_d", QUICK, helps={"seed": "seed of the prompts, image noise, subsets and training"})
-    args = p.parse_args(argv)
-    apply_quick(args, p, {k: v for k, v in QUICK.items() if k != "steps"})  # steps: a cap (sampler_settings)
-    check_args(args)
-    return args
+    # steps is a cap (sampler_settings), not a flag default
+    return parse_checked(p, argv, {k: v for k, v in QUICK.items() if k != "steps"}, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 import generate_data as gd
 import retrieval
 from oracle import (DEFAULT_ORACLE, Oracle)
-from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, apply_quick, bootstrap_ci, category_names, check, ci_verdict, cli,
-                   comma_list, common_args, encode_images, fmt, fmt_delta, fmt_est, image_grid, l2_normalize, load_data,
-                   load_image_encoder, load_pipeline, md_table, pick_device, pyplot, read_json, start_run, time_call,
-                   write_json, write_text)
+from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, bootstrap_ci, category_names, check, ci_verdict, cli, comma_list,
+                   common_args, encode_images, fmt, fmt_delta, fmt_est, image_grid, l2_normalize, load_data,
+                   load_image_encoder, load_pipeline, md_table, parse_checked, pick_device, pyplot, read_json,
+                   start_run, time_call, write_json, write_text)
 
 MAX_K = 8  # generated images per query at most; also the seed stride per query (seeds seed + MAX_K * caption + i)
 FUSIONS = ("weighted", "rrf")
@@ -96,10 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "seed": "seed of the query draw, the bootstrap and every image's noise",
         "run_name": "run folder under <outputs>/task_e (default: the start time); the same name resumes the "
                     "generation"})
-    args = p.parse_args(argv)
-    apply_quick(args, p, QUICK)
-    check_args(args)
-    return args
+    return parse_checked(p, argv, QUICK, check_args)
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -145,6 +145,35 @@ def apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser, quick
         apply_preset(args, parser, quick)
 
 
+def subcommand(argv: Sequence[str] | None, commands: Sequence[str], doc: str) -> tuple[str, list[str]]:
+    """Split `prog COMMAND [flags]` into (command, flags); `-h` alone prints `doc` and exits 0.
+
+    Raises:
+        UserError: no command, or one not in `commands` (one line naming the valid ones).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check(bool(argv), f"no command given; choose one of {', '.join(commands)}")
+    if argv[0] in ("-h", "--help"):
+        print(doc)
+        sys.exit(0)
+    check(argv[0] in commands, f"unknown command {argv[0]!r}; choose one of {', '.join(commands)}")
+    return argv[0], argv[1:]
+
+
+def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None, quick: dict | None = None,
+                  check_args: Callable[[argparse.Namespace], None] | None = None) -> argparse.Namespace:
+    """Parse `argv`, apply `quick` under `--quick` (explicit flags win, `apply_quick`), then `check_args`.
+
+    The one order every script parses in. Raises UserError (via `common_args`' parser and `check_args`).
+    """
+    args = parser.parse_args(argv)
+    if quick is not None:
+        apply_quick(args, parser, quick)
+    if check_args is not None:
+        check_args(args)
+    return args
+
+
 def comma_list(kind: Callable[[str], Any] = str, lo: float | None = None, hi: float | None = None) -> Callable:
     """An argparse `type=` for comma-separated values: "1, 2,3" -> [1, 2, 3]; empty items are dropped.
 
