@@ -31,6 +31,7 @@ demo: $(STAMP)
 	$(PY) task_c.py --retrieval-run outputs/retrieval/baseline --run-name demo
 	$(PY) task_d.py --run-name demo
 	$(PY) task_e.py --run-name demo
+	$(PY) bench.py --quick --run-name demo  # the speed section: ratios, share of peak FLOP/s, index scale
 	$(PY) report.py --readme README.md  # REPORT.md, and the README's measured numbers from these runs
 
 # pytest exits 5 when it collects nothing: that means the suite went missing, so fail loudly.

@@ -1,23 +1,29 @@
 """Benchmarks: how much faster are our generation and retrieval paths than the plain way, measured side by side?
 
-Three parts, each timed in this one run on this machine, reported as ratios of measured seconds:
+Three parts, each timed in this one run on this machine, reported as ratios of measured seconds. Every timing is
+a warm-up call, then at least --repeats timed calls, more until they add up to --min-seconds (as faiss's benchs
+repeat); the fastest (min) and the median are reported, and ratios use the min (other work on a shared machine only
+adds time).
 - generation: the shipped model on CPU called as a new user calls plain diffusers (from_pretrained, one
   image per call, the pipeline's defaults: 50 steps, its saved scheduler, guidance 7.5, PIL output) vs our
   path (utils.load_pipeline + utils.generate_images: batched, the registry's steps and guidance, numpy
   output), then each further CPU optimisation added ablation-style and kept only when it helps. Both image
   sets are scored by the fidelity oracle on the same structured prompts: equal fidelity is checked, not
-  assumed.
+  assumed. The limit: the UNet's FLOPs per image (torch.utils.flop_counter, per UNet evaluation x the evaluations
+  one image takes: steps x 2 with classifier-free guidance) times images/s, as a fraction of this machine's fp32
+  matmul and conv2d peak FLOP/s measured in the same run.
 - sd21: an SD 2.1-architecture pipeline with random weights at 512 px on a GPU: fp32 one-image calls vs
   half precision + SDPA + batching + channels_last (+ torch.compile with --compile). Skipped without a
   GPU; `--sd21-scale tiny` builds the same architecture shrunk, to run the code path on a CPU.
 - retrieval: FAISS exact search vs a per-row Python loop and vs vectorised numpy on the same embeddings
   (the retrieval run's test embeddings when present), with the top-k compared; then index build and
-  search time for random 256-d vectors (100k and 1M by default) with flat, IVF and HNSW indexes and the
-  approximate indexes' recall@10 against flat.
+  search time at scale with flat, IVF and HNSW indexes and the approximate indexes' recall@10 against flat, on
+  structured vectors: those image embeddings replicated with small Gaussian noise to 100k and 1M rows (--noise),
+  queried with the held-out caption embeddings.
 
-Quick (< 40 s; what the test runs):
+Quick (~1 min on 2 cores; `make demo` runs it as `--run-name demo`):
     python bench.py --quick
-Default (<= 5 min on 2 idle cores):
+Default (several minutes on 2 idle cores: 1M-row indexes, HNSW at 100k):
     python bench.py --run-name default
 One part only:
     python bench.py --only retrieval
@@ -35,7 +41,7 @@ import os
 import platform
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -52,9 +58,11 @@ KEEP_MIN_GAIN = 1.02  # an optimisation is kept when it makes our path at least 
 TIE_TOLERANCE = 1e-5  # two scores this close are a tie: either id may come first
 ANCHOR = ("diffusers' 'Speed up inference' / SDXL optimisation guide reports about 3x from bf16, SDPA, "
           "channels_last and torch.compile on SDXL")
-MIN_SIZE = 100  # random-vector database sizes must be at least this (IVF needs training points)
-QUICK = {"n_images": 2, "batch_size": 2, "repeats": 1, "sizes": "10000,50000", "queries": 200, "naive_queries": 300,
-         "hnsw_max_n": 10000, "sd21_images": 2, "sd21_steps": 2, "sd21_batch": 2}
+MIN_SIZE = 100  # database sizes must be at least this (IVF needs training points)
+PEAK_MATMUL_N = 2048  # (n, n) @ (n, n) fp32: 17 GFLOP a call, compute-bound on any CPU
+PEAK_CONV = (16, 128, 32)  # batch, channels (in = out), height = width of a 3x3 fp32 conv2d: 4.8 GFLOP a call
+QUICK = {"n_images": 2, "batch_size": 2, "min_seconds": 0.2, "sizes": "10000,100000", "queries": 200,
+         "naive_queries": 300, "hnsw_max_n": 10000, "sd21_images": 2, "sd21_steps": 2, "sd21_batch": 2}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -67,7 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="images per configuration (half single-object, half two-object prompts)")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call on our path")
     p.add_argument("--repeats", type=int, default=3,
-                   help="timed runs of each CPU generation configuration (the fastest counts, which resists noise)")
+                   help="timed runs of every measurement after its warm-up (min and median reported; the min counts)")
+    p.add_argument("--min-seconds", type=float, default=1.0,
+                   help="seconds: fast measurements repeat until their timed runs add up to this")
     p.add_argument("--oracle", default=None, help="fidelity oracle folder (default: models/shapes-oracle)")
     # SD 2.1 architecture
     p.add_argument("--sd21-scale", default="full",
@@ -85,9 +95,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--naive-queries", type=int, default=0,
                    help="queries run through the Python loop and its competitors (0 = all test captions)")
     p.add_argument("--sizes", type=comma_list(int, lo=MIN_SIZE), default="100000,1000000",
-                   help="comma-separated database sizes of random vectors")
-    p.add_argument("--dim", type=int, default=256, help="dimension of the random vectors")
-    p.add_argument("--queries", type=int, default=1000, help="random queries per database size")
+                   help="comma-separated database sizes: the image embeddings replicated with noise to each")
+    p.add_argument("--noise", type=float, default=0.1,
+                   help="expected L2 norm of the Gaussian noise added to each replica of a unit embedding")
+    p.add_argument("--dim", type=int, default=256, help="dimension of the random vectors used without a retrieval run")
+    p.add_argument("--queries", type=int, default=1000, help="held-out caption embeddings searched per database size")
     p.add_argument("--indexes", type=comma_list(), default=",".join(INDEX_KINDS),
                    help=f"comma-separated FAISS indexes: {', '.join(INDEX_KINDS)}")
     p.add_argument("--nlist", type=int, default=0, help="IVF lists (0 = round(sqrt(n)))")
@@ -110,7 +122,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("n_images", "batch_size", "repeats", "sd21_images", "sd21_steps", "sd21_batch", "k", "dim", "queries",
                  "nprobe", "hnsw_max_n"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("threads", "naive_queries", "nlist"):
+    for name in ("threads", "naive_queries", "nlist", "min_seconds", "noise"):
         check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     check(args.k <= min(args.sizes), f"--k {args.k} is more than the smallest database size {min(args.sizes)}")
     if "generation" in args.only:
@@ -164,16 +176,17 @@ def ratio(baseline_s: float, other_s: float) -> float:
     return float(baseline_s / other_s) if other_s > 0 else float("nan")
 
 
-def timed(fn: Callable):
-    """(seconds, result) of one `fn()` call, by utils.time_call (which waits for CUDA work before the clock stops)."""
-    timing, result = time_call(fn, warmup=0, repeats=1)
-    return timing["min_s"], result
+def timed(fn: Callable, args: argparse.Namespace, warmup: int = 1, repeats: int | None = None) -> tuple[dict, Any]:
+    """Time `fn()` by utils.time_call: `warmup` untimed calls, then `repeats` (default --repeats) timed calls, more
+    until they add up to --min-seconds.
 
-
-def timed_best(fn: Callable, repeats: int):
-    """(fastest seconds of `repeats` runs, result of the last run); the callers run their own warm-up call."""
-    timing, result = time_call(fn, warmup=0, repeats=repeats)
-    return timing["min_s"], result
+    Returns:
+        ({"min_s", "median_s", "runs": timed calls, "warmup_s": seconds of the warm-up calls}, the last result).
+    """
+    t, result = time_call(fn, warmup=warmup, repeats=args.repeats if repeats is None else repeats,
+                          min_seconds=args.min_seconds)
+    return {"min_s": t["min_s"], "median_s": t["median_s"], "runs": len(t["times_s"]),
+            "warmup_s": float(sum(t["warmup_s"]))}, result
 
 
 def _yes_no(flag) -> str:
@@ -305,42 +318,49 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
     images: dict[str, np.ndarray] = {}
     scores: dict[str, list[dict]] = {}
 
-    def record(name: str, seconds: float, imgs: np.ndarray, **extra) -> dict:
+    def record(name: str, timing: dict, imgs: np.ndarray, **extra) -> dict:
         summary, per_image = fidelity_of(oracle, imgs, prompts)
         images[name], scores[name] = imgs, per_image
-        row = {"config": name, "seconds": seconds, "images": len(imgs), "images_per_s": len(imgs) / seconds,
-               "fidelity": summary, **extra}
+        seconds = timing["min_s"]
+        row = {"config": name, "seconds": seconds, "median_s": timing["median_s"], "runs": timing["runs"],
+               "images": len(imgs), "images_per_s": len(imgs) / seconds, "fidelity": summary, **extra}
         rows.append(row)
         base = rows[0]["seconds"]
         print(f"  {name:<44} {seconds:7.2f} s  {row['images_per_s']:6.2f} img/s  x{ratio(base, seconds):5.2f} vs plain"
               f"  oracle all {fmt(summary['all'])}")
         return row
 
-    # a. plain diffusers, as a new user calls it (one warm-up call first, as for every configuration)
+    # Every configuration gets a short warm-up call (2 images, 2 steps) after each change, so `timed` adds none.
+    # a. plain diffusers, as a new user calls it
     plain = load_plain_pipeline(spec["id"])
     defaults = call_defaults(plain)
     plain(texts[0], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    plain_evals = unet_evals_per_image(plain.unet, lambda: plain_generate(plain, texts[:1], seeds[:1]))
     print(f"generation on CPU ({spec['name']}, {len(prompts)} images, torch threads {default_threads}):")
-    seconds, imgs = timed_best(lambda: plain_generate(plain, texts, seeds), args.repeats)
-    record("plain diffusers (1 image/call)", seconds, imgs, steps=defaults["num_inference_steps"],
-           guidance=defaults["guidance_scale"], batch_size=1, scheduler=type(plain.scheduler).__name__, output="PIL")
+    timing, imgs = timed(lambda: plain_generate(plain, texts, seeds), args, warmup=0)
+    record("plain diffusers (1 image/call)", timing, imgs, steps=defaults["num_inference_steps"],
+           guidance=defaults["guidance_scale"], batch_size=1, scheduler=type(plain.scheduler).__name__, output="PIL",
+           unet_evals_per_image=plain_evals)
     del plain
     plain_steps, plain_guidance = defaults["num_inference_steps"], defaults["guidance_scale"]
 
     # b. our path at the plain path's settings (50 steps, guidance 7.5): the batching speed-up alone
     pipe, settings = load_pipeline(args.model, device=device, dtype=torch.float32)
     ours = OurPath(pipe, settings, args.batch_size)
+    steps, guidance = settings["steps"], settings["guidance"]
+    evals = {(st, gd): unet_evals_per_image(pipe.unet, lambda: ours.generate(texts[:1], seeds[:1], st, gd))
+             for st, gd in ((plain_steps, plain_guidance), (steps, guidance))}
     ours.generate(texts[:2], seeds[:2], 2, settings["guidance"], batch_size=2)  # warm-up
-    seconds, imgs = timed_best(lambda: ours.generate(texts, seeds, plain_steps, plain_guidance), args.repeats)
-    record("batched, plain settings", seconds, imgs, steps=plain_steps, guidance=plain_guidance,
-           batch_size=args.batch_size,
-           scheduler=settings["scheduler"], output="np")
+    timing, imgs = timed(lambda: ours.generate(texts, seeds, plain_steps, plain_guidance), args, warmup=0)
+    record("batched, plain settings", timing, imgs, steps=plain_steps, guidance=plain_guidance,
+           batch_size=args.batch_size, scheduler=settings["scheduler"], output="np",
+           unet_evals_per_image=evals[plain_steps, plain_guidance])
 
     # c. our path: batched, the registry's steps and guidance
-    steps, guidance = settings["steps"], settings["guidance"]
-    seconds, imgs = timed_best(lambda: ours.generate(texts, seeds, steps, guidance), args.repeats)
-    record("ours: batched + registry sampling", seconds, imgs, steps=steps, guidance=guidance,
-           batch_size=args.batch_size, scheduler=settings["scheduler"], output="np", optimisations=[])
+    timing, imgs = timed(lambda: ours.generate(texts, seeds, steps, guidance), args, warmup=0)
+    record("ours: batched + registry sampling", timing, imgs, steps=steps, guidance=guidance,
+           batch_size=args.batch_size, scheduler=settings["scheduler"], output="np", optimisations=[],
+           unet_evals_per_image=evals[steps, guidance])
     best = rows[-1]
 
     # d. each CPU optimisation on top of the best so far; kept only when it makes the path >= 2% faster
@@ -353,12 +373,14 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
             continue
         ours.apply(name, True, cores, default_threads)
         ours.generate(texts[:2], seeds[:2], 2, guidance, batch_size=2)  # warm-up after the change
-        seconds, imgs = timed_best(lambda: ours.generate(texts, seeds, steps, guidance), args.repeats)
-        gain = ratio(best["seconds"], seconds)
+        timing, imgs = timed(lambda: ours.generate(texts, seeds, steps, guidance), args, warmup=0)
+        gain = ratio(best["seconds"], timing["min_s"])
         kept = gain >= KEEP_MIN_GAIN
-        row = record(f"+ {name}", seconds, imgs, steps=steps, guidance=guidance, batch_size=args.batch_size,
-                     scheduler=settings["scheduler"], output="np", optimisations=sorted(ours.on))
-        ablation.append({"optimisation": name, "what": what, "seconds": seconds, "own_ratio": gain, "kept": kept})
+        row = record(f"+ {name}", timing, imgs, steps=steps, guidance=guidance, batch_size=args.batch_size,
+                     scheduler=settings["scheduler"], output="np", optimisations=sorted(ours.on),
+                     unet_evals_per_image=evals[steps, guidance])
+        ablation.append({"optimisation": name, "what": what, "seconds": timing["min_s"], "own_ratio": gain,
+                         "kept": kept})
         if kept:
             best = row
         else:
@@ -366,10 +388,10 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
 
     # e. the kept optimisations at the plain path's own sampling settings: a speed-up that cannot cost fidelity
     if ours.on:
-        seconds, imgs = timed_best(lambda: ours.generate(texts, seeds, plain_steps, plain_guidance), args.repeats)
-        record("batched + kept optimisations, plain settings", seconds, imgs, steps=plain_steps,
+        timing, imgs = timed(lambda: ours.generate(texts, seeds, plain_steps, plain_guidance), args, warmup=0)
+        record("batched + kept optimisations, plain settings", timing, imgs, steps=plain_steps,
                guidance=plain_guidance, batch_size=args.batch_size, scheduler=settings["scheduler"], output="np",
-               optimisations=sorted(ours.on))
+               optimisations=sorted(ours.on), unet_evals_per_image=evals[plain_steps, plain_guidance])
     torch.set_num_threads(default_threads)
 
     # f. the verdict: speed ratio of the best configuration and whether the oracle scores are within 1 point
@@ -397,6 +419,7 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
         "ratio_at_equal_fidelity": ratio(plain_row["seconds"], fastest_equal["seconds"]) if fastest_equal else None,
         "plain_call": "StableDiffusionPipeline.from_pretrained(folder); "
                       "pipe(prompt, generator=torch.Generator().manual_seed(seed)) per image",
+        "unet_flops_per_eval": unet_eval_flops(pipe, settings["size"]),
     }
     save_generation_grid(run_dir / "generation_grid.png", images, [plain_row["config"], best["config"]], texts)
     return result
@@ -409,6 +432,120 @@ def save_generation_grid(path: Path, images: dict[str, np.ndarray], names: list[
                       row_labels=["plain" if i == 0 else "ours" for i in range(len(names))],
                       col_labels=[str(i) for i in range(cols)])
     grid.save(path)
+
+
+# --------------------------------------------------------------------------- 1b. the limit: FLOPs vs this machine's peak
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one `fn()` call (matmuls, convolutions and attention; elementwise ops are not counted), by
+    torch.utils.flop_counter.FlopCounterMode. A multiply-add is 2 FLOPs.
+
+    FlopCounterMode has no formula for the CPU flash-attention kernel that SDPA dispatches to on CPU (it would
+    count 0), so that op gets torch's own SDPA formula.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    def cpu_sdpa(query, key, value, *_, out_shape=None, **__) -> int:
+        return sdpa_flop_count(query, key, value)
+
+    mapping = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_sdpa}
+    with torch.inference_mode(), FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def unet_eval_flops(pipe, size: int) -> int:
+    """FLOPs of one UNet evaluation on one latent: one image, one denoising step, no CFG.
+
+    Args:
+        pipe: a Stable Diffusion pipeline (its UNet, VAE scale factor and tokenizer length are read).
+        size: image height = width in pixels.
+    """
+    import torch
+
+    unet = pipe.unet
+    latent = torch.zeros(1, unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor,
+                         dtype=unet.dtype, device=unet.device)
+    text = torch.zeros(1, pipe.tokenizer.model_max_length, unet.config.cross_attention_dim, dtype=unet.dtype,
+                       device=unet.device)
+    return count_flops(lambda: unet(latent, 500, encoder_hidden_states=text))
+
+
+def unet_evals_per_image(unet, generate_one: Callable[[], Any]) -> int:
+    """Latents the UNet evaluates while `generate_one()` makes one image: steps x 2 under classifier-free
+    guidance, more for samplers with several evaluations per step. Counted by a forward hook, not assumed."""
+    seen: list[int] = []
+
+    def count(_module, args, kwargs):
+        seen.append(int((args[0] if args else kwargs["sample"]).shape[0]))
+
+    hook = unet.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        generate_one()
+    finally:
+        hook.remove()
+    return sum(seen)
+
+
+def peak_flops(args: argparse.Namespace) -> dict:
+    """This machine's fp32 matmul and conv2d FLOP/s: one large op of each, timed (warm-up, repeats, min, median).
+
+    Returns:
+        {"matmul": {...}, "conv2d": {...}, "peak_flops_per_s": the faster kernel's FLOPs / its fastest call,
+        "torch_threads"}; each kernel has "shape", "flops" (per call), the timing and "flops_per_s" (from the
+        min time) and "flops_per_s_median".
+    """
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(args.seed)
+    n = PEAK_MATMUL_N
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
+    batch, ch, hw = PEAK_CONV
+    x, w = torch.randn(batch, ch, hw, hw, generator=gen), torch.randn(ch, ch, 3, 3, generator=gen)
+    kernels = {"matmul": (f"({n}, {n}) @ ({n}, {n})", lambda: torch.mm(a, b)),
+               "conv2d": (f"({batch}, {ch}, {hw}, {hw}) * ({ch}, {ch}, 3, 3), padding 1",
+                          lambda: F.conv2d(x, w, padding=1))}
+    out: dict = {"torch_threads": torch.get_num_threads()}
+    with torch.inference_mode():
+        for name, (shape, fn) in kernels.items():
+            flops = count_flops(fn)
+            timing, _ = timed(fn, args)
+            out[name] = dict(shape=shape, flops=flops, **timing, flops_per_s=flops / timing["min_s"],
+                             flops_per_s_median=flops / timing["median_s"])
+    out["peak_flops_per_s"] = max(out[k]["flops_per_s"] for k in kernels)
+    return out
+
+
+def bench_limit(args: argparse.Namespace, generation: dict) -> dict:
+    """Achieved UNet FLOP/s of each generation configuration as a fraction of the measured peak.
+
+    Args:
+        args: parsed arguments (--repeats, --min-seconds, --seed).
+        generation: bench_generation's result (its rows' images/s and UNet evaluations per image).
+
+    Returns:
+        {"peak": peak_flops(...), "unet_flops_per_eval", "configs": one row per configuration with
+        "flops_per_image", "achieved_flops_per_s", "fraction_of_peak"; "plain" and "ours": the plain path's and
+        the best configuration's fraction}.
+    """
+    peak = peak_flops(args)
+    per_eval = generation["unet_flops_per_eval"]
+    rows = []
+    for r in generation["configs"]:
+        per_image = per_eval * r["unet_evals_per_image"]
+        achieved = per_image * r["images_per_s"]
+        rows.append({"config": r["config"], "unet_evals_per_image": r["unet_evals_per_image"],
+                     "flops_per_image": per_image, "images_per_s": r["images_per_s"],
+                     "achieved_flops_per_s": achieved, "fraction_of_peak": achieved / peak["peak_flops_per_s"]})
+    by_name = {r["config"]: r for r in rows}
+    out = {"peak": peak, "unet_flops_per_eval": per_eval, "configs": rows,
+           "plain": by_name[generation["configs"][0]["config"]]["fraction_of_peak"],
+           "ours": by_name[generation["best_config"]]["fraction_of_peak"], "best_config": generation["best_config"]}
+    print(f"limit: peak {peak['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s matmul, "
+          f"{peak['conv2d']['flops_per_s'] / 1e9:.1f} conv2d; UNet {per_eval / 1e9:.3f} GFLOP per evaluation; "
+          f"achieved {out['plain']:.1%} of peak (plain), {out['ours']:.1%} (ours)")
+    return out
 
 
 # --------------------------------------------------------------------------- 2. SD 2.1 architecture
@@ -506,9 +643,10 @@ def bench_sd21(args: argparse.Namespace) -> dict:
         for name, change, run in steps_chain:
             change()
             reset_peak_memory(device)  # the warm-up is the same work as the timed run: the same peak
-            timing, _ = time_call(run, warmup=1, repeats=1)
-            warm_s, seconds = timing["warmup_s"][0], timing["min_s"]
-            row = {"config": name, "seconds": seconds, "images_per_s": len(texts) / seconds, "warmup_s": warm_s,
+            timing, _ = timed(run, args)
+            seconds = timing["min_s"]
+            row = {"config": name, "seconds": seconds, "median_s": timing["median_s"], "runs": timing["runs"],
+                   "images_per_s": len(texts) / seconds, "warmup_s": timing["warmup_s"],
                    "peak_memory_mb": peak_memory_mb(device)}
             row["ratio_vs_baseline"] = ratio(rows[0]["seconds"] if rows else seconds, seconds)
             row["ratio_vs_previous"] = ratio(rows[-1]["seconds"] if rows else seconds, seconds)
@@ -599,23 +737,30 @@ def load_embeddings(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, s
     return db, random_unit_vectors(5000, args.dim, args.seed + 1), f"random unit vectors ({reason})"
 
 
-def bench_equal_results(args: argparse.Namespace) -> dict:
-    """FAISS flat vs the Python loop vs vectorised numpy on the same embeddings: same top-k, and the time ratios."""
+def bench_equal_results(args: argparse.Namespace, db: np.ndarray, queries: np.ndarray, source: str) -> dict:
+    """FAISS flat vs the Python loop vs vectorised numpy on the same embeddings: same top-k, and the time ratios.
+
+    Args:
+        args: parsed arguments (--naive-queries, --k, the timing flags).
+        db: (n, d) unit image embeddings; queries: (m, d) unit caption embeddings; source: where they come from.
+    """
     import retrieval
 
-    db, queries, source = load_embeddings(args)
     if args.naive_queries:
         queries = queries[:args.naive_queries]
     k = min(args.k, len(db))
     print(f"retrieval, same embeddings ({source}): {len(queries)} queries x {len(db)} rows, top-{k}")
-    loop_s, (loop_scores, loop_ids) = timed(lambda: naive_search(db, queries, k))
-    numpy_s, (np_scores, np_ids) = timed(lambda: retrieval.brute_force_search(db, queries, k))
-    build_s, index = timed(lambda: retrieval.build_index(db, "flat"))
-    search_s, (faiss_scores, faiss_ids) = timed(lambda: retrieval.search(index, queries, k))
+    loop, (loop_scores, loop_ids) = timed(lambda: naive_search(db, queries, k), args)
+    numpy_t, (np_scores, np_ids) = timed(lambda: retrieval.brute_force_search(db, queries, k), args)
+    build, index = timed(lambda: retrieval.build_index(db, "flat"), args)
+    search, (faiss_scores, faiss_ids) = timed(lambda: retrieval.search(index, queries, k), args)
+    loop_s, numpy_s, build_s, search_s = (t["min_s"] for t in (loop, numpy_t, build, search))
     vs_loop = topk_agreement(loop_scores, loop_ids, faiss_scores, faiss_ids)
     vs_numpy = topk_agreement(np_scores, np_ids, faiss_scores, faiss_ids)
     out = {"source": source, "n_db": len(db), "n_queries": len(queries), "dim": int(db.shape[1]), "k": k,
            "python_loop_s": loop_s, "numpy_s": numpy_s, "faiss_build_s": build_s, "faiss_search_s": search_s,
+           "median_s": {"python_loop": loop["median_s"], "numpy": numpy_t["median_s"],
+                        "faiss_build": build["median_s"], "faiss_search": search["median_s"]},
            "ratio_faiss_vs_python_loop": ratio(loop_s, search_s),
            "ratio_faiss_vs_python_loop_incl_build": ratio(loop_s, build_s + search_s),
            "ratio_faiss_vs_numpy": ratio(numpy_s, search_s),
@@ -626,45 +771,94 @@ def bench_equal_results(args: argparse.Namespace) -> dict:
     return out
 
 
-def bench_index_scale(args: argparse.Namespace) -> list[dict]:
-    """Build and search time of each index for each database size; recall@k of approximate indexes vs flat."""
+def replicate_with_noise(base: np.ndarray, n: int, noise: float, seed: int, chunk: int = 100_000) -> np.ndarray:
+    """`n` unit rows: row i is base[i % len(base)] plus Gaussian noise of expected L2 norm `noise`, renormalised.
+
+    Copies of real embeddings keep their cluster structure (unlike uniform random vectors), so an approximate
+    index is measured on the kind of data it serves. Built in chunks: the noise never takes a second (n, d) array.
+
+    Args:
+        base: (m, d) unit float32 rows.
+        n: rows wanted.
+        noise: expected norm of each row's noise (0: exact copies).
+        seed: noise seed.
+        chunk: rows drawn at a time.
+
+    Returns:
+        (n, d) float32, L2-normalised.
+    """
+    d = base.shape[1]
+    out = np.empty((n, d), np.float32)
+    rng = np.random.default_rng(seed)
+    for start in range(0, n, chunk):
+        rows = base[np.arange(start, min(n, start + chunk)) % len(base)].astype(np.float32)
+        rows += rng.standard_normal(rows.shape, dtype=np.float32) * np.float32(noise / math.sqrt(d))
+        out[start:start + len(rows)] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    return out
+
+
+def bench_index_scale(args: argparse.Namespace, db: np.ndarray, queries: np.ndarray) -> list[dict]:
+    """Build and search time of each index at each database size, and the approximate indexes' recall@k vs flat.
+
+    The database is `db` replicated with noise to each of --sizes; the queries are --queries rows of `queries`
+    (held-out captions), drawn with --seed. Builds are repeated until --min-seconds without a warm-up call (a build
+    is a one-off cost, the slowest take tens of seconds); searches get a warm-up call and --repeats.
+
+    Args:
+        args: parsed arguments.
+        db: (m, d) unit image embeddings.
+        queries: (q, d) unit caption embeddings.
+
+    Returns:
+        One row per (size, index): "build_s"/"search_s" (min), their medians, queries/s and recall@k vs flat.
+    """
     import retrieval
 
     rows = []
-    queries = random_unit_vectors(args.queries, args.dim, args.seed + 7)
+    pick = np.random.default_rng(args.seed).choice(len(queries), min(args.queries, len(queries)), replace=False)
+    queries = queries[np.sort(pick)]
     k = args.k
     for n in args.sizes:
-        db = random_unit_vectors(n, args.dim, args.seed + n)
+        data = replicate_with_noise(db, n, args.noise, args.seed + n)
         nlist = args.nlist or max(1, round(math.sqrt(n)))
-        flat_ids = None
+        flat_scores = None
         for kind in args.indexes:
-            row = {"n": n, "index": kind, "dim": args.dim, "n_queries": len(queries), "k": k}
+            row = {"n": n, "index": kind, "dim": int(db.shape[1]), "n_queries": len(queries), "k": k}
             if kind == "hnsw" and n > args.hnsw_max_n:
                 row["skipped"] = f"n > --hnsw-max-n {args.hnsw_max_n} (build time grows to minutes on CPU)"
                 rows.append(row)
                 print(f"  n={n:>9,} {kind:<5} skipped ({row['skipped']})")
                 continue
             kw = {"nlist": nlist, "nprobe": args.nprobe, "seed": args.seed} if kind == "ivf" else {}
-            build_s, index = timed(lambda: retrieval.build_index(db, kind, **kw))
-            search_s, (_, ids) = timed(lambda: retrieval.search(index, queries, k))
+            build, index = timed(lambda: retrieval.build_index(data, kind, **kw), args, warmup=0, repeats=1)
+            search, (scores, _) = timed(lambda: retrieval.search(index, queries, k), args)
             if kind == "flat":
-                flat_ids = ids
-            row.update({"build_s": build_s, "search_s": search_s, "queries_per_s": len(queries) / search_s,
-                        f"recall@{k}": recall_at_k(ids, flat_ids) if flat_ids is not None else None})
+                flat_scores = scores
+            row.update({"build_s": build["min_s"], "build_median_s": build["median_s"], "build_runs": build["runs"],
+                        "search_s": search["min_s"], "search_median_s": search["median_s"],
+                        "search_runs": search["runs"], "queries_per_s": len(queries) / search["min_s"],
+                        f"recall@{k}": recall_at_k(scores, flat_scores) if flat_scores is not None else None})
             if kind == "ivf":
                 row.update({"nlist": int(index.nlist), "nprobe": int(index.nprobe)})
             rows.append(row)
-            print(f"  n={n:>9,} {kind:<5} build {build_s:7.2f} s  search {search_s:7.3f} s "
+            print(f"  n={n:>9,} {kind:<5} build {build['min_s']:7.2f} s  search {search['min_s']:7.3f} s "
                   f"({row['queries_per_s']:,.0f} q/s)  recall@{k} vs flat {fmt(row[f'recall@{k}'])}")
             del index
-        del db
+        del data
     return rows
 
 
-def recall_at_k(ids: np.ndarray, exact_ids: np.ndarray) -> float:
-    """Mean share of the exact top-k that an approximate search also returns."""
-    k = exact_ids.shape[1]
-    return float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ids, exact_ids)]))
+def recall_at_k(scores: np.ndarray, exact_scores: np.ndarray, tol: float = TIE_TOLERANCE) -> float:
+    """Mean share of the k results that belong to the exact top-k: a result counts when its score reaches the exact
+    k-th score (within `tol`), so among tied rows (exact copies) any of them is right.
+
+    Args:
+        scores: (q, k) inner products an index returned (missing results: -inf or FAISS's -3.4e38).
+        exact_scores: (q, k) the exact search's scores, best first.
+        tol: scores this close are ties.
+    """
+    kth = exact_scores[:, -1:].astype(np.float64)
+    return float(np.mean(scores.astype(np.float64) >= kth - tol))
 
 
 # --------------------------------------------------------------------------- 4. report
@@ -705,15 +899,16 @@ def results_markdown(m: dict) -> str:
         lines += [f"## Generation on CPU ({g['model']}, {g['n_images']} images per configuration)", "",
                   f"Plain: `{g['plain_call']}`.", ""]
         base = g["configs"][0]["seconds"]
-        lines += md_table(["configuration", "steps", "guidance", "batch", "seconds", "images/s", "x vs plain",
-                           "oracle all", "colour", "shape", "all scores within 1 point of plain"],
-                          [[r["config"], r["steps"], r["guidance"], r["batch_size"], fmt(r["seconds"], ".2f"),
+        lines += md_table(["configuration", "steps", "guidance", "batch", "seconds (min / median)", "images/s",
+                           "x vs plain", "oracle all", "colour", "shape", "all scores within 1 point of plain"],
+                          [[r["config"], r["steps"], r["guidance"], r["batch_size"],
+                            f"{fmt(r['seconds'], '.2f')} / {fmt(r['median_s'], '.2f')}",
                             fmt(r["images_per_s"], ".2f"), fmt(ratio(base, r["seconds"]), ".2f"),
                             *(fmt(r["fidelity"][k]) for k in ("all", "color", "shape")),
                             _yes_no(r.get("fidelity_within_1pt_of_plain"))] for r in g["configs"]])
         lines += ["", "Ablation (each optimisation on top of the best so far; kept when >= "
-                      f"{KEEP_MIN_GAIN:.2f}x; fastest of {g['repeats']} timed run(s) per configuration, so under "
-                      "contention a single ratio near 1 is within noise):", ""]
+                      f"{KEEP_MIN_GAIN:.2f}x; fastest of at least {g['repeats']} timed runs per configuration, so "
+                      "under contention a single ratio near 1 is within noise):", ""]
         for a in g["ablation"]:
             detail = a.get("skipped") or f"x{fmt(a['own_ratio'], '.3f')} ({'kept' if a['kept'] else 'dropped'})"
             lines.append(f"- {a['optimisation']}: {a['what']}: {detail}")
@@ -746,6 +941,8 @@ def results_markdown(m: dict) -> str:
         else:
             lines.append("No configuration has every oracle score within 1 point of the plain path's.")
         lines += ["", "Images: [generation_grid.png](generation_grid.png) (top plain, bottom ours; same seeds).", ""]
+    if m.get("limit"):
+        lines += limit_markdown(m["limit"])
     s = m.get("sd21")
     if s:
         lines += ["## SD 2.1 architecture, random weights", ""]
@@ -754,9 +951,11 @@ def results_markdown(m: dict) -> str:
         else:
             lines += [f"Scale {s['scale']}, {s['size']} px, {s['steps']} steps, {s['n_images']} images per configuration "
                       f"on {s['gpu'] or s['device']}.", "",
-                      "| configuration | seconds | images/s | x vs fp32 | step x | peak MiB |", "|---|---|---|---|---|---|"]
+                      "| configuration | seconds (min / median) | images/s | x vs fp32 | step x | peak MiB |",
+                      "|---|---|---|---|---|---|"]
             for r in s["configs"]:
-                lines.append(f"| {r['config']} | {fmt(r['seconds'], '.2f')} | {fmt(r['images_per_s'], '.2f')} | "
+                lines.append(f"| {r['config']} | {fmt(r['seconds'], '.2f')} / {fmt(r['median_s'], '.2f')} | "
+                             f"{fmt(r['images_per_s'], '.2f')} | "
                              f"{fmt(r['ratio_vs_baseline'], '.2f')} | {fmt(r['ratio_vs_previous'], '.2f')} | "
                              f"{fmt(r['peak_memory_mb'], '.0f')} |")
             lines += ["", f"Anchor: {s['anchor']}; measured x{fmt(s['ratio_optimised_vs_fp32'], '.2f')} "
@@ -764,28 +963,65 @@ def results_markdown(m: dict) -> str:
     r = m.get("retrieval")
     if r:
         e = r["equal_results"]
+        med = e["median_s"]
         lines += ["## Retrieval", "", f"Same embeddings: {e['source']}; {e['n_queries']} queries x {e['n_db']} rows, "
-                  f"top-{e['k']}.", "", "| method | seconds | FAISS flat is x faster | same top-k as FAISS |",
+                  f"top-{e['k']}.", "", "| method | seconds (min / median) | FAISS flat is x faster | same top-k as FAISS |",
                   "|---|---|---|---|",
-                  f"| Python loop (np.dot per row) | {fmt(e['python_loop_s'], '.4f')} | {fmt(e['ratio_faiss_vs_python_loop'], '.1f')} | "
-                  f"{e['same_topk_as_python_loop']['identical']} |",
-                  f"| numpy vectorised (retrieval.brute_force_search) | {fmt(e['numpy_s'], '.4f')} | "
-                  f"{fmt(e['ratio_faiss_vs_numpy'], '.1f')} | {e['same_topk_as_numpy']['identical']} |",
-                  f"| FAISS IndexFlatIP search (+ build) | {fmt(e['faiss_search_s'], '.4f')} (+{fmt(e['faiss_build_s'], '.4f')}) | 1 | - |",
+                  f"| Python loop (np.dot per row) | {fmt(e['python_loop_s'], '.4f')} / {fmt(med['python_loop'], '.4f')} | "
+                  f"{fmt(e['ratio_faiss_vs_python_loop'], '.1f')} | {e['same_topk_as_python_loop']['identical']} |",
+                  f"| numpy vectorised (retrieval.brute_force_search) | {fmt(e['numpy_s'], '.4f')} / "
+                  f"{fmt(med['numpy'], '.4f')} | {fmt(e['ratio_faiss_vs_numpy'], '.1f')} | {e['same_topk_as_numpy']['identical']} |",
+                  f"| FAISS IndexFlatIP search (+ build) | {fmt(e['faiss_search_s'], '.4f')} / {fmt(med['faiss_search'], '.4f')} "
+                  f"(+{fmt(e['faiss_build_s'], '.4f')}) | 1 | - |",
                   "", f"Rows whose ids differ only by tied scores: {e['same_topk_as_python_loop']['rows_differing_only_by_ties']} "
                   f"(loop), {e['same_topk_as_numpy']['rows_differing_only_by_ties']} (numpy).", "",
-                  "Index build and search, random unit vectors (no cluster structure: the hardest case for "
-                  "approximate indexes):", "", "| n | index | build s | search s | queries/s | recall@k vs flat |",
-                  "|---|---|---|---|---|---|"]
-        for row in r["scale"]:
-            if "skipped" in row:
-                lines.append(f"| {row['n']:,} | {row['index']} | skipped: {row['skipped']} | | | |")
-            else:
-                rk = row.get(f"recall@{row['k']}")
-                lines.append(f"| {row['n']:,} | {row['index']} | {fmt(row['build_s'], '.2f')} | {fmt(row['search_s'], '.3f')} | "
-                             f"{row['queries_per_s']:,.0f} | {fmt(rk) if row['index'] != 'flat' else 'exact'} |")
-        lines.append("")
+                  *scale_markdown(r["scale"], r["scale_data"])]
     return "\n".join(lines) + "\n"
+
+
+def limit_markdown(lim: dict) -> list[str]:
+    """The limit section of results.md: the measured peak, then each configuration's share of it."""
+    peak = lim["peak"]
+    lines = ["## The limit: achieved FLOP/s vs this machine's peak", "",
+             f"Peak fp32 FLOP/s, measured in this run with {peak['torch_threads']} torch thread(s) (FLOPs per call "
+             "by torch.utils.flop_counter; GFLOP/s from the fastest and the median call):", "",
+             *md_table(["kernel", "shape", "GFLOP per call", "seconds (min / median)", "GFLOP/s (min time)",
+                        "GFLOP/s (median time)"],
+                       [[name, k["shape"], fmt(k["flops"] / 1e9, ".2f"),
+                         f"{fmt(k['min_s'], '.4f')} / {fmt(k['median_s'], '.4f')}", fmt(k["flops_per_s"] / 1e9, ".1f"),
+                         fmt(k["flops_per_s_median"] / 1e9, ".1f")] for name, k in
+                        ((n, peak[n]) for n in ("matmul", "conv2d"))]), "",
+             f"The UNet does {fmt(lim['unet_flops_per_eval'] / 1e9, '.4f')} GFLOP per evaluation of one latent "
+             "(matmuls, convolutions and attention; elementwise ops, the text encoder and the VAE are not counted, "
+             "so the achieved rates are lower bounds). Evaluations per image are counted during a one-image call "
+             "(steps x 2 under classifier-free guidance).", "",
+             *md_table(["configuration", "UNet evaluations per image", "GFLOP per image", "images/s",
+                        "achieved GFLOP/s", "share of peak"],
+                       [[r["config"], r["unet_evals_per_image"], fmt(r["flops_per_image"] / 1e9, ".3f"),
+                         fmt(r["images_per_s"], ".2f"), fmt(r["achieved_flops_per_s"] / 1e9, ".2f"),
+                         f"{r['fraction_of_peak']:.1%}"] for r in lim["configs"]]), "",
+             f"Plain diffusers runs at {lim['plain']:.1%} of this machine's peak, ours (`{lim['best_config']}`) at "
+             f"{lim['ours']:.1%}.", ""]
+    return lines
+
+
+def scale_markdown(rows: list[dict], data: dict) -> list[str]:
+    """The index-scale table of results.md: build and search (min / median) and recall@k vs flat per index."""
+    lines = [f"Index build and search at scale: {data['source']}, {data['n_base']:,} image embeddings replicated "
+             f"with Gaussian noise of norm {data['noise']} to each size, searched with held-out caption "
+             "embeddings. Builds repeat until --min-seconds without a warm-up (the slowest take tens of seconds); "
+             "searches get a warm-up call.", "",
+             "| n | index | build s (min / median) | search s (min / median) | queries/s | recall@k vs flat |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        if "skipped" in row:
+            lines.append(f"| {row['n']:,} | {row['index']} | skipped: {row['skipped']} | | | |")
+            continue
+        rk = row.get(f"recall@{row['k']}")
+        lines.append(f"| {row['n']:,} | {row['index']} | {fmt(row['build_s'], '.2f')} / {fmt(row['build_median_s'], '.2f')}"
+                     f" | {fmt(row['search_s'], '.3f')} / {fmt(row['search_median_s'], '.3f')} | "
+                     f"{row['queries_per_s']:,.0f} | {fmt(rk) if row['index'] != 'flat' else 'exact'} |")
+    return lines + [""]
 
 
 # --------------------------------------------------------------------------- main
@@ -800,22 +1036,27 @@ def main(argv: Sequence[str] | None = None) -> dict:
     run = start_run("bench", args, config=dict(vars(args), hardware=hardware))
     metrics: dict = {"run_name": args.run_name, "quick": args.quick, "parts": args.only, "hardware": hardware}
 
-    # 2. generation on CPU: plain diffusers vs our path, at equal fidelity
+    # 2. generation on CPU: plain diffusers vs our path, at equal fidelity; then how close each runs to the peak
     if "generation" in args.only:
         with run.step("generation"):
             metrics["generation"] = bench_generation(args, run.dir)
+        with run.step("limit"):
+            metrics["limit"] = bench_limit(args, metrics["generation"])
 
     # 3. the SD 2.1 architecture (GPU; tiny scale on CPU)
     if "sd21" in args.only:
         with run.step("sd21"):
             metrics["sd21"] = bench_sd21(args)
 
-    # 4. retrieval: same results as the loop, then index scaling
+    # 4. retrieval: same results as the loop, then index scaling on those embeddings replicated with noise
     if "retrieval" in args.only:
         with run.step("retrieval"):
-            equal = bench_equal_results(args)
-            print(f"index build + search, random {args.dim}-d vectors, {args.queries} queries:")
-            metrics["retrieval"] = {"equal_results": equal, "scale": bench_index_scale(args)}
+            db, queries, source = load_embeddings(args)
+            equal = bench_equal_results(args, db, queries, source)
+            print(f"index build + search, {len(db):,} image embeddings replicated with noise {args.noise}, "
+                  f"held-out caption queries:")
+            metrics["retrieval"] = {"equal_results": equal, "scale": bench_index_scale(args, db, queries),
+                                    "scale_data": {"source": source, "n_base": len(db), "noise": args.noise}}
 
     # 5. ratios, results.md and metrics.json (latest moves last)
     metrics["ratios"] = headline_ratios(metrics)

@@ -1,4 +1,5 @@
-"""bench.py: a --quick run's metrics (ratios from measured times, FAISS equal to the loop), top-k ties, bad inputs."""
+"""bench.py: a --quick run's metrics (ratios from measured times, FAISS equal to the loop, the share of peak
+FLOP/s), FLOPs counted by hand, recall on replicated embeddings, top-k ties, bad inputs."""
 
 import json
 import math
@@ -10,7 +11,6 @@ import pytest
 
 import bench
 import retrieval
-import utils
 from tiny_models import tiny_sd_pipeline
 from utils import UserError, l2_normalize
 
@@ -25,8 +25,10 @@ GENERATION_SECONDS = {
     "+ fused_qkv": 0.8,  # x1.25 over 1.0: kept, the best
     "batched + kept optimisations, plain settings": 3.2,
 }
+PEAK_SECONDS = [0.5, 0.25]  # one (2048, 2048) @ (2048, 2048) matmul, one conv2d (PEAK_CONV)
 SD21_SECONDS = [4.0, 4.0, 2.0, 1.0, 0.5]  # fp32, + float32 (a no-op on CPU), + SDPA, + batching, + channels_last
 RETRIEVAL_SECONDS = [2.0, 0.1, 0.05, 0.02]  # Python loop, numpy, FAISS build, FAISS search (index scaling: real)
+MEDIAN_FACTOR = 1.5  # the scripted median of every measurement is 1.5 x its min
 # Oracle verdicts per image (2 prompts): at the plain path's sampling settings both images are right; at the
 # registry's settings the second is wrong in every attribute.
 RIGHT = dict.fromkeys(("shape", "color", "size", "position", "count", "all"), True)
@@ -49,23 +51,17 @@ LOAD_AVG = (0.75, 0.5, 0.25)  # the 1-min load average the run sees: >= 0.5, so 
 
 
 def scripted_clock(mp: pytest.MonkeyPatch) -> list[np.ndarray]:
-    """Patch bench's timers and oracle scoring with the scripts above; returns the images each configuration made."""
-    generation, sd21, search = (iter(GENERATION_SECONDS.values()), iter(SD21_SECONDS), iter(RETRIEVAL_SECONDS))
+    """Patch bench's timer and oracle scoring with the scripts above; returns the images each configuration made."""
+    script = iter([*GENERATION_SECONDS.values(), *PEAK_SECONDS, *SD21_SECONDS, *RETRIEVAL_SECONDS])
     scores = iter([RIGHT, RIGHT] if name in PLAIN_SETTINGS else [RIGHT, WRONG] for name in GENERATION_SECONDS)
     images = []
+    measured = bench.timed
 
-    def timed_best(fn, repeats):
-        return next(generation), fn()
-
-    def time_call(fn, warmup=1, repeats=3, min_seconds=0.0):
-        return {"min_s": next(sd21), "median_s": 0.0, "times_s": [], "warmup_s": [1.0] * warmup}, fn()
-
-    def timed(fn):
-        seconds = next(search, None)
+    def timed(fn, args, warmup=1, repeats=None):
+        seconds = next(script, None)
         if seconds is None:  # index scaling keeps its measured times
-            timing, result = utils.time_call(fn, warmup=0, repeats=1)
-            return timing["min_s"], result
-        return seconds, fn()
+            return measured(fn, args, warmup, repeats)
+        return {"min_s": seconds, "median_s": MEDIAN_FACTOR * seconds, "runs": 3, "warmup_s": 1.0 * warmup}, fn()
 
     def fidelity_of(oracle, imgs, prompts):
         images.append(imgs)
@@ -73,8 +69,7 @@ def scripted_clock(mp: pytest.MonkeyPatch) -> list[np.ndarray]:
         summary = {k: float(np.mean([s[k] for s in per_image])) for k in RIGHT}
         return dict(summary, n=len(per_image)), per_image
 
-    for name, stub in (("timed_best", timed_best), ("time_call", time_call), ("timed", timed),
-                       ("fidelity_of", fidelity_of)):
+    for name, stub in (("timed", timed), ("fidelity_of", fidelity_of)):
         mp.setattr(bench, name, stub)
     mp.setattr(bench.os, "getloadavg", lambda: LOAD_AVG)
     return images
@@ -129,6 +124,7 @@ def test_generation_ratios_come_from_the_measured_times(quick_run):
     assert plain["batch_size"] == 1 and plain["output"] == "PIL" and plain["steps"] == 50 and plain["guidance"] == 7.5
     assert batched["steps"] == 50 and ours["steps"] == 25 and ours["batch_size"] == 2  # folder model: no registry entry
     assert [r["seconds"] for r in g["configs"]] == list(GENERATION_SECONDS.values())
+    assert [r["median_s"] for r in g["configs"]] == [MEDIAN_FACTOR * t for t in GENERATION_SECONDS.values()]
     assert all(r["images"] == 2 for r in g["configs"])
     assert g["ratio_ours_vs_plain"] == pytest.approx(10.0) and g["ratio_batching_only"] == pytest.approx(2.0)
     assert g["ratio_sampler_only"] == pytest.approx(2.0) and g["ratio_optimisations_only"] == pytest.approx(2.5)
@@ -201,14 +197,96 @@ def test_retrieval_faiss_equals_the_loop_and_ratios(quick_run):
     assert e["ratio_faiss_vs_python_loop"] == pytest.approx(100.0) and e["ratio_faiss_vs_numpy"] == pytest.approx(5.0)
     assert e["ratio_faiss_vs_python_loop_incl_build"] == pytest.approx(2 / 0.07)
     scale = metrics["retrieval"]["scale"]
-    assert [(r["n"], r["index"]) for r in scale] == [(n, k) for n in (10000, 50000) for k in bench.INDEX_KINDS]
+    assert [(r["n"], r["index"]) for r in scale] == [(n, k) for n in (10000, 100000) for k in bench.INDEX_KINDS]
     for r in scale:
         if r["index"] == "hnsw" and r["n"] > 10000:
             assert "skipped" in r
             continue
         assert _positive(r["build_s"]) and _positive(r["search_s"]) and 0 <= r["recall@10"] <= 1
+        assert r["build_s"] <= r["build_median_s"] and r["search_s"] <= r["search_median_s"]
+        assert r["search_runs"] >= 3 and r["n_queries"] == 200 and r["dim"] == 256
         if r["index"] == "flat":
             assert r["recall@10"] == 1.0
+    assert metrics["retrieval"]["scale_data"] == {"source": e["source"], "n_base": 1000, "noise": 0.1}
+
+
+# --------------------------------------------------------------------------- the limit: FLOPs and the peak
+def test_the_limit_is_achieved_flops_over_the_measured_peak(quick_run):
+    run, metrics, _ = quick_run
+    lim = metrics["limit"]
+    peak = lim["peak"]
+    # FLOPs of the peak kernels by hand: 2 n^3 for the matmul, 2 x batch x out x H x W x in x 3 x 3 for the conv
+    n, (batch, ch, hw) = bench.PEAK_MATMUL_N, bench.PEAK_CONV
+    assert peak["matmul"]["flops"] == 2 * n ** 3 and peak["conv2d"]["flops"] == 2 * batch * ch * hw * hw * ch * 9
+    assert peak["matmul"]["flops_per_s"] == pytest.approx(2 * n ** 3 / 0.5)
+    assert peak["matmul"]["flops_per_s_median"] == pytest.approx(2 * n ** 3 / 0.75)
+    assert peak["peak_flops_per_s"] == max(peak["matmul"]["flops_per_s"], peak["conv2d"]["flops_per_s"])
+    # The tiny pipeline: plain = 50 steps at guidance 7.5 (CFG: 2 latents a step), ours 25 steps at guidance 5.
+    evals = [r["unet_evals_per_image"] for r in lim["configs"]]
+    assert evals == [100 if name in PLAIN_SETTINGS else 50 for name in GENERATION_SECONDS]
+    assert lim["unet_flops_per_eval"] > 0
+    # ours / plain = (50 evals x 2 images / 0.8 s) / (100 evals x 2 images / 8 s) = 5, whatever one evaluation costs
+    assert lim["ours"] / lim["plain"] == pytest.approx(5.0)
+    assert lim["best_config"] == "+ fused_qkv"
+    results = (run / "results.md").read_text()
+    assert f"Plain diffusers runs at {lim['plain']:.1%} of this machine's peak" in results
+    assert f"ours (`+ fused_qkv`) at {lim['ours']:.1%}" in results
+
+
+def test_count_flops_matches_hand_counts():
+    import torch
+
+    torch.manual_seed(0)
+    linear, conv = torch.nn.Linear(3, 5), torch.nn.Conv2d(3, 8, 3, padding=1)
+    assert bench.count_flops(lambda: linear(torch.randn(7, 3))) == 2 * 7 * 3 * 5  # a multiply-add is 2 FLOPs
+    assert bench.count_flops(lambda: conv(torch.randn(2, 3, 10, 10))) == 2 * 2 * 8 * 10 * 10 * 3 * 3 * 3
+    # attention on CPU: q @ k^T and softmax @ v, each 2 x batch x heads x L x S x d
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8)
+    sdpa = bench.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    assert sdpa == 2 * (2 * 2 * 4 * 6 * 9 * 8)
+
+
+def test_unet_evaluations_are_counted_per_image(tmp_path):
+    pipe = tiny_sd_pipeline(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+
+    def evals(guidance):
+        return bench.unet_evals_per_image(pipe.unet, lambda: pipe("a", num_inference_steps=3, guidance_scale=guidance,
+                                                                  output_type="np"))
+
+    assert evals(7.5) == 6 and evals(1.0) == 3  # classifier-free guidance doubles the latents; guidance 1 does not
+    assert bench.unet_eval_flops(pipe, 64) > 0
+
+
+# --------------------------------------------------------------------------- index scale on replicated embeddings
+def _unit(rng, n, d):
+    return l2_normalize(rng.standard_normal((n, d))).astype(np.float32)
+
+
+def test_replicas_are_unit_rows_near_their_source():
+    base = _unit(np.random.default_rng(0), 50, 32)
+    copies = bench.replicate_with_noise(base, 420, 0.0, seed=1, chunk=100)
+    np.testing.assert_allclose(copies, base[np.arange(420) % 50], atol=1e-6)  # noise 0: exact copies, in order
+    noisy = bench.replicate_with_noise(base, 420, 0.1, seed=1, chunk=100)
+    np.testing.assert_allclose(np.linalg.norm(noisy, axis=1), 1.0, atol=1e-5)
+    cos = np.sum(noisy * base[np.arange(420) % 50], axis=1)
+    assert np.all(cos > 0.97) and np.all(cos < 1.0)  # noise of norm 0.1: cos ~ 1 / sqrt(1.01) ~ 0.995
+    np.testing.assert_array_equal(np.argmax(noisy @ base.T, axis=1), np.arange(420) % 50)  # nearest: its source
+
+
+def test_recall_is_one_for_exact_search_and_counts_misses():
+    import retrieval
+
+    rng = np.random.default_rng(0)
+    data = bench.replicate_with_noise(_unit(rng, 200, 16), 8000, 0.0, seed=0)  # 40 exact copies of each row: ties
+    queries = _unit(rng, 30, 16)
+    exact, _ = retrieval.search(retrieval.build_index(data, "flat"), queries, 10)
+    assert bench.recall_at_k(exact, exact) == 1.0
+    ivf = retrieval.build_index(data, "ivf", nlist=16, nprobe=16)  # every list searched: exact, up to tie order
+    assert ivf.nprobe == ivf.nlist
+    assert bench.recall_at_k(retrieval.search(ivf, queries, 10)[0], exact) == 1.0
+    # by hand: one of two results below the exact 2nd score, one missing result (FAISS's -3.4e38)
+    assert bench.recall_at_k(np.array([[0.9, 0.5], [0.7, -3.4e38]]), np.array([[0.9, 0.8], [0.7, 0.6]])) == 0.5
 
 
 # --------------------------------------------------------------------------- exact search and ties
@@ -255,6 +333,8 @@ def test_topk_agreement_allows_ties_only():
     (["--sd21-scale", "huge"], "unknown --sd21-scale 'huge'; choose full or tiny"),
     (["--n-images", "0"], "--n-images must be >= 1, got 0"),
     (["--threads", "-1"], "--threads must be >= 0, got -1"),
+    (["--min-seconds", "-1"], "--min-seconds must be >= 0, got -1.0"),
+    (["--noise", "-0.5"], "--noise must be >= 0, got -0.5"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
 ])
 def test_bad_inputs(argv, message):

@@ -105,6 +105,24 @@ def test_task_e_without_editing_is_reported_not_a_crash(tmp_path):
     assert "- added cost 0.25 s per query at k = 2; editing not run (--n-edits 0)" in text
 
 
+def test_bench_speed_section_reads_the_limit_and_the_index_scale(tmp_path):
+    outputs = tmp_path / "outputs"
+    hw = {"cpu": "cpu x", "cores_usable": 2, "gpu": None, "contended": False}
+    scale = [{"n": 100000, "index": "flat", "k": 10, "build_s": 0.031, "search_s": 0.4481, "recall@10": 1.0},
+             {"n": 100000, "index": "ivf", "k": 10, "build_s": 3.084, "search_s": 0.0321, "recall@10": 0.9861},
+             {"n": 100000, "index": "hnsw", "k": 10, "skipped": "n > --hnsw-max-n"}]
+    _run(outputs, "bench", {"hardware": hw, "ratios": {"generation_ours_vs_plain": 3.44},
+                            "limit": {"plain": 0.0171, "ours": 0.0884, "best_config": "+ inference_mode",
+                                      "peak": {"peak_flops_per_s": 86.1e9}},
+                            "retrieval": {"scale": scale, "scale_data": {"n_base": 1000, "noise": 0.1, "source": "s"}}})
+    text = report.main(["--outputs", str(outputs)]).read_text()
+    assert "GPU none. Ratios measured side by side (fastest of the repeats): generation_ours_vs_plain ×3.44." in text
+    assert "reach 1.7% of this machine's measured fp32 peak (86.1 GFLOP/s) on the plain diffusers path and 8.8% on " \
+           "ours (`+ inference_mode`)" in text
+    assert "| 100,000 | ivf | 3.08 | 0.032 | 0.986 |" in text and "| 100,000 | flat | 0.03 | 0.448 | exact |" in text
+    assert "hnsw" not in text.split("## Benchmarks")[1]  # a skipped index has no numbers to show
+
+
 BLOCKS = ("study-numbers", "retrieval-numbers", "oracle-numbers", "model-numbers")
 
 
