@@ -29,7 +29,7 @@ import numpy as np
 
 import fidelity
 import generate_data as gd
-from oracle import (ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64)
+from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
 from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, bootstrap_ci, check, cli, comma_list, common_args, fmt, fmt_ci,
                    generate_images, image_grid, load_data, load_image_encoder, load_pipeline, md_table, parse_checked,
                    peak_memory_mb, reset_peak_memory, resolve_model, start_run, time_call, write_text)

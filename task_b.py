@@ -57,7 +57,7 @@ import numpy as np
 
 import fidelity
 import generate_data as gd
-from oracle import (ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64)
+from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
 from utils import (DEFAULT_IMAGE_ENCODER, ImageStore, UserError, bootstrap_ci, check, cli, comma_list, common_args, fmt,
                    fmt_ci, fmt_delta, generate_images, image_grid, load_image_encoder, load_pipeline, make_scheduler,
                    md_table, model_fingerprint, parse_checked, pyplot, read_json, resolve_model, start_run, time_call,

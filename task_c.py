@@ -26,7 +26,7 @@ import argparse
 import csv
 import warnings
 from pathlib import Path
-from typing import (Sequence)
+from typing import Sequence
 
 import numpy as np
 

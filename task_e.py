@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 import generate_data as gd
 import retrieval
-from oracle import (DEFAULT_ORACLE, Oracle)
+from oracle import DEFAULT_ORACLE, Oracle
 from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, bootstrap_ci, category_names, check, ci_verdict, cli, comma_list,
                    common_args, encode_images, fmt, fmt_delta, fmt_est, image_grid, l2_normalize, load_data,
                    load_image_encoder, load_pipeline, md_table, parse_checked, pick_device, pyplot, read_json,

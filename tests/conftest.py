@@ -28,6 +28,17 @@ def tiny_data(tmp_path_factory):
     return out / "data.pkl"
 
 
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A random-weight StableDiffusionPipeline (tests/tiny_models.py) saved as a folder, loaded like any model.
+    Shared by the session: a test that changes it must copy it first."""
+    from tiny_models import tiny_sd_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny-sd") / "pipe"
+    tiny_sd_pipeline(folder.parent).save_pretrained(folder)
+    return folder
+
+
 # --------------------------------------------------------------------------- COCO-layout folders
 def write_png(path, color, size=(8, 6)):
     """A one-colour RGB PNG of `size` (width, height), parent folders made."""

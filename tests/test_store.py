@@ -13,15 +13,7 @@ import pytest
 import torch
 
 import utils
-from tiny_models import tiny_sd_pipeline
 from utils import ImageStore, UserError
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sd") / "pipe"
-    tiny_sd_pipeline(folder.parent).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

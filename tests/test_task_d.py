@@ -15,19 +15,10 @@ import retrieval
 import task_c
 import task_d
 from oracle import Oracle, to_uint8_64
-from tiny_models import tiny_sd_pipeline
 import utils
 from utils import UserError, load_data
 
 N_PER_TARGET = 4
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe(tmp_path_factory):
-    """A random-weight StableDiffusionPipeline saved as a folder: a model task_d loads like any other."""
-    tmp = tmp_path_factory.mktemp("tiny_sd")
-    tiny_sd_pipeline(tmp).save_pretrained(tmp / "pipe")
-    return tmp / "pipe"
 
 
 def write_targets(path, data_path, names=("hexagon", "circle"), baseline_run="no-such-run"):
@@ -38,9 +29,9 @@ def write_targets(path, data_path, names=("hexagon", "circle"), baseline_run="no
     return path
 
 
-def base_flags(tmp_path, tiny_data, tiny_pipe, targets=None):
+def base_flags(tmp_path, tiny_data, tiny_model, targets=None):
     targets = targets or write_targets(tmp_path / "targets.json", tiny_data)
-    return ["--targets", str(targets), "--model", str(tiny_pipe), "--quick", "--outputs", str(tmp_path / "out"),
+    return ["--targets", str(targets), "--model", str(tiny_model), "--quick", "--outputs", str(tmp_path / "out"),
             "--run-name", "q", "--n-per-target", str(N_PER_TARGET)]
 
 
@@ -74,9 +65,9 @@ def test_prompts_name_the_target_every_attribute_and_the_oracle_reads_renders_of
 
 # --------------------------------------------------------------------------- the whole run
 @pytest.fixture(scope="module")
-def quick_run(tiny_data, tiny_pipe, tmp_path_factory):
+def quick_run(tiny_data, tiny_model, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("task_d")
-    metrics = task_d.main(base_flags(tmp, tiny_data, tiny_pipe))
+    metrics = task_d.main(base_flags(tmp, tiny_data, tiny_model))
     return tmp, metrics
 
 
@@ -136,7 +127,7 @@ def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
         assert f"| {name} | {row['generated']} | {row['accepted']} |" in results
 
 
-def test_arms_add_equal_numbers_of_samples_when_the_filter_accepts(quick_run, tiny_data, tiny_pipe, monkeypatch):
+def test_arms_add_equal_numbers_of_samples_when_the_filter_accepts(quick_run, tiny_data, tiny_model, monkeypatch):
     tmp, _ = quick_run
 
     def accept_even(entries, images, oracle, min_score):  # stand-in for a good model: half the images pass
@@ -160,7 +151,7 @@ def test_arms_add_equal_numbers_of_samples_when_the_filter_accepts(quick_run, ti
 
     monkeypatch.setattr(task_d, "oracle_verdicts", accept_even)
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
-    flags = base_flags(tmp, tiny_data, tiny_pipe, targets=tmp / "targets.json")
+    flags = base_flags(tmp, tiny_data, tiny_model, targets=tmp / "targets.json")
     m = task_d.main([*flags[:-4], "--run-name", "accept", "--n-per-target", str(N_PER_TARGET), "--n-seeds", "2",
                      "--ratios", "0.5", "--epochs", "1", "--wandb"])
     assert logged[0]["project"] == "task_d" and logged[0]["config"]["n_seeds"] == 2 and logged[-1] == "finished"
@@ -280,13 +271,13 @@ def test_malformed_or_empty_targets(tmp_path, text, message):
         task_d.read_targets(tmp_path / "t.json")
 
 
-def test_target_not_in_the_data(tmp_path, tiny_data, tiny_pipe):
+def test_target_not_in_the_data(tmp_path, tiny_data, tiny_model):
     path = write_targets(tmp_path / "t.json", tiny_data)
     raw = json.loads(path.read_text())
     raw["targets"][0]["category"] = "unicorn"
     path.write_text(json.dumps(raw))
     with pytest.raises(UserError, match=r"^target 'unicorn' \(id 7\) from .*t.json is not a category of .*data.pkl$"):
-        task_d.main(base_flags(tmp_path, tiny_data, tiny_pipe, targets=path))
+        task_d.main(base_flags(tmp_path, tiny_data, tiny_model, targets=path))
 
 
 def test_unloadable_model(tmp_path, tiny_data):
@@ -321,14 +312,14 @@ def test_cli_prints_one_line_error(tmp_path):
 
 
 # --------------------------------------------------------------------------- COCO-format data
-def test_coco_format_data_goes_through_the_alignment_filter(tmp_path, tiny_pipe, coco_world):
+def test_coco_format_data_goes_through_the_alignment_filter(tmp_path, tiny_model, coco_world):
     generate_data.main(["--source", "coco", "--coco-root", str(coco_world), "--out", str(tmp_path / "data"),
                         "--workers", "1"])
     out = tmp_path / "out"
     task_c.main(["--data", str(tmp_path / "data" / "data.pkl"), "--quick", "--k-targets", "2", "--outputs", str(out),
                  "--run-name", "coco", "--retrieval-run", str(out / "none")])
     targets = out / "task_c" / "coco" / "targets.json"
-    m = task_d.main(["--targets", str(targets), "--model", str(tiny_pipe), "--quick", "--outputs", str(out),
+    m = task_d.main(["--targets", str(targets), "--model", str(tiny_model), "--quick", "--outputs", str(out),
                      "--run-name", "coco", "--n-per-target", "3", "--min-alignment", "0", "--n-seeds", "2",
                      "--ratios", "", "--epochs", "1"])
     names = [t["category"] for t in json.loads(targets.read_text())["targets"]]

@@ -12,20 +12,12 @@ import pytest
 import generate_data as gd
 import retrieval
 import task_e
-from tiny_models import tiny_sd_pipeline
 from utils import UserError, ci_verdict, l2_normalize, load_data
 
 METRIC_KEYS = {"R@1", "R@5", "R@10", "mAP"}
 
 
 # --------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sd") / "pipe"
-    tiny_sd_pipeline(folder.parent).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def tiny_pipe(tiny_model):
     from utils import load_pipeline
