@@ -1564,7 +1564,11 @@ class ImageStore:
                  desc: str = "generate", **call_kw) -> dict:
         """Generate the items the store lacks, split across `accelerate` processes (one shard each), then merge.
 
-        Each manifest entry gets "wall_s" and "cpu_s" (process CPU time, all threads): its batch's seconds per image.
+        Each manifest entry gets "wall_s" and "cpu_s" (process CPU time, all threads): its batch's seconds per image,
+        and "process": the index of the process that made it. On a CPU device the processes talk over gloo, so
+        `accelerate launch --multi_gpu --num_processes N` (torchrun) splits the work on a machine without GPUs too;
+        `accelerate launch --cpu` starts one process whatever --num_processes says (its CPU launcher splits only
+        through mpirun), and a warning says so.
 
         Args:
             pipe: a diffusers pipeline, or a model name / folder that `load_pipeline` loads (with the settings'
@@ -1578,18 +1582,32 @@ class ImageStore:
             **call_kw: more pipeline arguments, the same for every image (strength, eta, ...).
 
         Returns:
-            {"reused", "generated", "processes", "is_main"}: only the main process goes on after a split.
+            {"reused", "generated", "generated_by_process", "processes", "is_main"}: "generated" counts every
+            process's images; only the main process goes on after a split.
 
         Raises:
             UserError: the disk is full.
         """
         import time
+        import warnings
 
+        import torch
         from accelerate import PartialState
+        from accelerate.utils import gather_object
         from tqdm.auto import tqdm
 
-        state = PartialState()
+        where = torch.device(device) if device is not None else getattr(pipe, "device", None) or pick_device()
+        # Without cpu=True, processes started by torchrun on a machine without GPUs each think they are alone.
+        state = PartialState(cpu=where.type == "cpu")
+        # `accelerate launch --cpu` exports both; MASTER_PORT only when --num_processes asks for more than one.
+        several_asked = os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_PORT" in os.environ
+        if several_asked and state.num_processes == 1:
+            warnings.warn("`accelerate launch --cpu` started one process: its CPU launcher splits only through mpirun "
+                          "(--mpirun_hostfile). For N CPU processes run `accelerate launch --multi_gpu "
+                          "--num_processes N` with --device cpu", stacklevel=2)
         pending = self.missing(items)
+        # Every process reads the store before any writes to it, so all split the same pending list.
+        state.wait_for_everyone()
         info = {"reused": len(items) - len(pending), "generated": 0, "processes": state.num_processes}
         with state.split_between_processes(pending) as mine:
             if mine:
@@ -1610,12 +1628,13 @@ class ImageStore:
                     seconds = {"wall_s": (time.perf_counter() - t) / len(batch),
                                "cpu_s": (time.process_time() - cpu) / len(batch)}
                     for it, image in zip(batch, images):
-                        self.save(it, image, state.process_index, **seconds)
+                        self.save(it, image, state.process_index, process=state.process_index, **seconds)
                         info["generated"] += 1
                     bar.update(len(batch))
                 bar.close()
-        state.wait_for_everyone()
-        if state.is_main_process:
+        info["generated_by_process"] = gather_object([info["generated"]])
+        info["generated"] = sum(info["generated_by_process"])
+        if state.is_main_process:  # gather_object has waited for every process's last image
             self.merge()
         state.wait_for_everyone()
         info["is_main"] = state.is_main_process

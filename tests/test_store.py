@@ -1,5 +1,6 @@
 """utils.ImageStore on a tiny random-weight pipeline: a kill, a torn manifest line or a full disk resumes with every
-image exactly once; process shards merge; images are reused only under the same prompt, seed, model and sampler;
+image exactly once; process shards merge; a `--cpu` launch that asks for two processes warns that it runs one;
+images are reused only under the same prompt, seed, model and sampler;
 the img2img variant passes its sources through."""
 
 import errno
@@ -7,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -96,6 +98,23 @@ def test_shards_of_several_processes_merge_into_one_manifest(tmp_path):
     assert sorted(store.entries()) == ["a", "b", "c"]
     store.merge()
     assert manifest_ids(store) == ["a", "b", "c"] and not list(store.folder.glob("manifest.*.jsonl"))
+
+
+def test_a_cpu_launch_asking_for_two_processes_runs_one_and_says_so(tiny, tmp_path, monkeypatch):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    # accelerate's own launcher: `--cpu --num_processes 2` runs the script once, with no mpirun in front of it.
+    launch = launch_command_parser().parse_args(["--cpu", "--num_processes", "2", "task_d.py", "--quick"])
+    cmd, env = prepare_simple_launcher_cmd_env(_validate_launch_command(launch)[0])
+    assert cmd == [sys.executable, "task_d.py", "--quick"]
+    for name in ("ACCELERATE_USE_CPU", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, env[name])
+    pipe, settings = tiny
+    with pytest.warns(UserWarning, match=r"^`accelerate launch --cpu` started one process: .* run `accelerate launch "
+                                         r"--multi_gpu --num_processes N` with --device cpu$"):
+        info = ImageStore(tmp_path, settings).generate(pipe, make_items(2), batch_size=2, progress=False)
+    assert info["processes"] == 1 and info["generated"] == 2 and info["generated_by_process"] == [2]
 
 
 def test_manifest_appends_leave_no_blank_lines_and_fence_off_a_torn_one(tmp_path):
