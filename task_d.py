@@ -30,8 +30,11 @@ trainings take most of the time (results.md has the measured table per step):
     python task_d.py --run-name default
 The renderer's upper bound alone, no generator needed:
     python task_d.py --arms baseline,oversample,rendered --run-name rendered
-Several processes / GPUs for the generation step:
-    accelerate launch --num_processes 2 task_d.py --run-name default
+Several processes for the generation step (each generates its share; the main one merges the manifest and alone
+trains, evaluates and writes the run folder). On GPUs, or on CPU processes talking over gloo (`--cpu` would start
+one process: accelerate's CPU launcher splits only through mpirun):
+    accelerate launch --multi_gpu --num_processes 2 task_d.py --run-name default
+    accelerate launch --multi_gpu --num_processes 2 task_d.py --device cpu --run-name default
 Writes outputs/task_d/<run_name>/: results.md, metrics.json, config.json, deltas.png, samples.png;
 generated images and their manifest live in outputs/task_d/cache/<model and sampler key>/ and are
 reused by every later run with the same model, sampler settings and prompt seed.
@@ -718,7 +721,8 @@ def collect_metrics(args: argparse.Namespace, setup: Setup, gen: dict | None, ca
             "model": settings["name"], "model_id": settings["id"], "steps": settings["steps"],
             "guidance": settings["guidance"], "scheduler": settings["scheduler"], "n_candidates": len(cand.entries),
             "n_per_target": args.n_per_target, "generated_now": gen["generated"], "reused": gen["reused"],
-            "processes": gen["processes"], "cache": str(setup.generated.folder)},
+            "processes": gen["processes"], "generated_by_process": gen["generated_by_process"],
+            "cache": str(setup.generated.folder)},
         "filter": None if gen is None else {
             "rule": cand.rule, "per_target": cand.accept,
             "acceptance_rate": float(np.mean([v["keep"] for v in cand.verdicts])) if cand.verdicts else None},

@@ -1,5 +1,6 @@
 """task_d.py: prompts the oracle can check, the filter, equal-sized arms, cached images reused by a rerun, the paired
-bootstrap by hand, bad inputs, and COCO-format data through the alignment filter (the image store's kill, torn-line,
+bootstrap by hand, `accelerate launch` splitting the generation between two processes, bad inputs, and COCO-format
+data through the alignment filter (the image store's kill, torn-line,
 full-disk and shard tests are in test_store.py)."""
 
 import json
@@ -250,6 +251,39 @@ def test_rendered_arm_needs_no_generator_and_trains_with_the_baselines_recipe(tm
     again = task_d.main(["--targets", str(targets), "--outputs", str(tmp_path / "out"), "--run-name", "r2",
                          "--n-per-target", "3", "--n-seeds", "2", "--bootstrap", "50", "--arms", "rendered"])
     assert again["rendering"]["rendered_now"] == 0 and set(again["arms"]) == {"baseline", "rendered"}
+
+
+# --------------------------------------------------------------------------- several processes
+def test_accelerate_launch_splits_the_generation_between_two_processes(tmp_path, tiny_data, tiny_model):
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("this torch has no gloo backend: two CPU processes cannot talk to each other")
+    targets = write_targets(tmp_path / "targets.json", tiny_data)
+    out = tmp_path / "out"
+    # `--cpu` would start one process (accelerate's CPU launcher splits only through mpirun); --multi_gpu is
+    # torchrun, which starts both, and --device cpu makes them talk over gloo on any machine.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", "0", "task_d.py", "--device", "cpu", "--targets", str(targets), "--model",
+           str(tiny_model), "--quick", "--outputs", str(out), "--run-name", "split", "--n-per-target", "3",
+           "--arms", "synthetic", "--n-seeds", "2", "--ratios", "", "--epochs", "1", "--bootstrap", "50"]
+    done = subprocess.run(cmd, cwd=task_d.Path(task_d.__file__).parent, capture_output=True, text=True, timeout=600,
+                          env={**task_d.os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    # One store, its shards merged away; every planned candidate exactly once, 3 made by one process and 3 by the other.
+    (store,) = (out / "task_d" / "cache").iterdir()
+    assert not list(store.glob("manifest.*.jsonl"))
+    entries = [json.loads(line) for line in (store / "manifest.jsonl").read_text().splitlines()]
+    planned = task_d.plan_items(task_d.match_targets(json.loads(targets.read_text()), load_data(tiny_data),
+                                                     str(targets)), load_data(tiny_data), 3, seed=0)
+    ids = [e["id"] for e in entries]
+    assert sorted(ids) == sorted(it["id"] for it in planned) and len(ids) == len(set(ids)) == 6
+    assert all((store / "images" / e["file"]).is_file() for e in entries)
+    assert sorted(e["process"] for e in entries) == [0, 0, 0, 1, 1, 1]
+    # The main process alone went on: one run folder, one metrics.json, counting both processes' images.
+    assert sorted(p.relative_to(out) for p in out.rglob("metrics.json")) == [task_d.Path("task_d/split/metrics.json")]
+    gen = json.loads((out / "task_d" / "split" / "metrics.json").read_text())["generation"]
+    assert gen["processes"] == 2 and gen["generated_now"] == 6 and gen["generated_by_process"] == [3, 3]
 
 
 # --------------------------------------------------------------------------- bad inputs
