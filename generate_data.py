@@ -435,8 +435,10 @@ def _caption(kind: str, objects: list[dict], rng: np.random.Generator) -> str:
         pairs = [(a, b) for a in order for b in order if a is not b]
         a, b = pairs[int(rng.integers(len(pairs)))]
         rels = true_relations(a, b)
+        # draw order: a's size, the relation, b's size (the seeded captions depend on it)
+        phrase_a = object_phrase(a, size=coin(0.4))
         rel = rels[int(rng.integers(len(rels)))]
-        text = f"{object_phrase(a, size=coin(0.4))} {rel} {object_phrase(b, size=coin(0.4))}"
+        text = f"{phrase_a} {rel} {object_phrase(b, size=coin(0.4))}"
         rest = [o for o in order if o is not a and o is not b]
         if rest:
             text += ", and " + object_phrase(rest[0], color=coin(0.7), position=coin())
