@@ -47,8 +47,8 @@ import numpy as np
 
 from utils import (DEFAULT_DATA, UserError, bootstrap_ci, check, cli, comma_list, common_args, fmt, fmt_ci,
                    generate_images, image_grid, load_data, load_pipeline, md_table, parse_checked, peak_memory_mb,
-                   pick_device, pick_dtype, read_json, reset_peak_memory, resolve_model, set_threads, start_run,
-                   time_call, write_text)
+                   pick_device, pick_dtype, read_json, repo_path, reset_peak_memory, resolve_model, set_threads,
+                   start_run, time_call, write_text)
 
 PARTS = ("generation", "sd21", "retrieval")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -731,7 +731,7 @@ def load_embeddings(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, s
             fx = retrieval.FeatureExtractor(meta["image_encoder"], meta["text_encoder"], meta.get("image_res", 0))
             img_f, txt_f, _ = retrieval.split_features(fx, records)
             return (retrieval.embed(heads, "image", img_f), retrieval.embed(heads, "text", txt_f),
-                    f"test embeddings of {run.resolve()} on {data_path} ({len(records)} images)")
+                    f"test embeddings of {repo_path(run)} on {repo_path(data_path)} ({len(records)} images)")
         reason = f"data file {data_path} is missing"
     db = random_unit_vectors(1000, args.dim, args.seed)
     return db, random_unit_vectors(5000, args.dim, args.seed + 1), f"random unit vectors ({reason})"

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import generate_data as gd
 from utils import (DEFAULT_DATA, REPO, UserError, bootstrap_ci, cached, check, cli, common_args, generate_images,
                    library_versions, load_data, load_pipeline, load_rgb, parse_checked, pick_device, read_json,
-                   start_run, subcommand, write_json, write_text)
+                   repo_path, start_run, subcommand, write_json, write_text)
 
 COMMANDS = ("train", "audit")
 DEFAULT_ORACLE = REPO / "models" / "shapes-oracle"
@@ -924,11 +924,6 @@ def weights_sha(folder: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
-def _repo_relative(path: str) -> str:
-    resolved = Path(path).resolve()
-    return resolved.relative_to(REPO).as_posix() if resolved.is_relative_to(REPO) else str(path)
-
-
 def audit_items(n: int, seed: int) -> list[dict]:
     """task_d's prompts (`generate_data.target_prompt`: a target shape plus 0-2 other objects, every attribute
     named), taking the 12 shapes in turn."""
@@ -1017,7 +1012,7 @@ def audit_make(args: argparse.Namespace) -> dict:
              "how_to_regenerate": f"python oracle.py audit make --model {args.model} --n {args.n} --seed {args.seed}"
                                   f" --min-score {args.min_score}: item i of oracle.audit_items(), generated with "
                                   "the model's recommended sampler and the item's seed",
-             "model": _repo_relative(settings["id"]), "model_weights_sha256_12": weights_sha(settings["id"]),
+             "model": repo_path(settings["id"]), "model_weights_sha256_12": weights_sha(settings["id"]),
              "oracle_weights_sha256_12": weights_sha(args.oracle), "sampler": {k: settings[k] for k in
                                                                              ("scheduler", "steps", "guidance", "size")},
              "min_score": args.min_score, "seed": args.seed, "candidates": total,

@@ -28,7 +28,7 @@ import numpy as np
 from oracle import TARGETS as ORACLE_TARGETS, target_met
 from retrieval import headline_table
 from utils import (FIDELITY_TARGETS, REPO, check, cli, common_args, fmt, fmt_ci, fmt_delta, md_table, read_json,
-                   write_text)
+                   repo_path, write_text)
 
 TASKS = ("retrieval", "task_a", "task_b", "task_c", "task_d", "task_e", "bench")
 TITLES = {
@@ -230,7 +230,7 @@ def model_section(model_dir: Path) -> list[str]:
         return ["## The shipped model", "",
                 f"`{path}` is missing: run `python fidelity.py evaluate-model --write-card`.", ""]
     m = read_json(path)
-    return [f"## The shipped model (`{_repo_path(model_dir)}`)", "",
+    return [f"## The shipped model (`{repo_path(model_dir)}`)", "",
             f"Oracle accuracy on held-out renders {fmt(m['oracle_accuracy_on_renders'])}. Prompt fidelity (all "
             f"attributes right): single object {fmt(m['single_object_all_correct'])} (target "
             f"{FIDELITY_TARGETS['single_object']:.2f}), two objects with a relation "
@@ -268,14 +268,8 @@ def study_numbers(outputs: Path) -> list[str]:
         if not (run / "metrics.json").is_file():
             lines += ["Not run yet.", ""]
             continue
-        lines += SUMMARIES[task](read_json(run / "metrics.json")) + [f"(run `{run.resolve().name}`)", ""]
+        lines += SUMMARIES[task](read_json(run / "metrics.json")) + ["", f"Run `{run.resolve().name}`.", ""]
     return lines
-
-
-def _repo_path(path: str | Path) -> str:
-    """`path` relative to the repo when it lies inside it (as a reader would type it), else as given."""
-    resolved = Path(path).resolve()
-    return resolved.relative_to(REPO).as_posix() if resolved.is_relative_to(REPO) else str(path)
 
 
 def _verdict(met: bool) -> str:
@@ -298,7 +292,7 @@ def retrieval_numbers(m: dict, run: Path) -> list[str]:
     by_t2i = sorted(per_cat, key=lambda n: per_cat[n]["txt2img"]["R@10"])
     worst, best = per_cat[by_t2i[0]], per_cat[by_t2i[-1]]
     return [f"`python retrieval.py --run-name {run.name}` (the run `outputs/retrieval/latest` points to), seed "
-            f"{cfg.get('seed', 'n/a')}, data `{_repo_path(cfg['data']) if cfg.get('data') else 'n/a'}`: "
+            f"{cfg.get('seed', 'n/a')}, data `{repo_path(cfg['data']) if cfg.get('data') else 'n/a'}`: "
             f"{m['n_train_images']:,} training images, {cfg.get('eval_split', 'test')} split of "
             f"{m['n_eval_images']:,} images and {m['n_eval_captions']:,} captions.", "",
             headline_table(m), "",
@@ -358,7 +352,7 @@ def model_numbers(folders: list[Path]) -> list[str]:
         log = folder / "training_log.json"
         steps = read_json(log).get("card_facts", {}).get("steps") if log.is_file() else None
         s = m["single_object"] or {}
-        rows.append([f"`{m['model']['name']}` (`{_repo_path(folder)}`)", f"{steps:,}" if steps else "n/a",
+        rows.append([f"`{m['model']['name']}` (`{repo_path(folder)}`)", f"{steps:,}" if steps else "n/a",
                      fmt(m["single_object_all_correct"]), fmt(s.get("shape")), fmt(s.get("color")),
                      fmt(s.get("position")), fmt(m["two_object_all_correct"]),
                      f"{fmt(m['fd'], '.1f')} ({fmt(m['fd_real_vs_real'], '.1f')})"])

@@ -347,6 +347,12 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def repo_path(path: str | os.PathLike) -> str:
+    """`path` relative to the repo root when it lies inside it (as a reader would type it), else as given."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO).as_posix() if resolved.is_relative_to(REPO) else str(path)
+
+
 def make_run_dir(task: str, run_name: str | None, config: dict, outputs: str | os.PathLike = OUTPUTS) -> Path:
     """Create `outputs/<task>/<run_name>/` and write its config.json (`finish_run` moves `latest` there).
 
