@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 
@@ -225,3 +226,33 @@ def test_readme_without_every_block_is_an_error_and_stays_unchanged(tmp_path, bl
     with pytest.raises(UserError, match=f"^no <!-- {missing} --> ... <!-- /{missing} --> block to fill$"):
         report.main(["--outputs", str(tmp_path / "outputs"), "--readme", str(readme)])
     assert readme.read_text() == before
+
+
+@pytest.mark.parametrize("ci_low, acceptance", [(0.02, 0.8), (-0.01, 0.1)])
+def test_report_leads_with_the_answer_from_task_d_and_the_model(tmp_path, ci_low, acceptance):
+    outputs, model = tmp_path / "outputs", tmp_path / "model"
+    d = {"mean": 0.05, "ci95": [ci_low, 0.09]}
+    _write(model / "metrics.json", {"single_object_all_correct": 0.035, "two_object_all_correct": 0.0,
+                                    "oracle_accuracy_on_renders": 0.98, "fd": 1.0,
+                                    "single_object": {"shape": 0.1, "color": 0.9, "position": 0.2},
+                                    "fd_real_vs_real": 1.0, "fd_n": 4, "sampler": {"scheduler": "S", "steps": 2,
+                                                                                   "guidance": 5.0}})
+    _run(outputs, "task_d", {
+        "gap": {"gap": {"mean": 0.12, "ci95": [0.04, 0.2]}, "targets": {"mean": 0.34, "ci95": [0.3, 0.4]},
+                "others": {"mean": 0.46, "ci95": [0.44, 0.49]}},
+        "targets": [{"category": "square", "category_id": 2}, {"category": "heart", "category_id": 6}],
+        "closed_fraction": {"synthetic_filtered": {"mean": 0.42, "ci95": [0.1, 0.7]},
+                            "rendered": {"mean": 0.9, "ci95": [0.5, 1.2]}},
+        "rare_txt2img_R@10_delta": d, "overall_txt2img_R@10_delta": d, "filtered_vs_oversample": {"rare": d},
+        "filter": {"acceptance_rate": acceptance, "rule": "r",
+                   "per_target": {"square": {"generated": 50, "accepted": 7}, "heart": {"generated": 50, "accepted": 3}}},
+        "arms": {"synthetic_filtered": {"n_extra": 10}, "rendered": {"n_extra": 10}}, "seeds": [0, 1, 2],
+        "epochs": 3, "targets_met": []})
+    text = report.main(["--outputs", str(outputs), "--model", str(model)]).read_text()
+    answer = text[text.index("## The answer"):text.index("## The shipped model")]
+    assert text.index("## The answer") < text.index("## The shipped model")  # the answer comes first
+    assert "**square, heart**" in answer and {"0.340", "0.460", "0.120", "0.420", "0.900"} <= set(
+        re.findall(r"\d+\.\d+", answer))
+    assert "10 of 100 generated candidates" in answer and "(`rendered`, 10 images)" in answer
+    assert ("did close it" in answer) == (ci_low > 0)  # the verdict follows the CI, not the point estimate
+    assert ("The limit is the generator" in answer) == ("0.035" in answer) == (acceptance < 0.5)
