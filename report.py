@@ -216,7 +216,7 @@ SUMMARIES: dict[str, Callable[[dict], list[str]]] = {
 # Each task's key figures, shown inline when the run wrote them (task_b's depend on its metrics).
 KEY_FIGURES: dict[str, tuple[str, ...]] = {
     "retrieval": ("per_category.png",), "task_a": ("grid.png",), "task_c": ("recall_vs_frequency.png", "confusion.png"),
-    "task_d": ("deltas.png",), "task_e": ("recall_vs_k.png", "edit_success.png")}
+    "task_d": ("deltas.png", "samples.png"), "task_e": ("recall_vs_k.png", "edit_success.png")}
 FIGURES: dict[str, Callable[[dict, str], list[str]]] = {"task_b": task_b_figures}
 
 
