@@ -226,6 +226,10 @@ def key_figures(task: str, run: Path, rel: str) -> list[str]:
     return [line for f in shown for line in (f"![{Path(f).stem}]({rel}/{f})", "")]
 
 
+def _images(n: int) -> str:
+    return f"{n} image" + ("" if n == 1 else "s")
+
+
 def study_answer(outputs: Path, model_dir: Path) -> list[str]:
     """The study's answer in three sentences, from task_d's metrics (the gap, the fix, the filter) and the shipped
     model's metrics (why): where retrieval fails, whether targeted synthetic images closed it, and what limits it.
@@ -248,8 +252,9 @@ def study_answer(outputs: Path, model_dir: Path) -> list[str]:
              f"`synthetic_filtered` − `baseline` on the targets is {fmt_delta(delta)}"
              + (f", {fmt(closed['synthetic_filtered']['mean'])} of the gap" if "synthetic_filtered" in closed else "")
              + f", with {n_acc} of {n_gen} generated candidates accepted by the oracle filter"
-             + (f"; perfect renders of the same prompts (`rendered`, {m['arms']['rendered']['n_extra']} images) close "
-                f"{fmt(closed['rendered']['mean'])}" if "rendered" in closed and "rendered" in m["arms"] else "") + ".")
+             + (f"; perfect renders of the same prompts (`rendered`, {_images(m['arms']['rendered']['n_extra'])}) "
+                f"close {fmt(closed['rendered']['mean'])}" if "rendered" in closed and "rendered" in m["arms"] else "")
+             + ".")
     model = read_json(model_dir / "metrics.json") if (model_dir / "metrics.json").is_file() else None
     n_extra = m["arms"].get("synthetic_filtered", {}).get("n_extra", 0)
     drawn = (f"the shipped model draws a single prompted object entirely right in "
@@ -257,9 +262,9 @@ def study_answer(outputs: Path, model_dir: Path) -> list[str]:
              f"{FIDELITY_TARGETS['single_object']:.2f}), so " if model else "")
     if flt["acceptance_rate"] < 0.5:
         why = (f"The limit is the generator: {drawn}the filter accepts {fmt(flt['acceptance_rate'])} of what it "
-               f"draws and `synthetic_filtered` adds {n_extra} images.")
+               f"draws and `synthetic_filtered` adds {_images(n_extra)}.")
     else:
-        why = (f"The filter accepts {fmt(flt['acceptance_rate'])} of the generated candidates ({n_extra} images "
+        why = (f"The filter accepts {fmt(flt['acceptance_rate'])} of the generated candidates ({_images(n_extra)} "
                f"added), so the generator's fidelity is not what limits this result.")
     return ["## The answer", "", " ".join([where, fixed, why]), ""]
 
