@@ -42,8 +42,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils import (DEFAULT_DATA, REPO, UserError, apply_preset, apply_quick, check, cli, comma_list, common_args,
-                   generate_images, git_commit, image_grid, library_versions, load_data, model_card, pick_device,
-                   pick_dtype, read_json, set_seed, set_threads, start_run, write_json, write_text)
+                   generate_images, git_commit, image_grid, library_versions, load_data, model_card, parse_checked,
+                   pick_device, pick_dtype, read_json, set_seed, set_threads, start_run, write_json, write_text)
 
 DEFAULT_OUT = REPO / "models" / "shapes-sd-tiny"
 CHECKPOINTS = REPO / "checkpoints"
@@ -1086,12 +1086,51 @@ def study_markdown(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def ceiling(argv) -> dict:
+    """`python train_diffusion.py ceiling --vae FOLDER[,FOLDER...]`: each autoencoder's representation ceiling, the
+    oracle all-correct rate of rendered prompts after an encode/decode round trip (posterior mean), as the study
+    measures it (issue 10, fact 1), for autoencoders trained outside a study (e.g. with more `--vae-steps`).
+    Writes outputs/design_study_ceiling/<run>/metrics.json."""
+    from diffusers import AutoencoderKL
+
+    from generate_data import make_prompts
+    from oracle import Oracle, weights_sha
+
+    parser = argparse.ArgumentParser(prog="train_diffusion.py ceiling", description=ceiling.__doc__.split("\n")[0])
+    parser.add_argument("--vae", type=comma_list(Path), required=True,
+                        help="comma-separated AutoencoderKL folders (a checkpoint's vae/ or a pipeline's vae/)")
+    parser.add_argument("--n-prompts", type=int, default=200, help="prompts per kind (single, two) (> 0)")
+    parser.add_argument("--oracle", type=Path, default=REPO / "models" / "shapes-oracle", help="oracle folder")
+    common_args(parser, "design_study_ceiling", omit=("device", "threads", "seed", "quick"))
+    args = parse_checked(parser, argv)
+    check(args.n_prompts > 0, f"--n-prompts must be > 0, got {args.n_prompts}")
+    for folder in args.vae:
+        check((folder / "config.json").is_file(), f"autoencoder not found: {folder} (no config.json)")
+    run = start_run("design_study_ceiling", args)
+    oracle = Oracle.load(args.oracle, torch.device("cpu"))
+    prompts = {kind: make_prompts(kind, args.n_prompts, seed=1) for kind in ("single", "two")}
+    metrics: dict = {"n_prompts": args.n_prompts, "oracle_sha256_12": weights_sha(args.oracle), "autoencoders": {}}
+    for folder in args.vae:
+        with run.step(str(folder)):
+            vae = AutoencoderKL.from_pretrained(folder).float().eval()
+            info = folder.parent / "vae_info.json"
+            metrics["autoencoders"][str(folder)] = {
+                "round_trip": round_trip(vae_round_trip(vae), prompts, oracle),
+                "training": ({k: v for k, v in read_json(info).items() if k != "loss_curve"} if info.is_file()
+                             else None)}
+        print(f"{folder}: round-trip all-correct {metrics['autoencoders'][str(folder)]['round_trip']}")
+    run.finish(metrics)
+    return metrics
+
+
 def main(argv=None) -> dict:
     import sys
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["study"]:
         return study(argv[1:])
+    if argv[:1] == ["ceiling"]:
+        return ceiling(argv[1:])
     # 1. arguments, device, checkpoint folder
     args = parse_args(argv)
     wall_start = time.time()

@@ -226,3 +226,16 @@ def test_resample_round_trip_keeps_what_32_px_can_hold():
     ceiling = train_diffusion.round_trip(train_diffusion.resample_round_trip(32), {"single": prompts}, oracle)
     too_coarse = train_diffusion.round_trip(train_diffusion.resample_round_trip(8), {"single": prompts}, oracle)
     assert ceiling["single"] >= 11 / 12 and too_coarse["single"] <= 6 / 12  # issue 10, fact 2: 32 px is enough
+
+
+def test_ceiling_scores_an_autoencoder_and_reads_its_training_info(quick_run, tmp_path):
+    vae = quick_run[0] / "ckpt" / "vae"  # the quick run's 4-step autoencoder, with ckpt/vae_info.json beside it
+    m = train_diffusion.main(["ceiling", "--vae", str(vae), "--n-prompts", "4", "--outputs", str(tmp_path),
+                              "--run-name", "c"])
+    entry = m["autoencoders"][str(vae)]
+    assert set(entry["round_trip"]) == {"single", "two"}
+    assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in entry["round_trip"].values())  # 4 prompts per kind
+    assert entry["training"]["steps"] == 4  # --quick trains the autoencoder for 4 steps
+    assert (tmp_path / "design_study_ceiling" / "latest" / "metrics.json").is_file()
+    with pytest.raises(UserError, match="autoencoder not found: .*nope"):
+        train_diffusion.main(["ceiling", "--vae", str(tmp_path / "nope")])
