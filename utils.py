@@ -1135,8 +1135,6 @@ def time_call(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3, min_seco
     Returns:
         ({"min_s", "median_s", "times_s": every timed call, "warmup_s": every warm-up call}, last result).
     """
-    import time
-
     import torch
 
     def sync() -> None:
@@ -1177,8 +1175,7 @@ def model_card(name: str, log: dict, fidelity: dict | None = None) -> str:
     a, info, p, vae = log["config"], log["card_facts"], log["params"], log["vae"]
     psnr_text = f"{vae['psnr_db']:.2f} dB on {vae['psnr_images']} held-out `{a['eval_split']}` images" \
         if vae["psnr_db"] is not None else "not measured (no held-out split)"
-    data = ", ".join(os.path.relpath(Path(d).resolve(), REPO) if Path(d).resolve().is_relative_to(REPO) else str(d)
-                     for d in a["data"])
+    data = ", ".join(repo_path(d) for d in a["data"])
     vae_widths, unet_widths = tuple(a["vae_widths"]), tuple(a["unet_widths"])
     attn_levels = a.get("attn_levels") or len(unet_widths) - 1
     return f"""---
@@ -1594,7 +1591,6 @@ class ImageStore:
         Raises:
             UserError: the disk is full.
         """
-        import time
         import warnings
 
         import torch

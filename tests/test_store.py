@@ -33,19 +33,27 @@ def manifest_ids(store):
 
 
 # --------------------------------------------------------------------------- kill, torn line, full disk, shards
+def fail_after(monkeypatch, method: str, n: int, error, label) -> list:
+    """Make ImageStore.<method> raise `error` on its (n+1)-th call; returns the labels of the n calls that ran."""
+    real = getattr(ImageStore, method)
+    done = []
+
+    def failing(self, *args):
+        if len(done) == n:
+            raise error
+        done.append(label(*args))
+        real(self, *args)
+
+    monkeypatch.setattr(ImageStore, method, failing)
+    return done
+
+
 def test_killed_generation_resumes_with_every_item_exactly_once(tiny, tmp_path, monkeypatch):
     pipe, settings = tiny
     store, items = ImageStore(tmp_path, settings), make_items(7)
     real_append = ImageStore.append
-    calls = []
-
-    def dies_after_three(self, rank, entry):
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # a kill between an image and its manifest line
-        calls.append(entry["id"])
-        real_append(self, rank, entry)
-
-    monkeypatch.setattr(ImageStore, "append", dies_after_three)
+    # a kill between an image and its manifest line
+    calls = fail_after(monkeypatch, "append", 3, KeyboardInterrupt, lambda rank, entry: entry["id"])
     with pytest.raises(KeyboardInterrupt):
         store.generate(pipe, items, batch_size=2, progress=False)
     assert sorted(store.entries()) == sorted(calls) and len(calls) == 3
@@ -69,15 +77,8 @@ def test_full_disk_keeps_finished_images_and_says_how_many(tiny, tmp_path, monke
     pipe, settings = tiny
     store, items = ImageStore(tmp_path, settings), make_items(5)
     real_write = ImageStore.write_image
-    written = []
-
-    def fills_up(self, name, image):
-        if len(written) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        written.append(name)
-        real_write(self, name, image)
-
-    monkeypatch.setattr(ImageStore, "write_image", fills_up)
+    written = fail_after(monkeypatch, "write_image", 3, OSError(errno.ENOSPC, "No space left on device"),
+                         lambda name, image: name)
     with pytest.raises(UserError, match=rf"^disk full while writing images: 3 finished images are safely kept in "
                                         rf"{re.escape(str(store.folder))}; free some space and run the same command "
                                         rf"again to resume$"):
