@@ -1,10 +1,11 @@
 """Task D: do targeted synthetic images fix the retrieval system's weak categories, and is it the images or the extra updates?
 
 Reads task_c's targets.json, builds structured prompts for every target category from the caption
-grammar (the target in a random colour, size and cell, with 0-2 other objects), generates N images
+grammar (the target in a random colour, size and cell, with 0-2 other objects), generates images
 per target with a diffusion model from the registry (batched, resumable, `accelerate launch` splits
 the work), scores each image against its prompt with the fidelity oracle (the retrieval alignment
-score on COCO-style data) and keeps those that pass, captions them with their prompt plus grammar
+score on COCO-style data) and keeps those that pass, generating more candidates in rounds until N
+are accepted per target (or a cap is reached), captions them with their prompt plus grammar
 paraphrases, retrains the retrieval heads on real + synthetic data in several arms with several
 seeds, and compares every arm with the baseline on the REAL test split: deltas with paired 95%
 bootstrap CIs over test images (with their captions) and seeds.
@@ -14,18 +15,18 @@ and its best-epoch choice on val; same seeds):
     baseline                 real training images only
     oversample               + real images of the target categories repeated, as many as synthetic_filtered adds
     synthetic                + unfiltered generated images, as many per target as synthetic_filtered adds
-    synthetic_filtered       + every generated image the filter accepted
+    synthetic_filtered       + the generated images the filter accepted, up to --n-per-target per target
     synthetic_filtered_x<r>  + r times the accepted images (r < 1: a seeded subset; r > 1: repeated)
-    rendered                 + the same prompts as synthetic_filtered's images drawn by the shapes world's own
-                             renderer (perfect images, same captions): the upper bound of targeted synthetic data
-                             (shapes data only; COCO-style data has no renderer). Without the generated arms it
-                             draws all --n-per-target prompts per target and oversample matches that count.
+    rendered                 + the first --n-per-target prompts per target drawn by the shapes world's own
+                             renderer (perfect images, same caption grammar): what a generator whose every image
+                             passes would add, the upper bound of targeted synthetic data (shapes data only;
+                             COCO-style data has no renderer). Without the generated arms oversample matches it.
 For the target categories, metrics.json keeps the gap to the other categories (baseline, txt2img R@10) and the
 fraction of it each of rendered and synthetic_filtered closes, with paired bootstrap CIs.
 
 Quick (well under a minute; for tests and smoke runs):
     python task_d.py --quick
-Default (after task_c): 100 candidates per target, 7 arms x 3 seeds at the baseline's epochs; the 21 retrieval
+Default (after task_c): 100 accepted images wanted per target from at most 400 candidates, 7 arms x 3 seeds at the baseline's epochs; the 21 retrieval
 trainings take most of the time (results.md has the measured table per step):
     python task_d.py --run-name default
 The renderer's upper bound alone, no generator needed:
@@ -43,6 +44,7 @@ reused by every later run with the same model, sampler settings and prompt seed.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -68,7 +70,7 @@ RENDERER_VERSION = 1  # bump when generate_data's renderer changes: rendered ima
 # (its delta's CI above 0), beats oversample on the targets (CI above 0), and loses <= 0.01 overall.
 CLOSE_FRACTION, OVERALL_LOSS = 0.5, 0.01
 RUNTIME_BUDGET_S = 15 * 60  # task_c + task_d on 2 CPU cores
-QUICK = {"n_per_target": 4, "steps": 2, "epochs": 2, "bootstrap": 200, "max_train": 500, "max_eval": 200,
+QUICK = {"n_per_target": 4, "max_candidates": 4, "steps": 2, "epochs": 2, "bootstrap": 200, "max_train": 500, "max_eval": 200,
          "train_batch_size": 64}
 COCO_TEMPLATES = ("a photo of {x}", "a picture of {x}", "an image of {x}", "{x}", "a close-up photo of {x}",
                   "a photograph showing {x}", "a scene with {x}")
@@ -80,7 +82,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="data.pkl (default: the one named in targets.json)")
     p.add_argument("--model", default="shapes-tiny",
                    help="text-to-image model: registry name (shapes-tiny, sd-turbo, ...), local pipeline folder or hub id")
-    p.add_argument("--n-per-target", type=int, default=100, help="candidate images generated per target category")
+    p.add_argument("--n-per-target", type=int, default=100,
+                   help="accepted images wanted per target category: candidates are generated in rounds until the "
+                        "filter has accepted this many or --max-candidates are made")
+    p.add_argument("--max-candidates", type=int, default=None,
+                   help="candidate images per target at most (default: 4 x --n-per-target)")
     p.add_argument("--gen-batch-size", type=int, default=16, help="images per pipeline call")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
@@ -111,6 +117,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     for name in ("n_per_target", "gen_batch_size", "bootstrap"):
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.max_candidates is None:
+        args.max_candidates = 4 * args.n_per_target
+    check(args.max_candidates >= args.n_per_target,
+          f"--max-candidates must be >= --n-per-target ({args.n_per_target}), got {args.max_candidates}")
     check(args.epochs is None or args.epochs > 0, f"--epochs must be positive, got {args.epochs}")
     arms = list(ARMS) if args.arms == ["all"] else args.arms
     for arm in arms:
@@ -172,11 +182,13 @@ class Setup:
     cfg: dict  # the baseline retrieval run's arguments
     cfg_source: str  # where `cfg` comes from
     heads_path: Path  # the baseline's heads (the alignment filter's scorer on non-shapes data)
-    items: list[dict]  # --n-per-target prompts per target
+    items: list[dict]  # the candidates' prompts: --n-per-target per target, more after each generation round
+    render_items: list[dict]  # the rendered arm's prompts: the first --n-per-target per target
     skipped: dict[str, str]  # arm -> why it does not run
     generated: ImageStore | None  # generated candidates (None: no generated arm)
     rendered: ImageStore | None  # renders of the prompts (None: no rendered arm)
     oracle: object | None  # the filter's oracle (shapes data with a generated arm)
+    alignment_threshold: float | None = None  # the alignment filter's, once computed (non-shapes data)
 
     @property
     def shapes(self) -> bool:
@@ -216,7 +228,8 @@ def load_setup(args: argparse.Namespace, device) -> Setup:
     generated = synthetic_store(args, sampler_settings(args), data.get("source", "?")) if generating else None
     rendered = rendered_store(args, int(data.get("image_size") or 64)) if "rendered" in args.arms else None
     items = plan_items(targets, data, args.n_per_target, args.seed)
-    return Setup(targets, data, data_path, cfg, cfg_source, heads_path, items, skipped, generated, rendered, oracle)
+    return Setup(targets, data, data_path, cfg, cfg_source, heads_path, items, list(items), skipped, generated,
+                 rendered, oracle)
 
 
 # --------------------------------------------------------------------------- 2. prompts
@@ -242,11 +255,31 @@ def coco_item(target: dict, index: int, seed: int, categories: list[dict]) -> di
             "seed": int(rng.integers(2**31 - 1))}
 
 
-def plan_items(targets: list[dict], data: dict, n: int, seed: int) -> list[dict]:
-    """`n` items per target; item i of a target is the same whatever n is, so a larger n reuses earlier images."""
+def plan_items(targets: list[dict], data: dict, n: int | dict[str, int], seed: int) -> list[dict]:
+    """`n` items per target (an int, or a count per target name), target by target; item i of a target is the
+    same whatever n is, so a larger n reuses earlier images."""
     shapes = data.get("source") == "shapes"
+    counts = n if isinstance(n, dict) else {t["category"]: n for t in targets}
     return [gd.target_prompt(t, i, seed) if shapes else coco_item(t, i, seed, data["categories"])
-            for t in targets for i in range(n)]
+            for t in targets for i in range(counts[t["category"]])]
+
+
+def next_counts(counts: dict[str, int], accepted: dict[str, int], want: int, cap: int, step: int) -> dict[str, int]:
+    """Candidates per target for the next generation round.
+
+    A target short of `want` accepted images gets as many more candidates as its acceptance rate so far says it
+    needs (plus 10%), doubled while none is accepted; at least `step` more (one pipeline batch) and at most `cap`
+    in all. A target that has `want` or has reached `cap` keeps its count, so equal dicts mean "done".
+    """
+    out = {}
+    for name, n in counts.items():
+        a = accepted.get(name, 0)
+        if a >= want or n >= cap:
+            out[name] = n
+            continue
+        more = math.ceil(1.1 * (want - a) * n / a) if a else n
+        out[name] = min(cap, n + max(more, step))
+    return out
 
 
 # --------------------------------------------------------------------------- 2. resumable generation
@@ -327,13 +360,45 @@ def filter_candidates(args: argparse.Namespace, setup: Setup) -> Candidates:
                 f"{args.min_score:g} of the prompt's named checks (shape, colour, size, cell of every object; "
                 f"object count) pass")
     else:
-        threshold = (auto_alignment_threshold(setup.data, setup.heads_path, seed=args.seed) if args.min_alignment < 0
-                     else args.min_alignment)
+        if setup.alignment_threshold is None:
+            setup.alignment_threshold = (auto_alignment_threshold(setup.data, setup.heads_path, seed=args.seed)
+                                         if args.min_alignment < 0 else args.min_alignment)
+        threshold = setup.alignment_threshold
         verdicts = alignment_verdicts(entries, images, setup.heads_path, threshold)
         rule = (f"alignment score (retrieval heads of the baseline, 0..100) with the prompt ≥ {threshold:.2f}"
                 + (" (the 25th percentile of real validation image-caption pairs)" if args.min_alignment < 0
                    else ""))
     return Candidates(entries, verdicts, images, acceptance_table(entries, verdicts, setup.targets), rule)
+
+
+def generate_until_accepted(args: argparse.Namespace, setup: Setup, device) -> tuple[dict, Candidates]:
+    """Generate and filter candidates in rounds until every target has --n-per-target accepted images or
+    --max-candidates candidates (`next_counts`); `setup.items` ends as the candidates made.
+
+    Every `accelerate` process generates its share of each round and then judges the whole merged round itself
+    (the same verdicts everywhere), so all of them agree on the next round.
+
+    Returns:
+        ({"reused", "generated", "generated_by_process", "processes", "is_main", "rounds", "candidates_per_target"},
+        the last round's Candidates).
+    """
+    counts = {t["category"]: args.n_per_target for t in setup.targets}
+    gen: dict = {"generated": 0, "generated_by_process": None, "rounds": 0}
+    while True:
+        setup.items = plan_items(setup.targets, setup.data, counts, args.seed)
+        info = setup.generated.generate(args.model, setup.items, args.gen_batch_size, device,
+                                        desc=f"generate (round {gen['rounds'] + 1})")
+        by_process = info["generated_by_process"]
+        gen.update(processes=info["processes"], is_main=info["is_main"], rounds=gen["rounds"] + 1,
+                   generated=gen["generated"] + info["generated"],
+                   generated_by_process=[a + b for a, b in zip(gen["generated_by_process"] or [0] * len(by_process),
+                                                               by_process)])
+        cand = filter_candidates(args, setup)
+        more = next_counts(counts, {name: row["accepted"] for name, row in cand.accept.items()}, args.n_per_target,
+                           args.max_candidates, args.gen_batch_size)
+        if more == counts:
+            return dict(gen, reused=len(setup.items) - gen["generated"], candidates_per_target=counts), cand
+        counts = more
 
 
 def acceptance_table(entries: list[dict], verdicts: list[dict], targets: list[dict]) -> dict[str, dict]:
@@ -378,8 +443,8 @@ def render_targets(setup: Setup) -> dict | None:
     without the rendered arm."""
     if setup.rendered is None:
         return None
-    drawn = render_missing(setup.rendered, setup.items, int(setup.data.get("image_size") or 64))
-    return {"n_images": len(setup.items), "rendered_now": drawn, "reused": len(setup.items) - drawn,
+    drawn = render_missing(setup.rendered, setup.render_items, int(setup.data.get("image_size") or 64))
+    return {"n_images": len(setup.render_items), "rendered_now": drawn, "reused": len(setup.render_items) - drawn,
             "cache": str(setup.rendered.folder)}
 
 
@@ -415,7 +480,7 @@ def extract_features(args: argparse.Namespace, setup: Setup, cand: Candidates, d
                                             for e in cand.entries])
     if setup.rendered is not None:
         ren = retrieval.split_features(fx, [{"path": str(setup.rendered.images / f"{it['id']}.png"),
-                                             "captions": it["captions"]} for it in setup.items])
+                                             "captions": it["captions"]} for it in setup.render_items])
     return Features(train, test, tr, te, va, syn, ren)
 
 
@@ -454,27 +519,28 @@ def ratio_subset(idx: np.ndarray, ratio: float, rng: np.random.Generator) -> np.
 
 
 def arm_extras(entries: list[dict], verdicts: list[dict], train: list[dict], targets: list[dict],
-               ratios: Sequence[float], seed: int, arms: Sequence[str] = MAIN_ARMS) -> dict[str, dict[str, np.ndarray]]:
+               ratios: Sequence[float], seed: int, n_per_target: int,
+               arms: Sequence[str] = MAIN_ARMS) -> dict[str, dict[str, np.ndarray]]:
     """Per arm, the extra samples on top of the real training set: real indices repeated, generated ("syn") and
-    rendered ("ren") item indices.
+    rendered ("ren") item indices (renders: `n_per_target` per target, target by target, as `plan_items` makes).
 
-    Per target, synthetic_filtered adds its accepted images (a_t); oversample adds a_t real training images that
-    contain the target (drawn with replacement), synthetic adds a_t candidates drawn from all generated ones
-    (accepted or not) and rendered adds the renders of the a_t accepted prompts, so these arms get the same number
-    of extra samples and updates. Every draw is made whichever `arms` are asked for, so an arm's samples do not
-    depend on which others run.
+    Per target, synthetic_filtered adds its first accepted images, at most `n_per_target` (a_t); oversample adds a_t
+    real training images that contain the target (drawn with replacement) and synthetic adds a_t candidates drawn
+    from all generated ones (accepted or not), so these arms get the same number of extra samples and updates.
+    rendered adds the renders of the first `n_per_target` prompts, what a generator whose every image passes would
+    give. Every draw is made whichever `arms` are asked for, so an arm's samples do not depend on which others run.
     """
     rng = np.random.default_rng([seed, 5])
     extras = {name: {"real": [], "syn": [], "ren": []} for name in ARMS}
     for r in ratios:
         extras[ratio_arm(r)] = {"real": [], "syn": [], "ren": []}
-    for t in targets:
+    for k, t in enumerate(targets):
         cand = np.array([i for i, e in enumerate(entries) if e["target"] == t["category"]], dtype=np.int64)
-        acc = np.array([i for i in cand if verdicts[i]["keep"]], dtype=np.int64)
+        acc = np.array([i for i in cand if verdicts[i]["keep"]], dtype=np.int64)[:n_per_target]
         real = np.array([i for i, rec in enumerate(train) if t["category_id"] in rec["category_ids"]], dtype=np.int64)
         a = len(acc)
         extras["synthetic_filtered"]["syn"].append(acc)
-        extras["rendered"]["ren"].append(acc)
+        extras["rendered"]["ren"].append(np.arange(k * n_per_target, (k + 1) * n_per_target, dtype=np.int64))
         extras["synthetic"]["syn"].append(rng.choice(cand, size=a, replace=False) if a else acc)
         extras["oversample"]["real"].append(rng.choice(real, size=a, replace=True) if a and len(real) else acc[:0])
         for r in ratios:
@@ -525,7 +591,8 @@ def train_arms(args: argparse.Namespace, setup: Setup, cand: Candidates, feats: 
     from tqdm.auto import tqdm
 
     seeds = [args.seed + k for k in range(args.n_seeds)]
-    extras = arm_extras(cand.entries, cand.verdicts, feats.train, setup.targets, args.ratios, args.seed, args.arms)
+    extras = arm_extras(cand.entries, cand.verdicts, feats.train, setup.targets, args.ratios, args.seed,
+                        args.n_per_target, args.arms)
     runs: dict[str, list[dict]] = {}
     trained: dict[tuple, dict] = {}
     for arm, s in tqdm([(arm, s) for arm in extras for s in seeds], desc="arms x seeds"):
@@ -720,7 +787,9 @@ def collect_metrics(args: argparse.Namespace, setup: Setup, gen: dict | None, ca
         "generation": None if gen is None else {
             "model": settings["name"], "model_id": settings["id"], "steps": settings["steps"],
             "guidance": settings["guidance"], "scheduler": settings["scheduler"], "n_candidates": len(cand.entries),
-            "n_per_target": args.n_per_target, "generated_now": gen["generated"], "reused": gen["reused"],
+            "n_per_target": args.n_per_target, "max_candidates": args.max_candidates, "rounds": gen["rounds"],
+            "candidates_per_target": gen["candidates_per_target"],
+            "generated_now": gen["generated"], "reused": gen["reused"],
             "processes": gen["processes"], "generated_by_process": gen["generated_by_process"],
             "cache": str(setup.generated.folder)},
         "filter": None if gen is None else {
@@ -794,7 +863,9 @@ def results_markdown(m: dict) -> str:
     tnames = [t["category"] for t in targets]
     source = (f"Model `{gen['model']}` ({gen['steps']} steps, guidance {gen['guidance']}); {gen['n_candidates']} "
               f"candidate images ({gen['generated_now']} generated in this run, {gen['reused']} reused from "
-              f"`{gen['cache']}`)." if gen else "No text-to-image model in this run (no generated arm asked for).")
+              f"`{gen['cache']}`), made in {gen['rounds']} round(s) to reach {gen['n_per_target']} accepted images "
+              f"per target, at most {gen['max_candidates']} candidates each."
+              if gen else "No text-to-image model in this run (no generated arm asked for).")
     if m.get("rendering"):
         source += (f" Renderer: {m['rendering']['n_images']} prompts drawn by the shapes world's own renderer "
                    f"({m['rendering']['rendered_now']} in this run).")
@@ -940,18 +1011,16 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     with clock.step("setup"):
         setup = load_setup(args, device)
 
-    # 2. the prompts' images (a store shared by runs: resumable, split across accelerate processes)
+    # 2-3. the prompts' images (a store shared by runs: resumable, split across accelerate processes), judged by
+    # the filter: oracle checks against the structured prompt (shapes) or alignment score (other data); more
+    # candidates in rounds until each target has --n-per-target accepted images (or --max-candidates)
     with clock.step("generate"):
-        gen = (setup.generated.generate(args.model, setup.items, args.gen_batch_size, device)
-               if setup.generated is not None else None)
+        gen, cand = (generate_until_accepted(args, setup, device) if setup.generated is not None
+                     else (None, filter_candidates(args, setup)))
     if gen is not None and not gen["is_main"]:
         return None
     run = start_run("task_d", args, config=dict(vars(args), data=setup.data_path, baseline_config=setup.cfg_source),
                     clock=clock)
-
-    # 3. filter: oracle checks against the structured prompt (shapes) or alignment score (other data)
-    with run.step("filter"):
-        cand = filter_candidates(args, setup)
 
     # 4. the renderer's upper bound: the same prompts drawn by the shapes world's own renderer (cached)
     with run.step("render"):

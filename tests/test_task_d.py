@@ -161,11 +161,14 @@ def test_arms_add_equal_numbers_of_samples_when_the_filter_accepts(quick_run, ti
     assert m["generation"]["generated_now"] == 0  # every image reused from the cache
     n = {arm: a["n_extra"] for arm, a in m["arms"].items()}
     accepted = 2 * (N_PER_TARGET // 2)
+    # rendered adds every planned prompt of each target: a generator whose every image passes
     assert n == {"baseline": 0, "oversample": accepted, "synthetic": accepted, "synthetic_filtered": accepted,
-                 "synthetic_filtered_x0.5": accepted // 2, "rendered": accepted}
+                 "synthetic_filtered_x0.5": accepted // 2, "rendered": 2 * N_PER_TARGET}
     base = m["arms"]["baseline"]["per_seed"][0]["n_train_images"]
     assert m["arms"]["synthetic_filtered"]["per_seed"][1]["n_train_images"] == base + accepted
-    assert m["arms"]["rendered"]["per_seed"][1]["n_train_images"] == base + accepted
+    assert m["arms"]["rendered"]["per_seed"][1]["n_train_images"] == base + 2 * N_PER_TARGET
+    # --quick caps the candidates at --n-per-target: one round, however few were accepted
+    assert m["generation"]["rounds"] == 1 and m["generation"]["max_candidates"] == N_PER_TARGET
     assert m["n_trainings"] == 6 * 2 and m["seeds"] == [0, 1]
     assert m["rendering"]["n_images"] == 2 * N_PER_TARGET
 
@@ -175,16 +178,61 @@ def test_arm_extras_by_hand():
     verdicts = [{"keep": k} for k in (True, True, False, True, False, False)]
     train = [{"category_ids": [1]}, {"category_ids": [2]}, {"category_ids": [1, 3]}]
     targets = [{"category": "a", "category_id": 1}, {"category": "b", "category_id": 2}]
-    ex = task_d.arm_extras(entries, verdicts, train, targets, [0.5, 3], seed=0)
+    ex = task_d.arm_extras(entries, verdicts, train, targets, [0.5, 3], seed=0, n_per_target=4)
     assert list(ex["synthetic_filtered"]["syn"]) == [0, 1, 3] and len(ex["synthetic_filtered"]["real"]) == 0
     assert set(ex["oversample"]["real"]) <= {0, 2} and len(ex["oversample"]["real"]) == 3  # b accepted none
     assert set(ex["synthetic"]["syn"]) <= {0, 1, 2, 3} and len(ex["synthetic"]["syn"]) == 3
     assert len(ex["synthetic_filtered_x0.5"]["syn"]) == 2  # round(1.5) of a's 3
     assert sorted(ex["synthetic_filtered_x3"]["syn"]) == [0, 0, 0, 1, 1, 1, 3, 3, 3]
-    # rendered draws the accepted prompts; asking for fewer arms does not change the others' draws
-    some = task_d.arm_extras(entries, verdicts, train, targets, [], seed=0, arms=["baseline", "oversample", "rendered"])
-    assert set(some) == {"baseline", "oversample", "rendered"} and list(some["rendered"]["ren"]) == [0, 1, 3]
+    # rendered draws the first n_per_target prompts of each target (renders are planned target by target);
+    # asking for fewer arms does not change the others' draws
+    some = task_d.arm_extras(entries, verdicts, train, targets, [], seed=0, n_per_target=4,
+                             arms=["baseline", "oversample", "rendered"])
+    assert set(some) == {"baseline", "oversample", "rendered"} and list(some["rendered"]["ren"]) == list(range(8))
     assert list(some["oversample"]["real"]) == list(ex["oversample"]["real"])
+    # more accepted than wanted: synthetic_filtered keeps the first n_per_target, the others match that count
+    few = task_d.arm_extras(entries, verdicts, train, targets, [], seed=0, n_per_target=1, arms=task_d.ARMS)
+    assert list(few["synthetic_filtered"]["syn"]) == [0] and len(few["oversample"]["real"]) == 1
+    assert list(few["rendered"]["ren"]) == [0, 1]
+
+
+def test_next_counts_by_hand():
+    # a: 2 of 10 accepted, 8 more wanted at rate 0.2 -> 1.1 * 8 / 0.2 = 44 more; b: none accepted -> doubled;
+    # c: has its 10; d: at the cap already; e: the cap stops it
+    counts = {"a": 10, "b": 10, "c": 12, "d": 40, "e": 30}
+    accepted = {"a": 2, "b": 0, "c": 10, "d": 1, "e": 5}
+    assert task_d.next_counts(counts, accepted, want=10, cap=40, step=4) == {"a": 40, "b": 20, "c": 12, "d": 40,
+                                                                               "e": 40}
+    assert task_d.next_counts({"a": 10}, {"a": 2}, want=10, cap=100, step=4) == {"a": 54}
+    assert task_d.next_counts({"a": 10}, {"a": 9}, want=10, cap=100, step=4) == {"a": 14}  # at least one batch
+
+
+def test_generation_rounds_until_the_accepted_count(tmp_path, tiny_data, tiny_model, monkeypatch):
+    def accept_even(entries, images, oracle, min_score):  # half the candidates pass, by position in the target
+        return [{"score": 1.0, "target_found": True, "keep": int(e["id"].rsplit("-", 1)[1]) % 2 == 0, "shape": True}
+                for e in entries]
+
+    monkeypatch.setattr(task_d, "oracle_verdicts", accept_even)
+    flags = base_flags(tmp_path, tiny_data, tiny_model)
+    m = task_d.main([*flags, "--max-candidates", "12", "--gen-batch-size", "4", "--arms", "synthetic_filtered",
+                     "--ratios", "", "--n-seeds", "2", "--epochs", "1"])
+    g = m["generation"]
+    # round 1: 4 candidates, 2 accepted -> 1.1 * 2 * 4 / 2 = 4.4 -> 5 more (9); round 2: 4 accepted, done
+    assert g["rounds"] == 2 and g["candidates_per_target"] == {"hexagon": 9, "circle": 9}
+    assert g["generated_now"] == 18 and g["reused"] == 0 and g["n_candidates"] == 18
+    assert {k: (v["generated"], v["accepted"]) for k, v in m["filter"]["per_target"].items()} == {
+        "hexagon": (9, 5), "circle": (9, 5)}
+    assert m["arms"]["synthetic_filtered"]["n_extra"] == 2 * N_PER_TARGET  # the first 4 accepted of each
+    # nothing accepted: candidates double up to the cap, then the run goes on with what it has
+    monkeypatch.setattr(task_d, "oracle_verdicts", lambda entries, *a: [
+        {"score": 0.0, "target_found": False, "keep": False, "shape": False} for _ in entries])
+    m = task_d.main([*flags[:-4], "--run-name", "none", "--n-per-target", "4", "--max-candidates", "12",
+                     "--gen-batch-size", "4", "--arms", "synthetic_filtered", "--ratios", "", "--n-seeds", "2",
+                     "--epochs", "1"])
+    g = m["generation"]
+    assert g["rounds"] == 3 and g["candidates_per_target"] == {"hexagon": 12, "circle": 12}
+    assert g["generated_now"] == 6 and g["reused"] == 18  # 9 per target were made by the run above
+    assert m["arms"]["synthetic_filtered"]["n_extra"] == 0
 
 
 # --------------------------------------------------------------------------- statistics by hand
