@@ -1355,7 +1355,7 @@ def load_pipeline(name: str = "shapes-tiny", device=None, dtype=None, scheduler:
         if Path(spec["id"]).is_dir():
             raise UserError(f"cannot load the pipeline in {spec['id']}: {type(err).__name__}: {err}") from None
         raise UserError(f"model {spec['id']!r} is not in the local Hugging Face cache and cannot be downloaded here: "
-                        f"download it once while online (huggingface-cli download {spec['id']}) or pass a local "
+                        f"download it once while online (hf download {spec['id']}) or pass a local "
                         "folder") from None
     finally:
         diffusers.utils.logging.set_verbosity(verbosity)

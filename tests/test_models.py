@@ -48,7 +48,7 @@ def test_registry_names_cover_the_issue():
 def test_uncached_hub_model_fails_with_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"model 'stabilityai/sd-turbo' is not in the local Hugging Face cache .*"
-                                        r"\(huggingface-cli download stabilityai/sd-turbo\) or pass a local folder"):
+                                        r"\(hf download stabilityai/sd-turbo\) or pass a local folder"):
         utils.load_pipeline("sd-turbo", device=utils.pick_device("cpu"))
 
 

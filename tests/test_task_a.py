@@ -176,7 +176,7 @@ def test_uncached_hub_model_offline_is_one_line(tiny_data, tmp_path, monkeypatch
         task_a.main(["--models", "sd-turbo", "--quick", "--data", str(tiny_data), "--outputs", str(tmp_path),
                      "--no-fd"])
     assert str(err.value) == ("model 'stabilityai/sd-turbo' is not in the local Hugging Face cache and cannot be "
-                              "downloaded here: download it once while online (huggingface-cli download "
+                              "downloaded here: download it once while online (hf download "
                               "stabilityai/sd-turbo) or pass a local folder")
 
 
