@@ -94,6 +94,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     io.add_argument("--eval-split", default="val",
                     help="split of the first --data file for the autoencoder's held-out PSNR (e.g. val, test)")
     io.add_argument("--max-images", type=int, default=0, help="use at most this many training images (0: all)")
+    io.add_argument("--resolution", type=int, default=0,
+                    help="resize each image's shorter side to this many pixels and centre-crop it square (a "
+                         "multiple of 8; 0: keep the data's size, which must then be one square size, as the shapes "
+                         "world's is); real COCO photos come in many sizes")
     io.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"pipeline folder to write (default {DEFAULT_OUT})")
     io.add_argument("--ckpt-dir", type=Path, default=None,
                     help="checkpoint folder (default: checkpoints/<name of --out>); resumed when it exists")
@@ -198,8 +202,8 @@ def check_args(args: argparse.Namespace) -> None:
                  "attn_head_dim"):
         value = getattr(args, name)
         check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
-    for name in ("attn_levels", "object_weight", "cpu_minutes", "max_images", "vae_crop", "decoder_minutes", "warmup_steps", "sample_every", "threads", "seed",
-                 "max_minutes", "vae_minutes", "kl_weight", "weight_decay", "snr_gamma"):
+    for name in ("attn_levels", "object_weight", "cpu_minutes", "max_images", "vae_crop", "decoder_minutes",
+                 "warmup_steps", "sample_every", "threads", "seed", "resolution", "max_minutes", "vae_minutes", "kl_weight", "weight_decay", "snr_gamma"):
         value = getattr(args, name)
         check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
     check(args.lr > 0 and args.vae_lr > 0, f"learning rates must be > 0, got --lr {args.lr}, --vae-lr {args.vae_lr}")
@@ -209,6 +213,7 @@ def check_args(args: argparse.Namespace) -> None:
     check(args.text_hidden % args.text_heads == 0,
           f"--text-heads {args.text_heads} must divide --text-hidden {args.text_hidden}")
     check(args.vae_crop % 8 == 0, f"--vae-crop must be a multiple of 8 pixels, got {args.vae_crop}")
+    check(args.resolution % 8 == 0, f"--resolution must be a multiple of 8 pixels, got {args.resolution}")
     args.vae_widths = _widths(args.vae_channels, "--vae-channels")
     args.unet_widths = _widths(args.unet_channels, "--unet-channels")
     for width in args.unet_widths:
@@ -255,20 +260,49 @@ def load_images_and_captions(args) -> tuple[torch.Tensor, list[list[str]], torch
     if args.max_images:
         records = records[: args.max_images]
 
-    def read(recs):
-        arrays = [np.asarray(Image.open(r["path"]).convert("RGB")) for r in tqdm(recs, desc="images", leave=False)]
+    boxes = [list(r.get("bboxes") or []) for r in records]
+
+    def read(recs, boxes=None):
+        arrays = []
+        for k, r in enumerate(tqdm(recs, desc="images", leave=False)):
+            image = Image.open(r["path"]).convert("RGB")
+            if args.resolution:
+                image, moved = square_crop(image, args.resolution, boxes[k] if boxes else [])
+                if boxes:
+                    boxes[k] = moved
+            arrays.append(np.asarray(image))
         shapes = {a.shape for a in arrays}
-        check(len(shapes) == 1, f"training images must share one size; found {sorted(shapes)[:3]}")
+        check(len(shapes) == 1, f"training images must share one size; found {sorted(shapes)[:3]} (--resolution N "
+                                f"resizes and centre-crops them to N x N)")
         side = arrays[0].shape[0]
         check(arrays[0].shape[1] == side and side % 8 == 0, f"images must be square with a side divisible by 8; "
-                                                            f"got {arrays[0].shape[:2]}")
+                                                            f"got {arrays[0].shape[:2]} (see --resolution)")
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
-    images = read(records)
+    images = read(records, boxes)
     eval_images = read(held_out) if held_out else None
     captions = [[" ".join(c.lower().split()) for c in r["captions"]] for r in records]
-    boxes = [list(r.get("bboxes") or []) for r in records]
     return images, captions, eval_images, boxes
+
+
+def square_crop(image, side: int, boxes: list) -> tuple:
+    """Resize a PIL image's shorter side to `side` (bicubic) and centre-crop it to side x side, as diffusers'
+    text-to-image training example does with --resolution and --center_crop; returns (image, its boxes
+    [x, y, w, h] in the new pixels, clipped to the crop, those left empty dropped)."""
+    from PIL import Image
+
+    w, h = image.size
+    scale = side / min(w, h)
+    nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
+    left, top = (nw - side) // 2, (nh - side) // 2
+    image = image.resize((nw, nh), Image.BICUBIC).crop((left, top, left + side, top + side))
+    out = []
+    for x, y, bw, bh in boxes:
+        x0, y0 = max(0.0, x * scale - left), max(0.0, y * scale - top)
+        x1, y1 = min(float(side), (x + bw) * scale - left), min(float(side), (y + bh) * scale - top)
+        if x1 > x0 and y1 > y0:
+            out.append([x0, y0, x1 - x0, y1 - y0])
+    return image, out
 
 
 def object_masks(boxes: list[list], image_side: int, latent_side: int, dilate: int = 1) -> torch.Tensor:

@@ -124,3 +124,16 @@ def test_task_e_runs_imagine_then_retrieve_on_class_caption_data(chain):
     assert overall["n"] >= 1 and set(overall["text"]) >= {"R@10"}
     assert set(overall["weighted"]) == {"1", "2"} and m["editing"] is None
     assert np.isfinite(m["cost"]["generate_s_per_image"])
+
+
+def test_train_diffusion_crops_photos_of_many_sizes_to_one_resolution(chain, tmp_path):
+    import train_diffusion
+    from utils import UserError
+
+    flags = ["--quick", "--data", str(chain["pkl"]), "--split", "train", "--out", str(tmp_path / "pipe")]
+    with pytest.raises(UserError, match=r"^training images must share one size; found .* \(--resolution N resizes"):
+        train_diffusion.main([*flags, "--ckpt-dir", str(tmp_path / "a")])
+    info = train_diffusion.main([*flags, "--ckpt-dir", str(tmp_path / "b"), "--resolution", "32"])
+    assert info["steps"] == train_diffusion.QUICK["max_steps"]
+    assert json.loads((tmp_path / "pipe" / "unet" / "config.json").read_text())["sample_size"] * 2 ** (
+        len(json.loads((tmp_path / "pipe" / "vae" / "config.json").read_text())["block_out_channels"]) - 1) == 32

@@ -239,3 +239,18 @@ def test_ceiling_scores_an_autoencoder_and_reads_its_training_info(quick_run, tm
     assert (tmp_path / "design_study_ceiling" / "latest" / "metrics.json").is_file()
     with pytest.raises(UserError, match="autoencoder not found: .*nope"):
         train_diffusion.main(["ceiling", "--vae", str(tmp_path / "nope")])
+
+
+def test_square_crop_resizes_the_short_side_and_moves_the_boxes():
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((40, 80, 3), np.uint8))  # 80 wide, 40 high
+    # x2 to 160 x 80, then the middle 80 columns (40..120) are kept
+    out, boxes = train_diffusion.square_crop(image, 80, [[30, 10, 20, 10], [0, 0, 10, 10], [55, 30, 10, 20]])
+    assert out.size == (80, 80)
+    assert boxes == [[20.0, 20.0, 40.0, 20.0], [70.0, 60.0, 10.0, 20.0]]  # the second box fell outside the crop
+
+
+def test_resolution_must_be_a_multiple_of_8(tiny_data):
+    with pytest.raises(UserError, match=r"^--resolution must be a multiple of 8 pixels, got 30$"):
+        train_diffusion.parse_args(["--data", str(tiny_data), "--resolution", "30"])
