@@ -79,11 +79,11 @@ def train_parser() -> argparse.ArgumentParser:
                         "--quick: <outputs>/fidelity/oracle-quick)")
     p.add_argument("--n-train", type=int, default=20000, help="rendered training scenes")
     p.add_argument("--n-heldout", type=int, default=5000, help="held-out rendered scenes (a different seed)")
-    p.add_argument("--n-negatives", type=int, default=8000,
+    p.add_argument("--n-negatives", type=int, default=12000,
                    help=f"training scenes with 1-2 objects made unrecognisable ({', '.join(TRAIN_NEGATIVES)})")
     p.add_argument("--n-val", type=int, default=2000,
                    help="clean and as many negative validation scenes (seed 2) for the temperature and threshold")
-    p.add_argument("--epochs", type=int, default=8, help="passes over the training scenes")
+    p.add_argument("--epochs", type=int, default=20, help="passes over the training scenes")
     p.add_argument("--batch-size", type=int, default=128, help="scenes per step")
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (one-cycle schedule)")
     p.add_argument("--heldout-seed", type=int, default=HELDOUT_SEED, help="seed of the held-out scenes (!= --seed)")
