@@ -337,7 +337,9 @@ def write_card(folder: Path, run_dir: Path, metrics: dict) -> None:
     write_json(folder / "metrics.json", {**(old if isinstance(old, dict) else {}), **metrics})
     if (run_dir / "fidelity_grid.png").is_file():
         shutil.copyfile(run_dir / "fidelity_grid.png", folder / "fidelity_grid.png")
-    write_text(folder / "README.md", model_card(folder.name, read_json(folder / "training_log.json"), metrics))
+    curve = folder / "learning_curve.json"
+    write_text(folder / "README.md", model_card(folder.name, read_json(folder / "training_log.json"), metrics,
+                                                read_json(curve) if curve.is_file() else None))
 
 
 def evaluate_model(args: argparse.Namespace) -> dict:

@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import shlex
 import shutil
 import tempfile
 import time
@@ -1016,6 +1017,20 @@ def design_curve(design: str, folder: Path, args, prompts: dict, ceiling_prompts
             "curve": curve}
 
 
+def write_learning_curve(folder: Path, design: dict, args: argparse.Namespace, argv) -> None:
+    """learning_curve.json beside a design's final pipeline (shipped with it; `utils.model_card` turns it into the
+    card's "Learning curve" section): per snapshot its step, CPU-minutes and oracle scores."""
+    from oracle import weights_sha
+
+    keys = ("all", "all_ci", "shape", "color", "position", "count")
+    write_json(folder / "learning_curve.json", {
+        "command": "python train_diffusion.py study " + " ".join(shlex.quote(str(a)) for a in argv),
+        "n_prompts": args.n_prompts, "oracle_sha256_12": weights_sha(args.oracle),
+        "points": [{"step": p["step"], "cpu_minutes": p["cpu_minutes"],
+                    **{kind: {k: p[kind].get(k) for k in keys} for kind in ("single", "two")}}
+                   for p in design["curve"]]})
+
+
 def pick_winner(metrics: dict) -> None:
     """The design with the highest single + two-object all-correct at the last curve point (added to `metrics`)."""
     final = {d: m["curve"][-1] for d, m in metrics["designs"].items()}
@@ -1086,6 +1101,7 @@ def study(argv) -> dict:
         for design in args.designs:
             metrics["designs"][design] = design_curve(design, ckpt_root / design, args, prompts, ceiling_prompts,
                                                       oracle, run.dir / "evals", fp)
+            write_learning_curve(ckpt_root / design / "final", metrics["designs"][design], args, argv)
     pick_winner(metrics)
 
     # 4. figure and table, then metrics and `latest`

@@ -1157,7 +1157,7 @@ def time_call(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3, min_seco
 FIDELITY_TARGETS = {"single_object": 0.90, "two_object": 0.60}  # all-correct rates the shipped model aims for
 
 
-def model_card(name: str, log: dict, fidelity: dict | None = None) -> str:
+def model_card(name: str, log: dict, fidelity: dict | None = None, curve: dict | None = None) -> str:
     """The whole model card (README.md) of a `train_diffusion.py` model, built from its numbers only.
 
     Args:
@@ -1166,6 +1166,8 @@ def model_card(name: str, log: dict, fidelity: dict | None = None) -> str:
             (n_images, vocab_size, max_length, latent_side, scaling_factor, hardware, steps, train_minutes,
             steps_per_second, final_loss).
         fidelity: metrics of `python fidelity.py evaluate-model`, or None when not measured yet.
+        curve: the folder's learning_curve.json (`train_diffusion.py study` writes it beside a design's final
+            pipeline), or None.
 
     Raises:
         UserError: the log lacks "card_facts" (written by train_diffusion.py since the card has one owner).
@@ -1224,17 +1226,50 @@ augmentation that would change left/right/top/bottom.
   reconstruction PSNR {psnr_text}
 - text encoder + UNet: {info['steps']} steps of batch {a['batch_size']} ({info['train_minutes']:.1f} min,
   {info['steps_per_second']:.2f} steps/s), DDPM noise (linear betas 1e-4..0.02, 1000 steps, {a['prediction_type'].replace('_', '-')}),
-  min-SNR-{a['snr_gamma']:g} weighting, AdamW lr {a['lr']:g} (warm-up {a['warmup_steps']}, cosine),
-  EMA (max decay {a['ema_decay']}) weights saved
+  min-SNR-{a['snr_gamma']:g} weighting{_object_weight_text(a)}, AdamW lr {a['lr']:g} (warm-up {a['warmup_steps']},
+  {a.get('lr_schedule', 'cosine')}), EMA (max decay {a['ema_decay']}) weights saved
 - final loss (mean of the last 10 steps): {info['final_loss']}
 - loss curve, timings and the full configuration: `training_log.json`
 
-{_card_fidelity_section(fidelity)}
+{_card_fidelity_section(fidelity)}{_card_curve_section(curve)}
 ## Limitations
 Only knows the shapes world's vocabulary and 64x64 images; words outside the caption grammar are ignored or
 confuse it. The UNet saw only {info['steps'] * a['batch_size']:,} training examples ({info['train_minutes']:.0f} min on
 {info['hardware']}), so many prompts fail: check `metrics.json` before relying on it.
 """
+
+
+def _object_weight_text(a: dict) -> str:
+    w = a.get("object_weight") or 0
+    return (f", the loss inside the (dilated) object boxes weighted {1 + w:g}x and normalised per image" if w
+            else "")
+
+
+def _card_curve_section(curve: dict | None) -> str:
+    """The card's "## Learning curve" section from learning_curve.json: oracle all-correct per snapshot, with CIs,
+    and whether the last step of the curve still rises beyond its CI."""
+    if not curve:
+        return ""
+    pts = curve["points"]
+    lines = ["", "## Learning curve",
+             f"`{curve['command']}` scored EMA snapshots of this run with the oracle ({curve['n_prompts']} single- and "
+             f"{curve['n_prompts']} two-object prompts, DPM-Solver++ 20 steps, CFG 5, 95% bootstrap CIs):", "",
+             "| UNet steps | CPU-hours | single all-correct | two all-correct | single shape / colour / position |",
+             "|---|---|---|---|---|"]
+    for p in pts:
+        s, t = p["single"], p["two"]
+        lines.append(f"| {p['step']:,} | {p['cpu_minutes'] / 60:.2f} | {fmt_est({'mean': s['all'], 'ci95': s['all_ci']})} | "
+                     f"{fmt_est({'mean': t['all'], 'ci95': t['all_ci']})} | "
+                     f"{fmt(s['shape'])} / {fmt(s['color'])} / {fmt(s['position'])} |")
+    if len(pts) >= 2:
+        last, prev = pts[-1]["single"], pts[-2]["single"]
+        rising = last["all_ci"][0] > prev["all"]
+        lines += ["", f"From {pts[-2]['cpu_minutes']:g} to {pts[-1]['cpu_minutes']:g} CPU-minutes single-object "
+                      f"all-correct moved {last['all'] - prev['all']:+.3f}: "
+                      + ("still rising (the last CI lies above the previous point), so more training should help."
+                         if rising else "within the CI of the last point: the curve has flattened or is too noisy "
+                                        "to tell at this step size.")]
+    return "\n".join(lines) + "\n"
 
 
 def _card_fidelity_section(m: dict | None) -> str:

@@ -172,6 +172,24 @@ def test_model_card_is_built_from_the_log_and_the_metrics():
     assert text.index("## Fidelity") < text.index("## Limitations")
 
 
+def test_model_card_shows_the_learning_curve_and_whether_it_still_rises():
+    def point(step, minutes, single, ci):
+        score = {"all": single, "all_ci": ci, "shape": 0.5, "color": 0.75, "position": None, "count": 1.0}
+        return {"step": step, "cpu_minutes": minutes, "single": score, "two": dict(score, all=0.0, all_ci=[0.0, 0.0])}
+
+    curve = {"command": "python train_diffusion.py study --run-name x", "n_prompts": 200,
+             "points": [point(600, 15, 0.1, [0.06, 0.14]), point(2400, 60, 0.3, [0.24, 0.36])]}
+    text = model_card("m", _training_log(), None, curve)
+    section = text[text.index("## Learning curve"):text.index("## Limitations")]
+    assert "`python train_diffusion.py study --run-name x` scored" in section
+    assert "| 600 | 0.25 | 0.100 [0.060, 0.140] | 0.000 [0.000, 0.000] | 0.500 / 0.750 / n/a |" in section
+    assert "| 2,400 | 1.00 | 0.300 [0.240, 0.360] |" in section
+    assert "moved +0.200: still rising" in section  # 0.24 > 0.10
+    flat = dict(curve, points=[point(600, 15, 0.28, [0.2, 0.36]), point(2400, 60, 0.3, [0.24, 0.36])])
+    assert "within the CI of the last point" in model_card("m", _training_log(), None, flat)
+    assert "## Learning curve" not in model_card("m", _training_log())
+
+
 def test_model_card_before_any_measurement_says_how_to_measure():
     text = model_card("m", _training_log())
     assert "## Fidelity\nNot measured yet: `python fidelity.py evaluate-model --model <this folder> --write-card`" in text
