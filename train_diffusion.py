@@ -592,6 +592,12 @@ def make_noise_scheduler(prediction_type: str = "v_prediction"):
                          prediction_type=prediction_type, clip_sample=False, steps_offset=1)
 
 
+def hardware_text(device) -> str:
+    """Where a model was trained, in words (the model cards' "hardware")."""
+    return (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU, {torch.get_num_threads()} torch thread(s) on a {os.cpu_count()}-core machine")
+
+
 def make_sampler(noise_scheduler):
     from diffusers import DPMSolverMultistepScheduler
 
@@ -843,8 +849,7 @@ def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_s
     saved = save_pipeline(trainer, args.out)
     tmp = saved["tmp"]
     log = trainer.log
-    hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                else f"CPU, {torch.get_num_threads()} torch thread(s) on a {os.cpu_count()}-core machine")
+    hardware = hardware_text(device)
     info = {
         "params": saved["params"], "vae": vae_info, "n_images": n_images, "vocab_size": len(trainer.tokenizer),
         "max_length": trainer.tokenizer.model_max_length, "latent_side": trainer.mean.shape[-1],
