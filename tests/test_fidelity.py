@@ -146,7 +146,7 @@ def test_write_card_updates_the_model_folder_with_the_measured_numbers(tmp_path,
     row = "| single object | " + " | ".join("n/a" if s[a] is None else f"{s[a]:.3f}"
                                            for a in ("shape", "color", "size", "position", "count", "all")) + " |"
     assert row in card and "two objects + relation" not in card
-    assert f"`python fidelity.py evaluate-model --model tiny-sd --write-card`" in card
+    assert "`python fidelity.py evaluate-model --model tiny-sd --write-card`" in card
     assert "# tiny-sd\n" in card and "- text encoder + UNet: 123 steps of batch 32 (2.5 min," in card
 
 
