@@ -38,7 +38,8 @@ SIGMA_DATA, TIMESTEP_SCALING, HUBER_C = 0.5, 10.0, 0.001  # LCM's boundary condi
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--teacher", type=Path, required=True, help="the teacher's pipeline folder (StableDiffusionPipeline)")
+    p.add_argument("--teacher", type=Path, required=True,
+                   help="the teacher's pipeline folder (StableDiffusionPipeline)")
     p.add_argument("--out", type=Path, required=True, help="student pipeline folder to write")
     p.add_argument("--ckpt-dir", type=Path, default=None,
                    help="resumable state (default: checkpoints/distill/<--out's name>)")

@@ -26,7 +26,8 @@ fraction of it each of rendered and synthetic_filtered closes, with paired boots
 
 Quick (well under a minute; for tests and smoke runs):
     python task_d.py --quick
-Default (after task_c): 100 accepted images wanted per target from at most 400 candidates, 7 arms x 3 seeds at the baseline's epochs; the 21 retrieval
+Default (after task_c): 100 accepted images wanted per target from at most 400 candidates, 7 arms x 3 seeds at
+the baseline's epochs; the 21 retrieval
 trainings take most of the time (results.md has the measured table per step):
     python task_d.py --run-name default
 The renderer's upper bound alone, no generator needed:
@@ -70,8 +71,8 @@ RENDERER_VERSION = 1  # bump when generate_data's renderer changes: rendered ima
 # (its delta's CI above 0), beats oversample on the targets (CI above 0), and loses <= 0.01 overall.
 CLOSE_FRACTION, OVERALL_LOSS = 0.5, 0.01
 RUNTIME_BUDGET_S = 15 * 60  # task_c + task_d on 2 CPU cores
-QUICK = {"n_per_target": 4, "max_candidates": 4, "steps": 2, "epochs": 2, "bootstrap": 200, "max_train": 500, "max_eval": 200,
-         "train_batch_size": 64}
+QUICK = {"n_per_target": 4, "max_candidates": 4, "steps": 2, "epochs": 2, "bootstrap": 200, "max_train": 500,
+         "max_eval": 200, "train_batch_size": 64}
 COCO_TEMPLATES = ("a photo of {x}", "a picture of {x}", "an image of {x}", "{x}", "a close-up photo of {x}",
                   "a photograph showing {x}", "a scene with {x}")
 

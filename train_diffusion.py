@@ -204,7 +204,8 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
     for name in ("attn_levels", "object_weight", "cpu_minutes", "max_images", "vae_crop", "decoder_minutes",
-                 "warmup_steps", "sample_every", "threads", "seed", "resolution", "max_minutes", "vae_minutes", "kl_weight", "weight_decay", "snr_gamma"):
+                 "warmup_steps", "sample_every", "threads", "seed", "resolution", "max_minutes", "vae_minutes",
+                 "kl_weight", "weight_decay", "snr_gamma"):
         value = getattr(args, name)
         check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
     check(args.lr > 0 and args.vae_lr > 0, f"learning rates must be > 0, got --lr {args.lr}, --vae-lr {args.vae_lr}")
