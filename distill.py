@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 import train_diffusion as td
 from utils import (DEFAULT_DATA, check, cli, common_args, parse_checked, pick_device, read_json, repo_path,
-                   set_seed, start_run, write_json)
+                   set_seed, start_run, write_json, write_text)
 
 QUICK = dict(max_steps=3, batch_size=4, max_images=32, ckpt_every=2, eval_images=8)
 SIGMA_DATA, TIMESTEP_SCALING, HUBER_C = 0.5, 10.0, 0.001  # LCM's boundary condition and loss constants
@@ -216,6 +216,52 @@ def training_data(args, pipe, device) -> tuple[torch.Tensor, torch.Tensor]:
     return latents, tokens
 
 
+def student_card(name: str, log: dict, fidelity: dict | None = None) -> str:
+    """The student's model card (README.md), built from its distill_log.json and, once measured, the metrics of
+    `python fidelity.py evaluate-model --model <folder> --write-card` (the same fidelity section as the base's)."""
+    from utils import _card_fidelity_section
+
+    rec = log["recommended"]
+    return f"""---
+library_name: diffusers
+pipeline_tag: text-to-image
+tags: [stable-diffusion, text-to-image, shapes, latent-consistency-model, distillation]
+---
+
+# {name}
+
+A few-step student of `{log['teacher']}`, distilled with `distill.py` by {log['method']}: every UNet weight
+trained (LCM-LoRA's recipe without the low-rank restriction), the teacher's text encoder, tokenizer and
+autoencoder unchanged. The teacher's classifier-free guidance (scale {log['guidance_distilled']:g}) is distilled
+into the student, so it samples without CFG.
+
+```python
+import torch
+from diffusers import StableDiffusionPipeline
+
+pipe = StableDiffusionPipeline.from_pretrained("{name}", torch_dtype=torch.float32)  # LCMScheduler is saved with it
+image = pipe("a red star to the left of a small blue circle", num_inference_steps={rec['steps']},
+             guidance_scale={rec['guidance']:g}, generator=torch.Generator().manual_seed(0)).images[0]
+```
+
+## Recommended sampling
+{rec['scheduler']} (saved), {rec['steps']} steps, guidance scale {rec['guidance']:g} (no CFG), 64x64.
+
+## Distillation
+- data: {log['n_images']:,} latents of split `{log['split']}` from {', '.join(log['data'])} (the teacher's autoencoder,
+  posterior mean), one of each image's captions per step
+- {log['steps']:,} steps of batch {log['batch_size']} ({log['cpu_minutes']:.1f} CPU-minutes on {log['hardware']}),
+  AdamW lr {log['lr']:g}, target network EMA {log['target_ema']}, teacher DDIM grid of {log['ddim_steps']} steps,
+  pseudo-Huber loss (c = {HUBER_C})
+- loss curve: `distill_log.json`
+
+{_card_fidelity_section(fidelity)}
+## Limitations
+The student can only be as right as its teacher and was distilled for {log['cpu_minutes']:.0f} CPU-minutes; compare
+its metrics.json with the teacher's before relying on it.
+"""
+
+
 def save_student(args, pipe, distiller: Distiller, guidance: float, info: dict) -> None:
     """The student as a StableDiffusionPipeline folder with LCMScheduler, written atomically (temp folder, rename)."""
     import shutil
@@ -231,6 +277,7 @@ def save_student(args, pipe, distiller: Distiller, guidance: float, info: dict) 
     shutil.rmtree(tmp, ignore_errors=True)
     student.save_pretrained(tmp)
     write_json(tmp / "distill_log.json", info)
+    write_text(tmp / "README.md", student_card(args.out.name, info))
     if args.out.exists():
         shutil.rmtree(args.out)
     tmp.rename(args.out)

@@ -219,6 +219,8 @@ def card_folder(spec: dict) -> Path:
     """
     folder = Path(spec["id"])
     check(folder.is_dir(), f"--write-card needs a local model folder; {spec['id']} is not one")
+    if (folder / "distill_log.json").is_file():  # a distill.py student: its card is built from that log
+        return folder
     log = folder / "training_log.json"
     check(log.is_file() and "card_facts" in read_json(log),
           f"--write-card needs {log} with card_facts (a model saved by train_diffusion.py)")
@@ -337,6 +339,12 @@ def write_card(folder: Path, run_dir: Path, metrics: dict) -> None:
     write_json(folder / "metrics.json", {**(old if isinstance(old, dict) else {}), **metrics})
     if (run_dir / "fidelity_grid.png").is_file():
         shutil.copyfile(run_dir / "fidelity_grid.png", folder / "fidelity_grid.png")
+    if (folder / "distill_log.json").is_file():
+        import distill
+
+        write_text(folder / "README.md", distill.student_card(folder.name, read_json(folder / "distill_log.json"),
+                                                              metrics))
+        return
     curve = folder / "learning_curve.json"
     write_text(folder / "README.md", model_card(folder.name, read_json(folder / "training_log.json"), metrics,
                                                 read_json(curve) if curve.is_file() else None))

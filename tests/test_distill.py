@@ -39,9 +39,22 @@ def test_quick_student_loads_as_a_plain_pipeline_and_samples_in_two_steps(tiny_m
     teacher = DiffusionPipeline.from_pretrained(tiny_model).unet.state_dict()
     student = pipe.unet.state_dict()
     assert any(not torch.allclose(teacher[k].float(), student[k].float(), atol=1e-3) for k in teacher)
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n") and "\n# student\n" in card
+    assert "num_inference_steps=4," in card and "3 steps of batch 4" in card and "## Fidelity\nNot measured yet" in card
     # resume: the same command with more steps continues from the saved state
     again = run(tiny_model, tiny_data, tmp_path, "--lr", "0.05", "--max-steps", "4", "--run-name", "r2")
     assert again["resumed_from_step"] == 3 and again["steps"] == 4
+    # evaluate-model --write-card measures the student and rebuilds its card with the numbers
+    import fidelity
+
+    m = fidelity.main(["evaluate-model", "--model", str(tmp_path / "student"), "--n-prompts", "2", "--kinds",
+                       "single", "--n-fd", "0", "--heads", "", "--grid-rows", "1", "--data", str(tiny_data),
+                       "--device", "cpu", "--outputs", str(tmp_path / "out"), "--write-card"])
+    card = (tmp_path / "student" / "README.md").read_text()
+    assert "## Fidelity (measured; targets NOT met)" in card and "4 steps of batch 4" in card
+    assert "LCMScheduler 4 steps, guidance 1.0" in card  # a student folder is sampled as its log recommends
+    assert json.loads((tmp_path / "student" / "metrics.json").read_text())["single_object"] == m["single_object"]
 
 
 def test_boundary_scalings_match_diffusers_lcm_scheduler():
