@@ -1258,7 +1258,8 @@ def _card_curve_section(curve: dict | None) -> str:
              "|---|---|---|---|---|"]
     for p in pts:
         s, t = p["single"], p["two"]
-        lines.append(f"| {p['step']:,} | {p['cpu_minutes'] / 60:.2f} | {fmt_est({'mean': s['all'], 'ci95': s['all_ci']})} | "
+        lines.append(f"| {p['step']:,} | {p['cpu_minutes'] / 60:.2f} | "
+                     f"{fmt_est({'mean': s['all'], 'ci95': s['all_ci']})} | "
                      f"{fmt_est({'mean': t['all'], 'ci95': t['all_ci']})} | "
                      f"{fmt(s['shape'])} / {fmt(s['color'])} / {fmt(s['position'])} |")
     if len(pts) >= 2:
@@ -1342,8 +1343,11 @@ def resolve_model(name: str) -> dict[str, Any]:
         return spec
     if Path(name).is_dir():
         check((Path(name) / "model_index.json").is_file(), f"{name} is not a diffusers pipeline folder (no model_index.json)")
+        # a distill.py student names its own sampling (few steps, no CFG); other folders get the pipeline defaults
+        log = Path(name) / "distill_log.json"
+        rec = read_json(log).get("recommended", {}) if log.is_file() else {}
         return {"id": str(Path(name)), "name": Path(name).name, "pipeline": None, "scheduler": None,
-                "steps": None, "guidance": None, "size": None}
+                "steps": rec.get("steps"), "guidance": rec.get("guidance"), "size": None}
     check(name.count("/") == 1 and not name.startswith((".", "/")),
           f"unknown model {name!r}: not a registry name ({', '.join(MODEL_REGISTRY)}), a folder or a hub id org/name")
     return {"id": name, "name": name, "pipeline": None, "scheduler": None, "steps": None, "guidance": None, "size": None}
