@@ -254,3 +254,15 @@ def test_square_crop_resizes_the_short_side_and_moves_the_boxes():
 def test_resolution_must_be_a_multiple_of_8(tiny_data):
     with pytest.raises(UserError, match=r"^--resolution must be a multiple of 8 pixels, got 30$"):
         train_diffusion.parse_args(["--data", str(tiny_data), "--resolution", "30"])
+
+
+def test_a_tokenizer_left_from_other_captions_is_a_one_line_error(tmp_path):
+    shapes = [["a red star to the left of a blue circle", "two small green squares"]]
+    tok = train_diffusion.build_tokenizer(shapes, tmp_path / "tok")
+    assert len(tok("two small green squares").input_ids) == 4 + 2  # every caption word one token
+    photos = [["a photo of a zebra grazing", "zebras near a fence."]]
+    with pytest.raises(UserError, match=r"^tokenizer in .*tok splits caption words such as 'a photo of a zebra "
+                                        r"grazing'; delete it to rebuild$"):
+        train_diffusion.build_tokenizer(photos, tmp_path / "tok")
+    fresh = train_diffusion.build_tokenizer(photos, tmp_path / "tok2")  # real captions, punctuation included
+    assert len(fresh("zebras near a fence.").input_ids) == 5 + 2
