@@ -114,7 +114,7 @@ def task_b_summary(m: dict) -> list[str]:
              f"fidelity = oracle `{m['fidelity_key']}`; schedulers built with timestep spacing "
              f"{', '.join(spacings) or 'n/a'}; {len(no_effect)} cells cannot change the image and are not ranked. "
              "The conclusions are in findings.md.", ""]
-    for name in ("schedulers", "steps", "cfg", "grid"):
+    for name in ("schedulers", "steps", "student", "cfg", "grid"):
         if exps.get(name):
             lines.append(f"- {name}: {_best_sentence(exps[name])}.")
     eta = [c for c in exps.get("eta", []) if c.get("fidelity_mean") is not None]
