@@ -63,7 +63,7 @@ from utils import (DEFAULT_IMAGE_ENCODER, ImageStore, UserError, bootstrap_ci, c
                    md_table, model_fingerprint, parse_checked, pyplot, read_json, resolve_model, start_run, time_call,
                    write_json, write_text)
 
-EXPERIMENTS = ("schedulers", "steps", "cfg", "eta", "negative", "trajectory", "grid", "cell")
+EXPERIMENTS = ("schedulers", "steps", "student", "cfg", "eta", "negative", "trajectory", "grid", "cell")
 DEFAULT_EXPERIMENTS = ("schedulers", "steps", "cfg")
 # Short names of the scheduler zoo -> diffusers classes (any other diffusers scheduler class name works too).
 SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler", "pndm": "PNDMScheduler",
@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="schedulers experiment: add DDPM at all num_train_timesteps steps (the original sampler)")
     p.add_argument("--steps-list", type=comma_list(int, lo=1), default="1,2,3,6,12,24",
                    help="step counts of the steps experiment")
+    p.add_argument("--student", default=None,
+                   help="student experiment: a few-step model distilled from --model (registry name or folder), run "
+                        "over --steps-list at its own recommended guidance and scheduler, its curve beside the "
+                        "teacher's in fidelity_vs_steps.png (default: shapes-tiny-turbo for --model shapes-tiny, "
+                        "else none; '' for none)")
     p.add_argument("--cfg-list", type=comma_list(float, lo=0), default="1,3,5,7,9",
                    help="guidance scales of the cfg experiment")
     p.add_argument("--cfg-steps", type=int, default=12, help="steps of the cfg experiment")
@@ -135,8 +140,12 @@ def check_args(args: argparse.Namespace) -> None:
     single = any(v is not None for v in (args.scheduler, args.steps, args.guidance))
     names = args.experiments or ("cell" if single else ",".join(DEFAULT_EXPERIMENTS))
     names = [e.strip() for e in names.split(",") if e.strip()]
+    if args.student is None:
+        args.student = "shapes-tiny-turbo" if args.model == "shapes-tiny" else ""
     if names == ["all"]:
         names = [e for e in EXPERIMENTS if e not in ("grid", "cell")] + (["grid"] if args.x else [])
+        if not args.student:
+            names.remove("student")
     for name in names:
         check(name in EXPERIMENTS, f"unknown experiment {name!r}; valid: {', '.join(EXPERIMENTS)}, all")
     check(bool(names), f"--experiments is empty; valid: {', '.join(EXPERIMENTS)}, all")
@@ -163,6 +172,9 @@ def check_args(args: argparse.Namespace) -> None:
         check(args.axes[0][0] != args.axes[1][0], f"--x and --y sweep the same argument {args.axes[0][0]!r}")
     check(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
     resolve_model(args.model)  # a bad model name fails before anything slow
+    check("student" not in args.experiments or bool(args.student), "the student experiment needs --student MODEL")
+    if "student" in args.experiments:
+        resolve_model(args.student)
 
 
 def resolve_scheduler(name: str) -> str:
@@ -610,6 +622,19 @@ def exp_steps(ctx: Context) -> list[dict]:
             for s in ctx.args.steps_list]
 
 
+def exp_student(ctx: Context) -> list[dict]:
+    """The steps experiment again with the --student model (its own scheduler and guidance), same prompts and seeds;
+    cells carry "model", and share the run's cell cache."""
+    spipe, ssettings = load_pipeline(ctx.args.student, device=ctx.pipe.device)
+    sctx = Context(ctx.args, spipe, ssettings, ctx.oracle, ctx.encoder, ctx.run_dir, ctx.wandb)
+    sctx.cache = ctx.cache  # one cells.json: keys hold the model id and fingerprint
+    cells = [run_cell(sctx, "student", {**sctx.defaults(), "num_inference_steps": s},
+                      f"{ssettings['name']} {short(sctx.base_scheduler)} {s} steps") for s in ctx.args.steps_list]
+    ctx.thumbs.update(sctx.thumbs)
+    ctx.images.update(sctx.images)
+    return [dict(c, model=ssettings["name"]) for c in cells]
+
+
 def exp_cfg(ctx: Context) -> list[dict]:
     return [run_cell(ctx, "cfg", {**ctx.defaults(), "num_inference_steps": ctx.args.cfg_steps, "guidance_scale": g},
                      f"guidance {g:g}") for g in ctx.args.cfg_list]
@@ -812,7 +837,7 @@ def exp_trajectory(ctx: Context) -> list[dict]:
     return cells
 
 
-RUNNERS = {"schedulers": exp_schedulers, "steps": exp_steps, "cfg": exp_cfg, "eta": exp_eta,
+RUNNERS = {"schedulers": exp_schedulers, "steps": exp_steps, "student": exp_student, "cfg": exp_cfg, "eta": exp_eta,
            "negative": exp_negative, "trajectory": exp_trajectory, "grid": exp_grid, "cell": exp_cell}
 
 
@@ -880,7 +905,7 @@ def findings_markdown(m: dict) -> str:
         lines += [f"**No cell got any image fully right by `{key}`: fidelity cannot rank these settings.** "
                   "The per-attribute rates in metrics.json (colour, shape, ...) still differ; rerun with "
                   "`--fidelity-key color` (or shape) to rank by one of them.", ""]
-    for name in ("schedulers", "steps"):
+    for name in ("schedulers", "steps", "student"):
         cells = scored(exps.get(name, []))
         if not cells:
             continue
@@ -982,13 +1007,17 @@ def _errorbar(ax, cells, x_key, label, shift: float = 1.0):
 def make_plots(m: dict, run_dir: Path) -> list[str]:
     plt = pyplot()
     exps, made = m["experiments"], []
-    steps_cells = scored(exps.get("schedulers", []) + exps.get("steps", []))
+    steps_cells = scored(exps.get("schedulers", []) + exps.get("steps", []) + exps.get("student", []))
     if steps_cells:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        names = list(dict.fromkeys(c["scheduler"] for c in steps_cells))
+
+        def series(c):  # the teacher's schedulers by name; the student's curve named by its model
+            return f"{c['model']} ({short(c['scheduler'])})" if c.get("model") else short(c["scheduler"])
+
+        names = list(dict.fromkeys(series(c) for c in steps_cells))
         for k, name in enumerate(names):
-            mine = {c["num_inference_steps"]: c for c in steps_cells if c["scheduler"] == name}
-            _errorbar(ax, list(mine.values()), "num_inference_steps", short(name), 1 + 0.04 * (k - len(names) / 2))
+            mine = {c["num_inference_steps"]: c for c in steps_cells if series(c) == name}
+            _errorbar(ax, list(mine.values()), "num_inference_steps", name, 1 + 0.04 * (k - len(names) / 2))
         ax.set(xscale="log", xlabel="num_inference_steps", ylabel=f"fidelity ({m['fidelity_key']})",
                title="fidelity vs steps per scheduler (95% CI over prompts)")
         ax.legend(fontsize=8)

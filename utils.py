@@ -1309,14 +1309,14 @@ def _card_fidelity_section(m: dict | None) -> str:
 
 # --------------------------------------------------------------------------- diffusion models
 SHAPES_MODEL = REPO / "models" / "shapes-sd-tiny"
-SHAPES_MODEL_4K = REPO / "models" / "shapes-sd-tiny-4k"  # the same model stopped at 4,601 steps (see its card)
+SHAPES_MODEL_TURBO = REPO / "models" / "shapes-sd-tiny-turbo"  # its few-step student (distill.py, see its card)
 # Short name -> where the weights live and the settings their authors recommend. `scheduler` None keeps
 # the one saved with the model. Hub ids need a cached download (this repo never assumes a network).
 MODEL_REGISTRY: dict[str, dict[str, Any]] = {
     "shapes-tiny": {"id": str(SHAPES_MODEL), "pipeline": "StableDiffusionPipeline", "scheduler": None,
                     "steps": 20, "guidance": 5.0, "size": 64},
-    "shapes-tiny-4k": {"id": str(SHAPES_MODEL_4K), "pipeline": "StableDiffusionPipeline", "scheduler": None,
-                       "steps": 20, "guidance": 5.0, "size": 64},
+    "shapes-tiny-turbo": {"id": str(SHAPES_MODEL_TURBO), "pipeline": "StableDiffusionPipeline", "scheduler": None,
+                          "steps": 4, "guidance": 1.0, "size": 64},
     "sd21": {"id": "stabilityai/stable-diffusion-2-1", "pipeline": "StableDiffusionPipeline",
              "scheduler": "DPMSolverMultistepScheduler", "steps": 25, "guidance": 7.5, "size": 768},
     "sd-turbo": {"id": "stabilityai/sd-turbo", "pipeline": "StableDiffusionPipeline", "scheduler": None,

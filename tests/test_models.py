@@ -41,8 +41,13 @@ def test_scheduler_swap_by_name(saved_pipeline):
 
 
 def test_registry_names_cover_the_issue():
-    assert {"shapes-tiny", "sd21", "sd-turbo", "sdxl", "sdxl-turbo", "sd35-medium"} <= set(utils.MODEL_REGISTRY)
+    assert {"shapes-tiny", "shapes-tiny-turbo", "sd21", "sd-turbo", "sdxl", "sdxl-turbo", "sd35-medium"} <= set(
+        utils.MODEL_REGISTRY)
     assert utils.MODEL_REGISTRY["sd-turbo"]["guidance"] == 0.0 and utils.MODEL_REGISTRY["sd-turbo"]["steps"] <= 4
+    # our student samples as its distill_log.json recommends, as sd-turbo does: few steps, no CFG
+    rec = utils.read_json(utils.SHAPES_MODEL_TURBO / "distill_log.json")["recommended"]
+    turbo = utils.MODEL_REGISTRY["shapes-tiny-turbo"]
+    assert (turbo["steps"], turbo["guidance"]) == (rec["steps"], rec["guidance"]) and turbo["steps"] <= 4
 
 
 def test_uncached_hub_model_fails_with_one_line(monkeypatch):

@@ -27,10 +27,23 @@ def tiny_sd(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def quick_run(tiny_sd, tmp_path_factory):
+def tiny_student(tiny_sd, tmp_path_factory):
+    """The tiny pipeline saved with LCMScheduler: the shape of a distill.py student."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    folder = tmp_path_factory.mktemp("student") / "tiny-student"
+    pipe.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_sd, tiny_student, tmp_path_factory):
     out = tmp_path_factory.mktemp("task_b")
     argv = ["--model", tiny_sd, "--quick", "--experiments", "all", "--zoo", "ddim,dpmpp_2m", "--x", "num_inference_steps=1,2",
-            "--y", "guidance_scale=1:5:4", "--outputs", str(out), "--run-name", "q", "--threads", "1"]
+            "--y", "guidance_scale=1:5:4", "--outputs", str(out), "--run-name", "q", "--threads", "1",
+            "--student", tiny_student]
     return out / "task_b" / "q", task_b.main(argv), argv
 
 
@@ -38,7 +51,8 @@ def test_quick_run_writes_every_experiment(quick_run):
     run, metrics, _ = quick_run
     on_disk = json.loads((run / "metrics.json").read_text())
     assert (run.parent / "latest").resolve() == run.resolve()
-    assert list(on_disk["experiments"]) == ["schedulers", "steps", "cfg", "eta", "negative", "trajectory", "grid"]
+    assert list(on_disk["experiments"]) == ["schedulers", "steps", "student", "cfg", "eta", "negative", "trajectory",
+                                            "grid"]
     assert on_disk["n_prompts"] == 2 and on_disk["n_seeds"] == 2
     ex = on_disk["experiments"]
     for name in ("schedulers", "steps", "cfg", "eta", "grid"):
@@ -54,6 +68,10 @@ def test_quick_run_writes_every_experiment(quick_run):
     assert [(c["scheduler"], c["num_inference_steps"]) for c in ex["schedulers"]] == [
         ("DDIMScheduler", 2), ("DPMSolverMultistepScheduler", 2)]
     assert [c["num_inference_steps"] for c in ex["steps"]] == [1, 2]
+    # the student's curve: same steps list, its own scheduler, named by its model (a different model: new images)
+    assert [(c["model"], c["scheduler"], c["num_inference_steps"]) for c in ex["student"]] == [
+        ("tiny-student", "LCMScheduler", 1), ("tiny-student", "LCMScheduler", 2)]
+    assert all(SCORED_KEYS <= set(c) for c in ex["student"])
     assert [c["guidance_scale"] for c in ex["cfg"]] == [1.0, 5.0]
     assert [c["eta"] for c in ex["eta"]] == [0.0, 1.0] and {c["scheduler"] for c in ex["eta"]} == {"DDIMScheduler"}
     assert [(c["num_inference_steps"], c["guidance_scale"]) for c in ex["grid"]] == [(1, 1), (1, 5), (2, 1), (2, 5)]
@@ -79,7 +97,7 @@ def test_quick_run_writes_every_experiment(quick_run):
                  "schedulers_grid.png", "cells.json", "config.json"):
         assert (run / name).stat().st_size > 0, name
     findings = (run / "findings.md").read_text()
-    for heading in ("## schedulers", "## steps", "## cfg", "## eta", "## negative prompts", "## grid",
+    for heading in ("## schedulers", "## steps", "## student", "## cfg", "## eta", "## negative prompts", "## grid",
                     "## Fidelity vs time: the Pareto front", "## trajectory"):
         assert heading in findings
     best = max(ex["cfg"], key=lambda c: c["fidelity_mean"])
@@ -205,7 +223,7 @@ def test_sweep_yaml_parameters_are_task_b_flags():
     (["--scheduler", "magic"], "unknown scheduler 'magic'; valid: ddim, ddpm, pndm, euler, euler_a, dpmpp_2m, unipc, "
                                "heun or a diffusers class (AmusedScheduler, "),
     (["--zoo", "ddim,warp"], "unknown scheduler 'warp'; valid: ddim, "),
-    (["--experiments", "schedulers,fancy"], "unknown experiment 'fancy'; valid: schedulers, steps, cfg, eta, "
+    (["--experiments", "schedulers,fancy"], "unknown experiment 'fancy'; valid: schedulers, steps, student, cfg, eta, "
                                             "negative, trajectory, grid, cell, all"),
     (["--experiments", "grid"], "the grid experiment needs --x (and optionally --y)"),
     (["--experiments", "grid", "--x", "guidance_scale=1:9"], "malformed range '1:9'"),

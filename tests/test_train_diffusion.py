@@ -121,7 +121,7 @@ def test_missing_data_file_and_unknown_split(tiny_data, tmp_path):
                               "--ckpt-dir", str(tmp_path / "c")])
 
 
-@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED.with_name("shapes-sd-tiny-4k")], ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED.with_name("shapes-sd-tiny-turbo")], ids=lambda p: p.name)
 def test_shipped_model_generates_a_64px_image_on_cpu(folder):
     from diffusers import StableDiffusionPipeline
 
