@@ -71,7 +71,7 @@ RENDERER_VERSION = 1  # bump when generate_data's renderer changes: rendered ima
 # (its delta's CI above 0), beats oversample on the targets (CI above 0), and loses <= 0.01 overall.
 CLOSE_FRACTION, OVERALL_LOSS = 0.5, 0.01
 RUNTIME_BUDGET_S = 15 * 60  # task_c + task_d on 2 CPU cores
-QUICK = {"n_per_target": 4, "max_candidates": 4, "steps": 2, "epochs": 2, "bootstrap": 200, "max_train": 500,
+QUICK = {"n_per_target": 4, "steps": 2, "epochs": 2, "bootstrap": 200, "max_train": 500,
          "max_eval": 200, "train_batch_size": 64}
 COCO_TEMPLATES = ("a photo of {x}", "a picture of {x}", "an image of {x}", "{x}", "a close-up photo of {x}",
                   "a photograph showing {x}", "a scene with {x}")
@@ -87,7 +87,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="accepted images wanted per target category: candidates are generated in rounds until the "
                         "filter has accepted this many or --max-candidates are made")
     p.add_argument("--max-candidates", type=int, default=None,
-                   help="candidate images per target at most (default: 4 x --n-per-target)")
+                   help="candidate images per target at most (default: 4 x --n-per-target; --quick: one round)")
     p.add_argument("--gen-batch-size", type=int, default=16, help="images per pipeline call")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
@@ -118,8 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     for name in ("n_per_target", "gen_batch_size", "bootstrap"):
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.max_candidates is None:
-        args.max_candidates = 4 * args.n_per_target
+    if args.max_candidates is None:  # --quick: one round, whatever --n-per-target says
+        args.max_candidates = args.n_per_target if args.quick else 4 * args.n_per_target
     check(args.max_candidates >= args.n_per_target,
           f"--max-candidates must be >= --n-per-target ({args.n_per_target}), got {args.max_candidates}")
     check(args.epochs is None or args.epochs > 0, f"--epochs must be positive, got {args.epochs}")
