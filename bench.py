@@ -78,6 +78,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="timed runs of every measurement after its warm-up (min and median reported; the min counts)")
     p.add_argument("--min-seconds", type=float, default=1.0,
                    help="seconds: fast measurements repeat until their timed runs add up to this")
+    p.add_argument("--student", default=None,
+                   help="few-step student of --model timed on our path at its own registry sampling, with the kept "
+                        "optimisations (default: shapes-tiny-turbo for --model shapes-tiny, else none; '' skips it)")
     p.add_argument("--oracle", default=None, help="fidelity oracle folder (default: models/shapes-oracle)")
     # SD 2.1 architecture
     p.add_argument("--sd21-scale", default="full",
@@ -125,8 +128,12 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("threads", "naive_queries", "nlist", "min_seconds", "noise"):
         check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     check(args.k <= min(args.sizes), f"--k {args.k} is more than the smallest database size {min(args.sizes)}")
+    if args.student is None:
+        args.student = "shapes-tiny-turbo" if args.model == "shapes-tiny" else ""
     if "generation" in args.only:
         resolve_model(args.model)  # a one-line error for an unknown model or missing folder, before any work
+        if args.student:
+            resolve_model(args.student)
 
 
 # --------------------------------------------------------------------------- shared measuring helpers
@@ -392,15 +399,33 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
         record("batched + kept optimisations, plain settings", timing, imgs, steps=plain_steps,
                guidance=plain_guidance, batch_size=args.batch_size, scheduler=settings["scheduler"], output="np",
                optimisations=sorted(ours.on), unet_evals_per_image=evals[plain_steps, plain_guidance])
+
+    # f. the few-step student on our path (its registry steps and guidance, the optimisations kept above)
+    student_row = None
+    if args.student:
+        spipe, ssettings = load_pipeline(args.student, device=device, dtype=torch.float32)
+        student = OurPath(spipe, ssettings, args.batch_size)
+        for name in ours.on:
+            student.apply(name, True, cores, default_threads)
+        sst, sgd = ssettings["steps"], ssettings["guidance"]
+        sevals = unet_evals_per_image(spipe.unet, lambda: student.generate(texts[:1], seeds[:1], sst, sgd))
+        student.generate(texts[:2], seeds[:2], sst, sgd, batch_size=2)  # warm-up
+        timing, imgs = timed(lambda: student.generate(texts, seeds, sst, sgd), args, warmup=0)
+        student_row = record(f"student {resolve_model(args.student)['name']}: batched + kept optimisations", timing,
+                             imgs, steps=sst, guidance=sgd, batch_size=args.batch_size,
+                             scheduler=ssettings["scheduler"], output="np", optimisations=sorted(student.on),
+                             unet_evals_per_image=sevals, unet_flops_per_eval=unet_eval_flops(spipe, ssettings["size"]))
+        del spipe, student
     torch.set_num_threads(default_threads)
 
-    # f. the verdict: speed ratio of the best configuration and whether the oracle scores are within 1 point
+    # g. the verdict: speed ratio of the best configuration and whether the oracle scores are within 1 point
     plain_row, batched_row, base_row = rows[0], rows[1], rows[2]
     equal = compare_fidelity(scores[plain_row["config"]], scores[best["config"]], args.seed)
     equal_batched = compare_fidelity(scores[plain_row["config"]], scores[batched_row["config"]], args.seed)
     within = all(v["within_1pt"] for v in equal.values())
     # The fastest configuration whose every oracle score is within 1 point of the plain path's.
     for row in rows[1:]:
+        row["fidelity_minus_plain"] = compare_fidelity(scores[plain_row["config"]], scores[row["config"]], args.seed)
         row["fidelity_within_1pt_of_plain"] = all(
             v["within_1pt"] for v in compare_fidelity(scores[plain_row["config"]], scores[row["config"]], args.seed).values())
     equal_rows = [r for r in rows[1:] if r["fidelity_within_1pt_of_plain"]]
@@ -413,6 +438,8 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
         "ratio_batching_only": ratio(plain_row["seconds"], batched_row["seconds"]),
         "ratio_sampler_only": ratio(batched_row["seconds"], base_row["seconds"]),
         "ratio_optimisations_only": ratio(base_row["seconds"], best["seconds"]),
+        "student": student_row["config"] if student_row else None,
+        "ratio_student_vs_plain": ratio(plain_row["seconds"], student_row["seconds"]) if student_row else None,
         "fidelity_ours_minus_plain": equal, "fidelity_batched_minus_plain": equal_batched,
         "equal_fidelity": within, "fidelity_tolerance": FIDELITY_TOLERANCE,
         "fastest_equal_fidelity_config": fastest_equal["config"] if fastest_equal else None,
@@ -533,7 +560,7 @@ def bench_limit(args: argparse.Namespace, generation: dict) -> dict:
     per_eval = generation["unet_flops_per_eval"]
     rows = []
     for r in generation["configs"]:
-        per_image = per_eval * r["unet_evals_per_image"]
+        per_image = r.get("unet_flops_per_eval", per_eval) * r["unet_evals_per_image"]
         achieved = per_image * r["images_per_s"]
         rows.append({"config": r["config"], "unet_evals_per_image": r["unet_evals_per_image"],
                      "flops_per_image": per_image, "images_per_s": r["images_per_s"],
@@ -868,8 +895,8 @@ def headline_ratios(m: dict) -> dict:
     g = m.get("generation")
     if g:
         for key in ("ratio_ours_vs_plain", "ratio_at_equal_fidelity", "ratio_batching_only", "ratio_sampler_only",
-                    "ratio_optimisations_only"):
-            if g[key] is not None:
+                    "ratio_optimisations_only", "ratio_student_vs_plain"):
+            if g.get(key) is not None:
                 out[f"generation_{key[6:]}"] = g[key]
     s = m.get("sd21")
     if s and s.get("status") == "ran":
@@ -935,6 +962,13 @@ def results_markdown(m: dict) -> str:
                          + ("every oracle score within 1 point." if not same else
                             f"{', '.join(same)} differing by more than 1 point (batched numerics differ slightly)."))
         lines.append("")
+        if g.get("student"):
+            row = next(r for r in g["configs"] if r["config"] == g["student"])
+            d = row["fidelity_minus_plain"]["all"]
+            lines += [f"Few-step student: `{g['student']}` ({row['steps']} steps, guidance {row['guidance']}), "
+                      f"x{fmt(g['ratio_student_vs_plain'], '.2f')} vs plain; oracle all-correct minus plain "
+                      f"{fmt(d['diff'])} {fmt_ci(d['ci95'])} ({'within' if d['within_1pt'] else 'NOT within'} "
+                      "1 point; every attribute's difference is in metrics.json).", ""]
         if g["fastest_equal_fidelity_config"]:
             lines.append(f"Fastest configuration at equal fidelity (every oracle score within 1 point of plain): "
                          f"`{g['fastest_equal_fidelity_config']}`, x{fmt(g['ratio_at_equal_fidelity'], '.2f')} vs plain.")

@@ -24,6 +24,7 @@ GENERATION_SECONDS = {
     "+ channels_last": 0.99,  # x1.01, under KEEP_MIN_GAIN 1.02: dropped
     "+ fused_qkv": 0.8,  # x1.25 over 1.0: kept, the best
     "batched + kept optimisations, plain settings": 3.2,
+    "student tiny-sd: batched + kept optimisations": 0.4,  # --student: the same tiny folder stands in
 }
 PEAK_SECONDS = [0.5, 0.25]  # one (2048, 2048) @ (2048, 2048) matmul, one conv2d (PEAK_CONV)
 SD21_SECONDS = [4.0, 4.0, 2.0, 1.0, 0.5]  # fp32, + float32 (a no-op on CPU), + SDPA, + batching, + channels_last
@@ -42,6 +43,7 @@ EXPECTED_RATIOS = {
     "generation_batching_only": 2.0,  # 8 / 4
     "generation_sampler_only": 2.0,  # 4 / 2
     "generation_optimisations_only": 2.5,  # 2 / 0.8
+    "generation_student_vs_plain": 20.0,  # 8 / 0.4
     "sd21_optimised_vs_fp32": 8.0,  # 4 / 0.5
     "retrieval_faiss_vs_python_loop": 100.0,  # 2 / 0.02
     "retrieval_faiss_vs_python_loop_incl_build": 2 / 0.07,
@@ -83,7 +85,8 @@ def quick_run(tmp_path_factory):
     out = tmp / "outputs"
     with pytest.MonkeyPatch.context() as mp:
         images = scripted_clock(mp)
-        metrics = bench.main(["--quick", "--threads", "1", "--model", str(model), "--sd21-scale", "tiny",
+        metrics = bench.main(["--quick", "--threads", "1", "--model", str(model), "--student", str(model),
+                              "--sd21-scale", "tiny",
                               "--outputs", str(out), "--run-name", "q", "--retrieval-run", str(tmp / "no-such-run")])
     return out / "bench" / "q", metrics, images
 
@@ -134,8 +137,12 @@ def test_generation_ratios_come_from_the_measured_times(quick_run):
     assert [a.get("own_ratio") for a in g["ablation"]] == pytest.approx([2.0, 1 / 0.99, 1.25, None])
     assert [a["kept"] for a in g["ablation"]] == [True, False, True, False]
     assert g["best_config"] == "+ fused_qkv" and g["best_optimisations"] == ["fused_qkv", "inference_mode"]
-    last = g["configs"][-1]  # the kept optimisations are also timed at the plain path's settings
+    last = g["configs"][-2]  # the kept optimisations are also timed at the plain path's settings
     assert last["steps"] == 50 and last["optimisations"] == ["fused_qkv", "inference_mode"]
+    student = g["configs"][-1]  # then the student at its own sampling, with the same optimisations
+    assert student["config"] == g["student"] and student["optimisations"] == ["fused_qkv", "inference_mode"]
+    assert student["steps"] == 25 and g["ratio_student_vs_plain"] == pytest.approx(20.0)
+    assert student["fidelity_minus_plain"]["all"]["diff"] == -0.5  # its second image scripted wrong
 
 
 def test_fastest_equal_fidelity_config_is_the_fastest_within_1_point(quick_run):
