@@ -70,16 +70,25 @@ DESIGNS = {
                       object_weight=0.0),
     "latent-f2-objw": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128", attn_levels=2,
                            object_weight=10.0),
+    "latent-f2-shift": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128", attn_levels=2,
+                            object_weight=0.0, snr_shift=4.0),
+    "latent-f2-objw-shift": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128",
+                                 attn_levels=2, object_weight=10.0, snr_shift=4.0),
 }
 DESIGN_NOTES = {
     "latent-f4": "today's model: f=4 AutoencoderKL (64 px -> 16x16x4), plain min-SNR v-loss",
     "latent-f2": "f=2 AutoencoderKL (64 px -> 32x32x4): objects of 11-19 px stay 6-10 latent pixels wide",
     "latent-f2-objw": "f=2 as above, and the diffusion loss inside the (dilated) object boxes weighted 11x, "
                       "normalised per image, so the objects (~5% of the pixels) get the capacity",
+    "latent-f2-shift": "f=2 with the noise schedule's SNR divided by 4 at every timestep: 32x32 latents keep 4x the "
+                       "signal of 16x16 ones at equal noise, so the unshifted model learns the layout (and the text "
+                       "that decides it) only from the few noisiest timesteps",
+    "latent-f2-objw-shift": "f=2, object-weighted loss (11x) and the SNR/4 schedule together",
 }
 # Settings in a checkpoint folder that a resume must match (weights of another shape cannot be loaded).
 ARCH_KEYS = ("vae_channels", "latent_channels", "text_hidden", "text_layers", "text_heads", "unet_channels",
-             "unet_layers", "attn_head_dim", "attn_levels", "prediction_type")
+             "unet_layers", "attn_head_dim", "attn_levels", "prediction_type", "snr_shift")
+ARCH_DEFAULTS = {"snr_shift": 1.0}  # what a checkpoint made before the key existed was trained with
 QUICK = dict(max_images=64, vae_channels="8,16", vae_crop=0, vae_steps=4, vae_batch_size=8, text_hidden=32,
              text_layers=1, text_heads=2, unet_channels="32,64", unet_layers=1, attn_head_dim=8, max_steps=4,
              batch_size=8, warmup_steps=1, ckpt_every=2, sample_every=0, sample_steps=2, eval_images=16, threads=1)
@@ -151,6 +160,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--prediction-type", default="v_prediction", choices=("v_prediction", "epsilon"),
                        help="UNet target: v_prediction (default; its x0 estimate stays sane at high noise early in "
                             "training, where epsilon's is amplified up to 1/sqrt(alpha_bar) ~ 150x) or epsilon")
+    train.add_argument("--snr-shift", type=float, default=1.0,
+                       help="divide the noise schedule's signal-to-noise ratio by this factor at every timestep "
+                            "(>= 1; 1: DDPM's linear betas). Hoogeboom et al. 2023 ('simple diffusion'): an image "
+                            "with 2x the side needs SNR/4 for the same noise to hide the same structure. Saved in the "
+                            "pipeline's scheduler as trained_betas, so sampling uses the same schedule")
     train.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR loss weighting gamma (0: plain MSE)")
     train.add_argument("--object-weight", type=float, default=0.0,
                        help="extra weight of the diffusion loss inside the dilated object boxes (0: plain loss); "
@@ -210,6 +224,7 @@ def check_args(args: argparse.Namespace) -> None:
         check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
     check(args.lr > 0 and args.vae_lr > 0, f"learning rates must be > 0, got --lr {args.lr}, --vae-lr {args.vae_lr}")
     check(0 <= args.cfg_dropout <= 1, f"--cfg-dropout must be in 0..1, got {args.cfg_dropout}")
+    check(args.snr_shift >= 1, f"--snr-shift must be >= 1, got {args.snr_shift}")
     check(0 < args.ema_decay < 1, f"--ema-decay must be in (0, 1), got {args.ema_decay}")
     check(args.guidance >= 1, f"--guidance must be >= 1, got {args.guidance}")
     check(args.text_hidden % args.text_heads == 0,
@@ -240,7 +255,8 @@ def check_architecture(args) -> None:
         write_json(path, now)
         return
     saved = json.loads(path.read_text())
-    diff = [f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})" for k in ARCH_KEYS if saved.get(k) != now[k]]
+    saved = {k: saved.get(k, ARCH_DEFAULTS.get(k)) for k in ARCH_KEYS}
+    diff = [f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in ARCH_KEYS if saved[k] != now[k]]
     check(not diff, f"{args.ckpt_dir} holds a model trained with {'; '.join(diff)}: pass the same flags (or "
                     f"--design), --fresh to start over, or another --ckpt-dir")
 
@@ -591,12 +607,23 @@ def make_unet(args, latent_side: int):
         norm_num_groups=math.gcd(32, *args.unet_widths))
 
 
-def make_noise_scheduler(prediction_type: str = "v_prediction"):
+def make_noise_scheduler(prediction_type: str = "v_prediction", snr_shift: float = 1.0):
+    """DDPMScheduler with 1000 timesteps: DDPM's linear betas, their SNR divided by `snr_shift` when it is > 1.
+
+    SNR'(t) = SNR(t) / s, i.e. alpha_bar' = alpha_bar / (s - (s - 1) alpha_bar) (Hoogeboom et al. 2023, "simple
+    diffusion", sec. 3.1); the shifted betas are stored as `trained_betas`, which every diffusers scheduler reads.
+    """
     from diffusers import DDPMScheduler
 
     # DDPM's linear betas: at 16x16 latents SD's scaled-linear schedule leaves too much signal at t=T.
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                         prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    kwargs = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                  prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    if snr_shift == 1:
+        return DDPMScheduler(**kwargs)
+    bar = DDPMScheduler(**kwargs).alphas_cumprod.double()
+    bar = bar / (snr_shift - (snr_shift - 1) * bar)
+    betas = 1 - bar / torch.cat([torch.ones(1, dtype=bar.dtype), bar[:-1]])
+    return DDPMScheduler(**kwargs, trained_betas=betas.tolist())
 
 
 def hardware_text(device) -> str:
@@ -644,7 +671,7 @@ class Trainer:
         self.empty = tokenize(tokenizer, [""])[0]
         self.text_encoder = make_text_encoder(args, tokenizer).to(device).train()
         self.unet = make_unet(args, self.mean.shape[-1]).to(device).train()
-        self.noise_scheduler = make_noise_scheduler(args.prediction_type)
+        self.noise_scheduler = make_noise_scheduler(args.prediction_type, args.snr_shift)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(args))

@@ -106,6 +106,7 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     (["--text-hidden", "30", "--text-heads", "4"], r"^--text-heads 4 must divide --text-hidden 30$"),
     (["--vae-crop", "20"], r"^--vae-crop must be a multiple of 8 pixels, got 20$"),
     (["--guidance", "0.5"], r"^--guidance must be >= 1, got 0\.5$"),
+    (["--snr-shift", "0.5"], r"^--snr-shift must be >= 1, got 0\.5$"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_data, extra, message):
     with pytest.raises(UserError, match=message):
@@ -193,7 +194,8 @@ def test_resuming_with_another_architecture_is_one_line(tiny_data, tmp_path):
 
 
 def test_unknown_design_lists_the_valid_ones(tiny_data):
-    with pytest.raises(UserError, match=r"^unknown design 'pixel'; valid: latent-f4, latent-f2, latent-f2-objw$"):
+    with pytest.raises(UserError, match=r"^unknown design 'pixel'; valid: latent-f4, latent-f2, latent-f2-objw, "
+                                         r"latent-f2-shift, latent-f2-objw-shift$"):
         train_diffusion.parse_args(["--data", str(tiny_data), "--design", "pixel"])
     with pytest.raises(UserError, match=r"^unknown design\(s\) \['pixel'\]; valid: latent-f4, "):
         train_diffusion.parse_study_args(["--designs", "latent-f4,pixel", "--data", str(tiny_data)])
@@ -266,3 +268,22 @@ def test_a_tokenizer_left_from_other_captions_is_a_one_line_error(tmp_path):
         train_diffusion.build_tokenizer(photos, tmp_path / "tok")
     fresh = train_diffusion.build_tokenizer(photos, tmp_path / "tok2")  # real captions, punctuation included
     assert len(fresh("zebras near a fence.").input_ids) == 5 + 2
+
+
+def test_snr_shift_divides_every_timesteps_snr_and_the_saved_sampler_keeps_it(tiny_data, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    def snr(sched):
+        bar = sched.alphas_cumprod.double()
+        return bar / (1 - bar)
+
+    plain, shifted = train_diffusion.make_noise_scheduler(), train_diffusion.make_noise_scheduler(snr_shift=4.0)
+    assert torch.allclose(snr(plain) / snr(shifted), torch.full((1000,), 4.0, dtype=torch.float64), rtol=1e-3)  # fp32 betas
+    quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1", "--snr-shift", "4")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "o")  # a bare load: the schedule travels as trained_betas
+    assert torch.allclose(pipe.scheduler.alphas_cumprod.double(), shifted.alphas_cumprod.double(), rtol=1e-5)
+    # a checkpoint made before --snr-shift existed (no key in architecture.json) resumes at the default only
+    arch = tmp_path / "c" / "architecture.json"
+    arch.write_text(json.dumps({k: v for k, v in json.loads(arch.read_text()).items() if k != "snr_shift"}))
+    with pytest.raises(UserError, match=r"--snr-shift 1\.0 \(now 4\.0\)"):
+        quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2", "--snr-shift", "4")
