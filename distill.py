@@ -206,12 +206,8 @@ def training_data(args, pipe, device) -> tuple[torch.Tensor, torch.Tensor]:
     tokens = torch.stack([td.tokenize(pipe.tokenizer, caps) for caps in td._chunks_of_five(captions)])
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=False), tokens
-    vae = pipe.vae.to(device).eval()
-    chunks = []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(images), 256), desc="latents", leave=False):
-            chunks.append(vae.encode(td.to_unit(images[start:start + 256], device)).latent_dist.mean.cpu())
-    latents = torch.cat(chunks) * vae.config.scaling_factor
+    # the teacher's own scaling factor, not one computed afresh: the student must match the teacher's latents
+    latents = td.posterior(pipe.vae.to(device), images, device)[0] * pipe.vae.config.scaling_factor
     td.atomic_save(latents, path)
     return latents, tokens
 

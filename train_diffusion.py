@@ -560,19 +560,24 @@ def finetune_decoder(args, images, eval_images, device) -> dict:
     return info
 
 
+def posterior(vae, images: torch.Tensor, device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The autoencoder's posterior mean and std of uint8 N x 3 x H x W images, unscaled (fp32, CPU), N x C x h x w."""
+    vae.eval()
+    means, stds = [], []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(images), batch), desc="latents", leave=False):
+            dist = vae.encode(to_unit(images[start:start + batch], device)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
 def encode_latents(args, vae, images, device) -> dict:
     """Posterior mean and std of every training image (fp16, CPU), encoded once; plus 1/std for scaling."""
     path = args.ckpt_dir / "latents.pt"
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=False)
-    vae.eval()
-    means, stds = [], []
-    with torch.inference_mode():
-        for start in tqdm(range(0, len(images), 256), desc="latents", leave=False):
-            dist = vae.encode(to_unit(images[start:start + 256], device)).latent_dist
-            means.append(dist.mean.cpu())
-            stds.append(dist.std.cpu())
-    mean, std = torch.cat(means), torch.cat(stds)
+    mean, std = posterior(vae, images, device)
     scaling = float(1.0 / torch.sqrt(mean.var() + std.pow(2).mean()))  # std of posterior samples
     latents = {"mean": mean.half(), "std": std.half(), "scaling_factor": scaling}
     atomic_save(latents, path)
