@@ -235,6 +235,7 @@ def check_args(args: argparse.Namespace) -> None:
     args.unet_widths = _widths(args.unet_channels, "--unet-channels")
     for width in args.unet_widths:
         check(width % args.attn_head_dim == 0, f"--attn-head-dim {args.attn_head_dim} must divide UNet width {width}")
+    args.attention_heads = attention_heads(args)  # recorded in the training log (the card's architecture row)
     check(args.attn_levels < len(args.unet_widths),
           f"--attn-levels {args.attn_levels} must be below the {len(args.unet_widths)} UNet levels")
     args.snapshot_marks = _marks(args.snapshot_cpu_minutes, "--snapshot-cpu-minutes")
@@ -251,12 +252,18 @@ def check_architecture(args) -> None:
     """Refuse, in one line, to resume a checkpoint folder that was made for another architecture."""
     path = args.ckpt_dir / "architecture.json"
     now = {k: getattr(args, k) for k in ARCH_KEYS}
+    now["attention_heads"] = attention_heads(args)
     if not path.is_file():
         write_json(path, now)
         return
     saved = json.loads(path.read_text())
-    saved = {k: saved.get(k, ARCH_DEFAULTS.get(k)) for k in ARCH_KEYS}
+    saved = {k: saved.get(k, ARCH_DEFAULTS.get(k)) for k in ARCH_KEYS} | {
+        # made before heads were width // --attn-head-dim: diffusers then read --attn-head-dim as the head count
+        "attention_heads": saved.get("attention_heads", [saved.get("attn_head_dim")] * len(args.unet_widths))}
     diff = [f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in ARCH_KEYS if saved[k] != now[k]]
+    if saved["attention_heads"] != now["attention_heads"]:
+        diff.append(f"attention heads per UNet level {saved['attention_heads']} (now {now['attention_heads']}; "
+                    "before the fix, diffusers read --attn-head-dim as the number of heads)")
     check(not diff, f"{args.ckpt_dir} holds a model trained with {'; '.join(diff)}: pass the same flags (or "
                     f"--design), --fresh to start over, or another --ckpt-dir")
 
@@ -596,6 +603,11 @@ def make_text_encoder(args, tokenizer):
     return CLIPTextModel(config)
 
 
+def attention_heads(args) -> list[int]:
+    """Attention heads per UNet level: width // --attn-head-dim, so every head has --attn-head-dim channels."""
+    return [w // args.attn_head_dim for w in args.unet_widths]
+
+
 def make_unet(args, latent_side: int):
     from diffusers import UNet2DConditionModel
 
@@ -608,7 +620,9 @@ def make_unet(args, latent_side: int):
         # fact 3 of issue 10); text enters there.
         down_block_types=("DownBlock2D",) * (levels - attn) + ("CrossAttnDownBlock2D",) * attn,
         up_block_types=("CrossAttnUpBlock2D",) * attn + ("UpBlock2D",) * (levels - attn),
-        cross_attention_dim=args.text_hidden, attention_head_dim=args.attn_head_dim,
+        # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads (a naming quirk kept for
+        # SD 1.x configs), so heads of --attn-head-dim channels are width // attn_head_dim heads per level.
+        cross_attention_dim=args.text_hidden, attention_head_dim=attention_heads(args),
         norm_num_groups=math.gcd(32, *args.unet_widths))
 
 

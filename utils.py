@@ -1180,6 +1180,10 @@ def model_card(name: str, log: dict, fidelity: dict | None = None, curve: dict |
     data = ", ".join(repo_path(d) for d in a["data"])
     vae_widths, unet_widths = tuple(a["vae_widths"]), tuple(a["unet_widths"])
     attn_levels = a.get("attn_levels") or len(unet_widths) - 1
+    heads = (f"heads of {a['attn_head_dim']} channels ({'/'.join(map(str, a['attention_heads']))} per level)"
+             if a.get("attention_heads") else  # trained before the fix: diffusers read attn_head_dim as a head count
+             (f"{a['attn_head_dim']} heads per level of {'/'.join(str(w // a['attn_head_dim']) for w in unet_widths)} "
+              "channels (diffusers reads attention_head_dim as a head count)"))
     return f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -1217,7 +1221,7 @@ augmentation that would change left/right/top/bottom.
 | tokenizer | CLIP-format BPE trained on the captions, {info['vocab_size']} tokens, every caption word one token, max length {info['max_length']} | - |
 | text encoder | CLIPTextModel, {a['text_layers']} layers, width {a['text_hidden']}, {a['text_heads']} heads (trained jointly with the UNet) | {p['text_encoder']:,} |
 | autoencoder | AutoencoderKL, blocks {vae_widths}, {a['latent_channels']} latent channels, {info['latent_side']}x{info['latent_side']} latents, scaling factor {info['scaling_factor']:.4f} | {p['vae']:,} |
-| UNet | UNet2DConditionModel, blocks {unet_widths}, {a['unet_layers']} resnet(s) per block, self- and cross-attention at the {attn_levels} lowest-resolution level(s), head size {a['attn_head_dim']} | {p['unet']:,} |
+| UNet | UNet2DConditionModel, blocks {unet_widths}, {a['unet_layers']} resnet(s) per block, self- and cross-attention at the {attn_levels} lowest-resolution level(s), {heads} | {p['unet']:,} |
 
 ## Training
 - hardware: {info['hardware']}

@@ -155,6 +155,19 @@ def test_unet_attention_sits_only_at_the_lowest_levels(tiny_data):
     kinds = [type(b).__name__ for b in unet.down_blocks]
     assert kinds == ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"]
     assert [type(b).__name__ for b in unet.up_blocks] == ["CrossAttnUpBlock2D"] * 2 + ["UpBlock2D"] * 2
+    # every head has --attn-head-dim (32) channels: diffusers' `attention_head_dim` is a head count, so it gets
+    # width // 32 per level (it once got 32, i.e. heads of 2-4 channels)
+    heads = {n: (m.heads, m.inner_dim // m.heads) for n, m in unet.named_modules() if n.endswith(("attn1", "attn2"))}
+    assert heads and all(dim == 32 for _, dim in heads.values())
+    assert heads["down_blocks.3.attentions.0.transformer_blocks.0.attn2"] == (4, 32)
+
+
+def test_a_checkpoint_from_before_the_head_fix_is_refused_in_one_line(tiny_data, tmp_path):
+    quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1")
+    arch = tmp_path / "c" / "architecture.json"
+    arch.write_text(json.dumps({k: v for k, v in json.loads(arch.read_text()).items() if k != "attention_heads"}))
+    with pytest.raises(UserError, match=r"attention heads per UNet level \[8, 8\] \(now \[4, 8\]; before the fix"):
+        quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2")
 
 
 def test_object_masks_cover_the_boxes_on_the_latent_grid():
