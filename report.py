@@ -379,8 +379,9 @@ def oracle_numbers(m: dict) -> list[str]:
 
 
 def model_numbers(folders: list[Path]) -> list[str]:
-    """The README's model table: each diffusion model's evaluate-model numbers (its metrics.json) and UNet steps
-    (its training_log.json), the first model's settings as the command, and the targets' verdicts.
+    """The README's model table: each diffusion model's evaluate-model numbers (its metrics.json), sampling and UNet
+    training steps (its training_log.json, or a student's distill_log.json), the first model's command, and the
+    targets' verdicts.
 
     Args:
         folders: model folders whose metrics.json holds `fidelity.py evaluate-model` results, the shipped one first.
@@ -394,14 +395,16 @@ def model_numbers(folders: list[Path]) -> list[str]:
              "each row from that model's `metrics.json`:", ""]
     rows = []
     for folder, m in zip(folders, ms):
-        log = folder / "training_log.json"
-        steps = read_json(log).get("card_facts", {}).get("steps") if log.is_file() else None
-        s = m["single_object"] or {}
-        rows.append([f"`{m['model']['name']}` (`{repo_path(folder)}`)", f"{steps:,}" if steps else "n/a",
+        log, distilled = folder / "training_log.json", folder / "distill_log.json"
+        steps = (read_json(log).get("card_facts", {}).get("steps") if log.is_file()
+                 else read_json(distilled).get("steps") if distilled.is_file() else None)  # a student's distillation
+        s, sm = m["single_object"] or {}, m["sampler"]
+        rows.append([f"`{m['model']['name']}` (`{repo_path(folder)}`)", f"{sm['scheduler']}, {sm['steps']} steps, "
+                     f"guidance {sm['guidance']}", f"{steps:,}" if steps else "n/a",
                      fmt(m["single_object_all_correct"]), fmt(s.get("shape")), fmt(s.get("color")),
                      fmt(s.get("position")), fmt(m["two_object_all_correct"]),
                      f"{fmt(m['fd'], '.1f')} ({fmt(m['fd_real_vs_real'], '.1f')})"])
-    lines += md_table(["model", "UNet steps", "single-object all-correct", "shape", "colour", "position",
+    lines += md_table(["model", "sampling", "UNet training steps", "single-object all-correct", "shape", "colour", "position",
                        "two-object all-correct", "FD (real-vs-real floor)"], rows)
     targets = ", ".join(f"{k.replace('_', '-')} all-correct ≥ {t:.2f}" for k, t in FIDELITY_TARGETS.items())
     verdicts = ", ".join(f"`{m['model']['name']}` " + _verdict(all(
