@@ -18,6 +18,9 @@ Commands:
     python train_diffusion.py --threads 1 --vae-minutes 10 --max-minutes 70  # the shipped model (~70 min CPU)
     python train_diffusion.py --threads 1 --decoder-minutes 48                # optional, beside the run above
                                                                               # once its latents exist
+    python train_diffusion.py study --run-name R --designs A,B --cpu-minutes 30 --eval-at 10,30  # design study
+    python train_diffusion.py ceiling --vae FOLDER[,FOLDER]  # an autoencoder's representation ceiling
+    python train_diffusion.py curve --ckpt-dir DIR           # score a run's snapshots: its learning curve
 Run the same command again to resume from the latest checkpoint; Ctrl-C saves one before exiting. On a
 machine whose cores are shared with other jobs, --threads 1 is several times faster than 2 (no OpenMP
 stalls). models/shapes-sd-tiny was made by the second command (stopped after the latents and restarted
@@ -43,8 +46,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils import (DEFAULT_DATA, REPO, UserError, apply_preset, apply_quick, check, cli, comma_list, common_args,
-                   generate_images, git_commit, image_grid, library_versions, load_data, model_card, parse_checked,
-                   pick_device, pick_dtype, read_json, set_seed, set_threads, start_run, write_json, write_text)
+                   fmt, fmt_ci, fmt_est, generate_images, git_commit, image_grid, library_versions, load_data,
+                   md_table, model_card, parse_checked, pick_device, pick_dtype, read_json, set_seed, set_threads,
+                   start_run, write_json, write_text)
 
 DEFAULT_OUT = REPO / "models" / "shapes-sd-tiny"
 CHECKPOINTS = REPO / "checkpoints"
@@ -125,6 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     vae.add_argument("--kl-weight", type=float, default=1e-6, help="weight of the KL term against L1 (>= 0)")
     vae.add_argument("--vae-minutes", type=float, default=0,
                      help="stop the autoencoder stage after this many minutes (0: only --vae-steps)")
+    vae.add_argument("--init-vae", type=Path, default=None,
+                     help="start from this trained AutoencoderKL folder instead of training one (e.g. "
+                          "models/shapes-vae-f2, the 4,000-step f=2 autoencoder); its block widths and latent "
+                          "channels must match --vae-channels and --latent-channels (a --design sets them)")
     vae.add_argument("--decoder-minutes", type=float, default=0,
                      help="instead of the usual run: fine-tune only the finished autoencoder's decoder for this many "
                           "minutes, then exit. The encoder stays frozen, so the latents (and a UNet training on "
@@ -457,6 +465,8 @@ def train_vae(args, images, eval_images, device, deadline: float) -> tuple:
     if (done / "config.json").is_file():
         info = json.loads((args.ckpt_dir / "vae_info.json").read_text())
         return AutoencoderKL.from_pretrained(done).to(device), info
+    if args.init_vae is not None:
+        return init_vae(args, done, device)
     vae = make_vae(args, images.shape[-1]).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 *
@@ -496,7 +506,7 @@ def train_vae(args, images, eval_images, device, deadline: float) -> tuple:
             step += 1
             losses.append(round(rec.item(), 5))
             bar.update(1)
-            bar.set_postfix(loss=f"{float(rec):.4f}")
+            bar.set_postfix(loss=f"{rec.item():.4f}")
             if step % 250 == 0:
                 seconds = time.time() - start
                 save()
@@ -514,6 +524,39 @@ def train_vae(args, images, eval_images, device, deadline: float) -> tuple:
     write_json(args.ckpt_dir / "vae_info.json", info)
     state_path.unlink(missing_ok=True)
     return vae, info
+
+
+def vae_info_path(folder: Path) -> Path | None:
+    """The training record of an autoencoder folder: its own vae_info.json (a shipped one, e.g. models/shapes-vae-f2)
+    or the one beside it (a checkpoint's vae/); None when neither exists."""
+    for path in (folder / "vae_info.json", folder.parent / "vae_info.json"):
+        if path.is_file():
+            return path
+    return None
+
+
+def init_vae(args, done: Path, device) -> tuple:
+    """Copy the trained autoencoder in --init-vae into the checkpoint folder (so a resume reads it from there).
+
+    Raises UserError when the folder holds no AutoencoderKL or one of another architecture than the flags ask for.
+    """
+    from diffusers import AutoencoderKL
+
+    source = args.init_vae
+    check((source / "config.json").is_file(), f"--init-vae {source}: no AutoencoderKL folder (config.json) there")
+    config = json.loads((source / "config.json").read_text())
+    have = (tuple(config.get("block_out_channels", ())), config.get("latent_channels"))
+    want = (tuple(args.vae_widths), args.latent_channels)
+    check(have == want, f"--init-vae {source} has block widths {','.join(map(str, have[0]))} and "
+                        f"{have[1]} latent channels; the flags ask for {args.vae_channels} and "
+                        f"{args.latent_channels} (pass the autoencoder's --design or --vae-channels/--latent-channels)")
+    vae = AutoencoderKL.from_pretrained(source)
+    info_path = vae_info_path(source)
+    info = read_json(info_path) if info_path else {}
+    info["init_from"] = str(source)
+    vae.save_pretrained(done)
+    write_json(args.ckpt_dir / "vae_info.json", info)
+    return vae.to(device), info
 
 
 def save_vae_atomically(vae, folder: Path) -> None:
@@ -1002,8 +1045,9 @@ def resample_round_trip(side: int):
     return fn
 
 
-def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path) -> dict:
-    """Oracle scores of one pipeline snapshot on the study's prompts (cached per snapshot and oracle)."""
+def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path, device="cpu") -> dict:
+    """Oracle scores of one pipeline snapshot on the study's prompts (cached per snapshot and oracle); the images
+    are generated on `device` (the initial noise is drawn on the CPU either way)."""
     from diffusers import DiffusionPipeline
 
     from oracle import summarize_scores, to_uint8_64
@@ -1011,7 +1055,7 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path) -> 
 
     if cache.is_file():
         return read_json(cache)
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe = DiffusionPipeline.from_pretrained(folder).to(device)
     pipe.set_progress_bar_config(disable=True)
     result = dict(read_json(folder / "snapshot.json"))
     for kind, prompts in prompts_by_kind.items():
@@ -1075,14 +1119,15 @@ def design_curve(design: str, folder: Path, args, prompts: dict, ceiling_prompts
             "curve": curve}
 
 
-def write_learning_curve(folder: Path, design: dict, args: argparse.Namespace, argv) -> None:
+def write_learning_curve(folder: Path, design: dict, args: argparse.Namespace, argv, sub: str = "study") -> None:
     """learning_curve.json beside a design's final pipeline (shipped with it; `utils.model_card` turns it into the
-    card's "Learning curve" section): per snapshot its step, CPU-minutes and oracle scores."""
+    card's "Learning curve" section): per snapshot its step, CPU-minutes and oracle scores; `sub` is the
+    train_diffusion.py subcommand that measured it (study or curve)."""
     from oracle import weights_sha
 
     keys = ("all", "all_ci", "shape", "color", "position", "count")
     write_json(folder / "learning_curve.json", {
-        "command": "python train_diffusion.py study " + " ".join(shlex.quote(str(a)) for a in argv),
+        "command": f"python train_diffusion.py {sub} " + " ".join(shlex.quote(str(a)) for a in argv),
         "n_prompts": args.n_prompts, "oracle_sha256_12": weights_sha(args.oracle),
         "points": [{"step": p["step"], "cpu_minutes": p["cpu_minutes"],
                     **{kind: {k: p[kind].get(k) for k in keys} for kind in ("single", "two")}}
@@ -1171,8 +1216,6 @@ def study(argv) -> dict:
 
 
 def study_markdown(m: dict) -> str:
-    from utils import fmt, fmt_ci
-
     refs = m["references"]
     lines = [f"# Design study: {len(m['designs'])} designs, {m['cpu_minutes']:g} UNet CPU-minutes each", "",
              f"Oracle all-correct on {m['n_prompts']} single- and {m['n_prompts']} two-object prompts (DPM-Solver++ "
@@ -1221,12 +1264,68 @@ def ceiling(argv) -> dict:
     for folder in args.vae:
         with run.step(str(folder)):
             vae = AutoencoderKL.from_pretrained(folder).float().eval()
-            info = folder.parent / "vae_info.json"
+            info = vae_info_path(folder)
             metrics["autoencoders"][str(folder)] = {
                 "round_trip": round_trip(vae_round_trip(vae), prompts, oracle),
-                "training": ({k: v for k, v in read_json(info).items() if k != "loss_curve"} if info.is_file()
-                             else None)}
+                "training": {k: v for k, v in read_json(info).items() if k != "loss_curve"} if info else None}
         print(f"{folder}: round-trip all-correct {metrics['autoencoders'][str(folder)]['round_trip']}")
+    run.finish(metrics)
+    return metrics
+
+
+def curve(argv) -> dict:
+    """`python train_diffusion.py curve --ckpt-dir DIR`: the learning curve of one training run. Scores every EMA
+    snapshot in DIR/snapshots (saved by --snapshot-cpu-minutes) with the oracle on the study's prompts (each score
+    cached in its snapshot folder), writes learning_curve.json into the run's final pipeline when it has one, and
+    outputs/learning_curve/<run>/{metrics.json,results.md,fidelity_vs_cpu.png}. Raises UserError when DIR holds no
+    snapshot."""
+    from generate_data import make_prompts
+    from oracle import Oracle, weights_sha
+
+    parser = argparse.ArgumentParser(prog="train_diffusion.py curve", description=curve.__doc__.split("\n")[0])
+    parser.add_argument("--ckpt-dir", type=Path, required=True, help="a training run's checkpoint folder")
+    parser.add_argument("--final", type=Path, default=None,
+                        help="pipeline folder that gets learning_curve.json (default: <ckpt-dir>/final, when it "
+                             "exists)")
+    parser.add_argument("--n-prompts", type=int, default=200, help="prompts per kind (single, two) per point (> 0)")
+    parser.add_argument("--oracle", type=Path, default=REPO / "models" / "shapes-oracle", help="oracle folder")
+    common_args(parser, "learning_curve", omit=("seed", "quick"))
+    args = parse_checked(parser, argv)
+    check(args.n_prompts > 0, f"--n-prompts must be > 0, got {args.n_prompts}")
+    snaps = sorted((p for p in (args.ckpt_dir / "snapshots").glob("*") if (p / "snapshot.json").is_file()),
+                   key=lambda p: read_json(p / "snapshot.json")["cpu_minutes"])
+    check(snaps, f"no snapshots in {args.ckpt_dir / 'snapshots'} (train with --snapshot-cpu-minutes)")
+    if args.threads:
+        set_threads(args.threads)
+    device = pick_device(args.device)
+    run = start_run("learning_curve", args)
+    oracle = Oracle.load(args.oracle, torch.device("cpu"))
+    prompts = {kind: make_prompts(kind, args.n_prompts, seed=0) for kind in ("single", "two")}
+    fp = weights_sha(args.oracle)
+    points = []
+    for snap in snaps:
+        with run.step(snap.name):
+            points.append(score_snapshot(snap, prompts, oracle, snap / f"oracle-{fp}-n{args.n_prompts}.json", device))
+        p = points[-1]
+        print(f"{snap.name} (step {p['step']}, {p['cpu_minutes']} CPU-min): all-correct single {p['single']['all']:.3f}"
+              f" / two {p['two']['all']:.3f}; single shape {p['single']['shape']:.3f}, colour "
+              f"{p['single']['color']:.3f}, position {p['single']['position']:.3f}")
+    name = args.ckpt_dir.name
+    metrics = {"ckpt_dir": str(args.ckpt_dir), "n_prompts": args.n_prompts, "oracle_sha256_12": fp,
+               "designs": {name: {"curve": points}}}
+    final = args.final or args.ckpt_dir / "final"
+    if (final / "model_index.json").is_file():
+        write_learning_curve(final, metrics["designs"][name], args, argv, sub="curve")
+        metrics["learning_curve_json"] = str(final / "learning_curve.json")
+    plot_curves(metrics, args.n_prompts, run.dir / "fidelity_vs_cpu.png")
+    rows = [[f"{p['cpu_minutes']:g}", p["step"],
+             *(fmt_est({"mean": p[kind]["all"], "ci95": p[kind]["all_ci"]}) for kind in ("single", "two")),
+             " / ".join(f"{p['single'][k]:.3f}" for k in ("shape", "color", "position"))] for p in points]
+    write_text(run.dir / "results.md", f"# Learning curve of {args.ckpt_dir}\n\nOracle all-correct on "
+               f"{args.n_prompts} single- and {args.n_prompts} two-object prompts (DPM-Solver++ 20 steps, CFG 5, "
+               "95% bootstrap CI).\n\n" + "\n".join(md_table(
+                   ["CPU-min", "step", "single all-correct", "two all-correct", "single shape / colour / position"],
+                   rows)) + "\n")
     run.finish(metrics)
     return metrics
 
@@ -1239,6 +1338,8 @@ def main(argv=None) -> dict:
         return study(argv[1:])
     if argv[:1] == ["ceiling"]:
         return ceiling(argv[1:])
+    if argv[:1] == ["curve"]:
+        return curve(argv[1:])
     # 1. arguments, device, checkpoint folder
     args = parse_args(argv)
     wall_start = time.time()
@@ -1263,7 +1364,8 @@ def main(argv=None) -> dict:
 
     # 3. autoencoder, then the latents of every training image
     vae, vae_info = train_vae(args, images, eval_images, device, deadline)
-    print(f"autoencoder: {vae_info['steps']} steps, PSNR {vae_info['psnr_db']} dB")
+    print(f"autoencoder: {vae_info.get('steps', '?')} steps, PSNR {vae_info.get('psnr_db', '?')} dB"
+          + (f" (from {vae_info['init_from']})" if "init_from" in vae_info else ""))
     latents = encode_latents(args, vae, images, device)
     masks = object_masks(boxes, images.shape[-1], latents["mean"].shape[-1]) if args.object_weight else None
     del images

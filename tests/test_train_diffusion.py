@@ -300,3 +300,43 @@ def test_snr_shift_divides_every_timesteps_snr_and_the_saved_sampler_keeps_it(ti
     arch.write_text(json.dumps({k: v for k, v in json.loads(arch.read_text()).items() if k != "snr_shift"}))
     with pytest.raises(UserError, match=r"--snr-shift 1\.0 \(now 4\.0\)"):
         quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2", "--snr-shift", "4")
+
+
+def test_init_vae_starts_from_a_trained_autoencoder_and_refuses_another_architecture(quick_run, tiny_data, tmp_path):
+    from diffusers import AutoencoderKL
+
+    source = quick_run[0] / "ckpt" / "vae"  # the quick run's 4-step autoencoder (vae_info.json beside it)
+    info = quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1", "--init-vae", str(source))
+    copied, original = AutoencoderKL.from_pretrained(tmp_path / "c" / "vae"), AutoencoderKL.from_pretrained(source)
+    assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), original.state_dict().values()))
+    assert not (tmp_path / "c" / "vae_state.pt").exists()  # no autoencoder step was taken
+    assert info["vae"]["init_from"] == str(source) and info["vae"]["steps"] == 4  # its own record travels with it
+    with pytest.raises(UserError, match=r"^--init-vae .*vae has block widths 8,16 and 4 latent channels; the flags "
+                                        r"ask for 16,32 and 4 \(pass the autoencoder's --design"):
+        quick(tiny_data, tmp_path / "o2", tmp_path / "c2", "--max-steps", "1", "--init-vae", str(source),
+              "--design", "latent-f2")
+    with pytest.raises(UserError, match=r"^--init-vae .*nowhere: no AutoencoderKL folder \(config.json\) there$"):
+        quick(tiny_data, tmp_path / "o3", tmp_path / "c3", "--max-steps", "1", "--init-vae", str(tmp_path / "nowhere"))
+
+
+def test_curve_scores_every_snapshot_in_cpu_order_and_caches_each(tiny_data, tmp_path):
+    quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1000", "--cpu-minutes", "0.04",
+          "--snapshot-cpu-minutes", "0.01,0.03", "--lr-schedule", "constant")
+    argv = ["curve", "--ckpt-dir", str(tmp_path / "c"), "--final", str(tmp_path / "o"), "--n-prompts", "3",
+            "--outputs", str(tmp_path / "out"), "--run-name", "r"]
+    m = train_diffusion.main(argv)
+    points = m["designs"]["c"]["curve"]
+    assert [p["mark"] for p in points] == [0.01, 0.03] and points[0]["step"] <= points[1]["step"]
+    assert all(p[kind]["all"] in (0.0, 1 / 3, 2 / 3, 1.0) for p in points for kind in ("single", "two"))
+    caches = sorted((tmp_path / "c" / "snapshots").glob("*/oracle-*-n3.json"))
+    assert len(caches) == 2
+    curve_json = json.loads((tmp_path / "o" / "learning_curve.json").read_text())
+    assert curve_json["command"].startswith("python train_diffusion.py curve --ckpt-dir")
+    assert [p["step"] for p in curve_json["points"]] == [p["step"] for p in points]
+    run = tmp_path / "out" / "learning_curve" / "r"
+    assert (run / "fidelity_vs_cpu.png").is_file() and "| 0.01 |" in (run / "results.md").read_text()
+    cached = {**points[0], "single": {**points[0]["single"], "all": 0.5, "all_ci": [0.4, 0.6]}}
+    caches[0].write_text(json.dumps(cached))
+    assert train_diffusion.main(argv)["designs"]["c"]["curve"][0]["single"]["all"] == 0.5  # read from the cache
+    with pytest.raises(UserError, match=r"^no snapshots in .*nothing.snapshots \(train with --snapshot-cpu-minutes\)$"):
+        train_diffusion.main(["curve", "--ckpt-dir", str(tmp_path / "nothing")])
