@@ -337,6 +337,31 @@ def test_curve_scores_every_snapshot_in_cpu_order_and_caches_each(tiny_data, tmp
     assert (run / "fidelity_vs_cpu.png").is_file() and "| 0.01 |" in (run / "results.md").read_text()
     cached = {**points[0], "single": {**points[0]["single"], "all": 0.5, "all_ci": [0.4, 0.6]}}
     caches[0].write_text(json.dumps(cached))
-    assert train_diffusion.main(argv)["designs"]["c"]["curve"][0]["single"]["all"] == 0.5  # read from the cache
+    older = {k: v for k, v in points[1].items() if k != "caption_use"}  # a cache written before caption_use
+    caches[1].write_text(json.dumps({**older, "two": {**older["two"], "all": 0.5, "all_ci": [0.4, 0.6]}}))
+    assert all(set(p["caption_use"]) == {"t200", "t500", "t800"} for p in points)
+    assert "| caption use t200 / t500 / t800 |" in (run / "results.md").read_text()
+    again = train_diffusion.main(argv)["designs"]["c"]["curve"][0]
+    assert again["single"]["all"] == 0.5 and again["caption_use"] == points[0]["caption_use"]  # read from the cache
+    topped_up = json.loads(caches[1].read_text())  # the older cache kept its scores and got caption_use added
+    assert topped_up["two"]["all"] == 0.5 and topped_up["caption_use"] == points[1]["caption_use"]
     with pytest.raises(UserError, match=r"^no snapshots in .*nothing.snapshots \(train with --snapshot-cpu-minutes\)$"):
         train_diffusion.main(["curve", "--ckpt-dir", str(tmp_path / "nothing")])
+
+
+def test_caption_use_is_exactly_one_when_the_unet_cannot_read_the_caption(quick_run):
+    from diffusers import StableDiffusionPipeline
+
+    from generate_data import make_prompts
+
+    prompts = make_prompts("single", 4, seed=0)
+    pipe = StableDiffusionPipeline.from_pretrained(quick_run[0] / "pipe")
+    reads = train_diffusion.caption_use(pipe, prompts, timesteps=(100, 900))
+    assert set(reads) == {"t100", "t900"} and all(r["own"] > 0 and r["shuffled"] > 0 for r in reads.values())
+    assert reads["t100"]["own"] != reads["t100"]["shuffled"]  # a random-weight UNet still reads its caption
+    for name, module in pipe.unet.named_modules():  # cut every cross-attention's output: the caption cannot matter
+        if name.endswith("attn2.to_out.0"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    cut = train_diffusion.caption_use(pipe, prompts, timesteps=(100, 900))
+    assert all(r["ratio"] == 1.0 and r["own"] == r["shuffled"] == r["empty"] for r in cut.values())
