@@ -976,6 +976,8 @@ def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_s
 
 # --------------------------------------------------------------------------- design study
 def parse_study_args(argv) -> argparse.Namespace:
+    from oracle import DEFAULT_ORACLE
+
     parser = argparse.ArgumentParser(prog="train_diffusion.py study",
                                      description="Train several designs for the same CPU time and score their "
                                                  "learning curves with the oracle.")
@@ -988,7 +990,7 @@ def parse_study_args(argv) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="designs trained at once, one torch thread each (> 0)")
     parser.add_argument("--n-prompts", type=int, default=200, help="prompts per kind (single, two) per point (> 0)")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="data.pkl to train on (split pretrain)")
-    parser.add_argument("--oracle", type=Path, default=REPO / "models" / "shapes-oracle", help="oracle folder")
+    parser.add_argument("--oracle", type=Path, default=DEFAULT_ORACLE, help="oracle folder")
     parser.add_argument("--reference-model", type=Path, default=DEFAULT_OUT,
                         help="shipped model whose autoencoder ceiling is measured as a reference")
     parser.add_argument("--extra", default="",
@@ -1086,7 +1088,7 @@ def caption_use(pipe, prompts: list[dict], timesteps=(200, 500, 800), seed: int 
     from generate_data import render_prompts
 
     device = pipe.unet.device
-    x = torch.from_numpy(render_prompts(prompts)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    x = to_unit(torch.from_numpy(render_prompts(prompts)).permute(0, 3, 1, 2), device)
     latents = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
     texts = [p["text"] for p in prompts]
     hidden = {name: pipe.text_encoder(tokenize(pipe.tokenizer, t).to(device))[0]
@@ -1281,13 +1283,13 @@ def ceiling(argv) -> dict:
     from diffusers import AutoencoderKL
 
     from generate_data import make_prompts
-    from oracle import Oracle, weights_sha
+    from oracle import DEFAULT_ORACLE, Oracle, weights_sha
 
     parser = argparse.ArgumentParser(prog="train_diffusion.py ceiling", description=ceiling.__doc__.split("\n")[0])
     parser.add_argument("--vae", type=comma_list(Path), required=True,
                         help="comma-separated AutoencoderKL folders (a checkpoint's vae/ or a pipeline's vae/)")
     parser.add_argument("--n-prompts", type=int, default=200, help="prompts per kind (single, two) (> 0)")
-    parser.add_argument("--oracle", type=Path, default=REPO / "models" / "shapes-oracle", help="oracle folder")
+    parser.add_argument("--oracle", type=Path, default=DEFAULT_ORACLE, help="oracle folder")
     common_args(parser, "design_study_ceiling", omit=("device", "threads", "seed", "quick"))
     args = parse_checked(parser, argv)
     check(args.n_prompts > 0, f"--n-prompts must be > 0, got {args.n_prompts}")
@@ -1316,7 +1318,7 @@ def curve(argv) -> dict:
     outputs/learning_curve/<run>/{metrics.json,results.md,fidelity_vs_cpu.png}. Raises UserError when DIR holds no
     snapshot."""
     from generate_data import make_prompts
-    from oracle import Oracle, weights_sha
+    from oracle import DEFAULT_ORACLE, Oracle, weights_sha
 
     parser = argparse.ArgumentParser(prog="train_diffusion.py curve", description=curve.__doc__.split("\n")[0])
     parser.add_argument("--ckpt-dir", type=Path, required=True, help="a training run's checkpoint folder")
@@ -1324,7 +1326,7 @@ def curve(argv) -> dict:
                         help="pipeline folder that gets learning_curve.json (default: <ckpt-dir>/final, when it "
                              "exists)")
     parser.add_argument("--n-prompts", type=int, default=200, help="prompts per kind (single, two) per point (> 0)")
-    parser.add_argument("--oracle", type=Path, default=REPO / "models" / "shapes-oracle", help="oracle folder")
+    parser.add_argument("--oracle", type=Path, default=DEFAULT_ORACLE, help="oracle folder")
     common_args(parser, "learning_curve", omit=("seed", "quick"))
     args = parse_checked(parser, argv)
     check(args.n_prompts > 0, f"--n-prompts must be > 0, got {args.n_prompts}")
