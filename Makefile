@@ -34,9 +34,10 @@ demo: $(STAMP)
 	$(PY) bench.py --quick --run-name demo  # the speed section: ratios, share of peak FLOP/s, index scale
 	$(PY) report.py --readme README.md  # REPORT.md, and the README's measured numbers from these runs
 
-# pytest exits 5 when it collects nothing: that means the suite went missing, so fail loudly.
+# One pytest-xdist worker per core (one torch thread each, tests/conftest.py); a test file stays on one worker so its
+# module fixtures run once. pytest exits 5 when it collects nothing: the suite went missing, so fail loudly.
 test: $(STAMP)
-	@$(PY) -m pytest -q tests; rc=$$?; \
+	@$(PY) -m pytest -q -n auto --dist loadfile tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; exit 1; fi; exit $$rc
 
 clean-outputs:
