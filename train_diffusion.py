@@ -78,6 +78,10 @@ DESIGNS = {
                             object_weight=0.0, snr_shift=4.0),
     "latent-f2-objw-shift": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128",
                                  attn_levels=2, object_weight=10.0, snr_shift=4.0),
+    "latent-f2-vloss": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128", attn_levels=2,
+                            object_weight=0.0, snr_gamma=0.0, attn_head_dim=4),
+    "latent-f2-vloss-shift": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128",
+                                  attn_levels=2, object_weight=0.0, snr_gamma=0.0, attn_head_dim=4, snr_shift=4.0),
 }
 DESIGN_NOTES = {
     "latent-f4": "today's model: f=4 AutoencoderKL (64 px -> 16x16x4), plain min-SNR v-loss",
@@ -88,6 +92,11 @@ DESIGN_NOTES = {
                        "signal of 16x16 ones at equal noise, so the unshifted model learns the layout (and the text "
                        "that decides it) only from the few noisiest timesteps",
     "latent-f2-objw-shift": "f=2, object-weighted loss (11x) and the SNR/4 schedule together",
+    "latent-f2-vloss": "f=2 with the plain v-prediction MSE instead of min-SNR-5: min-SNR weights a v-loss by "
+                       "min(SNR, 5) / (SNR + 1), ~SNR at the noisy timesteps that decide the layout, and the f=2 "
+                       "UNets trained with it drew empty backgrounds; heads of 4 channels",
+    "latent-f2-vloss-shift": "the plain v-loss and the SNR/4 schedule together (more of the training at the noisy "
+                             "timesteps, now at full weight); heads of 4 channels",
 }
 # Settings in a checkpoint folder that a resume must match (weights of another shape cannot be loaded).
 ARCH_KEYS = ("vae_channels", "latent_channels", "text_hidden", "text_layers", "text_heads", "unet_channels",

@@ -208,7 +208,8 @@ def test_resuming_with_another_architecture_is_one_line(tiny_data, tmp_path):
 
 def test_unknown_design_lists_the_valid_ones(tiny_data):
     with pytest.raises(UserError, match=r"^unknown design 'pixel'; valid: latent-f4, latent-f2, latent-f2-objw, "
-                                         r"latent-f2-shift, latent-f2-objw-shift$"):
+                                         r"latent-f2-shift, latent-f2-objw-shift, latent-f2-vloss, "
+                                         r"latent-f2-vloss-shift$"):
         train_diffusion.parse_args(["--data", str(tiny_data), "--design", "pixel"])
     with pytest.raises(UserError, match=r"^unknown design\(s\) \['pixel'\]; valid: latent-f4, "):
         train_diffusion.parse_study_args(["--designs", "latent-f4,pixel", "--data", str(tiny_data)])
