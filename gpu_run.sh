@@ -3,7 +3,8 @@
 # "A few-step student ...", the GPU benchmark). About 8 minutes on an H200:
 #   1. the shapes world's data (generate_data.py);
 #   2. a design's UNet + text encoder (DESIGN, default latent-f2-vloss-shift, the f=2 design that on CPU drew
-#      objects after 12 CPU-minutes: see the README's design study) on the shipped f=2 autoencoder (models/shapes-vae-f2),
+#      objects after 12 CPU-minutes: see the README's design study) on the shipped f=2 autoencoder
+#      (models/shapes-vae-f2),
 #      bf16 autocast, batch 256, for TRAIN_MIN minutes, with EMA snapshots at SNAPS process-CPU-minutes (one
 #      torch thread, so these are close to wall minutes: the thread waits on the GPU);
 #   3. the oracle's learning curve of those snapshots (train_diffusion.py curve, on the GPU);

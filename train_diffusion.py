@@ -67,21 +67,16 @@ SAMPLE_PROMPTS = (
 # Designs compared by `python train_diffusion.py study` (each a set of flag defaults; explicit flags win).
 # Sizes come from the measured cost per UNet step (issue 10, fact 3): 16x16x4 latents with attention at the two
 # lower levels cost 0.42 s per batch-32 step on 2 cores; 32x32x4 with attention only at 8x8 and 4x4, 0.71 s.
+F2 = dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128", attn_levels=2, object_weight=0.0)
 DESIGNS = {
     "latent-f4": dict(vae_channels="16,32,64", latent_channels=4, unet_channels="32,64,96", attn_levels=2,
                       object_weight=0.0),
-    "latent-f2": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128", attn_levels=2,
-                      object_weight=0.0),
-    "latent-f2-objw": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128", attn_levels=2,
-                           object_weight=10.0),
-    "latent-f2-shift": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128", attn_levels=2,
-                            object_weight=0.0, snr_shift=4.0),
-    "latent-f2-objw-shift": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128",
-                                 attn_levels=2, object_weight=10.0, snr_shift=4.0),
-    "latent-f2-vloss": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128", attn_levels=2,
-                            object_weight=0.0, snr_gamma=0.0, attn_head_dim=4),
-    "latent-f2-vloss-shift": dict(vae_channels="16,32", latent_channels=4, unet_channels="32,64,96,128",
-                                  attn_levels=2, object_weight=0.0, snr_gamma=0.0, attn_head_dim=4, snr_shift=4.0),
+    "latent-f2": F2,
+    "latent-f2-objw": {**F2, "object_weight": 10.0},
+    "latent-f2-shift": {**F2, "snr_shift": 4.0},
+    "latent-f2-objw-shift": {**F2, "object_weight": 10.0, "snr_shift": 4.0},
+    "latent-f2-vloss": {**F2, "snr_gamma": 0.0, "attn_head_dim": 4},
+    "latent-f2-vloss-shift": {**F2, "snr_gamma": 0.0, "attn_head_dim": 4, "snr_shift": 4.0},
 }
 DESIGN_NOTES = {
     "latent-f4": "today's model: f=4 AutoencoderKL (64 px -> 16x16x4), plain min-SNR v-loss",
