@@ -259,11 +259,33 @@ def test_train_writes_a_loadable_oracle_and_a_run_folder(tmp_path):
     card = (out / "README.md").read_text()
     assert f"| all | {saved['heldout']['all']:.4f} |" in card and "STALE: the oracle was retrained" in card
 
+    # `evaluate` re-measures the same weights on other held-out scenes and keeps what training recorded
+    again = oracle.main(["evaluate", "--oracle", str(out), "--n-heldout", "48", "--data", "", "--device", "cpu",
+                         "--threads", "1", "--outputs", str(tmp_path / "runs"), "--run-name", "e1"])
+    assert again["heldout"]["n_scenes"] == 48 and set(again["reject_rate_heldout_by_recipe"]) == set(
+        oracle.HELDOUT_NEGATIVES)
+    resaved = json.loads((out / "metrics.json").read_text())
+    assert resaved["history"] == saved["history"] and resaved["timings"] == saved["timings"]
+    assert resaved["audit"] == saved["audit"] and resaved["heldout"]["n_scenes"] == 48
+    assert f"| all | {resaved['heldout']['all']:.4f} |" in (out / "README.md").read_text()
+    assert (tmp_path / "runs" / "oracle_eval" / "e1" / "metrics.json").is_file()
+
+
+def test_sheet_of_accepted_held_out_negatives_tiles_their_cells(shipped, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "accepted.png"
+    drawn = oracle.accepted_negatives_sheet(shipped, 800, path, n=8, cols=4)
+    assert 1 <= drawn <= 8 and drawn % 4 == 0  # the last row is padded with empty tiles
+    assert Image.open(path).size == (4 * 36 * 4, drawn // 4 * 36 * 4)  # 36-px tiles at 4x zoom
+
 
 # --------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("argv, message", [
-    (["nope"], "unknown command 'nope'; choose one of train, audit"),
-    ([], "no command given; choose one of train, audit"),
+    (["nope"], "unknown command 'nope'; choose one of train, evaluate, audit"),
+    ([], "no command given; choose one of train, evaluate, audit"),
+    (["evaluate", "--oracle", "/nowhere"], "no trained oracle in /nowhere (run `python oracle.py train`)"),
+    (["evaluate", "--n-heldout", "0"], "--n-heldout must be positive, got 0"),
     (["train", "--n-train", "-5"], "--n-train must be positive, got -5"),
     (["train", "--heldout-seed", "0"], "--heldout-seed must differ from --seed (both 0): held-out scenes must be new"),
     (["train", "--n-negatives", "0"], "--n-negatives must be positive, got 0"),
