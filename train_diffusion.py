@@ -77,6 +77,9 @@ DESIGNS = {
     "latent-f2-objw-shift": {**F2, "object_weight": 10.0, "snr_shift": 4.0},
     "latent-f2-vloss": {**F2, "snr_gamma": 0.0, "attn_head_dim": 4},
     "latent-f2-vloss-shift": {**F2, "snr_gamma": 0.0, "attn_head_dim": 4, "snr_shift": 4.0},
+    "latent-f2-film": {**F2, "snr_gamma": 0.0, "attn_head_dim": 4, "snr_shift": 4.0, "text_film": True},
+    "latent-f2-film-text": {**F2, "snr_gamma": 0.0, "attn_head_dim": 4, "snr_shift": 4.0, "text_film": True,
+                            "init_text": str(REPO / "models" / "shapes-sd-tiny"), "freeze_text": True},
 }
 DESIGN_NOTES = {
     "latent-f4": "today's model: f=4 AutoencoderKL (64 px -> 16x16x4), plain min-SNR v-loss",
@@ -92,11 +95,19 @@ DESIGN_NOTES = {
                        "UNets trained with it drew empty backgrounds; heads of 4 channels",
     "latent-f2-vloss-shift": "the plain v-loss and the SNR/4 schedule together (more of the training at the noisy "
                              "timesteps, now at full weight); heads of 4 channels",
+    "latent-f2-film": "latent-f2-vloss-shift, and the caption also enters every resnet block: attention-pooled, "
+                      "added to the timestep embedding, applied as scale and shift (diffusers' "
+                      "addition_embed_type='text', resnet_time_scale_shift='scale_shift'), not only through "
+                      "cross-attention at 8x8 and 4x4",
+    "latent-f2-film-text": "latent-f2-film with the text encoder (and tokenizer) of models/shapes-sd-tiny, frozen: "
+                           "features that already tell the caption's words apart, learned by the f=4 model's own "
+                           "training (a head start its CPU-minutes do not count)",
 }
 # Settings in a checkpoint folder that a resume must match (weights of another shape cannot be loaded).
 ARCH_KEYS = ("vae_channels", "latent_channels", "text_hidden", "text_layers", "text_heads", "unet_channels",
-             "unet_layers", "attn_head_dim", "attn_levels", "prediction_type", "snr_shift")
-ARCH_DEFAULTS = {"snr_shift": 1.0}  # what a checkpoint made before the key existed was trained with
+             "unet_layers", "attn_head_dim", "attn_levels", "prediction_type", "snr_shift", "text_film",
+             "freeze_text")
+ARCH_DEFAULTS = {"snr_shift": 1.0, "text_film": False, "freeze_text": False}  # what a checkpoint made before the key existed was trained with
 QUICK = dict(max_images=64, vae_channels="8,16", vae_crop=0, vae_steps=4, vae_batch_size=8, text_hidden=32,
              text_layers=1, text_heads=2, unet_channels="32,64", unet_layers=1, attn_head_dim=8, max_steps=4,
              batch_size=8, warmup_steps=1, ckpt_every=2, sample_every=0, sample_steps=2, eval_images=16, threads=1)
@@ -154,6 +165,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     net.add_argument("--attn-levels", type=int, default=0,
                      help="UNet levels, counted from the lowest resolution, with self- and cross-attention "
                           "(0: every level but the first)")
+    net.add_argument("--init-text", type=Path, default=None,
+                     help="start the text encoder (and tokenizer) from this diffusers pipeline folder, e.g. "
+                          "models/shapes-sd-tiny, instead of from scratch; its config sets the --text-* sizes")
+    net.add_argument("--freeze-text", action="store_true",
+                     help="keep the text encoder as it starts (with --init-text: the UNet learns to read features "
+                          "that already tell the caption's words apart)")
+    net.add_argument("--text-film", action="store_true",
+                     help="also add the attention-pooled caption to the timestep embedding and let every resnet "
+                          "scale and shift by it (diffusers' addition_embed_type='text', as in DeepFloyd IF)")
     net.add_argument("--design", default=None,
                      help=f"a named design from the study, setting the flags above it names: {', '.join(DESIGNS)}")
     train = parser.add_argument_group("diffusion training")
@@ -224,6 +244,9 @@ def _widths(text: str, flag: str) -> tuple[int, ...]:
 def check_args(args: argparse.Namespace) -> None:
     for path in args.data:
         check(path.is_file(), f"data file not found: {path}")
+    if args.init_text:
+        check((args.init_text / "text_encoder" / "config.json").is_file() and (args.init_text / "tokenizer").is_dir(),
+              f"--init-text {args.init_text}: no text_encoder/config.json and tokenizer/ there (give a pipeline folder)")
     for name in ("vae_steps", "vae_batch_size", "max_steps", "batch_size", "ckpt_every", "sample_steps",
                  "eval_images", "latent_channels", "text_hidden", "text_layers", "text_heads", "unet_layers",
                  "attn_head_dim"):
@@ -258,6 +281,16 @@ def _marks(minutes: list[float], flag: str) -> tuple[float, ...]:
     """CPU-minute marks in increasing order, each > 0."""
     check(all(m > 0 for m in minutes), f"{flag} must be > 0, got {', '.join(f'{m:g}' for m in minutes)}")
     return tuple(sorted(minutes))
+
+
+def adopt_text_encoder(args) -> None:
+    """--init-text: its text encoder's sizes become the --text-* flags, and its tokenizer (the token ids the encoder
+    was trained on) the run's. Raises UserError when the folder has no text_encoder/ and tokenizer/."""
+    c = read_json(args.init_text / "text_encoder" / "config.json")
+    args.text_hidden, args.text_layers, args.text_heads = (c["hidden_size"], c["num_hidden_layers"],
+                                                           c["num_attention_heads"])
+    if not (args.ckpt_dir / "tokenizer").is_dir():
+        shutil.copytree(args.init_text / "tokenizer", args.ckpt_dir / "tokenizer")
 
 
 def check_architecture(args) -> None:
@@ -640,8 +673,11 @@ def encode_latents(args, vae, images, device) -> dict:
 
 # --------------------------------------------------------------------------- 3. text encoder, UNet, training
 def make_text_encoder(args, tokenizer):
+    """A fresh CLIPTextModel of the --text-* sizes, or --init-text's text encoder."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if args.init_text:
+        return CLIPTextModel.from_pretrained(args.init_text / "text_encoder")
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=args.text_hidden,
                             intermediate_size=4 * args.text_hidden, num_hidden_layers=args.text_layers,
                             num_attention_heads=args.text_heads, max_position_embeddings=tokenizer.model_max_length,
@@ -670,7 +706,11 @@ def make_unet(args, latent_side: int):
         # diffusers' UNet2DConditionModel reads `attention_head_dim` as the number of heads (a naming quirk kept for
         # SD 1.x configs), so heads of --attn-head-dim channels are width // attn_head_dim heads per level.
         cross_attention_dim=args.text_hidden, attention_head_dim=attention_heads(args),
-        norm_num_groups=math.gcd(32, *args.unet_widths))
+        norm_num_groups=math.gcd(32, *args.unet_widths),
+        # --text-film: a second, global path for the caption that reaches every resnet block (FiLM), not only the
+        # cross-attention at the low resolutions; pooling heads of --attn-head-dim channels.
+        **(dict(addition_embed_type="text", addition_embed_type_num_heads=args.text_hidden // args.attn_head_dim,
+                resnet_time_scale_shift="scale_shift") if args.text_film else {}))
 
 
 def make_noise_scheduler(prediction_type: str = "v_prediction", snr_shift: float = 1.0):
@@ -736,9 +776,10 @@ class Trainer:
         self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in _chunks_of_five(captions)])  # N x 5 x L
         self.empty = tokenize(tokenizer, [""])[0]
         self.text_encoder = make_text_encoder(args, tokenizer).to(device).train()
+        self.text_encoder.requires_grad_(not args.freeze_text)
         self.unet = make_unet(args, self.mean.shape[-1]).to(device).train()
         self.noise_scheduler = make_noise_scheduler(args.prediction_type, args.snr_shift)
-        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        params = list(self.unet.parameters()) + [p for p in self.text_encoder.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(args))
         ema = dict(decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=2 / 3)
@@ -816,7 +857,7 @@ class Trainer:
         loss = loss.mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
         self.opt.step()
         self.sched.step()
         self.ema_unet.step(self.unet.parameters())
@@ -1400,6 +1441,8 @@ def main(argv=None) -> dict:
 
     # 2. images, captions, tokenizer
     images, captions, eval_images, boxes = load_images_and_captions(args)
+    if args.init_text:
+        adopt_text_encoder(args)
     check_architecture(args)
     tokenizer = build_tokenizer(captions, args.ckpt_dir / "tokenizer")
 

@@ -149,6 +149,11 @@ def test_a_design_sets_its_architecture_and_explicit_flags_win(tiny_data, design
     assert explicit.unet_widths == (32, 64, 128)
 
 
+def test_the_film_text_design_reads_the_caption_with_the_shipped_frozen_text_encoder(tiny_data):
+    args = train_diffusion.parse_args(["--data", str(tiny_data), "--design", "latent-f2-film-text"])
+    assert args.text_film and args.freeze_text and args.init_text == SHIPPED and args.snr_gamma == 0
+
+
 def test_unet_attention_sits_only_at_the_lowest_levels(tiny_data):
     args = train_diffusion.parse_args(["--data", str(tiny_data), "--design", "latent-f2"])
     unet = train_diffusion.make_unet(args, 32)
@@ -209,7 +214,7 @@ def test_resuming_with_another_architecture_is_one_line(tiny_data, tmp_path):
 def test_unknown_design_lists_the_valid_ones(tiny_data):
     with pytest.raises(UserError, match=r"^unknown design 'pixel'; valid: latent-f4, latent-f2, latent-f2-objw, "
                                          r"latent-f2-shift, latent-f2-objw-shift, latent-f2-vloss, "
-                                         r"latent-f2-vloss-shift$"):
+                                         r"latent-f2-vloss-shift, latent-f2-film, latent-f2-film-text$"):
         train_diffusion.parse_args(["--data", str(tiny_data), "--design", "pixel"])
     with pytest.raises(UserError, match=r"^unknown design\(s\) \['pixel'\]; valid: latent-f4, "):
         train_diffusion.parse_study_args(["--designs", "latent-f4,pixel", "--data", str(tiny_data)])
@@ -318,6 +323,29 @@ def test_init_vae_starts_from_a_trained_autoencoder_and_refuses_another_architec
               "--design", "latent-f2")
     with pytest.raises(UserError, match=r"^--init-vae .*nowhere: no AutoencoderKL folder \(config.json\) there$"):
         quick(tiny_data, tmp_path / "o3", tmp_path / "c3", "--max-steps", "1", "--init-vae", str(tmp_path / "nowhere"))
+
+
+def test_frozen_init_text_and_text_film_train_and_load_as_a_plain_pipeline(quick_run, tiny_data, tmp_path):
+    from diffusers import DiffusionPipeline
+    from transformers import CLIPTextModel
+
+    source = quick_run[0] / "pipe"  # the quick run's pipeline: text encoder 32 wide, 1 layer
+    info = quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2", "--init-text", str(source),
+                 "--freeze-text", "--text-film", "--text-hidden", "64")  # --init-text's sizes win over --text-*
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "o")  # no custom code
+    assert loaded.unet.config.addition_embed_type == "text" and loaded.unet.config.resnet_time_scale_shift == "scale_shift"
+    assert loaded.text_encoder.config.hidden_size == 32 and info["steps"] == 2
+    original = CLIPTextModel.from_pretrained(source / "text_encoder")
+    for name, value in original.state_dict().items():  # frozen: what was saved is what it started from
+        assert torch.allclose(loaded.text_encoder.state_dict()[name].float(), value.float(), atol=1e-3), name
+    assert (tmp_path / "c" / "tokenizer" / "vocab.json").read_text() == (source / "tokenizer" / "vocab.json").read_text()
+    image = loaded("a red circle", num_inference_steps=2, output_type="np",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 64, 64, 3)
+    with pytest.raises(UserError, match=r" trained with --freeze-text True \(now False\): pass the same flags"):
+        quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "3", "--init-text", str(source), "--text-film")
+    with pytest.raises(UserError, match=r"^--init-text .*nowhere: no text_encoder/config.json and tokenizer/ there"):
+        quick(tiny_data, tmp_path / "o4", tmp_path / "c4", "--init-text", str(tmp_path / "nowhere"))
 
 
 def test_curve_scores_every_snapshot_in_cpu_order_and_caches_each(tiny_data, tmp_path):
