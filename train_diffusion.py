@@ -1372,12 +1372,20 @@ def curve(argv) -> dict:
                              "exists)")
     parser.add_argument("--n-prompts", type=int, default=200, help="prompts per kind (single, two) per point (> 0)")
     parser.add_argument("--oracle", type=Path, default=DEFAULT_ORACLE, help="oracle folder")
+    parser.add_argument("--marks", type=comma_list(float), default="",
+                        help="score only the snapshots of these --snapshot-cpu-minutes marks, e.g. 20,45 (default: all)")
     common_args(parser, "learning_curve", omit=("seed", "quick"))
     args = parse_checked(parser, argv)
     check(args.n_prompts > 0, f"--n-prompts must be > 0, got {args.n_prompts}")
     snaps = sorted((p for p in (args.ckpt_dir / "snapshots").glob("*") if (p / "snapshot.json").is_file()),
                    key=lambda p: read_json(p / "snapshot.json")["cpu_minutes"])
     check(snaps, f"no snapshots in {args.ckpt_dir / 'snapshots'} (train with --snapshot-cpu-minutes)")
+    if args.marks:
+        have = {read_json(p / "snapshot.json")["mark"]: p for p in snaps}
+        missing = [m for m in args.marks if m not in have]
+        check(not missing, f"--marks {missing} have no snapshot in {args.ckpt_dir / 'snapshots'}; it has "
+                           f"{sorted(have)}")
+        snaps = [p for p in snaps if read_json(p / "snapshot.json")["mark"] in args.marks]
     if args.threads:
         set_threads(args.threads)
     device = pick_device(args.device)

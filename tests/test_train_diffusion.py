@@ -376,6 +376,10 @@ def test_curve_scores_every_snapshot_in_cpu_order_and_caches_each(tiny_data, tmp
     assert again["single"]["all"] == 0.5 and again["caption_use"] == points[0]["caption_use"]  # read from the cache
     topped_up = json.loads(caches[1].read_text())  # the older cache kept its scores and got caption_use added
     assert topped_up["two"]["all"] == 0.5 and topped_up["caption_use"] == points[1]["caption_use"]
+    only = train_diffusion.main(argv + ["--marks", "0.03", "--run-name", "r2"])["designs"]["c"]["curve"]
+    assert [p["mark"] for p in only] == [0.03]
+    with pytest.raises(UserError, match=r"^--marks \[0\.02\] have no snapshot in .*c.snapshots; it has \[0\.01, 0\.03\]$"):
+        train_diffusion.main(argv + ["--marks", "0.03,0.02"])
     with pytest.raises(UserError, match=r"^no snapshots in .*nothing.snapshots \(train with --snapshot-cpu-minutes\)$"):
         train_diffusion.main(["curve", "--ckpt-dir", str(tmp_path / "nothing")])
 
