@@ -2,8 +2,8 @@
 # The one prepared run for a lent GPU (issues "A generator that draws what the prompt says", item 4, and
 # "A few-step student ...", the GPU benchmark). About 8 minutes on an H200:
 #   1. the shapes world's data (generate_data.py);
-#   2. a design's UNet + text encoder (DESIGN, default latent-f2-vloss-shift, the f=2 design that on CPU drew
-#      objects after 12 CPU-minutes: see the README's design study) on the shipped f=2 autoencoder
+#   2. a design's UNet + text encoder (DESIGN, default latent-f2-film-text, the f=2 design that on CPU coloured
+#      its objects as prompted after 6 CPU-minutes: see the README's design study) on the shipped f=2 autoencoder
 #      (models/shapes-vae-f2),
 #      bf16 autocast, batch 256, for TRAIN_MIN minutes, with EMA snapshots at SNAPS process-CPU-minutes (one
 #      torch thread, so these are close to wall minutes: the thread waits on the GPU);
@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 DEVICE=${DEVICE:-cuda} DTYPE=${DTYPE:-bfloat16} TRAIN_MIN=${TRAIN_MIN:-5} BATCH=${BATCH:-256}
 SNAPS=${SNAPS:-1,2,3,4} N_PROMPTS=${N_PROMPTS:-200} SD21_SCALE=${SD21_SCALE:-full} PYTHON=${PYTHON:-python3}
-DESIGN=${DESIGN:-latent-f2-vloss-shift} TRAIN_FLAGS=${TRAIN_FLAGS:-}  # e.g. TRAIN_FLAGS="--attn-levels 3"
+DESIGN=${DESIGN:-latent-f2-film-text} TRAIN_FLAGS=${TRAIN_FLAGS:-}  # e.g. TRAIN_FLAGS="--attn-levels 3"
 INIT_VAE=${INIT_VAE:-models/shapes-vae-f2} CKPT=${CKPT:-checkpoints/gpu/$DESIGN}
 OUT=${OUT:-outputs/gpu_run}
 export HF_HUB_OFFLINE=1 WANDB_MODE=offline MPLBACKEND=Agg PYTHONUNBUFFERED=1
