@@ -19,8 +19,8 @@ The shipped oracle gets 0.982 of 5000 held-out rendered scenes entirely right (m
 Outputs: models/shapes-oracle/{model.safetensors, config.json, metrics.json, README.md} and the run's
 outputs/oracle/<run_name>/{config.json, metrics.json} (train); models/shapes-oracle/audit.json and
 outputs/oracle_audit/<run_name>/sheet_*.png (audit make); metrics.json and README.md again, and
-outputs/oracle_eval/<run_name>/{config.json, metrics.json, heldout_accepted.png} (evaluate); the audit's scores in metrics.json and README.md
-(audit score).
+outputs/oracle_eval/<run_name>/{config.json, metrics.json, heldout_accepted.png} (evaluate); the audit's scores
+in metrics.json and README.md (audit score).
 """
 
 from __future__ import annotations

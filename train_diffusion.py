@@ -107,7 +107,8 @@ DESIGN_NOTES = {
 ARCH_KEYS = ("vae_channels", "latent_channels", "text_hidden", "text_layers", "text_heads", "unet_channels",
              "unet_layers", "attn_head_dim", "attn_levels", "prediction_type", "snr_shift", "text_film",
              "freeze_text")
-ARCH_DEFAULTS = {"snr_shift": 1.0, "text_film": False, "freeze_text": False}  # what a checkpoint made before the key existed was trained with
+# What a checkpoint made before a key existed was trained with.
+ARCH_DEFAULTS = {"snr_shift": 1.0, "text_film": False, "freeze_text": False}
 QUICK = dict(max_images=64, vae_channels="8,16", vae_crop=0, vae_steps=4, vae_batch_size=8, text_hidden=32,
              text_layers=1, text_heads=2, unet_channels="32,64", unet_layers=1, attn_head_dim=8, max_steps=4,
              batch_size=8, warmup_steps=1, ckpt_every=2, sample_every=0, sample_steps=2, eval_images=16, threads=1)
@@ -285,7 +286,7 @@ def _marks(minutes: list[float], flag: str) -> tuple[float, ...]:
 
 def adopt_text_encoder(args) -> None:
     """--init-text: its text encoder's sizes become the --text-* flags, and its tokenizer (the token ids the encoder
-    was trained on) the run's. Raises UserError when the folder has no text_encoder/ and tokenizer/."""
+    was trained on) the run's (check_args has made sure the folder has both)."""
     c = read_json(args.init_text / "text_encoder" / "config.json")
     args.text_hidden, args.text_layers, args.text_heads = (c["hidden_size"], c["num_hidden_layers"],
                                                            c["num_attention_heads"])
