@@ -227,8 +227,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         check(args.design in DESIGNS, f"unknown design {args.design!r}; valid: {', '.join(DESIGNS)}")
         design = DESIGNS[args.design]
     # Explicit flags win over a design, and a design over --quick (which only shrinks what the design leaves).
-    apply_preset(args, parser, design)
-    apply_quick(args, parser, {k: v for k, v in QUICK.items() if k not in design})
+    apply_preset(args, parser, design, argv)
+    apply_quick(args, parser, {k: v for k, v in QUICK.items() if k not in design}, argv)
     check_args(args)
     return args
 

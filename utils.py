@@ -109,8 +109,32 @@ def quick_help(quick: dict) -> str:
     return f"smoke run: {settings} (flags given explicitly win)"
 
 
-def apply_preset(args: argparse.Namespace, parser: argparse.ArgumentParser, preset: dict) -> None:
-    """Set each flag of `preset` unless the user gave it: a flag still at its default takes the preset's value.
+def given_dests(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The dests that `argv` sets explicitly, including a flag given its default value (`--snr-shift 1`).
+
+    argparse alone cannot tell a flag given at its default from one left out; this parses `argv` again with every
+    default suppressed (argparse.SUPPRESS) and restores the defaults afterwards.
+
+    Args:
+        parser: the parser that already parsed `argv` (so `argv` is known to be valid).
+        argv: the command line without the program name; None reads sys.argv[1:], as argparse does.
+    """
+    saved = [(action, action.default) for action in parser._actions]
+    saved_parser_defaults = dict(parser._defaults)
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        parser._defaults.clear()
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
+        parser._defaults.update(saved_parser_defaults)
+
+
+def apply_preset(args: argparse.Namespace, parser: argparse.ArgumentParser, preset: dict,
+                 argv: Sequence[str] | None) -> None:
+    """Set each flag of `preset` that `argv` does not give: a flag given explicitly wins, even at its default value.
 
     String values go through the flag's `type=`, as argparse converts string defaults. Keys that are not flags
     of `parser` are left to the script.
@@ -119,13 +143,13 @@ def apply_preset(args: argparse.Namespace, parser: argparse.ArgumentParser, pres
         args: the parsed arguments (changed in place).
         parser: the parser that made them.
         preset: flag dest -> value.
+        argv: the command line `args` came from (None: sys.argv[1:]), to tell which flags were given.
     """
     actions = {a.dest: a for a in parser._actions}
+    given = given_dests(parser, argv)
     for key, value in preset.items():
         action = actions.get(key)
-        if action is None:
-            continue
-        if getattr(args, key) == _converted(action, action.default):
+        if action is not None and key not in given:
             setattr(args, key, _converted(action, value))
 
 
@@ -133,16 +157,18 @@ def _converted(action: argparse.Action, value: Any) -> Any:
     return action.type(value) if isinstance(value, str) and callable(action.type) else value
 
 
-def apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser, quick: dict) -> None:
+def apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser, quick: dict,
+                argv: Sequence[str] | None) -> None:
     """With `--quick`, apply the script's QUICK settings by `apply_preset`'s rule: explicit flags win.
 
     Args:
         args: the parsed arguments (changed in place).
         parser: the parser that made them.
         quick: the script's QUICK dict.
+        argv: the command line `args` came from (None: sys.argv[1:]).
     """
     if args.quick:
-        apply_preset(args, parser, quick)
+        apply_preset(args, parser, quick, argv)
 
 
 def subcommand(argv: Sequence[str] | None, commands: Sequence[str], doc: str) -> tuple[str, list[str]]:
@@ -168,7 +194,7 @@ def parse_checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None, q
     """
     args = parser.parse_args(argv)
     if quick is not None:
-        apply_quick(args, parser, quick)
+        apply_quick(args, parser, quick, argv)
     if check_args is not None:
         check_args(args)
     return args

@@ -149,6 +149,17 @@ def test_a_design_sets_its_architecture_and_explicit_flags_win(tiny_data, design
     assert explicit.unet_widths == (32, 64, 128)
 
 
+@pytest.mark.parametrize("flags, key, value", [
+    (["--snr-shift", "1"], "snr_shift", 1.0),  # the flag's default, given: the shifted design runs unshifted
+    (["--snr-gamma=5"], "snr_gamma", 5.0),
+    (["--object-weight", "0", "--snr-shift", "4"], "object_weight", 0.0),
+])
+def test_a_flag_given_at_its_default_value_still_wins_over_the_design(tiny_data, flags, key, value):
+    design = "latent-f2-objw-shift" if key == "object_weight" else "latent-f2-film"
+    assert getattr(train_diffusion.parse_args(["--data", str(tiny_data), "--design", design]), key) != value
+    assert getattr(train_diffusion.parse_args(["--data", str(tiny_data), "--design", design, *flags]), key) == value
+
+
 def test_the_film_text_design_reads_the_caption_with_the_shipped_frozen_text_encoder(tiny_data):
     args = train_diffusion.parse_args(["--data", str(tiny_data), "--design", "latent-f2-film-text"])
     assert args.text_film and args.freeze_text and args.init_text == SHIPPED and args.snr_gamma == 0

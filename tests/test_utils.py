@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv):
     p = parser()
     args = p.parse_args(argv)
-    utils.apply_quick(args, p, QUICK)
+    utils.apply_quick(args, p, QUICK, argv)
     return args
 
 
@@ -48,6 +48,8 @@ def test_quick_applies_its_settings_but_explicit_flags_win():
     assert not hasattr(quick, "note")  # a key that is no flag is left to the script
     explicit = parse(["--quick", "--epochs", "7", "--sizes", "30"])
     assert (explicit.epochs, explicit.sizes) == (7, [30])
+    at_default = parse(["--quick", "--epochs", "20", "--sizes=100,1000"])  # given, though equal to the defaults
+    assert (at_default.epochs, at_default.sizes) == (20, [100, 1000])
     assert parse(["--epochs", "7"]).epochs == 7
 
 
@@ -59,8 +61,14 @@ def test_quick_help_lists_the_settings():
 def test_apply_preset_sets_only_flags_left_at_their_default():
     p = parser()
     args = p.parse_args(["--epochs", "5"])
-    utils.apply_preset(args, p, {"epochs": 1, "sizes": "50"})
+    utils.apply_preset(args, p, {"epochs": 1, "sizes": "50"}, ["--epochs", "5"])
     assert (args.epochs, args.sizes) == (5, [50])
+
+
+def test_given_dests_sees_a_flag_given_at_its_default_and_keeps_the_defaults():
+    p = parser()
+    assert utils.given_dests(p, ["--epochs", "20", "--quick"]) == {"epochs", "quick"}
+    assert p.parse_args([]).epochs == 20 and p.parse_args([]).sizes == [100, 1000]  # defaults restored
 
 
 @pytest.mark.parametrize("text, values", [("1,2,3", [1, 2, 3]), (" 4 , 5,", [4, 5]), ("", [])])
