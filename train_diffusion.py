@@ -81,6 +81,7 @@ DESIGNS = {
     "latent-f2-film-text": {**F2, "snr_gamma": 0.0, "attn_head_dim": 4, "snr_shift": 4.0, "text_film": True,
                             "init_text": str(REPO / "models" / "shapes-sd-tiny"), "freeze_text": True},
 }
+DESIGNS["latent-f2-film-text-zsnr"] = {**DESIGNS["latent-f2-film-text"], "zero_terminal_snr": True}
 DESIGN_NOTES = {
     "latent-f4": "today's model: f=4 AutoencoderKL (64 px -> 16x16x4), plain min-SNR v-loss",
     "latent-f2": "f=2 AutoencoderKL (64 px -> 32x32x4): objects of 11-19 px stay 6-10 latent pixels wide",
@@ -102,13 +103,17 @@ DESIGN_NOTES = {
     "latent-f2-film-text": "latent-f2-film with the text encoder (and tokenizer) of models/shapes-sd-tiny, frozen: "
                            "features that already tell the caption's words apart, learned by the f=4 model's own "
                            "training (a head start its CPU-minutes do not count)",
+    "latent-f2-film-text-zsnr": "latent-f2-film-text with zero terminal SNR (Lin et al. 2024): the linear betas leave "
+                                "alpha_bar_T > 0, so the UNet reads the low frequencies of a sampler's starting "
+                                "noise as signal and the seed, not the caption, decides where objects go; at "
+                                "SNR 0 the noisiest step must place them from the caption alone",
 }
 # Settings in a checkpoint folder that a resume must match (weights of another shape cannot be loaded).
 ARCH_KEYS = ("vae_channels", "latent_channels", "text_hidden", "text_layers", "text_heads", "unet_channels",
              "unet_layers", "attn_head_dim", "attn_levels", "prediction_type", "snr_shift", "text_film",
-             "freeze_text")
+             "freeze_text", "zero_terminal_snr")
 # What a checkpoint made before a key existed was trained with.
-ARCH_DEFAULTS = {"snr_shift": 1.0, "text_film": False, "freeze_text": False}
+ARCH_DEFAULTS = {"snr_shift": 1.0, "text_film": False, "freeze_text": False, "zero_terminal_snr": False}
 QUICK = dict(max_images=64, vae_channels="8,16", vae_crop=0, vae_steps=4, vae_batch_size=8, text_hidden=32,
              text_layers=1, text_heads=2, unet_channels="32,64", unet_layers=1, attn_head_dim=8, max_steps=4,
              batch_size=8, warmup_steps=1, ckpt_every=2, sample_every=0, sample_steps=2, eval_images=16, threads=1)
@@ -198,6 +203,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "(>= 1; 1: DDPM's linear betas). Hoogeboom et al. 2023 ('simple diffusion'): an image "
                             "with 2x the side needs SNR/4 for the same noise to hide the same structure. Saved in the "
                             "pipeline's scheduler as trained_betas, so sampling uses the same schedule")
+    train.add_argument("--zero-terminal-snr", action="store_true",
+                       help="rescale the betas so the last timestep holds no signal (alpha_bar_T = 0; Lin et al. "
+                            "2024, 'Common diffusion noise schedules and sample steps are flawed'), with v-prediction; "
+                            "saved as the scheduler's rescale_betas_zero_snr, so every diffusers sampler starts there")
     train.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR loss weighting gamma (0: plain MSE)")
     train.add_argument("--object-weight", type=float, default=0.0,
                        help="extra weight of the diffusion loss inside the dilated object boxes (0: plain loss); "
@@ -261,6 +270,9 @@ def check_args(args: argparse.Namespace) -> None:
     check(args.lr > 0 and args.vae_lr > 0, f"learning rates must be > 0, got --lr {args.lr}, --vae-lr {args.vae_lr}")
     check(0 <= args.cfg_dropout <= 1, f"--cfg-dropout must be in 0..1, got {args.cfg_dropout}")
     check(args.snr_shift >= 1, f"--snr-shift must be >= 1, got {args.snr_shift}")
+    check(not args.zero_terminal_snr or args.prediction_type == "v_prediction",
+          "--zero-terminal-snr needs --prediction-type v_prediction (at SNR 0 the noise itself is the input, so "
+          "an epsilon target is trivial and x0 cannot be recovered from it)")
     check(0 < args.ema_decay < 1, f"--ema-decay must be in (0, 1), got {args.ema_decay}")
     check(args.guidance >= 1, f"--guidance must be >= 1, got {args.guidance}")
     check(args.text_hidden % args.text_heads == 0,
@@ -714,17 +726,22 @@ def make_unet(args, latent_side: int):
                 resnet_time_scale_shift="scale_shift") if args.text_film else {}))
 
 
-def make_noise_scheduler(prediction_type: str = "v_prediction", snr_shift: float = 1.0):
+def make_noise_scheduler(prediction_type: str = "v_prediction", snr_shift: float = 1.0,
+                         zero_terminal_snr: bool = False):
     """DDPMScheduler with 1000 timesteps: DDPM's linear betas, their SNR divided by `snr_shift` when it is > 1.
 
     SNR'(t) = SNR(t) / s, i.e. alpha_bar' = alpha_bar / (s - (s - 1) alpha_bar) (Hoogeboom et al. 2023, "simple
     diffusion", sec. 3.1); the shifted betas are stored as `trained_betas`, which every diffusers scheduler reads.
+    `zero_terminal_snr` rescales them so that alpha_bar_T = 0 (diffusers' `rescale_betas_zero_snr`, Lin et al. 2024,
+    Algorithm 1), applied before the shift (which keeps alpha_bar_T = 0).
     """
     from diffusers import DDPMScheduler
 
     # DDPM's linear betas: at 16x16 latents SD's scaled-linear schedule leaves too much signal at t=T.
     kwargs = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                   prediction_type=prediction_type, clip_sample=False, steps_offset=1)
+    if zero_terminal_snr:
+        kwargs["rescale_betas_zero_snr"] = True
     if snr_shift == 1:
         return DDPMScheduler(**kwargs)
     bar = DDPMScheduler(**kwargs).alphas_cumprod.double()
@@ -779,7 +796,7 @@ class Trainer:
         self.text_encoder = make_text_encoder(args, tokenizer).to(device).train()
         self.text_encoder.requires_grad_(not args.freeze_text)
         self.unet = make_unet(args, self.mean.shape[-1]).to(device).train()
-        self.noise_scheduler = make_noise_scheduler(args.prediction_type, args.snr_shift)
+        self.noise_scheduler = make_noise_scheduler(args.prediction_type, args.snr_shift, args.zero_terminal_snr)
         params = list(self.unet.parameters()) + [p for p in self.text_encoder.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(args))

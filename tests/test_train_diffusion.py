@@ -225,7 +225,7 @@ def test_resuming_with_another_architecture_is_one_line(tiny_data, tmp_path):
 def test_unknown_design_lists_the_valid_ones(tiny_data):
     with pytest.raises(UserError, match=r"^unknown design 'pixel'; valid: latent-f4, latent-f2, latent-f2-objw, "
                                          r"latent-f2-shift, latent-f2-objw-shift, latent-f2-vloss, "
-                                         r"latent-f2-vloss-shift, latent-f2-film, latent-f2-film-text$"):
+                                         r"latent-f2-vloss-shift, latent-f2-film, latent-f2-film-text, latent-f2-film-text-zsnr$"):
         train_diffusion.parse_args(["--data", str(tiny_data), "--design", "pixel"])
     with pytest.raises(UserError, match=r"^unknown design\(s\) \['pixel'\]; valid: latent-f4, "):
         train_diffusion.parse_study_args(["--designs", "latent-f4,pixel", "--data", str(tiny_data)])
@@ -317,6 +317,29 @@ def test_snr_shift_divides_every_timesteps_snr_and_the_saved_sampler_keeps_it(ti
     arch.write_text(json.dumps({k: v for k, v in json.loads(arch.read_text()).items() if k != "snr_shift"}))
     with pytest.raises(UserError, match=r"--snr-shift 1\.0 \(now 4\.0\)"):
         quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2", "--snr-shift", "4")
+
+
+@pytest.mark.parametrize("shift", [1.0, 4.0])
+def test_zero_terminal_snr_leaves_no_signal_at_the_last_timestep_and_the_saved_sampler_starts_there(
+        tiny_data, tmp_path, shift):
+    from diffusers import DiffusionPipeline
+
+    plain = train_diffusion.make_noise_scheduler(snr_shift=shift)
+    zero = train_diffusion.make_noise_scheduler(snr_shift=shift, zero_terminal_snr=True)
+    assert plain.alphas_cumprod[-1] > 1e-5 and zero.alphas_cumprod[-1] == 0  # linear betas leave signal at t = T
+    assert torch.all(zero.alphas_cumprod[1:] < zero.alphas_cumprod[:-1])  # still a noise schedule
+    quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1", "--zero-terminal-snr", "--snr-shift", str(shift))
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "o")  # a bare load
+    assert pipe.scheduler.config.rescale_betas_zero_snr
+    pipe.scheduler.set_timesteps(20)
+    assert int(pipe.scheduler.timesteps[0]) == 999 and pipe.scheduler.alphas_cumprod[-1] < 1e-6
+    image = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert np.isfinite(image).all()
+
+
+def test_zero_terminal_snr_needs_v_prediction(tiny_data):
+    with pytest.raises(UserError, match="--zero-terminal-snr needs --prediction-type v_prediction"):
+        train_diffusion.parse_args(["--data", str(tiny_data), "--zero-terminal-snr", "--prediction-type", "epsilon"])
 
 
 def test_init_vae_starts_from_a_trained_autoencoder_and_refuses_another_architecture(quick_run, tiny_data, tmp_path):
