@@ -1340,6 +1340,9 @@ def _card_fidelity_section(m: dict | None) -> str:
 # --------------------------------------------------------------------------- diffusion models
 SHAPES_MODEL = REPO / "models" / "shapes-sd-tiny"
 SHAPES_MODEL_TURBO = REPO / "models" / "shapes-sd-tiny-turbo"  # its few-step student (distill.py, see its card)
+# The f=2 design-study model (latent-f2-film-text, README "Generator design study"): the candidate successor of
+# shapes-tiny, shipped beside it until its student and the oracle's by-eye audit are redone on it.
+SHAPES_MODEL_F2 = REPO / "models" / "shapes-sd-tiny-f2"
 # Short name -> where the weights live and the settings their authors recommend. `scheduler` None keeps
 # the one saved with the model. Hub ids need a cached download (this repo never assumes a network).
 MODEL_REGISTRY: dict[str, dict[str, Any]] = {
@@ -1347,6 +1350,8 @@ MODEL_REGISTRY: dict[str, dict[str, Any]] = {
                     "steps": 20, "guidance": 5.0, "size": 64},
     "shapes-tiny-turbo": {"id": str(SHAPES_MODEL_TURBO), "pipeline": "StableDiffusionPipeline", "scheduler": None,
                           "steps": 4, "guidance": 1.0, "size": 64},
+    "shapes-tiny-f2": {"id": str(SHAPES_MODEL_F2), "pipeline": "StableDiffusionPipeline", "scheduler": None,
+                       "steps": 20, "guidance": 5.0, "size": 64},
     "sd21": {"id": "stabilityai/stable-diffusion-2-1", "pipeline": "StableDiffusionPipeline",
              "scheduler": "DPMSolverMultistepScheduler", "steps": 25, "guidance": 7.5, "size": 768},
     "sd-turbo": {"id": "stabilityai/sd-turbo", "pipeline": "StableDiffusionPipeline", "scheduler": None,

@@ -1,5 +1,7 @@
 """The model registry and loader: tiny hub-class pipelines round-trip, generation is seeded, errors are one line."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -48,6 +50,11 @@ def test_registry_names_cover_the_issue():
     rec = utils.read_json(utils.SHAPES_MODEL_TURBO / "distill_log.json")["recommended"]
     turbo = utils.MODEL_REGISTRY["shapes-tiny-turbo"]
     assert (turbo["steps"], turbo["guidance"]) == (rec["steps"], rec["guidance"]) and turbo["steps"] <= 4
+    # every shipped model of ours: a card with measured fidelity, within the issue's 40 MB
+    for name in ("shapes-tiny", "shapes-tiny-turbo", "shapes-tiny-f2"):
+        folder = Path(utils.MODEL_REGISTRY[name]["id"])
+        assert "single_object_all_correct" in utils.read_json(folder / "metrics.json"), name
+        assert (folder / "README.md").is_file() and sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 40e6
 
 
 def test_uncached_hub_model_fails_with_one_line(monkeypatch):

@@ -122,7 +122,8 @@ def test_missing_data_file_and_unknown_split(tiny_data, tmp_path):
                               "--ckpt-dir", str(tmp_path / "c")])
 
 
-@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED.with_name("shapes-sd-tiny-turbo")], ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED.with_name("shapes-sd-tiny-turbo"), SHIPPED.with_name("shapes-sd-tiny-f2")],
+                         ids=lambda p: p.name)
 def test_shipped_model_generates_a_64px_image_on_cpu(folder):
     from diffusers import StableDiffusionPipeline
 
