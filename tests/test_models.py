@@ -54,7 +54,8 @@ def test_registry_names_cover_the_issue():
     for name in ("shapes-tiny", "shapes-tiny-turbo", "shapes-tiny-f2"):
         folder = Path(utils.MODEL_REGISTRY[name]["id"])
         assert "single_object_all_correct" in utils.read_json(folder / "metrics.json"), name
-        assert (folder / "README.md").is_file() and sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 40e6
+        assert (folder / "README.md").is_file()
+        assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 40e6, name
 
 
 def test_uncached_hub_model_fails_with_one_line(monkeypatch):

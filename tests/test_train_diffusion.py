@@ -122,8 +122,8 @@ def test_missing_data_file_and_unknown_split(tiny_data, tmp_path):
                               "--ckpt-dir", str(tmp_path / "c")])
 
 
-@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED.with_name("shapes-sd-tiny-turbo"), SHIPPED.with_name("shapes-sd-tiny-f2")],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", [SHIPPED, SHIPPED.with_name("shapes-sd-tiny-turbo"),
+                                    SHIPPED.with_name("shapes-sd-tiny-f2")], ids=lambda p: p.name)
 def test_shipped_model_generates_a_64px_image_on_cpu(folder):
     from diffusers import StableDiffusionPipeline
 
@@ -226,7 +226,8 @@ def test_resuming_with_another_architecture_is_one_line(tiny_data, tmp_path):
 def test_unknown_design_lists_the_valid_ones(tiny_data):
     with pytest.raises(UserError, match=r"^unknown design 'pixel'; valid: latent-f4, latent-f2, latent-f2-objw, "
                                          r"latent-f2-shift, latent-f2-objw-shift, latent-f2-vloss, "
-                                         r"latent-f2-vloss-shift, latent-f2-film, latent-f2-film-text, latent-f2-film-text-zsnr$"):
+                                         r"latent-f2-vloss-shift, latent-f2-film, latent-f2-film-text, "
+                                         r"latent-f2-film-text-zsnr$"):
         train_diffusion.parse_args(["--data", str(tiny_data), "--design", "pixel"])
     with pytest.raises(UserError, match=r"^unknown design\(s\) \['pixel'\]; valid: latent-f4, "):
         train_diffusion.parse_study_args(["--designs", "latent-f4,pixel", "--data", str(tiny_data)])
@@ -329,12 +330,14 @@ def test_zero_terminal_snr_leaves_no_signal_at_the_last_timestep_and_the_saved_s
     zero = train_diffusion.make_noise_scheduler(snr_shift=shift, zero_terminal_snr=True)
     assert plain.alphas_cumprod[-1] > 1e-5 and zero.alphas_cumprod[-1] == 0  # linear betas leave signal at t = T
     assert torch.all(zero.alphas_cumprod[1:] < zero.alphas_cumprod[:-1])  # still a noise schedule
-    quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1", "--zero-terminal-snr", "--snr-shift", str(shift))
+    quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1", "--zero-terminal-snr",
+          "--snr-shift", str(shift))
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "o")  # a bare load
     assert pipe.scheduler.config.rescale_betas_zero_snr
     pipe.scheduler.set_timesteps(20)
     assert int(pipe.scheduler.timesteps[0]) == 999 and pipe.scheduler.alphas_cumprod[-1] < 1e-6
-    image = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np").images
+    image = pipe("a red circle", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                 output_type="np").images
     assert np.isfinite(image).all()
 
 
