@@ -822,8 +822,17 @@ def rejection_section(config: dict, m: dict) -> str:
                   f"{audit['n']} generated images ({audit['n_accepted']} accepted, {audit['n_rejected']} rejected by "
                   f"task_d's filter) labelled by eye: precision {audit['precision']:.3f} "
                   f"[{audit['precision_ci'][0]:.3f}, {audit['precision_ci'][1]:.3f}], recall {audit['recall']:.3f} "
-                  f"(weighted by the acceptance rate {audit['acceptance_rate']:.3f}); model `{audit['model']}`"
+                  f"(weighted by the acceptance rate {audit['acceptance_rate']:.3f})"
+                  + (f"; the prompted shape is recognisable by eye in {audit['yes_rate']:.3f} "
+                     f"[{audit['yes_rate_ci'][0]:.3f}, {audit['yes_rate_ci'][1]:.3f}] of all candidates"
+                     if "yes_rate_ci" in audit else "") + f"; model `{audit['model']}`"
                   + (f". STALE: {audit['stale']}" if audit.get("stale") else ""))
+    for other in m.get("other_audits", {}).values():
+        audit_line += (f". Other generator `{other['model']}` (`{other['audit_file']}`): precision "
+                       f"{other['precision']:.3f} [{other['precision_ci'][0]:.3f}, {other['precision_ci'][1]:.3f}], "
+                       f"recall {other['recall']:.3f}, acceptance rate {other['acceptance_rate']:.3f} against "
+                       f"{other['yes_rate']:.3f} [{other['yes_rate_ci'][0]:.3f}, {other['yes_rate_ci'][1]:.3f}] "
+                       "recognisable by eye" + (f"; STALE: {other['stale']}" if other.get("stale") else ""))
     return f"""
 ## Saying "no recognisable shape"
 Each cell can also be read as `{UNRECOGNISABLE}`, learned from {config.get('n_negatives', 0):,} training scenes whose
@@ -898,8 +907,12 @@ def evaluate_oracle(oracle: Oracle, held: tuple[np.ndarray, np.ndarray], history
 def save_oracle_folder(oracle: Oracle, metrics: dict, out: Path) -> None:
     """Weights, config, metrics and card in `out`; an earlier by-eye audit there is kept, marked stale."""
     old_metrics = Path(out) / "metrics.json"
-    if old_metrics.is_file() and read_json(old_metrics).get("audit"):
-        metrics["audit"] = dict(read_json(old_metrics)["audit"], stale="the oracle was retrained after this audit")
+    old = read_json(old_metrics) if old_metrics.is_file() else {}
+    stale = "the oracle was retrained after this audit"
+    if old.get("audit"):
+        metrics["audit"] = dict(old["audit"], stale=stale)
+    if old.get("other_audits"):
+        metrics["other_audits"] = {k: dict(v, stale=stale) for k, v in old["other_audits"].items()}
     oracle.save(out)
     write_json(Path(out) / "metrics.json", metrics)
     write_text(Path(out) / "README.md", oracle_card(oracle.config, metrics))
@@ -1057,7 +1070,9 @@ def audit_scores(audit: dict) -> dict:
 
     Precision = P(yes | accepted). The audit shows as many rejected as accepted images, so the sample's recall
     over-weights the rejected; `recall` re-weights by the filter's acceptance rate a:
-    a*P(yes|acc) / (a*P(yes|acc) + (1-a)*P(yes|rej)). `recall_in_sample` is the unweighted one.
+    a*P(yes|acc) / (a*P(yes|acc) + (1-a)*P(yes|rej)). `recall_in_sample` is the unweighted one. `yes_rate`, the
+    denominator, estimates the share of all candidates whose prompted shape is recognisable by eye: the generator's
+    shape rate as a person would count it, beside the filter's acceptance rate.
     """
     items = audit["items"]
     check(all(it["label"] in ("yes", "no") for it in items),
@@ -1067,12 +1082,24 @@ def audit_scores(audit: dict) -> dict:
     p_acc, p_rej = float(np.mean(acc)), float(np.mean(rej))
     a = audit["acceptance_rate"]
     return {"n": len(items), "n_accepted": len(acc), "n_rejected": len(rej), "precision": p_acc,
+            "yes_rate": a * p_acc + (1 - a) * p_rej, "yes_rate_ci": yes_rate_ci(acc, rej, a),
             "precision_ci": [float(v) for v in bootstrap_ci(acc)["ci95"]],
             "recall": a * p_acc / (a * p_acc + (1 - a) * p_rej) if p_acc + p_rej else None,
             "recall_in_sample": sum(acc) / max(1, sum(acc) + sum(rej)), "acceptance_rate": a,
             "yes_among_rejected": p_rej, "model": audit["model"],
             "model_weights_sha256_12": audit["model_weights_sha256_12"],
             "oracle_weights_sha256_12": audit["oracle_weights_sha256_12"]}
+
+
+def yes_rate_ci(acc: list[bool], rej: list[bool], a: float, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap CI of a * P(yes | accepted) + (1 - a) * P(yes | rejected), the two halves resampled
+    independently (a stratified sample; `scipy.stats.bootstrap` with two samples)."""
+    from scipy.stats import bootstrap
+
+    res = bootstrap((np.asarray(acc, float), np.asarray(rej, float)),
+                    lambda x, y, axis=-1: a * x.mean(axis) + (1 - a) * y.mean(axis), paired=False,
+                    vectorized=True, n_resamples=2000, method="percentile", random_state=np.random.default_rng(seed))
+    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
 
 
 def audit_score(args: argparse.Namespace) -> dict:
@@ -1084,7 +1111,10 @@ def audit_score(args: argparse.Namespace) -> dict:
         scores["stale"] = f"oracle weights changed since the audit ({current}): redo `audit make`"
     if metrics_path.is_file():
         metrics = read_json(metrics_path)
-        metrics["audit"] = scores
+        if Path(args.audit).resolve() == (Path(args.oracle) / DEFAULT_AUDIT.name).resolve():
+            metrics["audit"] = scores  # the audit of task_d's generator, the one the filter's numbers rest on
+        else:  # an audit of another generator (e.g. a candidate default) is kept beside it, by model
+            metrics.setdefault("other_audits", {})[scores["model"]] = dict(scores, audit_file=repo_path(args.audit))
         write_json(metrics_path, metrics)
         write_text(Path(args.oracle) / "README.md", oracle_card(read_json(Path(args.oracle) / "config.json"), metrics))
     print(f"audit of {scores['n']} images: precision {scores['precision']:.3f} "
@@ -1131,7 +1161,8 @@ def evaluate_saved(args: argparse.Namespace) -> dict:
     with run.step("sheet"):
         drawn = accepted_negatives_sheet(oracle, args.n_heldout, run.dir / "heldout_accepted.png")
     run.finish({k: v for k, v in metrics.items() if k != "history"})  # the run's own timings
-    metrics.update({k: old[k] for k in ("timings", "audit") if k in old})  # training's timings; same weights
+    # training's timings and the audits: same weights
+    metrics.update({k: old[k] for k in ("timings", "audit", "other_audits") if k in old})
     write_json(args.oracle / "metrics.json", metrics)
     write_text(args.oracle / "README.md", oracle_card(oracle.config, metrics))
     by = ", ".join(f"{k} {v:.3f}" for k, v in metrics["reject_rate_heldout_by_recipe"].items())

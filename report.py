@@ -370,11 +370,16 @@ def oracle_numbers(m: dict) -> list[str]:
              f"{m['ece']:.4f}", ""],
             ["renders blurred with σ = 2 px: shape-correct, single / two objects",
              f"{blur['single_shape_correct']:.3f} / {blur['two_shape_correct']:.3f}", ""]]
-    audit = m.get("audit")
-    if audit:
-        rows.append([f"by-eye audit of task_d's filter on {audit['n']} generated images: precision [95% CI], recall",
+    audits = ([("task_d's filter", m["audit"])] if m.get("audit") else []) + [
+        (f"the filter on `{model}`", a) for model, a in m.get("other_audits", {}).items()]
+    for what, audit in audits:
+        rows.append([f"by-eye audit of {what} on {audit['n']} generated images: precision [95% CI], recall",
                      f"{fmt(audit['precision'])} {fmt_ci(audit['precision_ci'])}, {fmt(audit['recall'])}",
                      f"stale: {audit['stale']}" if audit.get("stale") else ""])
+        if "yes_rate_ci" in audit:
+            rows.append(["same audit: share of all candidates whose prompted shape is recognisable by eye, against "
+                         "the filter's acceptance rate", f"{fmt(audit['yes_rate'])} {fmt_ci(audit['yes_rate_ci'])} "
+                         f"vs {fmt(audit['acceptance_rate'])}", ""])
     return md_table(["measurement (held-out seeds)", "value", "target"], rows)
 
 

@@ -164,6 +164,29 @@ def test_audit_labels_give_the_recorded_precision_and_match_the_shipped_oracle()
     assert audit["oracle_weights_sha256_12"] == oracle.weights_sha(oracle.DEFAULT_ORACLE)
 
 
+def test_audit_of_another_generator_is_kept_beside_the_filters_audit(tmp_path):
+    """A by-hand audit of 8 items: 4 accepted (3 labelled yes), 4 rejected (1 yes), acceptance rate 0.1 ->
+    precision 0.75, share recognisable by eye 0.1 * 0.75 + 0.9 * 0.25 = 0.3, recall 0.075 / 0.3 = 0.25."""
+    import shutil
+
+    folder = tmp_path / "oracle"
+    shutil.copytree(oracle.DEFAULT_ORACLE, folder)
+    before = json.loads((folder / "metrics.json").read_text())["audit"]
+    labels = [(True, "yes")] * 3 + [(True, "no")] + [(False, "yes")] + [(False, "no")] * 3
+    audit = {"acceptance_rate": 0.1, "model": "models/other", "model_weights_sha256_12": "abc",
+             "oracle_weights_sha256_12": oracle.weights_sha(folder),
+             "items": [{"accepted": a, "label": lab} for a, lab in labels]}
+    path = folder / "audit_other.json"
+    path.write_text(json.dumps(audit))
+    scores = oracle.main(["audit", "score", "--oracle", str(folder), "--audit", str(path)])
+    assert (scores["precision"], scores["yes_rate"], scores["recall"]) == pytest.approx((0.75, 0.3, 0.25))
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["audit"] == before  # the filter's own audit (task_d's generator) is untouched
+    other = metrics["other_audits"]["models/other"]
+    assert other["yes_rate"] == pytest.approx(0.3) and other["yes_rate_ci"][0] < 0.3 < other["yes_rate_ci"][1]
+    assert "Other generator `models/other`" in (folder / "README.md").read_text()
+
+
 def test_audit_verdicts_reproduce_from_the_recorded_prompts_and_seeds(shipped):
     """Regenerate a few audit images from the recorded model, prompt and seed: the oracle gives the same verdicts."""
     audit = json.loads(oracle.DEFAULT_AUDIT.read_text())

@@ -194,7 +194,10 @@ def test_readme_oracle_and_model_blocks_come_from_the_model_folders(tmp_path, ca
     _write(models / "shapes-oracle" / "metrics.json", {
         "heldout": {"n_scenes": 1234}, "accuracy_on_renders": 0.995, "false_reject_rate_renders": 0.02,
         "reject_rate_heldout": 0.96, "reject_rate_heldout_by_recipe": {"ellipse": 1.0, "overlap": 0.92},
-        "ece": 0.0125, "ece_uncalibrated": 0.05, "blur_sigma2": {"single_shape_correct": 0.25, "two_shape_correct": 0.5}})
+        "ece": 0.0125, "ece_uncalibrated": 0.05,
+        "blur_sigma2": {"single_shape_correct": 0.25, "two_shape_correct": 0.5},
+        "other_audits": {"models/x": {"n": 8, "precision": 0.75, "precision_ci": [0.5, 1.0], "recall": 0.25,
+                                      "yes_rate": 0.3, "yes_rate_ci": [0.1, 0.5], "acceptance_rate": 0.1}}})
     _model(models, "a-good", "good", single=0.95, two=0.75, steps=4000)
     _model(models, "b-shipped", "shipped", single=0.5, two=0.75, steps=12345)
     _model(models, "c-student", "student", single=0.0, two=0.0, steps=678, distilled=True)
@@ -208,6 +211,9 @@ def test_readme_oracle_and_model_blocks_come_from_the_model_folders(tmp_path, ca
     assert "| false rejects of clean objects | 0.020 | ≤ 0.01 (**not met**) |" in oracle
     assert "(by recipe: ellipse 1.000, overlap 0.920) | 0.960 | ≥ 0.95 (met) |" in oracle
     assert "0.0500 before temperature scaling) | 0.0125 |" in oracle and "| 0.250 / 0.500 |" in oracle
+    assert "| by-eye audit of the filter on `models/x` on 8 generated images: precision [95% CI], recall | 0.750 " \
+           "[0.500, 1.000], 0.250 |" in oracle
+    assert "recognisable by eye, against the filter's acceptance rate | 0.300 [0.100, 0.500] vs 0.100 |" in oracle
     model = _block(text, "model-numbers")
     rows = [line for line in model.splitlines() if line.startswith("| `")]
     assert rows[0].startswith("| `shipped` (") and rows[1].startswith("| `good` (")  # the shipped model first
