@@ -164,6 +164,31 @@ def test_a_flag_given_at_its_default_value_still_wins_over_the_design(tiny_data,
 def test_the_film_text_design_reads_the_caption_with_the_shipped_frozen_text_encoder(tiny_data):
     args = train_diffusion.parse_args(["--data", str(tiny_data), "--design", "latent-f2-film-text"])
     assert args.text_film and args.freeze_text and args.init_text == SHIPPED and args.snr_gamma == 0
+    unfrozen = train_diffusion.parse_args(["--data", str(tiny_data), "--design", "latent-f2-film-text",
+                                           "--no-freeze-text"])
+    assert not unfrozen.freeze_text and unfrozen.text_film and unfrozen.init_text == SHIPPED
+
+
+def test_init_unet_warm_starts_from_a_saved_unet_and_refuses_another_architecture(quick_run, tiny_data, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    source = quick_run[0] / "pipe"  # the quick run's pipeline (UNet widths 32,64)
+    # a learning rate of ~0 keeps the warm-started weights: what is saved is what it started from
+    info = quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1", "--lr", "1e-12",
+                 "--init-unet", str(source))
+    saved, original = (UNet2DConditionModel.from_pretrained(f / "unet") for f in (tmp_path / "o", source))
+    fresh = train_diffusion.make_unet(train_diffusion.parse_args(["--quick", "--data", str(tiny_data)]), 8)
+    assert info["steps"] == 1
+    for (name, value), init in zip(original.state_dict().items(), fresh.state_dict().values()):
+        assert torch.allclose(saved.state_dict()[name].float(), value.float(), atol=1e-3), name
+    assert any(not torch.allclose(v.float(), i) for v, i in zip(original.state_dict().values(),
+                                                                 fresh.state_dict().values()))  # not a fresh init
+    with pytest.raises(UserError, match=r"^--init-unet .*pipe: its UNet differs from this run's in "
+                                        r"block_out_channels \[32, 64\] \(now \[16, 32\]\)"):
+        quick(tiny_data, tmp_path / "o2", tmp_path / "c2", "--max-steps", "1", "--init-unet", str(source),
+              "--unet-channels", "16,32")
+    with pytest.raises(UserError, match=r"^--init-unet .*nowhere: no unet/config.json there \(give a pipeline"):
+        quick(tiny_data, tmp_path / "o3", tmp_path / "c3", "--init-unet", str(tmp_path / "nowhere"))
 
 
 def test_unet_attention_sits_only_at_the_lowest_levels(tiny_data):
@@ -438,3 +463,25 @@ def test_caption_use_is_exactly_one_when_the_unet_cannot_read_the_caption(quick_
             torch.nn.init.zeros_(module.bias)
     cut = train_diffusion.caption_use(pipe, prompts, timesteps=(100, 900))
     assert all(r["ratio"] == 1.0 and r["own"] == r["shuffled"] == r["empty"] for r in cut.values())
+
+
+def test_word_separation_is_zero_for_an_encoder_that_ignores_words_and_matches_the_documented_numbers():
+    from diffusers import DiffusionPipeline
+
+    shipped = DiffusionPipeline.from_pretrained(SHIPPED)
+
+    class Constant(torch.nn.Module):  # reads no token: every prompt gives the same hidden states
+        device = torch.device("cpu")
+
+        def forward(self, ids):
+            return (torch.ones(ids.shape[0], ids.shape[1], 8),)
+
+    class Embeddings(Constant):  # the token embeddings themselves: every changed word moves them
+        def forward(self, ids):
+            return (shipped.text_encoder.get_input_embeddings()(ids),)
+
+    assert train_diffusion.word_separation(Constant(), shipped.tokenizer) == {"position": 0, "color": 0, "shape": 0}
+    assert all(v > 0.2 for v in train_diffusion.word_separation(Embeddings(), shipped.tokenizer).values())
+    # the frozen encoder of the latent-f2-film-text designs (docstring of word_separation)
+    assert train_diffusion.word_separation(shipped.text_encoder, shipped.tokenizer) == pytest.approx(
+        {"position": 0.131, "color": 0.574, "shape": 0.457}, abs=1e-3)
