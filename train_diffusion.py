@@ -744,12 +744,12 @@ def warm_start_unet(unet, folder: Path) -> None:
     """
     from diffusers import UNet2DConditionModel
 
-    saved = UNet2DConditionModel.load_config(folder)
-    keys = [k for k in unet.config if not k.startswith("_") and k in saved
-            and _as_list(saved[k]) != _as_list(unet.config[k])]
+    saved = UNet2DConditionModel.from_pretrained(folder)
+    keys = [k for k in unet.config if not k.startswith("_") and k in saved.config
+            and _as_list(saved.config[k]) != _as_list(unet.config[k])]
     check(not keys, f"--init-unet {folder.parent}: its UNet differs from this run's in "
-                    + "; ".join(f"{k} {saved[k]} (now {_as_list(unet.config[k])})" for k in keys))
-    unet.load_state_dict(UNet2DConditionModel.from_pretrained(folder).state_dict())
+                    + "; ".join(f"{k} {_as_list(saved.config[k])} (now {_as_list(unet.config[k])})" for k in keys))
+    unet.load_state_dict(saved.state_dict())
 
 
 def _as_list(value):
@@ -1168,7 +1168,8 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path, dev
             result[kind] = summary
     if "caption_use" not in result:
         result["caption_use"] = caption_use(pipe, prompts_by_kind["single"][:32])
-    result["word_separation"] = word_separation(pipe.text_encoder, pipe.tokenizer)
+    if "word_separation" not in result:
+        result["word_separation"] = word_separation(pipe.text_encoder, pipe.tokenizer)
     write_json(cache, result)
     return result
 
@@ -1186,6 +1187,8 @@ def word_separation(text_encoder, tokenizer, n: int = 48) -> dict[str, float]:
     from generate_data import CELLS, COLOR_NAMES, SHAPES, make_prompts, prompt_text
 
     prompts = [p for p in make_prompts("single", 4 * n, seed=2) if p["objects"][0]["cell"] is not None][:n]
+    ids_a = tokenize(tokenizer, [p["text"] for p in prompts])
+    h_a = text_encoder(ids_a.to(text_encoder.device))[0].float()  # the same prompts against each swap
     out = {}
     for key, values in (("position", [list(c) for c in CELLS]), ("color", COLOR_NAMES), ("shape", SHAPES)):
         field = "cell" if key == "position" else key
@@ -1194,13 +1197,12 @@ def word_separation(text_encoder, tokenizer, n: int = 48) -> dict[str, float]:
             obj = p["objects"][0]
             swapped = values[(values.index(obj[field]) + 1) % len(values)]
             other.append(prompt_text({**p, "objects": [{**obj, field: swapped}]}))
-        ids_a, ids_b = tokenize(tokenizer, [p["text"] for p in prompts]), tokenize(tokenizer, other)
-        h_a = text_encoder(ids_a.to(text_encoder.device))[0].float()
+        ids_b = tokenize(tokenizer, other)
         h_b = text_encoder(ids_b.to(text_encoder.device))[0].float()
         # padding repeats the end token: the tokens before it, and the first end token (CLIP pools there)
         length = 1 + int(max((ids != tokenizer.pad_token_id).sum(1).max() for ids in (ids_a, ids_b)))
-        h_a, h_b = h_a[:, :length], h_b[:, :length]
-        out[key] = round(float(((h_a - h_b).flatten(1).norm(dim=1) / h_a.flatten(1).norm(dim=1)).mean()), 4)
+        a, b = h_a[:, :length], h_b[:, :length]
+        out[key] = round(float(((a - b).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)).mean()), 4)
     return out
 
 
