@@ -811,6 +811,19 @@ redo it (`python oracle.py audit make`, label, `audit score`) whenever the oracl
 """
 
 
+def shape_check_line(audit: dict) -> str:
+    """The card's words for an audit's `shape_check` (empty for audits made before it was recorded)."""
+    sc = audit.get("shape_check")
+    if not sc:
+        return ""
+    def ci(v):
+        return f"[{v[0]:.3f}, {v[1]:.3f}]" if v else "[CI undefined: too few items]"
+
+    return (f"; the shape check of `fidelity.py evaluate-model` (prompted shape read anywhere) passes "
+            f"{sc['recall']:.3f} {ci(sc['recall_ci'])} of the images whose shape is recognisable by eye (precision "
+            f"{sc['precision']:.3f} {ci(sc['precision_ci'])}; it passes {sc['read_rate']:.3f} of all candidates)")
+
+
 def rejection_section(config: dict, m: dict) -> str:
     """The card's section on saying "no recognisable shape": calibration, threshold, rejection rates, audit."""
     if "reject_rate_heldout" not in m:
@@ -825,14 +838,15 @@ def rejection_section(config: dict, m: dict) -> str:
                   f"(weighted by the acceptance rate {audit['acceptance_rate']:.3f})"
                   + (f"; the prompted shape is recognisable by eye in {audit['yes_rate']:.3f} "
                      f"[{audit['yes_rate_ci'][0]:.3f}, {audit['yes_rate_ci'][1]:.3f}] of all candidates"
-                     if "yes_rate_ci" in audit else "") + f"; model `{audit['model']}`"
+                     if "yes_rate_ci" in audit else "") + shape_check_line(audit) + f"; model `{audit['model']}`"
                   + (f". STALE: {audit['stale']}" if audit.get("stale") else ""))
     for other in m.get("other_audits", {}).values():
         audit_line += (f". Other generator `{other['model']}` (`{other['audit_file']}`): precision "
                        f"{other['precision']:.3f} [{other['precision_ci'][0]:.3f}, {other['precision_ci'][1]:.3f}], "
                        f"recall {other['recall']:.3f}, acceptance rate {other['acceptance_rate']:.3f} against "
                        f"{other['yes_rate']:.3f} [{other['yes_rate_ci'][0]:.3f}, {other['yes_rate_ci'][1]:.3f}] "
-                       "recognisable by eye" + (f"; STALE: {other['stale']}" if other.get("stale") else ""))
+                       "recognisable by eye" + shape_check_line(other)
+                       + (f"; STALE: {other['stale']}" if other.get("stale") else ""))
     return f"""
 ## Saying "no recognisable shape"
 Each cell can also be read as `{UNRECOGNISABLE}`, learned from {config.get('n_negatives', 0):,} training scenes whose
@@ -995,23 +1009,27 @@ def contact_sheet(images: np.ndarray, captions: list[str], zoom: int = 4, cols: 
 
 def audit_candidates(oracle: Oracle, pipe, settings: dict, args: argparse.Namespace) -> tuple[list, list, dict, dict]:
     """Generate task_d's prompts in chunks until n images are accepted and n rejected by the filter (or
-    --max-candidates is reached): (accepted items, rejected items, their images by id, candidate counts)."""
+    --max-candidates is reached): (accepted items, rejected items, their images by id, candidate counts). Each item
+    also records `shape_read`: whether the oracle reads the prompted shape anywhere in the image (the shape check of
+    `fidelity.py evaluate-model`), so the audit measures that check against the eye too."""
     accepted, rejected, kept_images = [], [], {}
-    total, n_keep, chunk = 0, 0, 96
+    total, n_keep, n_read, chunk = 0, 0, 0, 96
     while (len(accepted) < args.n or len(rejected) < args.n) and total < args.max_candidates:
         items = audit_items(total + chunk, args.seed)[total:]
         images = audit_generate(pipe, settings, items)
         for item, image, dets in zip(items, images, oracle.detect(images)):
             verdict = filter_verdict(dets, item["prompt"], args.min_score)
+            shape_read = any(d["shape"] == item["target"] for d in dets)  # fidelity's shape check, any colour
             bucket = accepted if verdict["keep"] else rejected
             n_keep += bool(verdict["keep"])
+            n_read += shape_read
             if len(bucket) < args.n:
                 bucket.append({"id": item["id"], "index": total, "target": item["target"], "text": item["text"],
-                               "seed": item["seed"], "accepted": bool(verdict["keep"])})
+                               "seed": item["seed"], "accepted": bool(verdict["keep"]), "shape_read": shape_read})
                 kept_images[item["id"]] = image
             total += 1
         print(f"{total} candidates: {len(accepted)} accepted, {len(rejected)} rejected kept")
-    return accepted, rejected, kept_images, {"candidates": total, "accepted": n_keep}
+    return accepted, rejected, kept_images, {"candidates": total, "accepted": n_keep, "shape_read": n_read}
 
 
 def write_sheets(folder: Path, shown: list[dict], images: dict, per_sheet: int = 16) -> int:
@@ -1056,7 +1074,8 @@ def audit_make(args: argparse.Namespace) -> dict:
              "oracle_weights_sha256_12": weights_sha(args.oracle), "sampler": {k: settings[k] for k in
                                                                              ("scheduler", "steps", "guidance", "size")},
              "min_score": args.min_score, "seed": args.seed, "candidates": total,
-             "acceptance_rate": counts["accepted"] / total, "items": shown}
+             "acceptance_rate": counts["accepted"] / total, "shape_read_rate": counts["shape_read"] / total,
+             "items": shown}
     write_json(args.audit, audit)
     run.finish({"candidates": total, "acceptance_rate": audit["acceptance_rate"], "n_accepted": len(accepted),
                 "n_rejected": len(rejected), "sheets": n_sheets, "audit": str(args.audit)})
@@ -1072,7 +1091,8 @@ def audit_scores(audit: dict) -> dict:
     over-weights the rejected; `recall` re-weights by the filter's acceptance rate a:
     a*P(yes|acc) / (a*P(yes|acc) + (1-a)*P(yes|rej)). `recall_in_sample` is the unweighted one. `yes_rate`, the
     denominator, estimates the share of all candidates whose prompted shape is recognisable by eye: the generator's
-    shape rate as a person would count it, beside the filter's acceptance rate.
+    shape rate as a person would count it, beside the filter's acceptance rate. Audits made since the oracle recorded
+    `shape_read` per item also score the shape check alone (`shape_check`, see `shape_check_scores`).
     """
     items = audit["items"]
     check(all(it["label"] in ("yes", "no") for it in items),
@@ -1088,18 +1108,55 @@ def audit_scores(audit: dict) -> dict:
             "recall_in_sample": sum(acc) / max(1, sum(acc) + sum(rej)), "acceptance_rate": a,
             "yes_among_rejected": p_rej, "model": audit["model"],
             "model_weights_sha256_12": audit["model_weights_sha256_12"],
-            "oracle_weights_sha256_12": audit["oracle_weights_sha256_12"]}
+            "oracle_weights_sha256_12": audit["oracle_weights_sha256_12"],
+            **({"shape_check": shape_check_scores(items, a)} if all("shape_read" in it for it in items) else {})}
 
 
 def yes_rate_ci(acc: list[bool], rej: list[bool], a: float, seed: int = 0) -> list[float]:
     """95% percentile-bootstrap CI of a * P(yes | accepted) + (1 - a) * P(yes | rejected), the two halves resampled
     independently (a stratified sample; `scipy.stats.bootstrap` with two samples)."""
+    return stratified_ci(acc, rej, a, lambda x, y, axis: a * x.mean(axis) + (1 - a) * y.mean(axis), seed)
+
+
+def stratified_ci(acc: Sequence, rej: Sequence, a: float, statistic, seed: int = 0) -> list[float]:
+    """95% percentile-bootstrap CI of `statistic(acc, rej, axis)` over the audit's two strata (accepted, rejected),
+    each resampled on its own (`scipy.stats.bootstrap`, two samples, 2,000 resamples); `a` is the acceptance rate
+    the statistic weights them by. None when the statistic is undefined (0 / 0) in some resample: too few items."""
     from scipy.stats import bootstrap
 
-    res = bootstrap((np.asarray(acc, float), np.asarray(rej, float)),
-                    lambda x, y, axis=-1: a * x.mean(axis) + (1 - a) * y.mean(axis), paired=False,
-                    vectorized=True, n_resamples=2000, method="percentile", random_state=np.random.default_rng(seed))
-    return [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+    res = bootstrap((np.asarray(acc, float), np.asarray(rej, float)), lambda x, y, axis=-1: statistic(x, y, axis),
+                    paired=False, vectorized=True, n_resamples=2000, method="percentile",
+                    random_state=np.random.default_rng(seed))
+    ci = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+    return None if np.isnan(ci).any() else ci  # a ratio whose denominator some resample left at 0
+
+
+def shape_check_scores(items: list[dict], a: float) -> dict:
+    """The oracle's shape check (`shape_read`: the prompted shape is read somewhere in the image, as
+    `fidelity.py evaluate-model` counts shape) against the by-eye labels, both strata weighted by the acceptance rate a.
+
+    `recall` = P(read | yes): of the images whose prompted shape a person recognises, the share the check passes;
+    `precision` = P(yes | read). A recall well below 1 means fidelity's shape (and all-correct) under-count what the
+    generator draws, by that factor. Code of an item: 2 * yes + read; CIs from `stratified_ci`.
+    """
+    code = {k: np.array([2 * (it["label"] == "yes") + bool(it["shape_read"]) for it in items
+                         if it["accepted"] == k], float) for k in (True, False)}
+
+    def rate(x, y, axis, hit):
+        return a * hit(x).mean(axis) + (1 - a) * hit(y).mean(axis)
+
+    def recall(x, y, axis):
+        return rate(x, y, axis, lambda c: c == 3) / rate(x, y, axis, lambda c: c >= 2)
+
+    def precision(x, y, axis):
+        return rate(x, y, axis, lambda c: c == 3) / rate(x, y, axis, lambda c: c % 2 == 1)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"recall": float(recall(code[True], code[False], -1)),
+                "recall_ci": stratified_ci(code[True], code[False], a, recall),
+                "precision": float(precision(code[True], code[False], -1)),
+                "precision_ci": stratified_ci(code[True], code[False], a, precision),
+                "read_rate": float(rate(code[True], code[False], -1, lambda c: c % 2 == 1))}
 
 
 def audit_score(args: argparse.Namespace) -> dict:

@@ -380,6 +380,12 @@ def oracle_numbers(m: dict) -> list[str]:
             rows.append(["same audit: share of all candidates whose prompted shape is recognisable by eye, against "
                          "the filter's acceptance rate", f"{fmt(audit['yes_rate'])} {fmt_ci(audit['yes_rate_ci'])} "
                          f"vs {fmt(audit['acceptance_rate'])}", ""])
+        if audit.get("shape_check"):
+            sc = audit["shape_check"]
+            rows.append(["same audit: fidelity's shape check (prompted shape read anywhere) against the eye: recall "
+                         "P(read given recognisable) [95% CI], precision P(recognisable given read)",
+                         f"{fmt(sc['recall'])} {fmt_ci(sc['recall_ci'])}, {fmt(sc['precision'])} "
+                         f"{fmt_ci(sc['precision_ci'])}", ""])
     return md_table(["measurement (held-out seeds)", "value", "target"], rows)
 
 

@@ -166,16 +166,22 @@ def test_audit_labels_give_the_recorded_precision_and_match_the_shipped_oracle()
 
 def test_audit_of_another_generator_is_kept_beside_the_filters_audit(tmp_path):
     """A by-hand audit of 8 items: 4 accepted (3 labelled yes), 4 rejected (1 yes), acceptance rate 0.1 ->
-    precision 0.75, share recognisable by eye 0.1 * 0.75 + 0.9 * 0.25 = 0.3, recall 0.075 / 0.3 = 0.25."""
+    precision 0.75, share recognisable by eye 0.1 * 0.75 + 0.9 * 0.25 = 0.3, recall 0.075 / 0.3 = 0.25.
+
+    The shape check: every accepted item reads its shape; of the rejected, the "yes" one does not and one "no" does.
+    P(yes & read) = 0.1 * 3/4 + 0.9 * 0 = 0.075, so its recall is 0.075 / 0.3 = 0.25; P(read) = 0.1 + 0.9 / 4 =
+    0.325, precision 0.075 / 0.325 = 0.2308. Each item appears 8 times (same rates), so that no bootstrap resample
+    of the shape check divides by zero."""
     import shutil
 
     folder = tmp_path / "oracle"
     shutil.copytree(oracle.DEFAULT_ORACLE, folder)
     before = json.loads((folder / "metrics.json").read_text())["audit"]
-    labels = [(True, "yes")] * 3 + [(True, "no")] + [(False, "yes")] + [(False, "no")] * 3
+    labels = ([(True, "yes", True)] * 3 + [(True, "no", True)] + [(False, "yes", False), (False, "no", True)]
+              + [(False, "no", False)] * 2)
     audit = {"acceptance_rate": 0.1, "model": "models/other", "model_weights_sha256_12": "abc",
              "oracle_weights_sha256_12": oracle.weights_sha(folder),
-             "items": [{"accepted": a, "label": lab} for a, lab in labels]}
+             "items": [{"accepted": a, "label": lab, "shape_read": r} for a, lab, r in labels * 8]}
     path = folder / "audit_other.json"
     path.write_text(json.dumps(audit))
     scores = oracle.main(["audit", "score", "--oracle", str(folder), "--audit", str(path)])
@@ -184,7 +190,19 @@ def test_audit_of_another_generator_is_kept_beside_the_filters_audit(tmp_path):
     assert metrics["audit"] == before  # the filter's own audit (task_d's generator) is untouched
     other = metrics["other_audits"]["models/other"]
     assert other["yes_rate"] == pytest.approx(0.3) and other["yes_rate_ci"][0] < 0.3 < other["yes_rate_ci"][1]
-    assert "Other generator `models/other`" in (folder / "README.md").read_text()
+    sc = other["shape_check"]
+    assert (sc["recall"], sc["precision"], sc["read_rate"]) == pytest.approx((0.25, 0.075 / 0.325, 0.325))
+    assert sc["recall_ci"][0] <= 0.25 <= sc["recall_ci"][1] and sc["precision_ci"][0] <= 0.2308 <= sc["precision_ci"][1]
+    card = (folder / "README.md").read_text()
+    assert "Other generator `models/other`" in card and "passes 0.250 [" in card
+    # with one item each, some resamples have nobody labelled yes: the CI is undefined, and the card says so
+    few = oracle.audit_scores(dict(audit, items=audit["items"][:8]))["shape_check"]
+    assert few["recall"] == pytest.approx(0.25) and few["recall_ci"] is None
+    assert "CI undefined" in oracle.shape_check_line({"shape_check": few})
+    # an audit made before `shape_read` was recorded scores as before, without the shape check
+    for it in audit["items"]:
+        del it["shape_read"]
+    assert "shape_check" not in oracle.audit_scores(audit)
 
 
 def test_audit_verdicts_reproduce_from_the_recorded_prompts_and_seeds(shipped):

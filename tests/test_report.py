@@ -88,7 +88,7 @@ def test_task_b_section_shows_every_experiment_and_the_filmstrips_inline(tmp_pat
     assert "- eta (DDIM, 12 steps): eta 0 0.500 [0.250, 0.750], eta 1 0.250 [0.000, 0.500]." in text
     assert "that colour's rate 0.750 -> 0.250, a drop of 0.500 [0.250, 0.750]; shape present 0.600 -> 0.500" in text
     for name in ("trajectory_ddim.png", "trajectory_euler.png", "pareto.png", "fidelity_vs_steps.png"):
-        assert f"]({'task_b/r1/' + name})" in text and f"![" in text.split(name)[0].splitlines()[-1], name
+        assert f"]({'task_b/r1/' + name})" in text and "![" in text.split(name)[0].splitlines()[-1], name
 
 
 def test_task_e_without_editing_is_reported_not_a_crash(tmp_path):
@@ -197,7 +197,9 @@ def test_readme_oracle_and_model_blocks_come_from_the_model_folders(tmp_path, ca
         "ece": 0.0125, "ece_uncalibrated": 0.05,
         "blur_sigma2": {"single_shape_correct": 0.25, "two_shape_correct": 0.5},
         "other_audits": {"models/x": {"n": 8, "precision": 0.75, "precision_ci": [0.5, 1.0], "recall": 0.25,
-                                      "yes_rate": 0.3, "yes_rate_ci": [0.1, 0.5], "acceptance_rate": 0.1}}})
+                                      "yes_rate": 0.3, "yes_rate_ci": [0.1, 0.5], "acceptance_rate": 0.1,
+                                      "shape_check": {"recall": 0.25, "recall_ci": [0.05, 0.6], "precision": 0.5,
+                                                      "precision_ci": [0.2, 0.8], "read_rate": 0.2}}}})
     _model(models, "a-good", "good", single=0.95, two=0.75, steps=4000)
     _model(models, "b-shipped", "shipped", single=0.5, two=0.75, steps=12345)
     _model(models, "c-student", "student", single=0.0, two=0.0, steps=678, distilled=True)
@@ -213,6 +215,7 @@ def test_readme_oracle_and_model_blocks_come_from_the_model_folders(tmp_path, ca
     assert "0.0500 before temperature scaling) | 0.0125 |" in oracle and "| 0.250 / 0.500 |" in oracle
     assert "| by-eye audit of the filter on `models/x` on 8 generated images: precision [95% CI], recall | 0.750 " \
            "[0.500, 1.000], 0.250 |" in oracle
+    assert "precision P(recognisable given read) | 0.250 [0.050, 0.600], 0.500 [0.200, 0.800] |" in oracle
     assert "recognisable by eye, against the filter's acceptance rate | 0.300 [0.100, 0.500] vs 0.100 |" in oracle
     model = _block(text, "model-numbers")
     rows = [line for line in model.splitlines() if line.startswith("| `")]
