@@ -33,6 +33,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import os
 import shlex
 import shutil
@@ -218,6 +219,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--object-weight", type=float, default=0.0,
                        help="extra weight of the diffusion loss inside the dilated object boxes (0: plain loss); "
                             "the per-pixel weight 1 + w*inside is normalised to mean 1 in every image")
+    train.add_argument("--place-captions", type=float, default=0.0,
+                       help="probability, 0..1, that a training step reads one of the image's captions that name a "
+                            "place (a position or relation word) instead of any of its five; images without one keep "
+                            "the uniform draw (0: uniform, as before)")
     train.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
                        help="after warm-up: cosine decay to 5%% at --max-steps, or constant (for time budgets)")
     train.add_argument("--cpu-minutes", type=float, default=0,
@@ -284,6 +289,7 @@ def check_args(args: argparse.Namespace) -> None:
           "--zero-terminal-snr needs --prediction-type v_prediction (at SNR 0 the noise itself is the input, so "
           "an epsilon target is trivial and x0 cannot be recovered from it)")
     check(0 < args.ema_decay < 1, f"--ema-decay must be in (0, 1), got {args.ema_decay}")
+    check(0 <= args.place_captions <= 1, f"--place-captions must be in [0, 1], got {args.place_captions}")
     check(args.guidance >= 1, f"--guidance must be >= 1, got {args.guidance}")
     check(args.text_hidden % args.text_heads == 0,
           f"--text-heads {args.text_heads} must divide --text-hidden {args.text_hidden}")
@@ -822,7 +828,9 @@ class Trainer:
         self.mean, self.std = latents["mean"], latents["std"]
         self.scaling = latents["scaling_factor"]
         self.masks = masks  # uint8 N x 1 x s x s object masks, for --object-weight
-        self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in _chunks_of_five(captions)])  # N x 5 x L
+        five = _chunks_of_five(captions)
+        self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in five])  # N x 5 x L
+        self.places = torch.tensor([[names_place(c) for c in caps] for caps in five])  # N x 5 bool, --place-captions
         self.empty = tokenize(tokenizer, [""])[0]
         self.text_encoder = make_text_encoder(args, tokenizer).to(device).train()
         self.text_encoder.requires_grad_(not args.freeze_text)
@@ -873,6 +881,11 @@ class Trainer:
         args, n = self.args, len(self.mean)
         idx = torch.randint(n, (args.batch_size,), generator=self.gen)
         which = torch.randint(5, (args.batch_size,), generator=self.gen)
+        if args.place_captions:  # upsample captions that say where (the default draws nothing more: same stream)
+            places = self.places[idx]
+            weights = torch.where(places.any(1, keepdim=True), places.float(), torch.ones_like(places, dtype=torch.float))
+            prefer = torch.rand(args.batch_size, generator=self.gen) < args.place_captions
+            which = torch.where(prefer, torch.multinomial(weights, 1, generator=self.gen)[:, 0], which)
         ids = self.tokens[idx, which]
         drop = torch.rand(args.batch_size, generator=self.gen) < args.cfg_dropout
         ids[drop] = self.empty
@@ -991,6 +1004,17 @@ class Trainer:
                                  self.args.sample_steps, self.args.guidance, batch_size=seeds, progress=False)
         image_grid(images, len(SAMPLE_PROMPTS), seeds, row_labels=SAMPLE_PROMPTS,
                    col_labels=[f"seed {self.args.seed + s}" for s in range(seeds)], cell=64).save(path)
+
+
+# Words that say where something is, in the shapes world's captions ("in the top left", "to the right of", "above")
+# and in COCO's ("on the left", "next to", "under").
+PLACE_WORDS = re.compile(r"\b(left|right|top|bottom|center|centre|middle|above|below|under|beneath|behind|beside|"
+                         r"next to|in front of|on top of)\b")
+
+
+def names_place(caption: str) -> bool:
+    """Whether a caption says where an object is (a PLACE_WORDS match, case-insensitive)."""
+    return PLACE_WORDS.search(caption.lower()) is not None
 
 
 def _chunks_of_five(captions: list[list[str]]) -> list[list[str]]:

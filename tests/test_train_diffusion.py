@@ -107,6 +107,7 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     (["--vae-crop", "20"], r"^--vae-crop must be a multiple of 8 pixels, got 20$"),
     (["--guidance", "0.5"], r"^--guidance must be >= 1, got 0\.5$"),
     (["--snr-shift", "0.5"], r"^--snr-shift must be >= 1, got 0\.5$"),
+    (["--place-captions", "1.5"], r"^--place-captions must be in \[0, 1\], got 1\.5$"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_data, extra, message):
     with pytest.raises(UserError, match=message):
@@ -239,6 +240,34 @@ def test_object_weighted_batches_weigh_the_boxes_and_keep_images_equal(tiny_data
     assert torch.allclose(inside / outside, torch.full_like(inside, 1 + args.object_weight))
     args.object_weight = 0.0
     assert t.batch()[-1] is None
+
+
+def test_place_captions_upsamples_the_captions_that_say_where(tiny_data):
+    """--place-captions 1: every image with a caption naming a place is read through one of those; an image
+    without one keeps the uniform draw; at 0 the draw is the same as before the flag existed (same random stream)."""
+    args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--cfg-dropout", "0"])
+    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
+    captions = [["a red star in the top left", "a red star", "a star", "a red star to the left of a ring", "a shape"],
+                ["a ring", "a blue ring", "a small ring", "a ring in blue", "one ring"]]
+    t.args, t.device, t.scaling, t.masks = args, torch.device("cpu"), 1.0, None
+    t.mean, t.std = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    t.tokens = torch.arange(10).reshape(2, 5, 1)  # token id = image * 5 + caption index
+    t.empty = torch.tensor([-1])
+    t.places = torch.tensor([[train_diffusion.names_place(c) for c in caps] for caps in captions])
+    t.noise_scheduler = train_diffusion.make_noise_scheduler()
+    args.batch_size = 400
+    t.gen = torch.Generator().manual_seed(0)
+    uniform = t.batch()[1][:, 0]
+    args.place_captions = 1.0
+    t.gen = torch.Generator().manual_seed(0)
+    ids = t.batch()[1][:, 0]
+    first, second = ids[ids < 5], ids[ids >= 5]
+    assert set(first.tolist()) == {0, 3}  # only the two captions that say where
+    assert set(second.tolist()) == {5, 6, 7, 8, 9}  # no caption of this image names a place: all five
+    assert set(uniform[uniform < 5].tolist()) == {0, 1, 2, 3, 4}
+    args.place_captions = 0.0
+    t.gen = torch.Generator().manual_seed(0)
+    assert torch.equal(t.batch()[1][:, 0], uniform)
 
 
 def test_resuming_with_another_architecture_is_one_line(tiny_data, tmp_path):
