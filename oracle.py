@@ -13,6 +13,7 @@ Commands:
     python oracle.py evaluate          # re-measure the shipped oracle's held-out numbers without retraining
     python oracle.py audit make        # unlabelled contact sheets of accepted and rejected generated images
     python oracle.py audit score       # precision and recall of the filter from the labels in audit.json
+    python oracle.py recipes --recipes melt   # clean shapes beside their degraded versions, to judge by eye
 
 The shipped oracle gets 0.982 of 5000 held-out rendered scenes entirely right (models/shapes-oracle/README.md).
 
@@ -20,7 +21,7 @@ Outputs: models/shapes-oracle/{model.safetensors, config.json, metrics.json, REA
 outputs/oracle/<run_name>/{config.json, metrics.json} (train); models/shapes-oracle/audit.json and
 outputs/oracle_audit/<run_name>/sheet_*.png (audit make); metrics.json and README.md again, and
 outputs/oracle_eval/<run_name>/{config.json, metrics.json, heldout_accepted.png} (evaluate); the audit's scores
-in metrics.json and README.md (audit score).
+in metrics.json and README.md (audit score); outputs/oracle_recipes/<run_name>/<recipe>.png (recipes).
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generate_data as gd
-from utils import (DEFAULT_DATA, REPO, UserError, bootstrap_ci, cached, check, cli, common_args, generate_images,
-                   library_versions, load_data, load_pipeline, load_rgb, parse_checked, pick_device, read_json,
-                   repo_path, start_run, subcommand, write_json, write_text)
+from utils import (DEFAULT_DATA, REPO, UserError, bootstrap_ci, cached, check, cli, comma_list, common_args,
+                   generate_images, library_versions, load_data, load_pipeline, load_rgb, parse_checked, pick_device,
+                   read_json, repo_path, start_run, subcommand, write_json, write_text)
 
-COMMANDS = ("train", "evaluate", "audit")
+COMMANDS = ("train", "evaluate", "audit", "recipes")
 DEFAULT_ORACLE = REPO / "models" / "shapes-oracle"
 DEFAULT_AUDIT = DEFAULT_ORACLE / "audit.json"
 IMAGE_SIZE = 64  # the oracle's input side; other sizes are resized to it
@@ -134,7 +135,21 @@ def evaluate_parser() -> argparse.ArgumentParser:
     return p
 
 
-PARSERS = {"train": train_parser, "evaluate": evaluate_parser, "audit": audit_parser}
+def recipes_parser() -> argparse.ArgumentParser:
+    """`oracle.py recipes`' flags."""
+    p = argparse.ArgumentParser(prog="oracle.py recipes", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                description="contact sheets of clean shapes beside the same shapes degraded by a "
+                                            "negative recipe, to judge by eye whether the recipe really leaves no "
+                                            "recognisable shape (what the oracle learns to call unrecognisable)")
+    p.add_argument("--recipes", type=comma_list(), default=",".join(TRAIN_NEGATIVES),
+                   help=f"comma-separated recipes, of {', '.join(TRAIN_NEGATIVES + HELDOUT_NEGATIVES)}")
+    p.add_argument("--per-shape", type=int, default=3, help="pairs per shape and recipe (> 0)")
+    common_args(p, "oracle_recipes", omit=("threads", "quick", "wandb", "device"),
+                helps={"seed": "seed of the sizes and the degradations"})
+    return p
+
+
+PARSERS = {"train": train_parser, "evaluate": evaluate_parser, "audit": audit_parser, "recipes": recipes_parser}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -144,6 +159,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args = parse_checked(PARSERS[command](), flags, QUICK, check_train_args)
     elif command == "evaluate":
         args = parse_checked(PARSERS[command](), flags, check_args=check_evaluate_args)
+    elif command == "recipes":
+        args = parse_checked(PARSERS[command](), flags, check_args=check_recipes_args)
     else:
         args = parse_checked(PARSERS[command](), flags, check_args=check_audit_args)
     args.command = command
@@ -156,6 +173,14 @@ def check_audit_args(args: argparse.Namespace) -> None:
     check(0 <= args.min_score <= 1, f"--min-score must be in 0..1, got {args.min_score}")
     if args.step == "score":
         check(args.audit.is_file(), f"audit file not found: {args.audit} (run `python oracle.py audit make` first)")
+
+
+def check_recipes_args(args: argparse.Namespace) -> None:
+    known = TRAIN_NEGATIVES + HELDOUT_NEGATIVES
+    bad = [r for r in args.recipes if r not in known]
+    check(not bad and bool(args.recipes), f"unknown recipe(s) {', '.join(bad) or '(none given)'}; choose from "
+                                          f"{', '.join(known)}")
+    check(args.per_shape > 0, f"--per-shape must be positive, got {args.per_shape}")
 
 
 def check_evaluate_args(args: argparse.Namespace) -> None:
@@ -1229,10 +1254,48 @@ def evaluate_saved(args: argparse.Namespace) -> dict:
     return metrics
 
 
+def recipe_pairs(recipe: str, per_shape: int, seed: int, size: int = 32) -> tuple[np.ndarray, list[str]]:
+    """Each shape drawn white on black `per_shape` times (radius 6-9.5 px on a `size` canvas, the data's range at
+    64 px) and beside it the same alpha after `degrade(recipe)`: uint8 (12 * per_shape, 2, size, size) and the
+    shape names."""
+    rng = np.random.default_rng(seed)
+    pairs, names = [], []
+    for shape in gd.SHAPES:
+        for _ in range(per_shape):
+            alpha = gd.shape_alpha(shape, size / 2, size / 2, rng.uniform(6.0, 9.5), size)
+            degraded, color, known = degrade(recipe, alpha, np.full(3, 255.0, np.float32), rng)
+            if not known:  # a colour-noise patch: show its per-pixel colour's brightness inside the disk
+                degraded = degraded * color.mean(-1) / 255.0
+            pairs.append(np.stack([alpha, degraded]))
+            names.append(shape)
+    return (np.clip(np.stack(pairs), 0, 1) * 255).round().astype(np.uint8), names
+
+
+def recipes_sheets(args: argparse.Namespace) -> dict:
+    """`oracle.py recipes`: one sheet per recipe, rows of (clean, degraded) pairs captioned with the shape."""
+    run = start_run("oracle_recipes", args)
+    sheets = {}
+    for recipe in args.recipes:
+        pairs, names = recipe_pairs(recipe, args.per_shape, args.seed)
+        tiles = np.repeat(pairs.reshape(-1, *pairs.shape[2:])[..., None], 3, -1)  # clean, degraded, clean, ...
+        captions = [f"{n} / {recipe}" if k == 0 else "" for n in names for k in range(2)]
+        sheet = contact_sheet(tiles, captions, zoom=5, cols=2 * args.per_shape)
+        path = run.dir / f"{recipe}.png"
+        sheet.save(path)
+        sheets[recipe] = {"pairs": len(names), "sheet": path.name}
+    run.finish({"recipes": sheets, "per_shape": args.per_shape})
+    print(f"wrote {', '.join(v['sheet'] for v in sheets.values())} in {run.dir}: clean shape (left of each pair) and "
+          "the recipe's version of it (right); a recipe whose right-hand shapes are still recognisable by eye "
+          "teaches the oracle to reject drawable shapes")
+    return sheets
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.command == "audit":
         return audit_make(args) if args.step == "make" else audit_score(args)
+    if args.command == "recipes":
+        return recipes_sheets(args)
     return evaluate_saved(args) if args.command == "evaluate" else train_oracle(args)
 
 

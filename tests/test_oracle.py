@@ -321,10 +321,30 @@ def test_sheet_of_accepted_held_out_negatives_tiles_their_cells(shipped, tmp_pat
     assert Image.open(path).size == (4 * 36 * 4, drawn // 4 * 36 * 4)  # 36-px tiles at 4x zoom
 
 
+def test_recipe_sheets_pair_each_clean_shape_with_its_degraded_version(tmp_path):
+    from PIL import Image
+
+    pairs, names = oracle.recipe_pairs("melt", 2, seed=0)
+    assert pairs.shape == (24, 2, 32, 32) and pairs.dtype == np.uint8 and names[:2] == ["circle", "circle"]
+    clean, melted = pairs[:, 0].astype(int), pairs[:, 1].astype(int)
+    assert (np.abs(clean - melted).mean((1, 2)) > 1).all()  # every melt changed its shape
+    assert (melted.reshape(24, -1).max(1) > 200).all()  # and left something to see
+    assert np.array_equal(oracle.recipe_pairs("melt", 2, seed=0)[0], pairs)  # same seed, same sheet
+    sheets = oracle.main(["recipes", "--recipes", "melt,noise", "--per-shape", "1", "--outputs", str(tmp_path),
+                          "--run-name", "r"])
+    assert sheets == {"melt": {"pairs": 12, "sheet": "melt.png"}, "noise": {"pairs": 12, "sheet": "noise.png"}}
+    # 12 rows of one pair, 32-px tiles at 5x zoom under a 14-px caption line
+    assert Image.open(tmp_path / "oracle_recipes" / "r" / "melt.png").size == (2 * 160, 12 * (160 + 14))
+    assert json.loads((tmp_path / "oracle_recipes" / "latest" / "metrics.json").read_text())["per_shape"] == 1
+
+
 # --------------------------------------------------------------------------- bad inputs
 @pytest.mark.parametrize("argv, message", [
-    (["nope"], "unknown command 'nope'; choose one of train, evaluate, audit"),
-    ([], "no command given; choose one of train, evaluate, audit"),
+    (["nope"], "unknown command 'nope'; choose one of train, evaluate, audit, recipes"),
+    ([], "no command given; choose one of train, evaluate, audit, recipes"),
+    (["recipes", "--recipes", "melt,smudge"], "unknown recipe(s) smudge; choose from blur, elastic, melt, fuse, "
+                                              "partial, blob, noise, ellipse, irregular, overlap, boxblur"),
+    (["recipes", "--per-shape", "0"], "--per-shape must be positive, got 0"),
     (["evaluate", "--oracle", "/nowhere"], "no trained oracle in /nowhere (run `python oracle.py train`)"),
     (["evaluate", "--n-heldout", "0"], "--n-heldout must be positive, got 0"),
     (["train", "--n-train", "-5"], "--n-train must be positive, got -5"),
