@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 
 from utils import (DEFAULT_DATA, REPO, UserError, apply_preset, apply_quick, check, cli, comma_list, common_args,
                    fmt, fmt_ci, fmt_est, generate_images, git_commit, image_grid, library_versions, load_data,
-                   md_table, model_card, parse_checked, pick_device, pick_dtype, read_json, set_seed, set_threads,
-                   start_run, write_json, write_text)
+                   md_table, model_card, parse_checked, pick_device, pick_dtype, read_json, repo_path, set_seed,
+                   set_threads, start_run, write_json, write_text)
 
 DEFAULT_OUT = REPO / "models" / "shapes-sd-tiny"
 CHECKPOINTS = REPO / "checkpoints"
@@ -1074,8 +1074,10 @@ def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_s
         "final_loss": float(np.mean([r["loss"] for r in log[-1:]])) if log else None,
         "resumed_from_step": trainer.resumed_from_step,
     }
-    config = {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "data" else v)
-              for k, v in vars(args).items()}
+    def as_read(v):  # paths as a reader of the repo would type them (a design's default is absolute)
+        return repo_path(v) if isinstance(v, Path) or (isinstance(v, str) and os.path.isabs(v)) else v
+
+    config = {k: [as_read(x) for x in v] if k == "data" else as_read(v) for k, v in vars(args).items()}
     training_log = {
         "config": config, "git_commit": git_commit(), "versions": library_versions(), "device": str(device),
         "hardware": hardware, "params": info["params"], "vae": vae_info, "scaling_factor": trainer.scaling,
