@@ -409,6 +409,8 @@ def model_numbers(folders: list[Path]) -> list[str]:
         log, distilled = folder / "training_log.json", folder / "distill_log.json"
         steps = (read_json(log).get("card_facts", {}).get("steps") if log.is_file()
                  else read_json(distilled).get("steps") if distilled.is_file() else None)  # a student's distillation
+        if steps and log.is_file():  # a warm-started UNet's steps count on from the weights it started from
+            steps += (read_json(log).get("warm_start") or {}).get("steps", 0)
         s, sm = m["single_object"] or {}, m["sampler"]
         rows.append([f"`{m['model']['name']}` (`{repo_path(folder)}`)", f"{sm['scheduler']}, {sm['steps']} steps, "
                      f"guidance {sm['guidance']}", f"{steps:,}" if steps else "n/a",

@@ -758,6 +758,26 @@ def warm_start_unet(unet, folder: Path) -> None:
     unet.load_state_dict(saved.state_dict())
 
 
+def warm_start_record(folder: Path) -> dict:
+    """What a run warm-started from the pipeline `folder` (--init-unet) inherits, kept in <ckpt-dir>/warm_start.json
+    when the warm start happens (the folder may be overwritten later, e.g. by shipping this run into it): the UNet
+    steps and CPU-seconds that made those weights (the folder's own warm start included) and its learning curve
+    points (already counted from the first run), so this run's steps, CPU-hours and curve continue them."""
+    log = read_json(folder / "training_log.json") if (folder / "training_log.json").is_file() else {}
+    before = log.get("warm_start") or {}
+    curve = read_json(folder / "learning_curve.json") if (folder / "learning_curve.json").is_file() else {}
+    return {"from": repo_path(folder), "steps": log.get("steps", 0) + before.get("steps", 0),
+            "cpu_seconds": round(log.get("cpu_seconds", 0) + before.get("cpu_seconds", 0), 1),
+            "curve_points": curve.get("points", []), "curve_oracle_sha256_12": curve.get("oracle_sha256_12"),
+            "curve_n_prompts": curve.get("n_prompts")}
+
+
+def warm_start_of(ckpt_dir: Path) -> dict | None:
+    """The run's warm start (`warm_start_record`, without the curve points) or None when it started from scratch."""
+    path = ckpt_dir / "warm_start.json"
+    return {k: v for k, v in read_json(path).items() if k != "curve_points"} if path.is_file() else None
+
+
 def _as_list(value):
     """Config values compare equal whether saved as JSON lists or held as tuples."""
     return list(value) if isinstance(value, (list, tuple)) else value
@@ -837,6 +857,7 @@ class Trainer:
         self.unet = make_unet(args, self.mean.shape[-1]).to(device).train()
         if args.init_unet and not (args.ckpt_dir / "state.pt").is_file():
             warm_start_unet(self.unet, args.init_unet / "unet")
+            write_json(args.ckpt_dir / "warm_start.json", warm_start_record(args.init_unet))
         self.noise_scheduler = make_noise_scheduler(args.prediction_type, args.snr_shift, args.zero_terminal_snr)
         params = list(self.unet.parameters()) + [p for p in self.text_encoder.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
@@ -1082,6 +1103,7 @@ def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_s
         "config": config, "git_commit": git_commit(), "versions": library_versions(), "device": str(device),
         "hardware": hardware, "params": info["params"], "vae": vae_info, "scaling_factor": trainer.scaling,
         "steps": trainer.step, "resumed_from_step": trainer.resumed_from_step,
+        "warm_start": warm_start_of(args.ckpt_dir),
         "train_seconds": round(trainer.seconds, 1), "cpu_seconds": round(trainer.cpu_seconds, 1),
         "steps_per_second": round(info["steps_per_second"], 3),
         "wall_seconds_this_run": round(time.time() - wall_start, 1), "loss_curve": log,
@@ -1314,6 +1336,22 @@ def design_curve(design: str, folder: Path, args, prompts: dict, ceiling_prompts
             "curve": curve}
 
 
+def continued_curve(ckpt_dir: Path, points: list[dict], oracle_sha: str, n_prompts: int) -> list[dict]:
+    """A warm-started run's curve as its final pipeline's card shows it: the inherited points first (when they were
+    scored by the same oracle on as many prompts; else left out), then this run's, its steps and CPU-minutes counted
+    on from the warm start's. A run from scratch keeps its points."""
+    path = ckpt_dir / "warm_start.json"
+    if not path.is_file():
+        return points
+    ws = read_json(path)
+    inherited = [{"run": ws["from"], **p} for p in ws.get("curve_points", [])
+                 if ws.get("curve_oracle_sha256_12", oracle_sha) == oracle_sha
+                 and ws.get("curve_n_prompts", n_prompts) == n_prompts]
+    return inherited + [dict(p, step=p["step"] + ws["steps"], cpu_minutes=round(p["cpu_minutes"] + ws["cpu_seconds"]
+                                                                                / 60, 2), run=ckpt_dir.name)
+                        for p in points]
+
+
 def write_learning_curve(folder: Path, design: dict, args: argparse.Namespace, argv, sub: str = "study") -> None:
     """learning_curve.json beside a design's final pipeline (shipped with it; `utils.model_card` turns it into the
     card's "Learning curve" section): per snapshot its step, CPU-minutes and oracle scores; `sub` is the
@@ -1324,7 +1362,7 @@ def write_learning_curve(folder: Path, design: dict, args: argparse.Namespace, a
     write_json(folder / "learning_curve.json", {
         "command": f"python train_diffusion.py {sub} " + " ".join(shlex.quote(str(a)) for a in argv),
         "n_prompts": args.n_prompts, "oracle_sha256_12": weights_sha(args.oracle),
-        "points": [{"step": p["step"], "cpu_minutes": p["cpu_minutes"],
+        "points": [{"step": p["step"], "cpu_minutes": p["cpu_minutes"], **({"run": p["run"]} if "run" in p else {}),
                     **{kind: {k: p[kind].get(k) for k in keys} for kind in ("single", "two")}}
                    for p in design["curve"]]})
 
@@ -1520,7 +1558,8 @@ def curve(argv) -> dict:
                "designs": {name: {"curve": points}}}
     final = args.final or args.ckpt_dir / "final"
     if (final / "model_index.json").is_file():
-        write_learning_curve(final, metrics["designs"][name], args, argv, sub="curve")
+        write_learning_curve(final, {"curve": continued_curve(args.ckpt_dir, points, fp, args.n_prompts)}, args, argv,
+                             sub="curve")
         metrics["learning_curve_json"] = str(final / "learning_curve.json")
     plot_curves(metrics, args.n_prompts, run.dir / "fidelity_vs_cpu.png")
     rows = [[f"{p['cpu_minutes']:g}", p["step"],

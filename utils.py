@@ -1255,7 +1255,7 @@ augmentation that would change left/right/top/bottom.
   then {vae.get('decoder_finetune_steps', 0)} decoder-only steps ({vae.get('decoder_finetune_seconds', 0) / 60:.1f} min, encoder frozen);
   reconstruction PSNR {psnr_text}
 - text encoder + UNet: {info['steps']} steps of batch {a['batch_size']} ({info['train_minutes']:.1f} min,
-  {info['steps_per_second']:.2f} steps/s), DDPM noise (linear betas 1e-4..0.02, 1000 steps, {a['prediction_type'].replace('_', '-')}),
+  {info['steps_per_second']:.2f} steps/s){_warm_start_text(log.get('warm_start'))}, DDPM noise (linear betas 1e-4..0.02, 1000 steps, {a['prediction_type'].replace('_', '-')}),
   min-SNR-{a['snr_gamma']:g} weighting{_object_weight_text(a)}, AdamW lr {a['lr']:g} (warm-up {a['warmup_steps']},
   {a.get('lr_schedule', 'cosine')}), EMA (max decay {a['ema_decay']}) weights saved
 - final loss (mean of the last 10 steps): {info['final_loss']}
@@ -1264,9 +1264,17 @@ augmentation that would change left/right/top/bottom.
 {_card_fidelity_section(fidelity)}{_card_curve_section(curve)}
 ## Limitations
 Only knows the shapes world's vocabulary and 64x64 images; words outside the caption grammar are ignored or
-confuse it. The UNet saw only {info['steps'] * a['batch_size']:,} training examples ({info['train_minutes']:.0f} min on
-{info['hardware']}), so many prompts fail: check `metrics.json` before relying on it.
+confuse it. The UNet saw only {(info['steps'] + (log.get('warm_start') or {}).get('steps', 0)) * a['batch_size']:,} training examples ({info['train_minutes']:.0f} min on
+{info['hardware']}{' in this run' if log.get('warm_start') else ''}), so many prompts fail: check `metrics.json` before relying on it.
 """
+
+
+def _warm_start_text(ws: dict | None) -> str:
+    """The card's words for a UNet warm-started from another pipeline (`train_diffusion.warm_start_record`)."""
+    if not ws:
+        return ""
+    return (f", warm-started from `{ws['from']}`'s UNet (its {ws['steps']:,} steps, {ws['cpu_seconds'] / 3600:.2f} "
+            f"CPU-hours, before these; a fresh optimiser)")
 
 
 def _object_weight_text(a: dict) -> str:
@@ -1284,14 +1292,20 @@ def _card_curve_section(curve: dict | None) -> str:
     lines = ["", "## Learning curve",
              f"`{curve['command']}` scored EMA snapshots of this run with the oracle ({curve['n_prompts']} single- and "
              f"{curve['n_prompts']} two-object prompts, DPM-Solver++ 20 steps, CFG 5, 95% bootstrap CIs):", "",
-             "| UNet steps | CPU-hours | single all-correct | two all-correct | single shape / colour / position |",
-             "|---|---|---|---|---|"]
+             "| UNet steps | CPU-hours | single all-correct | two all-correct | single shape / colour / position |"
+             + (" run |" if any("run" in p for p in pts) else ""),
+             "|---|---|---|---|---|" + ("---|" if any("run" in p for p in pts) else "")]
     for p in pts:
         s, t = p["single"], p["two"]
         lines.append(f"| {p['step']:,} | {p['cpu_minutes'] / 60:.2f} | "
                      f"{fmt_est({'mean': s['all'], 'ci95': s['all_ci']})} | "
                      f"{fmt_est({'mean': t['all'], 'ci95': t['all_ci']})} | "
-                     f"{fmt(s['shape'])} / {fmt(s['color'])} / {fmt(s['position'])} |")
+                     f"{fmt(s['shape'])} / {fmt(s['color'])} / {fmt(s['position'])} |"
+                     + (f" {p.get('run', '')} |" if any("run" in q for q in pts) else ""))
+    if any("run" in p for p in pts):
+        lines += ["", "A run warm-started from another pipeline's UNet counts its steps and CPU-hours on from that "
+                      "pipeline's (the `run` column: which training run each point comes from; the last `run` "
+                      "restarted the optimiser)."]
     if len(pts) >= 2:
         last, prev = pts[-1]["single"], pts[-2]["single"]
         rising = last["all_ci"][0] > prev["all"]

@@ -175,13 +175,14 @@ def test_readme_blocks_are_filled_from_the_latest_metrics(tmp_path):
     assert again.is_file() and readme.read_text() == text  # filling twice changes nothing
 
 
-def _model(models, folder, name, single, two, steps, distilled=False):
+def _model(models, folder, name, single, two, steps, distilled=False, warm_steps=0):
     attrs = {"shape": single, "color": 0.5, "size": None, "position": 0.25, "count": 1.0, "all": single, "n": 4}
     _write(models / folder / "model_index.json", {})
     if distilled:  # a distill.py student logs its steps in distill_log.json
         _write(models / folder / "distill_log.json", {"steps": steps})
-    else:
-        _write(models / folder / "training_log.json", {"card_facts": {"steps": steps}})
+    else:  # a UNet warm-started from another pipeline's counts that pipeline's steps too
+        _write(models / folder / "training_log.json", {"card_facts": {"steps": steps},
+                                                       "warm_start": {"steps": warm_steps} if warm_steps else None})
     _write(models / folder / "metrics.json", {
         "model": {"name": name}, "args": {"heads": None}, "n_prompts": 4, "seed": 3, "oracle_accuracy_on_renders": 0.9,
         "sampler": {"scheduler": "S", "steps": 7, "guidance": 2.0, "device": "cpu"},
@@ -200,7 +201,7 @@ def test_readme_oracle_and_model_blocks_come_from_the_model_folders(tmp_path, ca
                                       "yes_rate": 0.3, "yes_rate_ci": [0.1, 0.5], "acceptance_rate": 0.1,
                                       "shape_check": {"recall": 0.25, "recall_ci": [0.05, 0.6], "precision": 0.5,
                                                       "precision_ci": [0.2, 0.8], "read_rate": 0.2}}}})
-    _model(models, "a-good", "good", single=0.95, two=0.75, steps=4000)
+    _model(models, "a-good", "good", single=0.95, two=0.75, steps=4000, warm_steps=1000)
     _model(models, "b-shipped", "shipped", single=0.5, two=0.75, steps=12345)
     _model(models, "c-student", "student", single=0.0, two=0.0, steps=678, distilled=True)
     (tmp_path / "outputs").mkdir()
@@ -223,6 +224,7 @@ def test_readme_oracle_and_model_blocks_come_from_the_model_folders(tmp_path, ca
     assert [c.strip() for c in rows[0].split("|")[2:-1]] == ["S, 7 steps, guidance 2.0", "12,345", "0.500", "0.500", "0.500", "0.250", "0.750",
                                                               "12.3 (5.0)"]
     assert rows[2].startswith("| `student` (") and "| 678 |" in rows[2]
+    assert "| 5,000 |" in rows[1]  # 4,000 steps after a warm start from 1,000
     assert "`shipped` **not met**, `good` met, `student` **not met**." in model  # 0.5 < 0.90; 0.95 and 0.75 reach 0.90 and 0.60
     assert "--model shipped` (4 single- and 4 two-object prompts, seed 3, S 7 steps, guidance 2.0, cpu)" in model
     # the study and retrieval blocks have no metrics: left as they are, one note each on stderr

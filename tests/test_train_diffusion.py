@@ -184,12 +184,37 @@ def test_init_unet_warm_starts_from_a_saved_unet_and_refuses_another_architectur
         assert torch.allclose(saved.state_dict()[name].float(), value.float(), atol=1e-3), name
     assert any(not torch.allclose(v.float(), i) for v, i in zip(original.state_dict().values(),
                                                                  fresh.state_dict().values()))  # not a fresh init
+    # the steps and CPU time of the weights it started from are kept with the run and counted on in the card
+    before = json.loads((source / "training_log.json").read_text())
+    ws = json.loads((tmp_path / "c" / "warm_start.json").read_text())
+    assert (ws["steps"], ws["cpu_seconds"]) == (before["steps"], round(before["cpu_seconds"], 1))
+    log = json.loads((tmp_path / "o" / "training_log.json").read_text())
+    assert log["warm_start"]["steps"] == before["steps"] and "curve_points" not in log["warm_start"]
+    assert f"warm-started from `{ws['from']}`'s UNet (its {before['steps']:,} steps" in (tmp_path / "o" / "README.md").read_text()
     with pytest.raises(UserError, match=r"^--init-unet .*pipe: its UNet differs from this run's in "
                                         r"block_out_channels \[32, 64\] \(now \[16, 32\]\)"):
         quick(tiny_data, tmp_path / "o2", tmp_path / "c2", "--max-steps", "1", "--init-unet", str(source),
               "--unet-channels", "16,32")
     with pytest.raises(UserError, match=r"^--init-unet .*nowhere: no unet/config.json there \(give a pipeline"):
         quick(tiny_data, tmp_path / "o3", tmp_path / "c3", "--init-unet", str(tmp_path / "nowhere"))
+
+
+def test_a_warm_started_runs_curve_continues_the_one_it_started_from(tmp_path):
+    """Inherited points come first (same oracle and prompt count only); this run's steps and CPU-minutes are
+    counted on from the warm start's 1,000 steps and 600 CPU-seconds."""
+    def point(step, minutes, single):
+        return {"step": step, "cpu_minutes": minutes, "single": {"all": single}, "two": {"all": 0.0}}
+
+    own = [point(100, 5.0, 0.2), point(200, 10.0, 0.3)]
+    assert train_diffusion.continued_curve(tmp_path, own, "abc", 200) == own  # no warm start: as measured
+    (tmp_path / "warm_start.json").write_text(json.dumps({
+        "from": "models/x", "steps": 1000, "cpu_seconds": 600.0, "curve_points": [point(1000, 10.0, 0.1)],
+        "curve_oracle_sha256_12": "abc", "curve_n_prompts": 200}))
+    curve = train_diffusion.continued_curve(tmp_path, own, "abc", 200)
+    assert [(p["step"], p["cpu_minutes"], p["run"]) for p in curve] == [
+        (1000, 10.0, "models/x"), (1100, 15.0, tmp_path.name), (1200, 20.0, tmp_path.name)]
+    assert [p["step"] for p in train_diffusion.continued_curve(tmp_path, own, "other-oracle", 200)] == [1100, 1200]
+    assert [p["step"] for p in train_diffusion.continued_curve(tmp_path, own, "abc", 100)] == [1100, 1200]
 
 
 def test_unet_attention_sits_only_at_the_lowest_levels(tiny_data):
