@@ -1191,10 +1191,12 @@ def resample_round_trip(side: int):
     return fn
 
 
-def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path, device="cpu") -> dict:
+def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path, device="cpu",
+                   info: dict | None = None) -> dict:
     """Oracle scores of one pipeline snapshot on the study's prompts, and its `caption_use` on the first 32
     single-object prompts (cached per snapshot and oracle; a cache from before caption_use gets it added); the
-    images are generated on `device` (the initial noise is drawn on the CPU either way)."""
+    images are generated on `device` (the initial noise is drawn on the CPU either way). `info` (step, cpu_minutes)
+    stands in for the folder's snapshot.json (a final pipeline has none)."""
     from diffusers import DiffusionPipeline
 
     from oracle import summarize_scores, to_uint8_64
@@ -1206,7 +1208,7 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path, dev
     pipe = DiffusionPipeline.from_pretrained(folder).to(device)
     pipe.set_progress_bar_config(disable=True)
     if result is None:
-        result = dict(read_json(folder / "snapshot.json"))
+        result = dict(info or read_json(folder / "snapshot.json"))
         for kind, prompts in prompts_by_kind.items():
             images = to_uint8_64(generate_images(pipe, [p["text"] for p in prompts], list(range(len(prompts))),
                                                  20, 5.0, batch_size=50, progress=False))
@@ -1334,6 +1336,19 @@ def design_curve(design: str, folder: Path, args, prompts: dict, ceiling_prompts
             "params": training["params"], "steps": training["steps"],
             "steps_per_cpu_minute": round(training["steps"] / max(training.get("cpu_seconds", 1) / 60, 1e-9), 1),
             "curve": curve}
+
+
+def final_point_info(final: Path, last_snapshot_step: int) -> dict | None:
+    """Step and CPU-minutes of a run's final pipeline (its training_log.json), when it was trained past the last
+    snapshot (`last_snapshot_step`); else None."""
+    log_path = final / "training_log.json"
+    if not ((final / "model_index.json").is_file() and log_path.is_file()):
+        return None
+    log = read_json(log_path)
+    if log["steps"] <= last_snapshot_step:
+        return None
+    return {"step": log["steps"], "cpu_minutes": round(log.get("cpu_seconds", log["train_seconds"]) / 60, 2),
+            "mark": "final", "design": log["config"].get("design")}
 
 
 def continued_curve(ckpt_dir: Path, points: list[dict], oracle_sha: str, n_prompts: int) -> list[dict]:
@@ -1543,12 +1558,18 @@ def curve(argv) -> dict:
     oracle = Oracle.load(args.oracle, torch.device("cpu"))
     prompts = {kind: make_prompts(kind, args.n_prompts, seed=0) for kind in ("single", "two")}
     fp = weights_sha(args.oracle)
+    final = args.final or args.ckpt_dir / "final"
+    jobs = [(snap, snap.name, snap / f"oracle-{fp}-n{args.n_prompts}.json", None) for snap in snaps]
+    last = final_point_info(final, read_json(snaps[-1] / "snapshot.json")["step"])
+    if last and not args.marks:  # training went on past the last snapshot: its final weights end the curve
+        jobs.append((final, "final", args.ckpt_dir / f"final-step{last['step']}-oracle-{fp}-n{args.n_prompts}.json",
+                     last))
     points = []
-    for snap in snaps:
-        with run.step(snap.name):
-            points.append(score_snapshot(snap, prompts, oracle, snap / f"oracle-{fp}-n{args.n_prompts}.json", device))
+    for folder, label, cache, info in jobs:
+        with run.step(label):
+            points.append(score_snapshot(folder, prompts, oracle, cache, device, info))
         p = points[-1]
-        print(f"{snap.name} (step {p['step']}, {p['cpu_minutes']} CPU-min): all-correct single {p['single']['all']:.3f}"
+        print(f"{label} (step {p['step']}, {p['cpu_minutes']} CPU-min): all-correct single {p['single']['all']:.3f}"
               f" / two {p['two']['all']:.3f}; single shape {p['single']['shape']:.3f}, colour "
               f"{p['single']['color']:.3f}, position {p['single']['position']:.3f}; caption use (shuffled / own "
               f"loss at t=500) {p['caption_use']['t500']['ratio']:.3f}; text encoder word separation "
@@ -1556,7 +1577,6 @@ def curve(argv) -> dict:
     name = args.ckpt_dir.name
     metrics = {"ckpt_dir": str(args.ckpt_dir), "n_prompts": args.n_prompts, "oracle_sha256_12": fp,
                "designs": {name: {"curve": points}}}
-    final = args.final or args.ckpt_dir / "final"
     if (final / "model_index.json").is_file():
         write_learning_curve(final, {"curve": continued_curve(args.ckpt_dir, points, fp, args.n_prompts)}, args, argv,
                              sub="curve")

@@ -472,7 +472,10 @@ def test_curve_scores_every_snapshot_in_cpu_order_and_caches_each(tiny_data, tmp
             "--outputs", str(tmp_path / "out"), "--run-name", "r"]
     m = train_diffusion.main(argv)
     points = m["designs"]["c"]["curve"]
-    assert [p["mark"] for p in points] == [0.01, 0.03] and points[0]["step"] <= points[1]["step"]
+    final_steps = json.loads((tmp_path / "o" / "training_log.json").read_text())["steps"]
+    # training went on after the 0.03 mark (or not, on a slow machine): its final weights end the curve when it did
+    assert [p["mark"] for p in points] == [0.01, 0.03] + (["final"] if final_steps > points[1]["step"] else [])
+    assert points[0]["step"] <= points[1]["step"] <= points[-1]["step"] == final_steps
     assert all(p[kind]["all"] in (0.0, 1 / 3, 2 / 3, 1.0) for p in points for kind in ("single", "two"))
     caches = sorted((tmp_path / "c" / "snapshots").glob("*/oracle-*-n3.json"))
     assert len(caches) == 2
@@ -499,6 +502,18 @@ def test_curve_scores_every_snapshot_in_cpu_order_and_caches_each(tiny_data, tmp
         train_diffusion.main(argv + ["--marks", "0.03,0.02"])
     with pytest.raises(UserError, match=r"^no snapshots in .*nothing.snapshots \(train with --snapshot-cpu-minutes\)$"):
         train_diffusion.main(["curve", "--ckpt-dir", str(tmp_path / "nothing")])
+
+
+def test_the_final_pipeline_ends_the_curve_only_when_it_is_newer_than_the_last_snapshot(tmp_path):
+    final = tmp_path / "final"
+    assert train_diffusion.final_point_info(final, 100) is None  # no final pipeline
+    final.mkdir()
+    (final / "model_index.json").write_text("{}")
+    (final / "training_log.json").write_text(json.dumps({"steps": 250, "cpu_seconds": 90.0, "train_seconds": 95.0,
+                                                         "config": {"design": "d"}}))
+    assert train_diffusion.final_point_info(final, 100) == {"step": 250, "cpu_minutes": 1.5, "mark": "final",
+                                                            "design": "d"}
+    assert train_diffusion.final_point_info(final, 250) is None  # the last snapshot already holds these weights
 
 
 def test_caption_use_is_exactly_one_when_the_unet_cannot_read_the_caption(quick_run):
