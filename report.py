@@ -28,7 +28,7 @@ import numpy as np
 from oracle import TARGETS as ORACLE_TARGETS, target_met
 from retrieval import headline_table
 from utils import (FIDELITY_TARGETS, REPO, check, cli, common_args, fmt, fmt_ci, fmt_delta, fmt_est, md_table,
-                   read_json, repo_path, write_text)
+                   read_json, repo_path, total_unet_steps, write_text)
 
 TASKS = ("retrieval", "task_a", "task_b", "task_c", "task_d", "task_e", "bench")
 TITLES = {
@@ -407,10 +407,8 @@ def model_numbers(folders: list[Path]) -> list[str]:
     rows = []
     for folder, m in zip(folders, ms):
         log, distilled = folder / "training_log.json", folder / "distill_log.json"
-        steps = (read_json(log).get("card_facts", {}).get("steps") if log.is_file()
+        steps = (total_unet_steps(read_json(log)) if log.is_file()
                  else read_json(distilled).get("steps") if distilled.is_file() else None)  # a student's distillation
-        if steps and log.is_file():  # a warm-started UNet's steps count on from the weights it started from
-            steps += (read_json(log).get("warm_start") or {}).get("steps", 0)
         s, sm = m["single_object"] or {}, m["sampler"]
         rows.append([f"`{m['model']['name']}` (`{repo_path(folder)}`)", f"{sm['scheduler']}, {sm['steps']} steps, "
                      f"guidance {sm['guidance']}", f"{steps:,}" if steps else "n/a",

@@ -33,8 +33,8 @@ import argparse
 import copy
 import json
 import math
-import re
 import os
+import re
 import shlex
 import shutil
 import tempfile

@@ -1264,9 +1264,16 @@ augmentation that would change left/right/top/bottom.
 {_card_fidelity_section(fidelity)}{_card_curve_section(curve)}
 ## Limitations
 Only knows the shapes world's vocabulary and 64x64 images; words outside the caption grammar are ignored or
-confuse it. The UNet saw only {(info['steps'] + (log.get('warm_start') or {}).get('steps', 0)) * a['batch_size']:,} training examples ({info['train_minutes']:.0f} min on
+confuse it. The UNet saw only {total_unet_steps(log) * a['batch_size']:,} training examples ({info['train_minutes']:.0f} min on
 {info['hardware']}{' in this run' if log.get('warm_start') else ''}), so many prompts fail: check `metrics.json` before relying on it.
 """
+
+
+def total_unet_steps(log: dict) -> int | None:
+    """A training_log.json's UNet steps, counted from the first run: this run's plus those of the weights it was
+    warm-started from (`train_diffusion.warm_start_record`); None when the log has no card_facts steps."""
+    steps = log.get("card_facts", {}).get("steps")
+    return steps + (log.get("warm_start") or {}).get("steps", 0) if steps else steps
 
 
 def _warm_start_text(ws: dict | None) -> str:
@@ -1289,20 +1296,21 @@ def _card_curve_section(curve: dict | None) -> str:
     if not curve:
         return ""
     pts = curve["points"]
+    has_run = any("run" in p for p in pts)  # a warm-started run's curve names the run of each point
     lines = ["", "## Learning curve",
              f"`{curve['command']}` scored EMA snapshots of this run with the oracle ({curve['n_prompts']} single- and "
              f"{curve['n_prompts']} two-object prompts, DPM-Solver++ 20 steps, CFG 5, 95% bootstrap CIs):", "",
              "| UNet steps | CPU-hours | single all-correct | two all-correct | single shape / colour / position |"
-             + (" run |" if any("run" in p for p in pts) else ""),
-             "|---|---|---|---|---|" + ("---|" if any("run" in p for p in pts) else "")]
+             + (" run |" if has_run else ""),
+             "|---|---|---|---|---|" + ("---|" if has_run else "")]
     for p in pts:
         s, t = p["single"], p["two"]
         lines.append(f"| {p['step']:,} | {p['cpu_minutes'] / 60:.2f} | "
                      f"{fmt_est({'mean': s['all'], 'ci95': s['all_ci']})} | "
                      f"{fmt_est({'mean': t['all'], 'ci95': t['all_ci']})} | "
                      f"{fmt(s['shape'])} / {fmt(s['color'])} / {fmt(s['position'])} |"
-                     + (f" {p.get('run', '')} |" if any("run" in q for q in pts) else ""))
-    if any("run" in p for p in pts):
+                     + (f" {p.get('run', '')} |" if has_run else ""))
+    if has_run:
         lines += ["", "A run warm-started from another pipeline's UNet counts its steps and CPU-hours on from that "
                       "pipeline's (the `run` column: which training run each point comes from; the last `run` "
                       "restarted the optimiser)."]
