@@ -34,11 +34,11 @@ from typing import Sequence
 import numpy as np
 
 from generate_data import KINDS, make_prompts, render_prompts
-from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
+from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64, weights_sha
 from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, cached, check, cli, comma_list, common_args,
                    encode_images, encode_texts, generate_images, image_grid, load_data, load_image_encoder,
                    load_pipeline, load_rgb, load_text_encoder, model_card, parse_checked, pick_device, read_json,
-                   resolve_model, start_run, subcommand, write_json, write_text)
+                   repo_path, resolve_model, start_run, subcommand, write_json, write_text)
 
 COMMANDS = ("evaluate-model",)
 DEFAULT_HEADS = OUTPUTS / "retrieval" / "latest" / "heads.pt"
@@ -268,9 +268,42 @@ def run_header(settings: dict, sam: dict, args: argparse.Namespace) -> dict:
     """The metrics' first keys: model, sampler, prompt counts, seed, the oracle and its accuracy on renders."""
     oracle_metrics = Path(args.oracle) / "metrics.json"
     return {"model": {"name": settings["name"], "id": settings["id"]}, "sampler": sam,
-            "n_prompts": args.n_prompts, "seed": args.seed, "oracle": str(args.oracle), "args": dict(vars(args)),
+            "n_prompts": args.n_prompts, "seed": args.seed, "oracle": repo_path(args.oracle),
+            "oracle_sha256_12": weights_sha(args.oracle), "args": dict(vars(args)),
             "oracle_accuracy_on_renders": (read_json(oracle_metrics)["heldout"]["all"]
                                            if oracle_metrics.is_file() else None)}
+
+
+def round_trip(encode_decode, prompts_by_kind: dict, oracle) -> dict:
+    """Oracle all-correct of renders of the prompts (`render_prompts`, seed 1) after `encode_decode` (uint8 NHWC ->
+    uint8 NHWC): a representation's ceiling, what no UNet on it can exceed (issue 10, fact 1). {kind: rate}."""
+    out = {}
+    for kind, prompts in prompts_by_kind.items():
+        images = encode_decode(render_prompts(prompts, seed=1))
+        out[kind] = summarize_scores(oracle.score(images, prompts))["all"]
+    return out
+
+
+def vae_round_trip(vae):
+    """uint8 NHWC -> the autoencoder's posterior-mean reconstruction, uint8 NHWC (on the vae's device and dtype)."""
+    import torch
+
+    def fn(images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.inference_mode():
+            recon = torch.cat([vae.decode(vae.encode(b.to(vae.device, vae.dtype)).latent_dist.mean).sample.float().cpu()
+                               for b in x.split(100)])
+        return ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return fn
+
+
+def representation_round_trip(pipe, sam: dict, oracle, n_prompts: int) -> dict | None:
+    """The pipeline's own autoencoder round trip on `n_prompts` prompts per kind (seed 1, as the design study
+    measures it), or None for a pipeline without an AutoencoderKL or that does not generate at the renders' 64 px."""
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, "encode") or sam["size"] != 64:
+        return None
+    return round_trip(vae_round_trip(vae), {kind: make_prompts(kind, n_prompts, seed=1) for kind in KINDS}, oracle)
 
 
 def structured_prompts(args: argparse.Namespace) -> tuple[list[dict], dict[str, slice]]:
@@ -375,6 +408,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
         scores = oracle.score(generated, prompts, progress=True)
         renders = render_prompts(prompts, args.seed)
         metrics.update(oracle_metrics(scores, oracle.score(renders, prompts), part))
+        metrics["representation_round_trip"] = representation_round_trip(pipe, sam, oracle, args.n_prompts)
 
     # 4. Fréchet distance to real test images, and the real-vs-real floor at the same n
     with run.step("fd"):

@@ -373,7 +373,8 @@ def oracle_numbers(m: dict) -> list[str]:
     audits = ([("task_d's filter", m["audit"])] if m.get("audit") else []) + [
         (f"the filter on `{model}`", a) for model, a in m.get("other_audits", {}).items()]
     for what, audit in audits:
-        rows.append([f"by-eye audit of {what} on {audit['n']} generated images: precision [95% CI], recall",
+        rescored = " (labels kept, images re-read by this oracle)" if audit.get("rescored_from") else ""
+        rows.append([f"by-eye audit of {what} on {audit['n']} generated images{rescored}: precision [95% CI], recall",
                      f"{fmt(audit['precision'])} {fmt_ci(audit['precision_ci'])}, {fmt(audit['recall'])}",
                      f"stale: {audit['stale']}" if audit.get("stale") else ""])
         if "yes_rate_ci" in audit:
@@ -409,14 +410,16 @@ def model_numbers(folders: list[Path]) -> list[str]:
         log, distilled = folder / "training_log.json", folder / "distill_log.json"
         steps = (total_unet_steps(read_json(log)) if log.is_file()
                  else read_json(distilled).get("steps") if distilled.is_file() else None)  # a student's distillation
-        s, sm = m["single_object"] or {}, m["sampler"]
+        s, sm, rt = m["single_object"] or {}, m["sampler"], m.get("representation_round_trip") or {}
         rows.append([f"`{m['model']['name']}` (`{repo_path(folder)}`)", f"{sm['scheduler']}, {sm['steps']} steps, "
                      f"guidance {sm['guidance']}", f"{steps:,}" if steps else "n/a",
                      fmt(m["single_object_all_correct"]), fmt(s.get("shape")), fmt(s.get("color")),
                      fmt(s.get("position")), fmt(m["two_object_all_correct"]),
-                     f"{fmt(m['fd'], '.1f')} ({fmt(m['fd_real_vs_real'], '.1f')})"])
+                     f"{fmt(m['fd'], '.1f')} ({fmt(m['fd_real_vs_real'], '.1f')})",
+                     f"{fmt(rt.get('single'))} / {fmt(rt.get('two'))}"])
     lines += md_table(["model", "sampling", "UNet training steps", "single-object all-correct", "shape", "colour", "position",
-                       "two-object all-correct", "FD (real-vs-real floor)"], rows)
+                       "two-object all-correct", "FD (real-vs-real floor)",
+                       "autoencoder ceiling single / two (renders after its round trip)"], rows)
     targets = ", ".join(f"{k.replace('_', '-')} all-correct ≥ {t:.2f}" for k, t in FIDELITY_TARGETS.items())
     verdicts = ", ".join(f"`{m['model']['name']}` " + _verdict(all(
         m.get(f"{k}_all_correct") is not None and m[f"{k}_all_correct"] >= t for k, t in FIDELITY_TARGETS.items()))

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from fidelity import round_trip, vae_round_trip
 from utils import (DEFAULT_DATA, REPO, UserError, apply_preset, apply_quick, check, cli, comma_list, common_args,
                    fmt, fmt_ci, fmt_est, generate_images, git_commit, image_grid, library_versions, load_data,
                    md_table, model_card, parse_checked, pick_device, pick_dtype, read_json, repo_path, set_seed,
@@ -1156,28 +1157,6 @@ def parse_study_args(argv) -> argparse.Namespace:
           f"{', '.join(f'{m:g}' for m in args.eval_at)}")
     check(args.data.is_file(), f"data file not found: {args.data}")
     return args
-
-
-def round_trip(encode_decode, prompts_by_kind: dict, oracle) -> dict:
-    """Oracle all-correct of renders after `encode_decode` (uint8 NHWC -> uint8 NHWC): a representation's ceiling."""
-    from generate_data import render_prompts
-    from oracle import summarize_scores
-
-    out = {}
-    for kind, prompts in prompts_by_kind.items():
-        images = encode_decode(render_prompts(prompts, seed=1))
-        out[kind] = summarize_scores(oracle.score(images, prompts))["all"]
-    return out
-
-
-def vae_round_trip(vae):
-    """uint8 NHWC -> posterior-mean reconstruction, uint8 NHWC."""
-    def fn(images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.inference_mode():
-            recon = torch.cat([vae.decode(vae.encode(b).latent_dist.mean).sample for b in x.split(100)])
-        return ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-    return fn
 
 
 def resample_round_trip(side: int):

@@ -1261,7 +1261,7 @@ augmentation that would change left/right/top/bottom.
 - final loss (mean of the last 10 steps): {info['final_loss']}
 - loss curve, timings and the full configuration: `training_log.json`
 
-{_card_fidelity_section(fidelity)}{_card_curve_section(curve)}
+{_card_fidelity_section(fidelity)}{_card_curve_section(curve, (fidelity or {}).get("oracle_sha256_12"))}
 ## Limitations
 Only knows the shapes world's vocabulary and 64x64 images; words outside the caption grammar are ignored or
 confuse it. The UNet saw only {total_unet_steps(log) * a['batch_size']:,} training examples ({info['train_minutes']:.0f} min on
@@ -1290,15 +1290,20 @@ def _object_weight_text(a: dict) -> str:
             else "")
 
 
-def _card_curve_section(curve: dict | None) -> str:
+def _card_curve_section(curve: dict | None, fidelity_oracle: str | None = None) -> str:
     """The card's "## Learning curve" section from learning_curve.json: oracle all-correct per snapshot, with CIs,
-    and whether the last step of the curve still rises beyond its CI."""
+    and whether the last step of the curve still rises beyond its CI. `fidelity_oracle`: the weights sha of the
+    oracle behind the card's fidelity numbers; a curve scored by another oracle says so."""
     if not curve:
         return ""
     pts = curve["points"]
     has_run = any("run" in p for p in pts)  # a warm-started run's curve names the run of each point
+    other = curve.get("oracle_sha256_12")
+    judge = ("the oracle" if not fidelity_oracle or other in (None, fidelity_oracle) else
+             f"an earlier oracle (weights {other}; the fidelity numbers above are by {fidelity_oracle}, so the two "
+             "differ in what they count as a shape)")
     lines = ["", "## Learning curve",
-             f"`{curve['command']}` scored EMA snapshots of this run with the oracle ({curve['n_prompts']} single- and "
+             f"`{curve['command']}` scored EMA snapshots of this run with {judge} ({curve['n_prompts']} single- and "
              f"{curve['n_prompts']} two-object prompts, DPM-Solver++ 20 steps, CFG 5, 95% bootstrap CIs):", "",
              "| UNet steps | CPU-hours | single all-correct | two all-correct | single shape / colour / position |"
              + (" run |" if has_run else ""),
@@ -1351,6 +1356,11 @@ def _card_fidelity_section(m: dict | None) -> str:
         f"{k.replace('_', '-')} all-correct >= {t:.2f} (measured "
         f"{'n/a' if m.get(k + '_all_correct') is None else format(m[k + '_all_correct'], '.3f')})"
         for k, t in FIDELITY_TARGETS.items()) + "."]
+    rt = m.get("representation_round_trip")
+    if rt:
+        lines.append(f"Representation ceiling (renders of {m['n_prompts']} prompts per kind, seed 1, after this "
+                     f"pipeline's autoencoder round trip, judged alike): single {rt['single']:.3f}, two "
+                     f"{rt['two']:.3f}; no UNet on this autoencoder can score above it (targets 0.98 / 0.95).")
     if m.get("fd") is not None:
         lines.append(f"Fréchet distance in EfficientNet-Lite0 space {m['fd']:.1f} against a real-vs-real floor of "
                      f"{m['fd_real_vs_real']:.1f} (n = {m['fd_n']})"

@@ -12,6 +12,7 @@ import scipy.linalg
 
 import fidelity
 import generate_data as gd
+import oracle
 from tiny_models import bias_heads, tiny_sd_pipeline
 from utils import REPO, UserError, model_card
 
@@ -122,6 +123,11 @@ def test_evaluate_model_writes_a_run_folder_and_leaves_the_model_alone(tmp_path,
     assert metrics["fd"] > 0 and metrics["fd_real_vs_real"] > 0 and metrics["fd_n"] == 8
     assert metrics["alignment"] == pytest.approx(50.0, abs=1e-3)
     assert metrics["prompt_renders_all_correct"]["single"] >= 0.75  # the oracle reads renders of the same prompts
+    # the tiny pipeline's own autoencoder round trip (4 prompts per kind) and which oracle judged, as a reader types it
+    assert set(metrics["representation_round_trip"]) == {"single", "two"}
+    assert all(v in (0.0, 0.25, 0.5, 0.75, 1.0) for v in metrics["representation_round_trip"].values())
+    assert metrics["oracle"] == "models/shapes-oracle"
+    assert metrics["oracle_sha256_12"] == oracle.weights_sha(oracle.DEFAULT_ORACLE)
     assert (run / "fidelity_grid.png").is_file()
     steps = {"generate_s", "oracle_s", "fd_s", "alignment_s"}
     assert steps | {"total_s"} == set(metrics["timings"])
@@ -163,6 +169,9 @@ def test_model_card_is_built_from_the_log_and_the_metrics():
     row = next(line for line in section.splitlines() if line.startswith("| single object |"))
     assert [c.strip() for c in row.split("|")[2:-1]] == ["0.500", "1.000", "n/a", "0.250", "1.000", "0.125"]
     assert {"0.90", "0.125", "12.3", "5.0"} <= set(re.findall(r"\d+\.\d+", section))  # target, measured, FD, floor
+    assert "Representation ceiling" not in section  # not measured (e.g. a hub pipeline at 512 px)
+    ceiling = model_card("m", _training_log(), dict(m, representation_round_trip={"single": 0.985, "two": 0.97}))
+    assert "after this pipeline's autoencoder round trip, judged alike): single 0.985, two 0.970;" in ceiling
     both = dict(m, single_object_all_correct=0.95, two_object=attrs, two_object_all_correct=0.75)
     heading = next(line for line in model_card("m", _training_log(), both).splitlines() if line.startswith("## Fidelity"))
     assert "met" in heading and "NOT" not in heading  # both targets reached
@@ -188,6 +197,14 @@ def test_model_card_shows_the_learning_curve_and_whether_it_still_rises():
     flat = dict(curve, points=[point(600, 15, 0.28, [0.2, 0.36]), point(2400, 60, 0.3, [0.24, 0.36])])
     assert "within the CI of the last point" in model_card("m", _training_log(), None, flat)
     assert "## Learning curve" not in model_card("m", _training_log())
+    # a curve scored by an earlier oracle than the card's fidelity numbers says so
+    m = {"model": {"name": "m"}, "args": {}, "n_prompts": 8, "seed": 0, "oracle_accuracy_on_renders": 0.99,
+         "sampler": {"scheduler": "S", "steps": 7, "guidance": 2.0, "device": "cpu"}, "single_object": None,
+         "two_object": None, "oracle_sha256_12": "newnewnewnew"}
+    old = model_card("m", _training_log(), m, dict(curve, oracle_sha256_12="oldoldoldold"))
+    assert "with an earlier oracle (weights oldoldoldold; the fidelity numbers above are by newnewnewnew" in old
+    assert "scored EMA snapshots of this run with the oracle (" in model_card(
+        "m", _training_log(), m, dict(curve, oracle_sha256_12="newnewnewnew"))
 
 
 def test_model_card_before_any_measurement_says_how_to_measure():

@@ -175,7 +175,7 @@ def test_readme_blocks_are_filled_from_the_latest_metrics(tmp_path):
     assert again.is_file() and readme.read_text() == text  # filling twice changes nothing
 
 
-def _model(models, folder, name, single, two, steps, distilled=False, warm_steps=0):
+def _model(models, folder, name, single, two, steps, distilled=False, warm_steps=0, ceiling=None):
     attrs = {"shape": single, "color": 0.5, "size": None, "position": 0.25, "count": 1.0, "all": single, "n": 4}
     _write(models / folder / "model_index.json", {})
     if distilled:  # a distill.py student logs its steps in distill_log.json
@@ -187,7 +187,8 @@ def _model(models, folder, name, single, two, steps, distilled=False, warm_steps
         "model": {"name": name}, "args": {"heads": None}, "n_prompts": 4, "seed": 3, "oracle_accuracy_on_renders": 0.9,
         "sampler": {"scheduler": "S", "steps": 7, "guidance": 2.0, "device": "cpu"},
         "single_object": attrs, "single_object_all_correct": single, "two_object": dict(attrs, all=two),
-        "two_object_all_correct": two, "fd": 12.34, "fd_real_vs_real": 5.0, "fd_n": 8})
+        "two_object_all_correct": two, "fd": 12.34, "fd_real_vs_real": 5.0, "fd_n": 8,
+        "representation_round_trip": ceiling})
 
 
 def test_readme_oracle_and_model_blocks_come_from_the_model_folders(tmp_path, capsys):
@@ -202,7 +203,7 @@ def test_readme_oracle_and_model_blocks_come_from_the_model_folders(tmp_path, ca
                                       "shape_check": {"recall": 0.25, "recall_ci": [0.05, 0.6], "precision": 0.5,
                                                       "precision_ci": [0.2, 0.8], "read_rate": 0.2}}}})
     _model(models, "a-good", "good", single=0.95, two=0.75, steps=4000, warm_steps=1000)
-    _model(models, "b-shipped", "shipped", single=0.5, two=0.75, steps=12345)
+    _model(models, "b-shipped", "shipped", single=0.5, two=0.75, steps=12345, ceiling={"single": 0.98, "two": 0.955})
     _model(models, "c-student", "student", single=0.0, two=0.0, steps=678, distilled=True)
     (tmp_path / "outputs").mkdir()
     readme = _readme(tmp_path / "README.md")
@@ -216,13 +217,19 @@ def test_readme_oracle_and_model_blocks_come_from_the_model_folders(tmp_path, ca
     assert "0.0500 before temperature scaling) | 0.0125 |" in oracle and "| 0.250 / 0.500 |" in oracle
     assert "| by-eye audit of the filter on `models/x` on 8 generated images: precision [95% CI], recall | 0.750 " \
            "[0.500, 1.000], 0.250 |" in oracle
+    rescored = report.oracle_numbers(dict(json.loads((models / "shapes-oracle" / "metrics.json").read_text()),
+                                          audit={"n": 8, "precision": 0.5, "precision_ci": None, "recall": 0.25,
+                                                 "rescored_from": ["0ld"]}))
+    assert "on 8 generated images (labels kept, images re-read by this oracle): precision [95% CI], recall | 0.500 " \
+           "n/a, 0.250 |" in "\n".join(rescored)
     assert "precision P(recognisable given read) | 0.250 [0.050, 0.600], 0.500 [0.200, 0.800] |" in oracle
     assert "recognisable by eye, against the filter's acceptance rate | 0.300 [0.100, 0.500] vs 0.100 |" in oracle
     model = _block(text, "model-numbers")
     rows = [line for line in model.splitlines() if line.startswith("| `")]
     assert rows[0].startswith("| `shipped` (") and rows[1].startswith("| `good` (")  # the shipped model first
     assert [c.strip() for c in rows[0].split("|")[2:-1]] == ["S, 7 steps, guidance 2.0", "12,345", "0.500", "0.500", "0.500", "0.250", "0.750",
-                                                              "12.3 (5.0)"]
+                                                              "12.3 (5.0)", "0.980 / 0.955"]
+    assert rows[1].endswith("| n/a / n/a |")  # no round trip measured (e.g. before evaluate-model recorded it)
     assert rows[2].startswith("| `student` (") and "| 678 |" in rows[2]
     assert "| 5,000 |" in rows[1]  # 4,000 steps after a warm start from 1,000
     assert "`shipped` **not met**, `good` met, `student` **not met**." in model  # 0.5 < 0.90; 0.95 and 0.75 reach 0.90 and 0.60
