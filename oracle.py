@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import generate_data as gd
-from utils import (DEFAULT_DATA, REPO, UserError, bootstrap_ci, cached, check, cli, comma_list, common_args,
+from utils import (DEFAULT_DATA, REPO, UserError, cached, check, cli, comma_list, common_args,
                    generate_images, library_versions, load_data, load_pipeline, load_rgb, parse_checked, pick_device,
                    read_json, repo_path, start_run, subcommand, write_json, write_text)
 
@@ -100,19 +100,28 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def audit_parser() -> argparse.ArgumentParser:
-    """`oracle.py audit`'s flags (make and score share them)."""
+    """`oracle.py audit`'s flags (make, rescore and score share them)."""
     p = argparse.ArgumentParser(prog="oracle.py audit", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                 description="by-eye audit of the oracle filter: contact sheets of accepted and "
                                             "rejected generated images (make), then precision and recall from the "
-                                            "labels (score)")
-    p.add_argument("step", choices=("make", "score"), help="make: generate, filter and draw the sheets; score: "
-                                                          "precision/recall from the labels in --audit")
-    p.add_argument("--model", default="shapes-tiny", help="generator whose images are audited (registry name or folder)")
+                                            "labels (score); after a retrained oracle, rescore keeps the labels and "
+                                            "re-reads the same images with the new oracle")
+    p.add_argument("step", choices=("make", "rescore", "score"),
+                   help="make: generate, filter and draw the sheets; rescore: regenerate the labelled images and "
+                        "record the --oracle's verdicts on them (labels kept); score: precision/recall from the "
+                        "labels in --audit")
+    p.add_argument("--model", default=None,
+                   help="make: generator whose images are audited (registry name or folder; default shapes-tiny); "
+                        "rescore: a folder holding the audited weights (default the audit's model; e.g. an earlier "
+                        "version checked out of git)")
     p.add_argument("--n", type=int, default=64, help="accepted and as many rejected images to label")
     p.add_argument("--max-candidates", type=int, default=2400, help="give up after this many generated images")
     p.add_argument("--min-score", type=float, default=0.5, help="task_d's filter: fraction of named checks passed")
     p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder")
     p.add_argument("--audit", type=Path, default=DEFAULT_AUDIT, help="the audit file (labels kept in the repo)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="rescore: read with this operating threshold instead of the oracle's own (0..1; to measure "
+                        "how the threshold trades the shape check's recall for precision on generated images)")
     common_args(p, "oracle_audit", omit=("threads", "quick", "wandb"), helps={
         "run_name": "make: run folder under <outputs>/oracle_audit for the unlabelled contact sheets",
         "seed": "seed of the prompts, the noise and the sheet order"})
@@ -171,7 +180,9 @@ def check_audit_args(args: argparse.Namespace) -> None:
     check(args.n > 0 and args.max_candidates >= 2 * args.n,
           f"--n must be > 0 and --max-candidates >= 2 x --n, got {args.n} and {args.max_candidates}")
     check(0 <= args.min_score <= 1, f"--min-score must be in 0..1, got {args.min_score}")
-    if args.step == "score":
+    check(args.threshold is None or (args.step == "rescore" and 0 <= args.threshold <= 1),
+          f"--threshold is for `audit rescore` and must be in 0..1, got {args.threshold} with `audit {args.step}`")
+    if args.step != "make":
         check(args.audit.is_file(), f"audit file not found: {args.audit} (run `python oracle.py audit make` first)")
 
 
@@ -832,8 +843,22 @@ occupied cells only; `count` = number of objects right.
 ## Limits
 A proxy judge: it has seen renders, light blur/noise and the negatives above, not generated images. Objects are
 assumed to sit one per cell of the 3x3 grid, as in the data. The by-eye audit is the check on generated images;
-redo it (`python oracle.py audit make`, label, `audit score`) whenever the oracle or the generator changes.
+redo it (`python oracle.py audit make`, label, `audit score`) whenever the generator changes; after a retrained
+oracle, `python oracle.py audit rescore` re-reads the labelled images with it.
 """
+
+
+def ci_text(v: Sequence[float] | None) -> str:
+    """A 95% CI as the card prints it; None (a 0 / 0 in some bootstrap resample) says so."""
+    return f"[{v[0]:.3f}, {v[1]:.3f}]" if v else "[CI undefined: too few items]"
+
+
+def rescored_text(audit: dict) -> str:
+    """The card's note on an audit whose images a later oracle re-read (`audit rescore`), else empty."""
+    old = audit.get("rescored_from")
+    return (f" (labels from the audit made with oracle {old[0]}; the same images re-read by this oracle with "
+            f"`oracle.py audit rescore`, operating threshold {audit.get('rescore_threshold', 'its own')})" if old
+            else "")
 
 
 def shape_check_line(audit: dict) -> str:
@@ -841,9 +866,7 @@ def shape_check_line(audit: dict) -> str:
     sc = audit.get("shape_check")
     if not sc:
         return ""
-    def ci(v):
-        return f"[{v[0]:.3f}, {v[1]:.3f}]" if v else "[CI undefined: too few items]"
-
+    ci = ci_text
     return (f"; the shape check of `fidelity.py evaluate-model` (prompted shape read anywhere) passes "
             f"{sc['recall']:.3f} {ci(sc['recall_ci'])} of the images whose shape is recognisable by eye (precision "
             f"{sc['precision']:.3f} {ci(sc['precision_ci'])}; it passes {sc['read_rate']:.3f} of all candidates)")
@@ -858,16 +881,16 @@ def rejection_section(config: dict, m: dict) -> str:
     audit = m.get("audit")
     audit_line = ("not done yet" if not audit else
                   f"{audit['n']} generated images ({audit['n_accepted']} accepted, {audit['n_rejected']} rejected by "
-                  f"task_d's filter) labelled by eye: precision {audit['precision']:.3f} "
-                  f"[{audit['precision_ci'][0]:.3f}, {audit['precision_ci'][1]:.3f}], recall {audit['recall']:.3f} "
+                  f"task_d's filter) labelled by eye{rescored_text(audit)}: precision {audit['precision']:.3f} "
+                  f"{ci_text(audit['precision_ci'])}, recall {audit['recall']:.3f} "
                   f"(weighted by the acceptance rate {audit['acceptance_rate']:.3f})"
                   + (f"; the prompted shape is recognisable by eye in {audit['yes_rate']:.3f} "
                      f"[{audit['yes_rate_ci'][0]:.3f}, {audit['yes_rate_ci'][1]:.3f}] of all candidates"
                      if "yes_rate_ci" in audit else "") + shape_check_line(audit) + f"; model `{audit['model']}`"
                   + (f". STALE: {audit['stale']}" if audit.get("stale") else ""))
     for other in m.get("other_audits", {}).values():
-        audit_line += (f". Other generator `{other['model']}` (`{other['audit_file']}`): precision "
-                       f"{other['precision']:.3f} [{other['precision_ci'][0]:.3f}, {other['precision_ci'][1]:.3f}], "
+        audit_line += (f". Other generator `{other['model']}` (`{other['audit_file']}`{rescored_text(other)}): "
+                       f"precision {other['precision']:.3f} {ci_text(other['precision_ci'])}, "
                        f"recall {other['recall']:.3f}, acceptance rate {other['acceptance_rate']:.3f} against "
                        f"{other['yes_rate']:.3f} [{other['yes_rate_ci'][0]:.3f}, {other['yes_rate_ci'][1]:.3f}] "
                        "recognisable by eye" + shape_check_line(other)
@@ -1073,6 +1096,7 @@ def audit_make(args: argparse.Namespace) -> dict:
     # 1. the oracle and the generator, then the run folder for the sheets
     device = pick_device(args.device)
     oracle = Oracle.load(args.oracle, device)
+    args.model = args.model or "shapes-tiny"
     pipe, settings = load_pipeline(args.model, device=device)
     run = start_run("oracle_audit", args)
 
@@ -1109,32 +1133,110 @@ def audit_make(args: argparse.Namespace) -> dict:
     return audit
 
 
-def audit_scores(audit: dict) -> dict:
-    """Precision and recall of the filter against the by-eye labels.
+def audit_rescore(args: argparse.Namespace) -> dict:
+    """Re-read a labelled audit's images with the --oracle (e.g. a retrained one), keeping the by-eye labels.
 
-    Precision = P(yes | accepted). The audit shows as many rejected as accepted images, so the sample's recall
-    over-weights the rejected; `recall` re-weights by the filter's acceptance rate a:
-    a*P(yes|acc) / (a*P(yes|acc) + (1-a)*P(yes|rej)). `recall_in_sample` is the unweighted one. `yes_rate`, the
-    denominator, estimates the share of all candidates whose prompted shape is recognisable by eye: the generator's
-    shape rate as a person would count it, beside the filter's acceptance rate. Audits made since the oracle recorded
-    `shape_read` per item also score the shape check alone (`shape_check`, see `shape_check_scores`).
+    The images are regenerated from the recorded model, prompts, seeds and sampler (on the CPU the same seed gives
+    the same image; a test checks the verdicts reproduce). Each item keeps `stratum`, the filter verdict it was
+    sampled by at `make` time, and gets the new oracle's `accepted` and `shape_read`; the file's `stratum_rate`
+    keeps the make-time acceptance rate, the weight of the strata, so `audit_scores` still estimates rates over all
+    candidates. The old oracle's sha goes to `rescored_from`.
+
+    Raises:
+        UserError: the model's weights changed since the audit (its images would differ).
+    """
+    audit = read_json(args.audit)
+    check(all(it["label"] in ("yes", "no") for it in audit["items"]),
+          "the audit is not labelled yet: label it and run `audit score` (rescore is for a retrained oracle)")
+    device = pick_device(args.device)
+    oracle = Oracle.load(args.oracle, device)
+    if args.threshold is not None:
+        oracle.config["threshold"] = args.threshold
+    pipe, settings = load_pipeline(args.model or str(REPO / audit["model"]), device=device,
+                                   scheduler=audit["sampler"]["scheduler"])
+    check(weights_sha(settings["id"]) == audit["model_weights_sha256_12"],
+          f"{settings['id']} is not the audited model (weights {weights_sha(settings['id'])}, audited "
+          f"{audit['model_weights_sha256_12']}): its images would differ; pass the audited weights with --model "
+          "(e.g. checked out of git) or redo `audit make` and label it")
+    settings.update(audit["sampler"])  # the sampler the audit recorded, not today's recommendation
+    items = audit["items"]
+    prompts = {it["id"]: it for it in audit_items(max(it["index"] for it in items) + 1, audit["seed"])}
+    images = audit_generate(pipe, settings, [prompts[it["id"]] for it in items])
+    for item, dets in zip(items, oracle.detect(images, progress=True)):
+        item.setdefault("stratum", item["accepted"])
+        item["accepted"] = bool(filter_verdict(dets, prompts[item["id"]]["prompt"], audit["min_score"])["keep"])
+        item["shape_read"] = any(d["shape"] == item["target"] for d in dets)
+    audit.setdefault("stratum_rate", audit["acceptance_rate"])
+    audit.setdefault("rescored_from", []).append(audit["oracle_weights_sha256_12"])
+    audit["oracle_weights_sha256_12"] = weights_sha(args.oracle)
+    audit["rescore_threshold"] = oracle.config.get("threshold", 0.0)
+    write_json(args.audit, audit)
+    print(f"rescored {len(items)} images of {audit['model']} with {args.oracle}: "
+          f"{sum(it['accepted'] for it in items)} accepted, {sum(it['shape_read'] for it in items)} read their shape")
+    return audit_score(args)
+
+
+YES, ACCEPTED, READ = 4, 2, 1  # bits of an audit item's code in `audit_scores`
+
+
+def audit_scores(audit: dict) -> dict:
+    """Precision and recall of the filter against the by-eye labels, and of the shape check when recorded.
+
+    The audit is a stratified sample: as many images the filter accepted as it rejected at `make` time, out of
+    candidates it accepted at rate a (`stratum_rate`, or `acceptance_rate` before any rescore). Every rate below
+    weights the strata by a and 1 - a, so it estimates the share over all candidates (a rescored audit's `accepted`
+    may differ from its `stratum`):
+    `yes_rate` = P(yes), the generator's shape rate as a person counts it; `precision` = P(yes | accepted);
+    `recall` = P(accepted | yes); `acceptance_rate` = P(accepted). `recall_in_sample` is the unweighted recall and
+    `yes_among_rejected` P(yes | rejected stratum). Audits that record `shape_read` per item also score the shape
+    check alone (`shape_check`, see `shape_check_scores`). CIs: `stratified_ci`.
     """
     items = audit["items"]
     check(all(it["label"] in ("yes", "no") for it in items),
           f"{sum(it['label'] not in ('yes', 'no') for it in items)} audit items have no yes/no label yet")
-    acc = [it["label"] == "yes" for it in items if it["accepted"]]
-    rej = [it["label"] == "yes" for it in items if not it["accepted"]]
-    p_acc, p_rej = float(np.mean(acc)), float(np.mean(rej))
-    a = audit["acceptance_rate"]
-    return {"n": len(items), "n_accepted": len(acc), "n_rejected": len(rej), "precision": p_acc,
-            "yes_rate": a * p_acc + (1 - a) * p_rej, "yes_rate_ci": yes_rate_ci(acc, rej, a),
-            "precision_ci": [float(v) for v in bootstrap_ci(acc)["ci95"]],
-            "recall": a * p_acc / (a * p_acc + (1 - a) * p_rej) if p_acc + p_rej else None,
-            "recall_in_sample": sum(acc) / max(1, sum(acc) + sum(rej)), "acceptance_rate": a,
-            "yes_among_rejected": p_rej, "model": audit["model"],
-            "model_weights_sha256_12": audit["model_weights_sha256_12"],
-            "oracle_weights_sha256_12": audit["oracle_weights_sha256_12"],
-            **({"shape_check": shape_check_scores(items, a)} if all("shape_read" in it for it in items) else {})}
+    a = audit.get("stratum_rate", audit["acceptance_rate"])
+    has_read = all("shape_read" in it for it in items)
+    code = {k: np.array([YES * (it["label"] == "yes") + ACCEPTED * it["accepted"]
+                         + READ * bool(it.get("shape_read")) for it in items if it.get("stratum", it["accepted"]) == k],
+                        float) for k in (True, False)}
+    yes = [c >= YES for c in code[True]], [c >= YES for c in code[False]]
+    flat, both = np.concatenate(list(code.values())).astype(int), YES | ACCEPTED
+    ratios = {"precision": (YES | ACCEPTED, ACCEPTED), "recall": (YES | ACCEPTED, YES)}
+    scores = {"n": len(items), "n_accepted": len(code[True]), "n_rejected": len(code[False]),
+              "yes_rate": _rate(code, a, YES), "yes_rate_ci": yes_rate_ci(*yes, a),
+              "acceptance_rate": _rate(code, a, ACCEPTED),
+              "recall_in_sample": float(((flat & both) == both).sum() / max(1, (flat >= YES).sum())),
+              "yes_among_rejected": float(np.mean(yes[1])), "model": audit["model"],
+              "model_weights_sha256_12": audit["model_weights_sha256_12"],
+              "oracle_weights_sha256_12": audit["oracle_weights_sha256_12"],
+              **({k: audit[k] for k in ("rescored_from", "rescore_threshold") if k in audit}
+                 if audit.get("rescored_from") else {})}
+    for key, (num, den) in ratios.items():
+        scores[key], scores[f"{key}_ci"] = _ratio_with_ci(code, a, num, den)
+    if has_read:
+        scores["shape_check"] = shape_check_scores(items, a)
+    return scores
+
+
+def _rate_of(x, y, a: float, axis, bits: int):
+    """a * P(code has all `bits` | accepted stratum) + (1 - a) * the same in the rejected stratum."""
+    def hit(c):
+        return (c.astype(int) & bits) == bits
+    return a * hit(x).mean(axis) + (1 - a) * hit(y).mean(axis)
+
+
+def _rate(code: dict, a: float, bits: int) -> float:
+    return float(_rate_of(code[True], code[False], a, -1, bits))
+
+
+def _ratio_with_ci(code: dict, a: float, num: int, den: int) -> tuple[float | None, list[float] | None]:
+    """P(num bits) / P(den bits) over the weighted strata, and its stratified bootstrap CI (None, None at 0 / 0)."""
+    def ratio(x, y, axis):
+        return _rate_of(x, y, a, axis, num) / _rate_of(x, y, a, axis, den)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        value = float(ratio(code[True], code[False], -1))
+        return (None, None) if np.isnan(value) else (value, stratified_ci(code[True], code[False], a, ratio))
 
 
 def yes_rate_ci(acc: list[bool], rej: list[bool], a: float, seed: int = 0) -> list[float]:
@@ -1158,30 +1260,19 @@ def stratified_ci(acc: Sequence, rej: Sequence, a: float, statistic, seed: int =
 
 def shape_check_scores(items: list[dict], a: float) -> dict:
     """The oracle's shape check (`shape_read`: the prompted shape is read somewhere in the image, as
-    `fidelity.py evaluate-model` counts shape) against the by-eye labels, both strata weighted by the acceptance rate a.
+    `fidelity.py evaluate-model` counts shape) against the by-eye labels, both strata (`stratum`, else `accepted`)
+    weighted by the stratum rate a.
 
     `recall` = P(read | yes): of the images whose prompted shape a person recognises, the share the check passes;
     `precision` = P(yes | read). A recall well below 1 means fidelity's shape (and all-correct) under-count what the
-    generator draws, by that factor. Code of an item: 2 * yes + read; CIs from `stratified_ci`.
+    generator draws, by that factor. CIs from `stratified_ci`.
     """
-    code = {k: np.array([2 * (it["label"] == "yes") + bool(it["shape_read"]) for it in items
-                         if it["accepted"] == k], float) for k in (True, False)}
-
-    def rate(x, y, axis, hit):
-        return a * hit(x).mean(axis) + (1 - a) * hit(y).mean(axis)
-
-    def recall(x, y, axis):
-        return rate(x, y, axis, lambda c: c == 3) / rate(x, y, axis, lambda c: c >= 2)
-
-    def precision(x, y, axis):
-        return rate(x, y, axis, lambda c: c == 3) / rate(x, y, axis, lambda c: c % 2 == 1)
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return {"recall": float(recall(code[True], code[False], -1)),
-                "recall_ci": stratified_ci(code[True], code[False], a, recall),
-                "precision": float(precision(code[True], code[False], -1)),
-                "precision_ci": stratified_ci(code[True], code[False], a, precision),
-                "read_rate": float(rate(code[True], code[False], -1, lambda c: c % 2 == 1))}
+    code = {k: np.array([YES * (it["label"] == "yes") + READ * bool(it["shape_read"]) for it in items
+                         if it.get("stratum", it["accepted"]) == k], float) for k in (True, False)}
+    recall, recall_ci = _ratio_with_ci(code, a, YES | READ, YES)
+    precision, precision_ci = _ratio_with_ci(code, a, YES | READ, READ)
+    return {"recall": recall, "recall_ci": recall_ci, "precision": precision, "precision_ci": precision_ci,
+            "read_rate": _rate(code, a, READ)}
 
 
 def audit_score(args: argparse.Namespace) -> dict:
@@ -1190,7 +1281,8 @@ def audit_score(args: argparse.Namespace) -> dict:
     metrics_path = Path(args.oracle) / "metrics.json"
     current = weights_sha(args.oracle)
     if current != audit["oracle_weights_sha256_12"]:
-        scores["stale"] = f"oracle weights changed since the audit ({current}): redo `audit make`"
+        scores["stale"] = (f"oracle weights changed since the audit ({current}): `oracle.py audit rescore` re-reads "
+                           "its images with them (labels kept)")
     if metrics_path.is_file():
         metrics = read_json(metrics_path)
         if Path(args.audit).resolve() == (Path(args.oracle) / DEFAULT_AUDIT.name).resolve():
@@ -1199,9 +1291,9 @@ def audit_score(args: argparse.Namespace) -> dict:
             metrics.setdefault("other_audits", {})[scores["model"]] = dict(scores, audit_file=repo_path(args.audit))
         write_json(metrics_path, metrics)
         write_text(Path(args.oracle) / "README.md", oracle_card(read_json(Path(args.oracle) / "config.json"), metrics))
-    print(f"audit of {scores['n']} images: precision {scores['precision']:.3f} "
-          f"[{scores['precision_ci'][0]:.3f}, {scores['precision_ci'][1]:.3f}], recall {scores['recall']:.3f} "
-          f"(acceptance rate {scores['acceptance_rate']:.3f})")
+    print(f"audit of {scores['n']} images: precision {scores['precision']:.3f} {ci_text(scores['precision_ci'])}, "
+          f"recall {scores['recall']:.3f} (acceptance rate {scores['acceptance_rate']:.3f})"
+          + shape_check_line(scores))
     return scores
 
 
@@ -1293,7 +1385,7 @@ def recipes_sheets(args: argparse.Namespace) -> dict:
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.command == "audit":
-        return audit_make(args) if args.step == "make" else audit_score(args)
+        return {"make": audit_make, "rescore": audit_rescore, "score": audit_score}[args.step](args)
     if args.command == "recipes":
         return recipes_sheets(args)
     return evaluate_saved(args) if args.command == "evaluate" else train_oracle(args)
