@@ -389,17 +389,17 @@ def test_sheet_of_accepted_held_out_negatives_tiles_their_cells(shipped, tmp_pat
 def test_recipe_sheets_pair_each_clean_shape_with_its_degraded_version(tmp_path):
     from PIL import Image
 
-    pairs, names = oracle.recipe_pairs("elastic", 2, seed=0)
+    pairs, names = oracle.recipe_pairs("melt", 2, seed=0)
     assert pairs.shape == (24, 2, 32, 32) and pairs.dtype == np.uint8 and names[:2] == ["circle", "circle"]
-    clean, warped = pairs[:, 0].astype(int), pairs[:, 1].astype(int)
-    assert (np.abs(clean - warped).mean((1, 2)) > 1).all()  # every warp changed its shape
-    assert (warped.reshape(24, -1).max(1) > 200).all()  # and left something to see
-    assert np.array_equal(oracle.recipe_pairs("elastic", 2, seed=0)[0], pairs)  # same seed, same sheet
-    sheets = oracle.main(["recipes", "--recipes", "elastic,noise", "--per-shape", "1", "--outputs", str(tmp_path),
+    clean, melted = pairs[:, 0].astype(int), pairs[:, 1].astype(int)
+    assert (np.abs(clean - melted).mean((1, 2)) > 1).all()  # every melt changed its shape
+    assert (melted.reshape(24, -1).max(1) > 200).all()  # and left something to see
+    assert np.array_equal(oracle.recipe_pairs("melt", 2, seed=0)[0], pairs)  # same seed, same sheet
+    sheets = oracle.main(["recipes", "--recipes", "melt,noise", "--per-shape", "1", "--outputs", str(tmp_path),
                           "--run-name", "r"])
-    assert sheets == {"elastic": {"pairs": 12, "sheet": "elastic.png"}, "noise": {"pairs": 12, "sheet": "noise.png"}}
+    assert sheets == {"melt": {"pairs": 12, "sheet": "melt.png"}, "noise": {"pairs": 12, "sheet": "noise.png"}}
     # 12 rows of one pair, 32-px tiles at 5x zoom under a 14-px caption line
-    assert Image.open(tmp_path / "oracle_recipes" / "r" / "elastic.png").size == (2 * 160, 12 * (160 + 14))
+    assert Image.open(tmp_path / "oracle_recipes" / "r" / "melt.png").size == (2 * 160, 12 * (160 + 14))
     assert json.loads((tmp_path / "oracle_recipes" / "latest" / "metrics.json").read_text())["per_shape"] == 1
 
 
@@ -407,7 +407,7 @@ def test_recipe_sheets_pair_each_clean_shape_with_its_degraded_version(tmp_path)
 @pytest.mark.parametrize("argv, message", [
     (["nope"], "unknown command 'nope'; choose one of train, evaluate, audit, recipes"),
     ([], "no command given; choose one of train, evaluate, audit, recipes"),
-    (["recipes", "--recipes", "melt,smudge"], "unknown recipe(s) melt, smudge; choose from blur, elastic, fuse, "
+    (["recipes", "--recipes", "melt,smudge"], "unknown recipe(s) smudge; choose from blur, elastic, melt, fuse, "
                                               "partial, blob, noise, ellipse, irregular, overlap, boxblur"),
     (["recipes", "--per-shape", "0"], "--per-shape must be positive, got 0"),
     (["evaluate", "--oracle", "/nowhere"], "no trained oracle in /nowhere (run `python oracle.py train`)"),
