@@ -236,13 +236,13 @@ def test_a_rescored_audit_weights_its_new_verdicts_by_the_strata_it_was_sampled_
 
 
 def test_rescore_keeps_the_labels_and_records_the_new_oracles_verdicts(tmp_path):
-    """Re-read four labelled images of the shipped audit with a copy of the shipped oracle."""
+    """Re-read two labelled images of the shipped audit with a copy of the shipped oracle."""
     import shutil
 
     folder = tmp_path / "oracle"
     shutil.copytree(oracle.DEFAULT_ORACLE, folder)
     audit = json.loads(oracle.DEFAULT_AUDIT.read_text())
-    audit["items"] = audit["items"][:4]
+    audit["items"] = audit["items"][:2]
     path = tmp_path / "audit.json"
     path.write_text(json.dumps(dict(audit, oracle_weights_sha256_12="0ld0racle000")))
     scores = oracle.main(["audit", "rescore", "--audit", str(path), "--oracle", str(folder), "--device", "cpu"])
