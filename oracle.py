@@ -885,14 +885,14 @@ def rejection_section(config: dict, m: dict) -> str:
                   f"{ci_text(audit['precision_ci'])}, recall {audit['recall']:.3f} "
                   f"(weighted by the acceptance rate {audit['acceptance_rate']:.3f})"
                   + (f"; the prompted shape is recognisable by eye in {audit['yes_rate']:.3f} "
-                     f"[{audit['yes_rate_ci'][0]:.3f}, {audit['yes_rate_ci'][1]:.3f}] of all candidates"
+                     f"{ci_text(audit['yes_rate_ci'])} of all candidates"
                      if "yes_rate_ci" in audit else "") + shape_check_line(audit) + f"; model `{audit['model']}`"
                   + (f". STALE: {audit['stale']}" if audit.get("stale") else ""))
     for other in m.get("other_audits", {}).values():
         audit_line += (f". Other generator `{other['model']}` (`{other['audit_file']}`{rescored_text(other)}): "
                        f"precision {other['precision']:.3f} {ci_text(other['precision_ci'])}, "
                        f"recall {other['recall']:.3f}, acceptance rate {other['acceptance_rate']:.3f} against "
-                       f"{other['yes_rate']:.3f} [{other['yes_rate_ci'][0]:.3f}, {other['yes_rate_ci'][1]:.3f}] "
+                       f"{other['yes_rate']:.3f} {ci_text(other['yes_rate_ci'])} "
                        "recognisable by eye" + shape_check_line(other)
                        + (f"; STALE: {other['stale']}" if other.get("stale") else ""))
     return f"""
@@ -1248,9 +1248,12 @@ def yes_rate_ci(acc: list[bool], rej: list[bool], a: float, seed: int = 0) -> li
 def stratified_ci(acc: Sequence, rej: Sequence, a: float, statistic, seed: int = 0) -> list[float]:
     """95% percentile-bootstrap CI of `statistic(acc, rej, axis)` over the audit's two strata (accepted, rejected),
     each resampled on its own (`scipy.stats.bootstrap`, two samples, 2,000 resamples); `a` is the acceptance rate
-    the statistic weights them by. None when the statistic is undefined (0 / 0) in some resample: too few items."""
+    the statistic weights them by. None when the statistic is undefined (0 / 0) in some resample or a stratum has
+    fewer than two items: too few items."""
     from scipy.stats import bootstrap
 
+    if min(len(acc), len(rej)) < 2:  # scipy needs two items per stratum to resample
+        return None
     res = bootstrap((np.asarray(acc, float), np.asarray(rej, float)), lambda x, y, axis=-1: statistic(x, y, axis),
                     paired=False, vectorized=True, n_resamples=2000, method="percentile",
                     random_state=np.random.default_rng(seed))

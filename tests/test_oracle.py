@@ -205,6 +205,9 @@ def test_audit_of_another_generator_is_kept_beside_the_filters_audit(tmp_path):
     few = oracle.audit_scores(dict(audit, items=audit["items"][:8]))["shape_check"]
     assert few["recall"] == pytest.approx(0.25) and few["recall_ci"] is None
     assert "CI undefined" in oracle.shape_check_line({"shape_check": few})
+    # a stratum of one item cannot be resampled: the CIs are undefined, not an error
+    one = oracle.audit_scores(dict(audit, items=audit["items"][:5]))
+    assert one["n_rejected"] == 1 and one["yes_rate_ci"] is None and one["precision"] == pytest.approx(0.75)
     # an audit made before `shape_read` was recorded scores as before, without the shape check
     for it in audit["items"]:
         del it["shape_read"]
