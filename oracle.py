@@ -866,10 +866,10 @@ def shape_check_line(audit: dict) -> str:
     sc = audit.get("shape_check")
     if not sc:
         return ""
-    ci = ci_text
     return (f"; the shape check of `fidelity.py evaluate-model` (prompted shape read anywhere) passes "
-            f"{sc['recall']:.3f} {ci(sc['recall_ci'])} of the images whose shape is recognisable by eye (precision "
-            f"{sc['precision']:.3f} {ci(sc['precision_ci'])}; it passes {sc['read_rate']:.3f} of all candidates)")
+            f"{sc['recall']:.3f} {ci_text(sc['recall_ci'])} of the images whose shape is recognisable by eye "
+            f"(precision {sc['precision']:.3f} {ci_text(sc['precision_ci'])}; it passes {sc['read_rate']:.3f} of all "
+            "candidates)")
 
 
 def rejection_section(config: dict, m: dict) -> str:
@@ -1196,17 +1196,15 @@ def audit_scores(audit: dict) -> dict:
           f"{sum(it['label'] not in ('yes', 'no') for it in items)} audit items have no yes/no label yet")
     a = audit.get("stratum_rate", audit["acceptance_rate"])
     has_read = all("shape_read" in it for it in items)
-    code = {k: np.array([YES * (it["label"] == "yes") + ACCEPTED * it["accepted"]
-                         + READ * bool(it.get("shape_read")) for it in items if it.get("stratum", it["accepted"]) == k],
-                        float) for k in (True, False)}
-    yes = [c >= YES for c in code[True]], [c >= YES for c in code[False]]
+    code = {k: np.array([YES * (it["label"] == "yes") + ACCEPTED * it["accepted"] + READ * bool(it.get("shape_read"))
+                         for it in items if it.get("stratum", it["accepted"]) == k], float) for k in (True, False)}
     flat, both = np.concatenate(list(code.values())).astype(int), YES | ACCEPTED
     ratios = {"precision": (YES | ACCEPTED, ACCEPTED), "recall": (YES | ACCEPTED, YES)}
     scores = {"n": len(items), "n_accepted": len(code[True]), "n_rejected": len(code[False]),
-              "yes_rate": _rate(code, a, YES), "yes_rate_ci": yes_rate_ci(*yes, a),
+              "yes_rate": _rate(code, a, YES), "yes_rate_ci": _rate_ci(code, a, YES),
               "acceptance_rate": _rate(code, a, ACCEPTED),
               "recall_in_sample": float(((flat & both) == both).sum() / max(1, (flat >= YES).sum())),
-              "yes_among_rejected": float(np.mean(yes[1])), "model": audit["model"],
+              "yes_among_rejected": float((code[False] >= YES).mean()), "model": audit["model"],
               "model_weights_sha256_12": audit["model_weights_sha256_12"],
               "oracle_weights_sha256_12": audit["oracle_weights_sha256_12"],
               **({k: audit[k] for k in ("rescored_from", "rescore_threshold") if k in audit}
@@ -1229,6 +1227,11 @@ def _rate(code: dict, a: float, bits: int) -> float:
     return float(_rate_of(code[True], code[False], a, -1, bits))
 
 
+def _rate_ci(code: dict, a: float, bits: int) -> list[float] | None:
+    """The stratified bootstrap CI of `_rate` (e.g. the share recognisable by eye over all candidates)."""
+    return stratified_ci(code[True], code[False], a, lambda x, y, axis: _rate_of(x, y, a, axis, bits))
+
+
 def _ratio_with_ci(code: dict, a: float, num: int, den: int) -> tuple[float | None, list[float] | None]:
     """P(num bits) / P(den bits) over the weighted strata, and its stratified bootstrap CI (None, None at 0 / 0)."""
     def ratio(x, y, axis):
@@ -1237,12 +1240,6 @@ def _ratio_with_ci(code: dict, a: float, num: int, den: int) -> tuple[float | No
     with np.errstate(invalid="ignore", divide="ignore"):
         value = float(ratio(code[True], code[False], -1))
         return (None, None) if np.isnan(value) else (value, stratified_ci(code[True], code[False], a, ratio))
-
-
-def yes_rate_ci(acc: list[bool], rej: list[bool], a: float, seed: int = 0) -> list[float]:
-    """95% percentile-bootstrap CI of a * P(yes | accepted) + (1 - a) * P(yes | rejected), the two halves resampled
-    independently (a stratified sample; `scipy.stats.bootstrap` with two samples)."""
-    return stratified_ci(acc, rej, a, lambda x, y, axis: a * x.mean(axis) + (1 - a) * y.mean(axis), seed)
 
 
 def stratified_ci(acc: Sequence, rej: Sequence, a: float, statistic, seed: int = 0) -> list[float]:
