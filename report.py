@@ -1,7 +1,7 @@
 """The study on one page: collect every task's latest numbers into outputs/REPORT.md.
 
 Reads `outputs/<task>/latest/metrics.json` of each step of the study (retrieval baseline, task_a ... task_e,
-bench) and the shipped model's `models/shapes-sd-tiny/metrics.json`, states the headline results in
+bench) and the study generator's `models/shapes-sd-tiny-f2/metrics.json` (utils.STUDY_MODEL), states the headline results in
 sentences filled in from those numbers, shows its key figures and links its own tables and figures. A step
 that has not run yet is listed as missing; nothing here is typed in by hand. With --readme it also fills every
 measured-number block of the README, each between `<!-- name -->` and `<!-- /name -->`, from its metrics file:
@@ -27,8 +27,8 @@ import numpy as np
 
 from oracle import TARGETS as ORACLE_TARGETS, target_met
 from retrieval import headline_table
-from utils import (FIDELITY_TARGETS, REPO, check, cli, common_args, fmt, fmt_ci, fmt_delta, fmt_est, md_table,
-                   read_json, repo_path, total_unet_steps, write_text)
+from utils import (FIDELITY_TARGETS, REPO, STUDY_MODEL, check, cli, common_args, fmt, fmt_ci, fmt_delta, fmt_est,
+                   md_table, read_json, repo_path, resolve_model, total_unet_steps, write_text)
 
 TASKS = ("retrieval", "task_a", "task_b", "task_c", "task_d", "task_e", "bench")
 TITLES = {
@@ -44,7 +44,8 @@ TITLES = {
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=str(REPO / "models" / "shapes-sd-tiny"), help="shipped model folder (its metrics.json)")
+    p.add_argument("--model", default=resolve_model(STUDY_MODEL)["id"],
+                   help="folder of the model that generated task_d's images (its metrics.json)")
     p.add_argument("--out", default=None, help="report path (default: <outputs>/REPORT.md)")
     p.add_argument("--readme", default=None,
                    help="a README whose measured-number blocks (<!-- study-numbers -->, retrieval-numbers, "
@@ -231,8 +232,8 @@ def _images(n: int) -> str:
 
 
 def study_answer(outputs: Path, model_dir: Path) -> list[str]:
-    """The study's answer in three sentences, from task_d's metrics (the gap, the fix, the filter) and the shipped
-    model's metrics (why): where retrieval fails, whether targeted synthetic images closed it, and what limits it.
+    """The study's answer in three sentences, from task_d's metrics (the gap, the fix, the filter) and the
+    generator's metrics (why): where retrieval fails, whether targeted synthetic images closed it, and what limits it.
     An empty list when task_d has not run."""
     path = outputs / "task_d" / "latest" / "metrics.json"
     if not path.is_file():
@@ -257,7 +258,7 @@ def study_answer(outputs: Path, model_dir: Path) -> list[str]:
              + ".")
     model = read_json(model_dir / "metrics.json") if (model_dir / "metrics.json").is_file() else None
     n_extra = m["arms"].get("synthetic_filtered", {}).get("n_extra", 0)
-    drawn = (f"the shipped model draws a single prompted object entirely right in "
+    drawn = (f"the generator (`{repo_path(model_dir)}`) draws a single prompted object entirely right in "
              f"{fmt(model['single_object_all_correct'])} of prompts (target "
              f"{FIDELITY_TARGETS['single_object']:.2f}), so " if model else "")
     if flt["acceptance_rate"] < 0.5:
@@ -272,10 +273,10 @@ def study_answer(outputs: Path, model_dir: Path) -> list[str]:
 def model_section(model_dir: Path) -> list[str]:
     path = model_dir / "metrics.json"
     if not path.is_file():
-        return ["## The shipped model", "",
+        return ["## The study's generator", "",
                 f"`{path}` is missing: run `python fidelity.py evaluate-model --write-card`.", ""]
     m = read_json(path)
-    return [f"## The shipped model (`{repo_path(model_dir)}`)", "",
+    return [f"## The study's generator (`{repo_path(model_dir)}`)", "",
             f"Oracle accuracy on held-out renders {fmt(m['oracle_accuracy_on_renders'])}. Prompt fidelity (all "
             f"attributes right): single object {fmt(m['single_object_all_correct'])} (target "
             f"{FIDELITY_TARGETS['single_object']:.2f}), two objects with a relation "
@@ -396,7 +397,7 @@ def model_numbers(folders: list[Path]) -> list[str]:
     targets' verdicts.
 
     Args:
-        folders: model folders whose metrics.json holds `fidelity.py evaluate-model` results, the shipped one first.
+        folders: model folders whose metrics.json holds `fidelity.py evaluate-model` results, the study's generator first.
     """
     ms = [read_json(f / "metrics.json") for f in folders]
     first, sam = ms[0], ms[0]["sampler"]

@@ -26,9 +26,9 @@ fraction of it each of rendered and synthetic_filtered closes, with paired boots
 
 Quick (well under a minute; for tests and smoke runs):
     python task_d.py --quick
-Default (after task_c): 100 accepted images wanted per target from at most 400 candidates, 7 arms x 3 seeds at
-the baseline's epochs; the 21 retrieval
-trainings take most of the time (results.md has the measured table per step):
+Default (after task_c): 100 accepted images wanted per target from at most 1,200 candidates (shapes-tiny-f2, 2 CPU
+threads: ~0.5 s per candidate), 7 arms x 3 seeds at the baseline's epochs (~20 s per training); results.md has the
+measured time of every step:
     python task_d.py --run-name default
 The renderer's upper bound alone, no generator needed:
     python task_d.py --arms baseline,oversample,rendered --run-name rendered
@@ -56,10 +56,10 @@ import numpy as np
 
 import generate_data as gd
 import retrieval
-from utils import (DEFAULT_DATA, OUTPUTS, Clock, ImageStore, Run, category_names, check, ci_verdict, cli,
-                   cluster_bootstrap, comma_list, common_args, fmt, fmt_delta, fmt_est, image_grid, load_data, load_rgb,
-                   md_table, parse_checked, percentile_ci, pick_device, pyplot, read_json, resolve_model, set_threads,
-                   start_run, write_json, write_text)
+from utils import (DEFAULT_DATA, OUTPUTS, STUDY_MODEL, Clock, ImageStore, Run, category_names, check, ci_verdict,
+                   cli, cluster_bootstrap, comma_list, common_args, fmt, fmt_delta, fmt_est, image_grid, load_data,
+                   load_rgb, md_table, parse_checked, percentile_ci, pick_device, pyplot, read_json, resolve_model,
+                   set_threads, start_run, write_json, write_text)
 
 DEFAULT_TARGETS = OUTPUTS / "task_c" / "latest" / "targets.json"
 DEFAULT_ORACLE = Path(__file__).resolve().parent / "models" / "shapes-oracle"
@@ -81,13 +81,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--targets", default=str(DEFAULT_TARGETS), help="targets.json written by task_c.py")
     p.add_argument("--data", default=None, help="data.pkl (default: the one named in targets.json)")
-    p.add_argument("--model", default="shapes-tiny",
-                   help="text-to-image model: registry name (shapes-tiny, sd-turbo, ...), local pipeline folder or hub id")
+    p.add_argument("--model", default=STUDY_MODEL,
+                   help="text-to-image model: registry name (shapes-tiny-f2, sd-turbo, ...), local pipeline folder or "
+                        "hub id")
     p.add_argument("--n-per-target", type=int, default=100,
                    help="accepted images wanted per target category: candidates are generated in rounds until the "
                         "filter has accepted this many or --max-candidates are made")
     p.add_argument("--max-candidates", type=int, default=None,
-                   help="candidate images per target at most (default: 4 x --n-per-target; --quick: one round)")
+                   help="candidate images per target at most (default: 12 x --n-per-target, enough for the 0.085 acceptance "
+                        "of shapes-tiny-f2's hardest target; --quick: one round)")
     p.add_argument("--gen-batch-size", type=int, default=16, help="images per pipeline call")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: the model's)")
@@ -119,7 +121,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("n_per_target", "gen_batch_size", "bootstrap"):
         check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.max_candidates is None:  # --quick: one round, whatever --n-per-target says
-        args.max_candidates = args.n_per_target if args.quick else 4 * args.n_per_target
+        args.max_candidates = args.n_per_target if args.quick else 12 * args.n_per_target
     check(args.max_candidates >= args.n_per_target,
           f"--max-candidates must be >= --n-per-target ({args.n_per_target}), got {args.max_candidates}")
     check(args.epochs is None or args.epochs > 0, f"--epochs must be positive, got {args.epochs}")

@@ -42,10 +42,10 @@ from tqdm.auto import tqdm
 import generate_data as gd
 import retrieval
 from oracle import DEFAULT_ORACLE, Oracle
-from utils import (DEFAULT_DATA, OUTPUTS, ImageStore, bootstrap_ci, category_names, check, ci_verdict, cli, comma_list,
-                   common_args, encode_images, fmt, fmt_delta, fmt_est, image_grid, l2_normalize, load_data,
-                   load_image_encoder, load_pipeline, md_table, parse_checked, pick_device, pyplot, read_json,
-                   start_run, time_call, write_json, write_text)
+from utils import (DEFAULT_DATA, OUTPUTS, STUDY_MODEL, ImageStore, bootstrap_ci, category_names, check, ci_verdict, cli,
+                   comma_list, common_args, encode_images, fmt, fmt_delta, fmt_est, image_grid, l2_normalize,
+                   load_data, load_image_encoder, load_pipeline, md_table, parse_checked, pick_device, pyplot,
+                   read_json, start_run, time_call, write_json, write_text)
 
 MAX_K = 8  # generated images per query at most; also the seed stride per query (seeds seed + MAX_K * caption + i)
 FUSIONS = ("weighted", "rrf")
@@ -70,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--targets", default=str(OUTPUTS / "task_c" / "latest" / "targets.json"),
                    help="task_c targets.json naming the target categories; when missing, the 3 rarest training "
                         "categories are used")
-    p.add_argument("--model", default="shapes-tiny", help="registry name, local diffusers folder or cached hub id")
+    p.add_argument("--model", default=STUDY_MODEL, help="registry name, local diffusers folder or cached hub id")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's recommended)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: recommended)")
     p.add_argument("--k-max", type=int, default=4, help=f"images generated per query; k = 1..k_max is reported (1..{MAX_K})")

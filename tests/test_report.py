@@ -272,8 +272,8 @@ def test_report_leads_with_the_answer_from_task_d_and_the_model(tmp_path, ci_low
         "arms": {"synthetic_filtered": {"n_extra": 10}, "rendered": {"n_extra": 10}}, "seeds": [0, 1, 2],
         "epochs": 3, "targets_met": []})
     text = report.main(["--outputs", str(outputs), "--model", str(model)]).read_text()
-    answer = text[text.index("## The answer"):text.index("## The shipped model")]
-    assert text.index("## The answer") < text.index("## The shipped model")  # the answer comes first
+    answer = text[text.index("## The answer"):text.index("## The study's generator")]
+    assert text.index("## The answer") < text.index("## The study's generator")  # the answer comes first
     assert "**square, heart**" in answer and {"0.340", "0.460", "0.120", "0.420", "0.900"} <= set(
         re.findall(r"\d+\.\d+", answer))
     assert "10 of 100 generated candidates" in answer and "(`rendered`, 10 images)" in answer

@@ -184,6 +184,22 @@ def test_unknown_encoders():
         load_text_encoder("no-such-org/no-such-model")
 
 
+def test_text_features_do_not_depend_on_batching_or_padding():
+    """Length-sorted batches give each text the features it gets alone (no padding), in the input order."""
+    import numpy as np
+
+    from utils import encode_texts, load_text_encoder
+
+    tokenizer, model, _ = load_text_encoder()
+    texts = ["a large red circle in the top left and a small blue square in the bottom right", "a star",
+             "two shapes: a green heart to the left of a purple ring", "a cyan cross", "", "an image of a yellow arrow"]
+    batched = encode_texts(tokenizer, model, texts, batch_size=4)
+    alone = np.concatenate([encode_texts(tokenizer, model, [t], batch_size=1) for t in texts])
+    assert batched.shape == (len(texts), 384)
+    np.testing.assert_allclose(batched, alone, atol=1e-4)
+    assert encode_texts(tokenizer, model, []).shape == (0, 384)
+
+
 def test_offline_torchvision_weights_name_their_url_and_folder_without_a_download(tmp_path, monkeypatch):
     import torch
 
