@@ -253,12 +253,15 @@ def study_answer(outputs: Path, model_dir: Path) -> list[str]:
              f"`synthetic_filtered` − `baseline` on the targets is {fmt_delta(delta)}"
              + (f", {fmt(closed['synthetic_filtered']['mean'])} of the gap" if "synthetic_filtered" in closed else "")
              + f", with {n_acc} of {n_gen} generated candidates accepted by the oracle filter"
+             + (f"; against repeating real target images as often (`oversample`) it is "
+                f"{fmt_delta(m['filtered_vs_oversample']['rare'])}" if "rare" in m.get("filtered_vs_oversample", {})
+                else "")
              + (f"; perfect renders of the same prompts (`rendered`, {_images(m['arms']['rendered']['n_extra'])}) "
                 f"close {fmt(closed['rendered']['mean'])}" if "rendered" in closed and "rendered" in m["arms"] else "")
              + ".")
     model = read_json(model_dir / "metrics.json") if (model_dir / "metrics.json").is_file() else None
     n_extra = m["arms"].get("synthetic_filtered", {}).get("n_extra", 0)
-    drawn = (f"the generator (`{repo_path(model_dir)}`) draws a single prompted object entirely right in "
+    drawn = (f"`{repo_path(model_dir)}` draws a single prompted object entirely right in "
              f"{fmt(model['single_object_all_correct'])} of prompts (target "
              f"{FIDELITY_TARGETS['single_object']:.2f}), so " if model else "")
     if flt["acceptance_rate"] < 0.5:

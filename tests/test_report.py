@@ -277,5 +277,6 @@ def test_report_leads_with_the_answer_from_task_d_and_the_model(tmp_path, ci_low
     assert "**square, heart**" in answer and {"0.340", "0.460", "0.120", "0.420", "0.900"} <= set(
         re.findall(r"\d+\.\d+", answer))
     assert "10 of 100 generated candidates" in answer and "(`rendered`, 10 images)" in answer
+    assert "against repeating real target images as often (`oversample`) it is +0.050" in answer
     assert ("did close it" in answer) == (ci_low > 0)  # the verdict follows the CI, not the point estimate
     assert ("The limit is the generator" in answer) == ("0.035" in answer) == (acceptance < 0.5)
