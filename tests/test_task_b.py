@@ -22,7 +22,7 @@ SHIPPED_SCHEDULER = utils.REPO / "models" / "shapes-sd-tiny" / "scheduler" / "sc
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sd")
-    tiny_sd_pipeline(tmp / "parts").save_pretrained(tmp / "sd")
+    tiny_sd_pipeline(tmp / "parts", sample_size=8).save_pretrained(tmp / "sd")  # 16-px images: fast cells
     return str(tmp / "sd")
 
 

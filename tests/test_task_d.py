@@ -270,10 +270,13 @@ def test_gap_closure_by_hand():
 
 
 def test_rendered_arm_needs_no_generator_and_trains_with_the_baselines_recipe(tmp_path, tiny_data):
-    # A baseline run whose recipe says 1 epoch: every arm gets it (no --epochs, no --quick).
+    # A baseline run whose recipe says 1 epoch: every arm gets it (no --epochs, no --quick). Its subsets are
+    # --quick's, so the features cached by the quick run are reused.
     run = tmp_path / "baseline"
     run.mkdir()
-    cfg = vars(retrieval.parse_args(["--data", str(tiny_data), "--epochs", "1", "--batch-size", "64"]))
+    cfg = vars(retrieval.parse_args(["--data", str(tiny_data), "--epochs", "1", "--batch-size", "64",
+                                     "--max-train", str(task_d.QUICK["max_train"]),
+                                     "--max-eval", str(task_d.QUICK["max_eval"])]))
     (run / "config.json").write_text(json.dumps({"args": cfg}))
     targets = write_targets(tmp_path / "t.json", tiny_data, baseline_run=run)
     m = task_d.main(["--targets", str(targets), "--model", str(tmp_path / "no-such-model"), "--outputs",
