@@ -1,9 +1,9 @@
 """The study on one page: collect every task's latest numbers into outputs/REPORT.md.
 
 Reads `outputs/<task>/latest/metrics.json` of each step of the study (retrieval baseline, task_a ... task_e,
-bench) and the study generator's `models/shapes-sd-tiny-f2/metrics.json` (utils.STUDY_MODEL), states the headline results in
-sentences filled in from those numbers, shows its key figures and links its own tables and figures. A step
-that has not run yet is listed as missing; nothing here is typed in by hand. With --readme it also fills every
+bench) and the study generator's `models/shapes-sd-tiny-f2/metrics.json` (utils.STUDY_MODEL), states the headline
+results in sentences filled in from those numbers, shows its key figures and links its own tables and figures. A
+step that has not run yet is listed as missing; nothing here is typed in by hand. With --readme it also fills every
 measured-number block of the README, each between `<!-- name -->` and `<!-- /name -->`, from its metrics file:
 `study-numbers` (outputs/<task>/latest), `retrieval-numbers` (outputs/retrieval/latest), `oracle-numbers`
 (models/shapes-oracle) and `model-numbers` (models/*/metrics.json of the diffusion models). A block whose
@@ -400,7 +400,8 @@ def model_numbers(folders: list[Path]) -> list[str]:
     targets' verdicts.
 
     Args:
-        folders: model folders whose metrics.json holds `fidelity.py evaluate-model` results, the study's generator first.
+        folders: model folders whose metrics.json holds `fidelity.py evaluate-model` results, the study's generator
+            first.
     """
     ms = [read_json(f / "metrics.json") for f in folders]
     first, sam = ms[0], ms[0]["sampler"]

@@ -901,14 +901,13 @@ def encode_texts(tokenizer, model, texts: Sequence[str], batch_size: int = 256, 
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    texts = list(texts)
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=64)["input_ids"]] if texts else []
-    order = np.argsort(lengths, kind="stable")
-    feats = np.zeros((len(texts), model.config.hidden_size), np.float32)
-    for start in tqdm(range(0, len(texts), batch_size), desc=desc, leave=False, disable=len(texts) <= batch_size):
+    encoded = tokenizer(list(texts), truncation=True, max_length=64) if len(texts) else {"input_ids": []}
+    order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+    feats = np.zeros((len(order), model.config.hidden_size), np.float32)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=len(order) <= batch_size):
         rows = order[start:start + batch_size]
-        tok = tokenizer([texts[i] for i in rows], padding=True, truncation=True, max_length=64,
-                        return_tensors="pt").to(device)
+        tok = tokenizer.pad({key: [values[i] for i in rows] for key, values in encoded.items()},
+                            return_tensors="pt").to(device)
         with torch.inference_mode():
             hidden = model(**tok).last_hidden_state
         mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
