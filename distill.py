@@ -251,11 +251,31 @@ image = pipe("a red star to the left of a small blue circle", num_inference_step
   pseudo-Huber loss (c = {HUBER_C})
 - loss curve: `distill_log.json`
 
-{_card_fidelity_section(fidelity)}
+{_card_fidelity_section(fidelity)}{_vs_teacher_section(log, fidelity)}{_selection_section(log)}
 ## Limitations
 The student can only be as right as its teacher and was distilled for {log['cpu_minutes']:.0f} CPU-minutes; compare
 its metrics.json with the teacher's before relying on it.
 """
+
+
+STUDENT_TOLERANCE = 0.05  # issue "A few-step student": all-correct within 0.05 of the teacher's
+
+
+def _vs_teacher_section(log: dict, fidelity: dict | None) -> str:
+    """The card's paired comparison with the teacher (fidelity.versus), or nothing before it is measured."""
+    vs = (fidelity or {}).get("vs_teacher")
+    if not vs:
+        return ""
+    parts = [f"{kind} {d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" for kind, d in vs.items()]
+    met = all(d["mean"] >= -STUDENT_TOLERANCE for d in vs.values())
+    return (f"\n## Against the teacher\nAll-correct of this student minus `{log['teacher']}`'s at its recommended "
+            f"sampling, paired over the same prompts and seeds (95% bootstrap CI): {', '.join(parts)}. Target: "
+            f"within {STUDENT_TOLERANCE} of the teacher: {'met' if met else 'NOT met'} on the point estimates.\n")
+
+
+def _selection_section(log: dict) -> str:
+    """How the shipped number of distillation steps was chosen (distill_log.json's `selection`), if recorded."""
+    return f"\n## Distillation length\n{log['selection']}\n" if log.get("selection") else ""
 
 
 def save_student(args, pipe, distiller: Distiller, guidance: float, info: dict) -> None:

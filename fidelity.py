@@ -35,8 +35,8 @@ import numpy as np
 
 from generate_data import KINDS, make_prompts, render_prompts
 from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64, weights_sha
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, cached, check, cli, comma_list, common_args,
-                   encode_images, encode_texts, generate_images, image_grid, load_data, load_image_encoder,
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, OUTPUTS, REPO, bootstrap_ci, cached, check, cli, comma_list,
+                   common_args, encode_images, encode_texts, generate_images, image_grid, load_data, load_image_encoder,
                    load_pipeline, load_rgb, load_text_encoder, model_card, parse_checked, pick_device, read_json,
                    repo_path, resolve_model, start_run, subcommand, write_json, write_text)
 
@@ -320,17 +320,31 @@ def generate(pipe, sam: dict, texts: Sequence[str], seeds: Sequence[int], batch_
 
 
 def oracle_metrics(scores: list[dict], render_scores: list[dict], part: dict[str, slice]) -> dict:
-    """Per kind, the oracle's summary of the generated images and its all-correct rate on renders of the same
-    prompts (its ceiling on this prompt set); None for kinds not run."""
+    """Per kind, the oracle's summary of the generated images, its all-correct rate on renders of the same
+    prompts (its ceiling on this prompt set), and each prompt's all-correct (0/1, for paired comparisons between
+    models: `versus`) with the rate's percentile-bootstrap 95% CI over prompts; None for kinds not run."""
     key = {"single": "single_object", "two": "two_object"}
-    out: dict = {"prompt_renders_all_correct": {}}
+    out: dict = {"prompt_renders_all_correct": {}, "all_correct_per_prompt": {}, "all_correct_ci95": {}}
     for kind in KINDS:
         out[f"{key[kind]}_all_correct"] = out[key[kind]] = None
         if kind in part:
             out[key[kind]] = summarize_scores(scores[part[kind]])
             out[f"{key[kind]}_all_correct"] = out[key[kind]]["all"]
             out["prompt_renders_all_correct"][kind] = summarize_scores(render_scores[part[kind]])["all"]
+            hits = [int(bool(s["all"])) for s in scores[part[kind]]]
+            out["all_correct_per_prompt"][kind] = hits
+            out["all_correct_ci95"][kind] = bootstrap_ci(hits)["ci95"]
     return out
+
+
+def versus(metrics: dict, ref: dict) -> dict | None:
+    """Paired all-correct difference `metrics` − `ref` per prompt kind, over the same prompts and seeds, with its
+    percentile-bootstrap 95% CI (utils.bootstrap_ci, paired): {kind: {"mean", "ci95", "n"}}; None unless both are
+    evaluate-model runs with per-prompt results on the same prompt set (--n-prompts, --seed)."""
+    a, b = metrics.get("all_correct_per_prompt"), ref.get("all_correct_per_prompt")
+    if not a or not b or (metrics.get("n_prompts"), metrics.get("seed")) != (ref.get("n_prompts"), ref.get("seed")):
+        return None
+    return {kind: dict(bootstrap_ci(a[kind], b[kind]), n=len(a[kind])) for kind in a if kind in b}
 
 
 def fd_metrics(pipe, sam: dict, real: list[dict], generated: np.ndarray, args: argparse.Namespace, device) -> dict:
@@ -375,8 +389,11 @@ def write_card(folder: Path, run_dir: Path, metrics: dict) -> None:
     if (folder / "distill_log.json").is_file():
         import distill
 
-        write_text(folder / "README.md", distill.student_card(folder.name, read_json(folder / "distill_log.json"),
-                                                              metrics))
+        log = read_json(folder / "distill_log.json")
+        teacher = REPO / log["teacher"] / "metrics.json"
+        metrics = dict(metrics, vs_teacher=versus(metrics, read_json(teacher)) if teacher.is_file() else None)
+        write_json(folder / "metrics.json", {**read_json(folder / "metrics.json"), "vs_teacher": metrics["vs_teacher"]})
+        write_text(folder / "README.md", distill.student_card(folder.name, log, metrics))
         return
     curve = folder / "learning_curve.json"
     write_text(folder / "README.md", model_card(folder.name, read_json(folder / "training_log.json"), metrics,
@@ -419,7 +436,7 @@ def evaluate_model(args: argparse.Namespace) -> dict:
     if heads is not None:
         with run.step("alignment"):
             metrics["alignment"] = float(alignment_score(generated, [p["text"] for p in prompts], heads, device).mean())
-        metrics["alignment_heads"] = str(heads.resolve())
+        metrics["alignment_heads"] = repo_path(heads)
 
     # 6. sample grid, metrics and `latest`; the model's card only when asked
     shown = [part[kind].start + i for kind in args.kinds for i in range(min(args.grid_rows, args.n_prompts))]

@@ -1358,6 +1358,11 @@ def _card_fidelity_section(m: dict | None) -> str:
             lines.append(f"| {label} | " + " | ".join(
                 "n/a" if m[key][a] is None else f"{m[key][a]:.3f}"
                 for a in ("shape", "color", "size", "position", "count", "all")) + " |")
+    ci = m.get("all_correct_ci95") or {}
+    if ci:
+        lines += ["", "All-correct with its 95% bootstrap CI over prompts: " + ", ".join(
+            f"{kind} {m[key + '_all_correct']:.3f} [{ci[kind][0]:.3f}, {ci[kind][1]:.3f}]"
+            for kind, key in (("single", "single_object"), ("two", "two_object")) if kind in ci) + "."]
     lines += ["", "Targets: " + ", ".join(
         f"{k.replace('_', '-')} all-correct >= {t:.2f} (measured "
         f"{'n/a' if m.get(k + '_all_correct') is None else format(m[k + '_all_correct'], '.3f')})"

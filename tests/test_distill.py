@@ -57,6 +57,19 @@ def test_quick_student_loads_as_a_plain_pipeline_and_samples_in_two_steps(tiny_m
     assert json.loads((tmp_path / "student" / "metrics.json").read_text())["single_object"] == m["single_object"]
 
 
+def test_card_compares_the_student_with_its_teacher_and_says_how_its_length_was_chosen():
+    log = {"teacher": "models/t", "selection": "Step 600 of 200, 400, 600, chosen on seed-1 prompts."}
+    vs = {"single": {"mean": -0.04, "ci95": [-0.1, 0.02], "n": 200}, "two": {"mean": 0.0, "ci95": [-0.01, 0.01]}}
+    text = distill._vs_teacher_section(log, {"vs_teacher": vs})
+    assert "minus `models/t`'s" in text and "single -0.040 [-0.100, +0.020], two +0.000 [-0.010, +0.010]" in text
+    assert text.endswith("within 0.05 of the teacher: met on the point estimates.\n")
+    vs["single"]["mean"] = -0.06
+    assert "NOT met" in distill._vs_teacher_section(log, {"vs_teacher": vs})
+    assert distill._vs_teacher_section(log, None) == "" and distill._vs_teacher_section(log, {"vs_teacher": None}) == ""
+    assert distill._selection_section(log) == f"\n## Distillation length\n{log['selection']}\n"
+    assert distill._selection_section({}) == ""
+
+
 def test_boundary_scalings_match_diffusers_lcm_scheduler():
     from diffusers import LCMScheduler
 

@@ -133,9 +133,25 @@ def test_evaluate_model_writes_a_run_folder_and_leaves_the_model_alone(tmp_path,
     assert steps | {"total_s"} == set(metrics["timings"])
     assert sum(metrics["timings"][k] for k in steps) <= metrics["timings"]["total_s"]  # the steps lie inside the run
     assert returned["single_object"] == metrics["single_object"]
+    # each prompt's all-correct, for paired comparisons between models, and the rate's CI around it
+    for kind, key in (("single", "single_object"), ("two", "two_object")):
+        hits = metrics["all_correct_per_prompt"][kind]
+        assert len(hits) == 4 and set(hits) <= {0, 1} and sum(hits) / 4 == metrics[f"{key}_all_correct"]
+        lo, hi = metrics["all_correct_ci95"][kind]
+        assert lo <= metrics[f"{key}_all_correct"] <= hi
     # without --write-card the model folder is not touched
     assert sorted(p.name for p in model.iterdir()) == before
     assert json.loads((model / "metrics.json").read_text()) == {"train_loss": 0.25}
+
+
+def test_versus_is_the_paired_difference_on_the_same_prompt_set():
+    a = {"n_prompts": 4, "seed": 0, "all_correct_per_prompt": {"single": [1, 0, 1, 1], "two": [0, 0, 0, 0]}}
+    b = {"n_prompts": 4, "seed": 0, "all_correct_per_prompt": {"single": [0, 0, 1, 0], "two": [0, 0, 0, 1]}}
+    d = fidelity.versus(a, b)
+    assert d["single"]["mean"] == pytest.approx(0.5) and d["two"]["mean"] == pytest.approx(-0.25)
+    assert d["single"]["n"] == 4 and d["single"]["ci95"][0] <= 0.5 <= d["single"]["ci95"][1]
+    assert fidelity.versus(a, dict(b, seed=1)) is None  # other prompts: nothing to pair
+    assert fidelity.versus(a, {"n_prompts": 4, "seed": 0}) is None  # an older run without per-prompt results
 
 
 def test_write_card_updates_the_model_folder_with_the_measured_numbers(tmp_path, tiny_data):
