@@ -45,10 +45,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from utils import (DEFAULT_DATA, UserError, bootstrap_ci, check, cli, comma_list, common_args, fmt, fmt_ci,
-                   generate_images, image_grid, load_data, load_pipeline, md_table, parse_checked, peak_memory_mb,
-                   pick_device, pick_dtype, read_json, repo_path, reset_peak_memory, resolve_model, set_threads,
-                   start_run, time_call, write_text)
+from utils import (DEFAULT_DATA, MODEL_REGISTRY, UserError, bootstrap_ci, check, cli, comma_list, common_args, fmt,
+                   fmt_ci, generate_images, image_grid, load_data, load_pipeline, md_table, parse_checked,
+                   peak_memory_mb, pick_device, pick_dtype, read_json, repo_path, reset_peak_memory, resolve_model,
+                   set_threads, start_run, time_call, write_text)
 
 PARTS = ("generation", "sd21", "retrieval")
 INDEX_KINDS = ("flat", "ivf", "hnsw")
@@ -62,7 +62,8 @@ MIN_SIZE = 100  # database sizes must be at least this (IVF needs training point
 PEAK_MATMUL_N = 2048  # (n, n) @ (n, n) fp32: 17 GFLOP a call, compute-bound on any CPU
 PEAK_CONV = (16, 128, 32)  # batch, channels (in = out), height = width of a 3x3 fp32 conv2d: 4.8 GFLOP a call
 QUICK = {"n_images": 2, "batch_size": 2, "min_seconds": 0.2, "sizes": "10000,100000", "queries": 200,
-         "naive_queries": 300, "hnsw_max_n": 10000, "sd21_images": 2, "sd21_steps": 2, "sd21_batch": 2}
+         "naive_queries": 300, "hnsw_max_n": 10000, "sd21_images": 2, "sd21_steps": 2, "sd21_batch": 2,
+         "head_images": 2000, "head_epochs": 1}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -80,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="seconds: fast measurements repeat until their timed runs add up to this")
     p.add_argument("--student", default=None,
                    help="few-step student of --model timed on our path at its own registry sampling, with the kept "
-                        "optimisations (default: shapes-tiny-turbo for --model shapes-tiny, else none; '' skips it)")
+                        "optimisations (default: the registry's student of --model, else none; '' skips it)")
     p.add_argument("--oracle", default=None, help="fidelity oracle folder (default: models/shapes-oracle)")
     # SD 2.1 architecture
     p.add_argument("--sd21-scale", default="full",
@@ -109,6 +110,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nprobe", type=int, default=16, help="IVF lists searched per query")
     p.add_argument("--hnsw-max-n", type=int, default=100000,
                    help="largest database HNSW is built for (its build takes ~50 s per 100k vectors on one core)")
+    p.add_argument("--head-images", type=int, default=5000,
+                   help="images of random features in the head-training timing (the default train split's size)")
+    p.add_argument("--head-epochs", type=int, default=2, help="epochs of each timed head training")
     common_args(p, "bench", QUICK, helps={"seed": "seed of prompts, image seeds and random vectors"})
     return parse_checked(p, argv, QUICK, check_args)
 
@@ -123,13 +127,13 @@ def check_args(args: argparse.Namespace) -> None:
     check(bool(args.sizes), f"--sizes names no size; give comma-separated integers >= {MIN_SIZE}")
     check(args.sd21_scale in SD21_SCALES, f"unknown --sd21-scale {args.sd21_scale!r}; choose {' or '.join(SD21_SCALES)}")
     for name in ("n_images", "batch_size", "repeats", "sd21_images", "sd21_steps", "sd21_batch", "k", "dim", "queries",
-                 "nprobe", "hnsw_max_n"):
+                 "nprobe", "hnsw_max_n", "head_images", "head_epochs"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("threads", "naive_queries", "nlist", "min_seconds", "noise"):
         check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     check(args.k <= min(args.sizes), f"--k {args.k} is more than the smallest database size {min(args.sizes)}")
     if args.student is None:
-        args.student = "shapes-tiny-turbo" if args.model == "shapes-tiny" else ""
+        args.student = MODEL_REGISTRY.get(args.model, {}).get("student", "")
     if "generation" in args.only:
         resolve_model(args.model)  # a one-line error for an unknown model or missing folder, before any work
         if args.student:
@@ -889,6 +893,42 @@ def recall_at_k(scores: np.ndarray, exact_scores: np.ndarray, tol: float = TIE_T
 
 
 # --------------------------------------------------------------------------- 4. report
+def bench_head_training(args: argparse.Namespace) -> dict:
+    """retrieval.train_heads (the baseline's recipe) at one torch thread vs all usable cores, side by side.
+
+    The heads are two small MLPs over cached features, so each step is a few small matmuls: thread start-up and
+    synchronisation can cost more than a second core gains. Times depend on the shapes only, so the features are
+    seeded random ones of the default encoders' sizes (EfficientNet-Lite0 1280, all-MiniLM-L6-v2 384), 5 captions
+    per image, --head-images images, --head-epochs epochs, no validation.
+
+    Returns:
+        {"n_images", "epochs", "threads": {n: {"min_s", "median_s", "runs"}}, "ratio_one_thread_vs_all"}.
+    """
+    import torch
+
+    import retrieval
+
+    rng = np.random.default_rng(args.seed)
+    n = args.head_images
+    img = rng.standard_normal((n, 1280), dtype=np.float32)
+    txt = rng.standard_normal((5 * n, 384), dtype=np.float32)
+    cap2img = np.repeat(np.arange(n), 5)
+    targs = retrieval.parse_args(["--epochs", str(args.head_epochs), "--head-threads", "0"])  # threads set below
+    default_threads, cores = torch.get_num_threads(), usable_cores()
+    out: dict = {"n_images": n, "epochs": args.head_epochs, "batch_size": targs.batch_size, "threads": {}}
+    print(f"retrieval head training ({n} images, {args.head_epochs} epochs, batch {targs.batch_size}):")
+    try:
+        for threads in sorted({1, cores}):
+            torch.set_num_threads(threads)
+            t, _ = timed(lambda: retrieval.train_heads(img, txt, cap2img, targs), args)
+            out["threads"][threads] = {"min_s": t["min_s"], "median_s": t["median_s"], "runs": t["runs"]}
+            print(f"  {threads} thread(s): {t['min_s']:.2f} s (median {t['median_s']:.2f} s)")
+    finally:
+        torch.set_num_threads(default_threads)
+    out["ratio_one_thread_vs_all"] = ratio(out["threads"][cores]["min_s"], out["threads"][1]["min_s"])
+    return out
+
+
 def headline_ratios(m: dict) -> dict:
     """The measured ratios, flat: name -> number (absent parts are left out)."""
     out = {}
@@ -906,6 +946,8 @@ def headline_ratios(m: dict) -> dict:
         e = r["equal_results"]
         for key in ("ratio_faiss_vs_python_loop", "ratio_faiss_vs_python_loop_incl_build", "ratio_faiss_vs_numpy"):
             out[f"retrieval_{key[6:]}"] = e[key]
+        if r.get("head_training"):
+            out["retrieval_head_training_one_thread_vs_all"] = r["head_training"]["ratio_one_thread_vs_all"]
     return out
 
 
@@ -1009,8 +1051,18 @@ def results_markdown(m: dict) -> str:
                   f"(+{fmt(e['faiss_build_s'], '.4f')}) | 1 | - |",
                   "", f"Rows whose ids differ only by tied scores: {e['same_topk_as_python_loop']['rows_differing_only_by_ties']} "
                   f"(loop), {e['same_topk_as_numpy']['rows_differing_only_by_ties']} (numpy).", "",
-                  *scale_markdown(r["scale"], r["scale_data"])]
+                  *scale_markdown(r["scale"], r["scale_data"]), *head_training_markdown(r.get("head_training"))]
     return "\n".join(lines) + "\n"
+
+
+def head_training_markdown(h: dict | None) -> list[str]:
+    if not h:
+        return []
+    rows = [[str(k), f"{fmt(v['min_s'], '.2f')} / {fmt(v['median_s'], '.2f')}", str(v["runs"])]
+            for k, v in h["threads"].items()]
+    return ["", f"Head training (retrieval.train_heads, {h['n_images']} images of random features, {h['epochs']} "
+            f"epochs, batch {h['batch_size']}): one thread is x{fmt(h['ratio_one_thread_vs_all'], '.2f')} as fast as "
+            "all usable cores.", "", *md_table(["torch threads", "seconds (min / median)", "timed runs"], rows)]
 
 
 def limit_markdown(lim: dict) -> list[str]:
@@ -1082,14 +1134,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with run.step("sd21"):
             metrics["sd21"] = bench_sd21(args)
 
-    # 4. retrieval: same results as the loop, then index scaling on those embeddings replicated with noise
+    # 4. retrieval: same results as the loop, head training's threads, then index scaling on those embeddings
+    # replicated with noise
     if "retrieval" in args.only:
         with run.step("retrieval"):
             db, queries, source = load_embeddings(args)
             equal = bench_equal_results(args, db, queries, source)
+            heads = bench_head_training(args)
             print(f"index build + search, {len(db):,} image embeddings replicated with noise {args.noise}, "
                   f"held-out caption queries:")
-            metrics["retrieval"] = {"equal_results": equal, "scale": bench_index_scale(args, db, queries),
+            metrics["retrieval"] = {"equal_results": equal, "head_training": heads,
+                                    "scale": bench_index_scale(args, db, queries),
                                     "scale_data": {"source": source, "n_base": len(db), "noise": args.noise}}
 
     # 5. ratios, results.md and metrics.json (latest moves last)

@@ -27,8 +27,8 @@ import numpy as np
 
 from oracle import TARGETS as ORACLE_TARGETS, target_met
 from retrieval import headline_table
-from utils import (FIDELITY_TARGETS, REPO, STUDY_MODEL, check, cli, common_args, fmt, fmt_ci, fmt_delta, fmt_est,
-                   md_table, read_json, repo_path, resolve_model, total_unet_steps, write_text)
+from utils import (FIDELITY_TARGETS, MODEL_REGISTRY, REPO, STUDY_MODEL, check, cli, common_args, fmt, fmt_ci, fmt_delta,
+                   fmt_est, md_table, read_json, repo_path, resolve_model, total_unet_steps, write_text)
 
 TASKS = ("retrieval", "task_a", "task_b", "task_c", "task_d", "task_e", "bench")
 TITLES = {
@@ -44,8 +44,9 @@ TITLES = {
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=resolve_model(STUDY_MODEL)["id"],
-                   help="folder of the model that generated task_d's images (its metrics.json)")
+    p.add_argument("--model", default=None,
+                   help="folder of the model that generated task_d's images (its metrics.json; default: the --model "
+                        "of task_d's latest run, from its config.json, else the study's generator utils.STUDY_MODEL)")
     p.add_argument("--out", default=None, help="report path (default: <outputs>/REPORT.md)")
     p.add_argument("--readme", default=None,
                    help="a README whose measured-number blocks (<!-- study-numbers -->, retrieval-numbers, "
@@ -57,8 +58,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check(Path(args.outputs).is_dir(), f"outputs folder not found: {args.outputs} (run `make demo` first)")
     args.out = Path(args.out or Path(args.outputs) / "REPORT.md")
+    args.model = args.model or generator_folder(Path(args.outputs))
     check(args.readme is None or Path(args.readme).is_file(), f"README not found: {args.readme}")
     return args
+
+
+def generator_folder(outputs: Path) -> str:
+    """The folder of the model that generated task_d's latest images: its run's `--model` (config.json), resolved by
+    the registry; the study's generator (utils.STUDY_MODEL) when task_d has not run or used a hub id."""
+    config = outputs / "task_d" / "latest" / "config.json"
+    name = read_json(config).get("args", {}).get("model", STUDY_MODEL) if config.is_file() else STUDY_MODEL
+    if name in MODEL_REGISTRY or Path(name).is_dir():
+        folder = Path(resolve_model(name)["id"])
+        if folder.is_dir():
+            return str(folder)
+    return resolve_model(STUDY_MODEL)["id"]
 
 
 # --------------------------------------------------------------------------- formatting

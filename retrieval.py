@@ -32,7 +32,8 @@ import numpy as np
 
 from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, UserError, cached, category_names, check,
                    cli, common_args, encode_images, encode_texts, fmt, l2_normalize, load_data, load_image_encoder,
-                   load_text_encoder, parse_checked, pick_device, pyplot, read_json, start_run, write_json, write_text)
+                   load_text_encoder, parse_checked, pick_device, pyplot, read_json, start_run, torch_threads,
+                   write_json, write_text)
 
 KS = (1, 5, 10)
 LOSSES = ("triplet", "ntxent")
@@ -66,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (one caption each)")
     p.add_argument("--lr", type=float, default=1.26e-3, help="AdamW peak learning rate (one-cycle schedule)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    p.add_argument("--head-threads", type=int, default=1,
+                   help="torch threads while the heads train (0: as --threads): one is faster than two for these "
+                        "small matmuls (`python bench.py --only retrieval`, head training)")
     p.add_argument("--index", default="flat", help=f"FAISS index: {', '.join(INDEXES)} (flat = exact)")
     p.add_argument("--nlist", type=int, default=64, help="IVF lists (--index ivf)")
     p.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query (--index ivf)")
@@ -92,6 +96,7 @@ def check_args(args: argparse.Namespace) -> None:
     check(args.image_res >= 0, f"--image-res must be >= 0, got {args.image_res}")
     check(args.max_train >= 0 and args.max_eval >= 0, "--max-train and --max-eval must be >= 0")
     check(args.batch_size >= 2, "--batch-size must be at least 2 (a batch needs negatives)")
+    check(args.head_threads >= 0, f"--head-threads must be >= 0, got {args.head_threads}")
 
 
 # --------------------------------------------------------------------------- features
@@ -270,7 +275,8 @@ def cross_modal_loss(loss_fn, miner, img_emb, txt_emb, labels):
 
 def train_heads(img_feats: np.ndarray, txt_feats: np.ndarray, cap2img: np.ndarray, args: argparse.Namespace,
                 val: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, on_epoch=None):
-    """Train the projection heads; keep the epoch with the best validation txt2img R@10.
+    """Train the projection heads with `args.head_threads` torch threads; keep the epoch with the best validation
+    txt2img R@10.
 
     Args:
         img_feats: (n_img, d_i) training image features.
@@ -283,6 +289,11 @@ def train_heads(img_feats: np.ndarray, txt_feats: np.ndarray, cap2img: np.ndarra
     Returns:
         (heads, history list of per-epoch dicts).
     """
+    with torch_threads(getattr(args, "head_threads", 0)):
+        return _train_heads(img_feats, txt_feats, cap2img, args, val, on_epoch)
+
+
+def _train_heads(img_feats, txt_feats, cap2img, args, val, on_epoch):
     import torch
     from tqdm.auto import tqdm
 

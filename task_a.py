@@ -9,8 +9,9 @@ already far apart, so only differences well above the floor mean anything.
 
 Quick (tiny settings, well under a minute on one core):
     python task_a.py --quick --threads 1
-Default (the base model shapes-tiny vs its few-step student shapes-tiny-turbo, as SD 2.1 vs SD-Turbo, and the
-study's generator shapes-tiny-f2 (utils.STUDY_MODEL) beside them; 24 single + 24 two-object prompts x 2 seeds):
+Default (the study's generator shapes-tiny-f2 (utils.STUDY_MODEL) vs its few-step student shapes-tiny-f2-turbo, as
+SD 2.1 vs SD-Turbo, and the older pair shapes-tiny / shapes-tiny-turbo beside them; 24 single + 24 two-object
+prompts x 2 seeds):
     python task_a.py --run-name default
 Hub models (need a cached download; GPU advised):
     python task_a.py --models sd21,sd-turbo,sdxl,sdxl-turbo,sd35-medium --fidelity alignment
@@ -31,11 +32,12 @@ import numpy as np
 import fidelity
 import generate_data as gd
 from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
-from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, STUDY_MODEL, bootstrap_ci, check, cli, comma_list, common_args,
-                   fmt, fmt_ci, generate_images, image_grid, load_data, load_image_encoder, load_pipeline, md_table,
-                   parse_checked, peak_memory_mb, reset_peak_memory, resolve_model, start_run, time_call, write_text)
+from utils import (DEFAULT_DATA, DEFAULT_IMAGE_ENCODER, MODEL_REGISTRY, STUDY_MODEL, bootstrap_ci, check, cli,
+                   comma_list, common_args, fmt, fmt_ci, generate_images, image_grid, load_data, load_image_encoder,
+                   load_pipeline, md_table, parse_checked, peak_memory_mb, reset_peak_memory, resolve_model, start_run,
+                   time_call, write_text)
 
-DEFAULT_MODELS = f"shapes-tiny,shapes-tiny-turbo,{STUDY_MODEL}"
+DEFAULT_MODELS = ",".join([STUDY_MODEL, MODEL_REGISTRY[STUDY_MODEL]["student"], "shapes-tiny", "shapes-tiny-turbo"])
 FIDELITY_MODES = ("auto", "oracle", "alignment")
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3", "vae")
 QUICK = {"n_prompts": 2, "seeds_per_prompt": 2, "batch_size": 2, "max_steps": 2, "grid_rows": 2}
@@ -44,7 +46,7 @@ QUICK = {"n_prompts": 2, "seeds_per_prompt": 2, "batch_size": 2, "max_steps": 2,
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", type=comma_list(), default=DEFAULT_MODELS,
-                   help="comma-separated registry names (shapes-tiny, shapes-tiny-turbo, shapes-tiny-f2, sd21, "
+                   help="comma-separated registry names (shapes-tiny-f2, shapes-tiny-f2-turbo, shapes-tiny, sd21, "
                         "sd-turbo, sdxl, sdxl-turbo, sd35-medium), local pipeline folders or hub ids")
     p.add_argument("--n-prompts", type=int, default=24, help="prompts per kind (shapes world) or data captions")
     p.add_argument("--kinds", type=comma_list(), default="single,two",

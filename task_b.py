@@ -58,10 +58,10 @@ import numpy as np
 import fidelity
 import generate_data as gd
 from oracle import ATTRIBUTES, DEFAULT_ORACLE, Oracle, summarize_scores, to_uint8_64
-from utils import (DEFAULT_IMAGE_ENCODER, ImageStore, UserError, bootstrap_ci, check, cli, comma_list, common_args, fmt,
-                   fmt_ci, fmt_delta, generate_images, image_grid, load_image_encoder, load_pipeline, make_scheduler,
-                   md_table, model_fingerprint, parse_checked, pyplot, read_json, resolve_model, start_run, time_call,
-                   write_json, write_text)
+from utils import (DEFAULT_IMAGE_ENCODER, MODEL_REGISTRY, ImageStore, UserError, bootstrap_ci, check, cli, comma_list,
+                   common_args, fmt, fmt_ci, fmt_delta, generate_images, image_grid, load_image_encoder, load_pipeline,
+                   make_scheduler, md_table, model_fingerprint, parse_checked, pyplot, read_json, resolve_model,
+                   start_run, time_call, write_json, write_text)
 
 EXPERIMENTS = ("schedulers", "steps", "student", "cfg", "eta", "negative", "trajectory", "grid", "cell")
 DEFAULT_EXPERIMENTS = ("schedulers", "steps", "cfg")
@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student", default=None,
                    help="student experiment: a few-step model distilled from --model (registry name or folder), run "
                         "over --steps-list at its own recommended guidance and scheduler, its curve beside the "
-                        "teacher's in fidelity_vs_steps.png (default: shapes-tiny-turbo for --model shapes-tiny, "
-                        "else none; '' for none)")
+                        "teacher's in fidelity_vs_steps.png (default: the registry's student of --model, "
+                        "e.g. shapes-tiny-f2-turbo for shapes-tiny-f2; '' for none)")
     p.add_argument("--cfg-list", type=comma_list(float, lo=0), default="1,3,5,7,9",
                    help="guidance scales of the cfg experiment")
     p.add_argument("--cfg-steps", type=int, default=12, help="steps of the cfg experiment")
@@ -141,7 +141,7 @@ def check_args(args: argparse.Namespace) -> None:
     names = args.experiments or ("cell" if single else ",".join(DEFAULT_EXPERIMENTS))
     names = [e.strip() for e in names.split(",") if e.strip()]
     if args.student is None:
-        args.student = "shapes-tiny-turbo" if args.model == "shapes-tiny" else ""
+        args.student = MODEL_REGISTRY.get(args.model, {}).get("student", "")
     if names == ["all"]:
         names = [e for e in EXPERIMENTS if e not in ("grid", "cell")] + (["grid"] if args.x else [])
         if not args.student:

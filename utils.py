@@ -561,6 +561,24 @@ def set_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with torch's intra-op threads set to `n` (0: leave them as they are), restored after it.
+
+    Args:
+        n: threads (>= 0).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 # --------------------------------------------------------------------------- data
 def load_data(path: str | os.PathLike = DEFAULT_DATA, splits: Sequence[str] | None = None) -> dict:
     """Load the pickle written by generate_data.py; image paths are made absolute.
@@ -1383,22 +1401,25 @@ def _card_fidelity_section(m: dict | None) -> str:
 # --------------------------------------------------------------------------- diffusion models
 SHAPES_MODEL = REPO / "models" / "shapes-sd-tiny"
 SHAPES_MODEL_TURBO = REPO / "models" / "shapes-sd-tiny-turbo"  # its few-step student (distill.py, see its card)
-# The f=2 design-study model (latent-f2-film-text, README "Generator design study"): the candidate successor of
-# shapes-tiny, shipped beside it until its student and the oracle's by-eye audit are redone on it.
+# The f=2 design-study model (latent-f2-film-text, README "Generator design study"), the study's generator.
 SHAPES_MODEL_F2 = REPO / "models" / "shapes-sd-tiny-f2"
+SHAPES_MODEL_F2_TURBO = REPO / "models" / "shapes-sd-tiny-f2-turbo"  # its few-step student (distill.py, see its card)
 # The generator of the study's synthetic images (task_d, task_e): the model that draws prompts best. shapes-tiny-f2's
 # single-object all-correct is 0.175 against shapes-tiny's 0.015 (their metrics.json), and task_d's oracle filter
 # accepts 0.14 of its candidates against 0.005 of shapes-tiny's (README "d. The fix").
 STUDY_MODEL = "shapes-tiny-f2"
 # Short name -> where the weights live and the settings their authors recommend. `scheduler` None keeps
-# the one saved with the model. Hub ids need a cached download (this repo never assumes a network).
+# the one saved with the model; `student` names the model's few-step student (distill.py), the default of task_b's
+# student experiment and bench.py's student. Hub ids need a cached download (this repo never assumes a network).
 MODEL_REGISTRY: dict[str, dict[str, Any]] = {
     "shapes-tiny": {"id": str(SHAPES_MODEL), "pipeline": "StableDiffusionPipeline", "scheduler": None,
-                    "steps": 20, "guidance": 5.0, "size": 64},
+                    "steps": 20, "guidance": 5.0, "size": 64, "student": "shapes-tiny-turbo"},
     "shapes-tiny-turbo": {"id": str(SHAPES_MODEL_TURBO), "pipeline": "StableDiffusionPipeline", "scheduler": None,
                           "steps": 4, "guidance": 1.0, "size": 64},
     "shapes-tiny-f2": {"id": str(SHAPES_MODEL_F2), "pipeline": "StableDiffusionPipeline", "scheduler": None,
-                       "steps": 20, "guidance": 5.0, "size": 64},
+                       "steps": 20, "guidance": 5.0, "size": 64, "student": "shapes-tiny-f2-turbo"},
+    "shapes-tiny-f2-turbo": {"id": str(SHAPES_MODEL_F2_TURBO), "pipeline": "StableDiffusionPipeline",
+                             "scheduler": None, "steps": 4, "guidance": 1.0, "size": 64},
     "sd21": {"id": "stabilityai/stable-diffusion-2-1", "pipeline": "StableDiffusionPipeline",
              "scheduler": "DPMSolverMultistepScheduler", "steps": 25, "guidance": 7.5, "size": 768},
     "sd-turbo": {"id": "stabilityai/sd-turbo", "pipeline": "StableDiffusionPipeline", "scheduler": None,

@@ -29,6 +29,7 @@ GENERATION_SECONDS = {
 PEAK_SECONDS = [0.5, 0.25]  # one (2048, 2048) @ (2048, 2048) matmul, one conv2d (PEAK_CONV)
 SD21_SECONDS = [4.0, 4.0, 2.0, 1.0, 0.5]  # fp32, + float32 (a no-op on CPU), + SDPA, + batching, + channels_last
 RETRIEVAL_SECONDS = [2.0, 0.1, 0.05, 0.02]  # Python loop, numpy, FAISS build, FAISS search (index scaling: real)
+HEAD_SECONDS = [0.5, 0.75]  # head training at 1 torch thread, then at the 2 usable cores the test pretends
 MEDIAN_FACTOR = 1.5  # the scripted median of every measurement is 1.5 x its min
 # Oracle verdicts per image (2 prompts): at the plain path's sampling settings both images are right; at the
 # registry's settings the second is wrong in every attribute.
@@ -48,13 +49,14 @@ EXPECTED_RATIOS = {
     "retrieval_faiss_vs_python_loop": 100.0,  # 2 / 0.02
     "retrieval_faiss_vs_python_loop_incl_build": 2 / 0.07,
     "retrieval_faiss_vs_numpy": 5.0,  # 0.1 / 0.02
+    "retrieval_head_training_one_thread_vs_all": 1.5,  # 0.75 / 0.5
 }
 LOAD_AVG = (0.75, 0.5, 0.25)  # the 1-min load average the run sees: >= 0.5, so contended
 
 
 def scripted_clock(mp: pytest.MonkeyPatch) -> list[np.ndarray]:
     """Patch bench's timer and oracle scoring with the scripts above; returns the images each configuration made."""
-    script = iter([*GENERATION_SECONDS.values(), *PEAK_SECONDS, *SD21_SECONDS, *RETRIEVAL_SECONDS])
+    script = iter([*GENERATION_SECONDS.values(), *PEAK_SECONDS, *SD21_SECONDS, *RETRIEVAL_SECONDS, *HEAD_SECONDS])
     scores = iter([RIGHT, RIGHT] if name in PLAIN_SETTINGS else [RIGHT, WRONG] for name in GENERATION_SECONDS)
     images = []
     measured = bench.timed
@@ -74,6 +76,7 @@ def scripted_clock(mp: pytest.MonkeyPatch) -> list[np.ndarray]:
     for name, stub in (("timed", timed), ("fidelity_of", fidelity_of)):
         mp.setattr(bench, name, stub)
     mp.setattr(bench.os, "getloadavg", lambda: LOAD_AVG)
+    mp.setattr(bench, "usable_cores", lambda: 2)
     return images
 
 
@@ -215,6 +218,16 @@ def test_retrieval_faiss_equals_the_loop_and_ratios(quick_run):
         if r["index"] == "flat":
             assert r["recall@10"] == 1.0
     assert metrics["retrieval"]["scale_data"] == {"source": e["source"], "n_base": 1000, "noise": 0.1}
+
+
+def test_head_training_is_timed_at_one_thread_and_at_all_cores(quick_run):
+    run, metrics, _ = quick_run
+    h = metrics["retrieval"]["head_training"]
+    assert (h["n_images"], h["epochs"]) == (bench.QUICK["head_images"], bench.QUICK["head_epochs"])
+    assert h["threads"] == {1: {"min_s": 0.5, "median_s": 0.75, "runs": 3}, 2: {"min_s": 0.75, "median_s": 1.125,
+                                                                              "runs": 3}}
+    assert h["ratio_one_thread_vs_all"] == pytest.approx(1.5)
+    assert "one thread is x1.50 as fast as all usable cores" in (run / "results.md").read_text()
 
 
 # --------------------------------------------------------------------------- the limit: FLOPs and the peak

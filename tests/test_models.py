@@ -46,12 +46,15 @@ def test_registry_names_cover_the_issue():
     assert {"shapes-tiny", "shapes-tiny-turbo", "sd21", "sd-turbo", "sdxl", "sdxl-turbo", "sd35-medium"} <= set(
         utils.MODEL_REGISTRY)
     assert utils.MODEL_REGISTRY["sd-turbo"]["guidance"] == 0.0 and utils.MODEL_REGISTRY["sd-turbo"]["steps"] <= 4
-    # our student samples as its distill_log.json recommends, as sd-turbo does: few steps, no CFG
-    rec = utils.read_json(utils.SHAPES_MODEL_TURBO / "distill_log.json")["recommended"]
-    turbo = utils.MODEL_REGISTRY["shapes-tiny-turbo"]
-    assert (turbo["steps"], turbo["guidance"]) == (rec["steps"], rec["guidance"]) and turbo["steps"] <= 4
+    # each base model names its student, which samples as its distill_log.json recommends, as sd-turbo does: few
+    # steps, no CFG, and was distilled from that base
+    for base in ("shapes-tiny", "shapes-tiny-f2"):
+        turbo = utils.MODEL_REGISTRY[utils.MODEL_REGISTRY[base]["student"]]
+        log = utils.read_json(Path(turbo["id"]) / "distill_log.json")
+        assert (turbo["steps"], turbo["guidance"]) == (log["recommended"]["steps"], log["recommended"]["guidance"])
+        assert turbo["steps"] <= 4 and log["teacher"] == utils.repo_path(utils.MODEL_REGISTRY[base]["id"])
     # every shipped model of ours: a card with measured fidelity, within the issue's 40 MB
-    for name in ("shapes-tiny", "shapes-tiny-turbo", "shapes-tiny-f2"):
+    for name in ("shapes-tiny", "shapes-tiny-turbo", "shapes-tiny-f2", "shapes-tiny-f2-turbo"):
         folder = Path(utils.MODEL_REGISTRY[name]["id"])
         assert "single_object_all_correct" in utils.read_json(folder / "metrics.json"), name
         assert (folder / "README.md").is_file()

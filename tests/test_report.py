@@ -38,6 +38,19 @@ def test_report_reads_numbers_and_lists_missing_tasks(tmp_path):
     assert "no-model/metrics.json` is missing" in text
 
 
+def test_generator_section_names_the_model_task_d_generated_with(tmp_path):
+    outputs = tmp_path / "outputs"
+    assert report.generator_folder(outputs) == report.resolve_model(report.STUDY_MODEL)["id"]  # task_d not run
+    folder = tmp_path / "my-generator"
+    _write(folder / "model_index.json", {})
+    _run(outputs, "task_d", {})
+    _write(outputs / "task_d" / "r1" / "config.json", {"args": {"model": str(folder)}})
+    assert report.generator_folder(outputs) == str(folder)
+    assert report.parse_args(["--outputs", str(outputs)]).model == str(folder)
+    _write(outputs / "task_d" / "r1" / "config.json", {"args": {"model": "org/hub-model"}})  # no folder: the default
+    assert report.generator_folder(outputs) == report.resolve_model(report.STUDY_MODEL)["id"]
+
+
 def test_report_missing_outputs_folder(tmp_path):
     with pytest.raises(UserError, match="outputs folder not found: .*nope .run `make demo` first."):
         report.main(["--outputs", str(tmp_path / "nope")])

@@ -154,10 +154,28 @@ def test_search_caps_k_at_index_size(vectors):
     (["--epochs", "0"], "--epochs must be positive, got 0"),
     (["--lr", "-1"], "--lr must be positive"),
     (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--head-threads", "-1"], "--head-threads must be >= 0, got -1"),
 ])
 def test_bad_arguments(flags, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         retrieval.parse_args(flags)
+
+
+def test_heads_train_with_head_threads_and_give_the_threads_back():
+    import torch
+
+    rng = np.random.default_rng(0)
+    img, txt = rng.standard_normal((8, 6), dtype=np.float32), rng.standard_normal((16, 4), dtype=np.float32)
+    seen, before = [], torch.get_num_threads()
+    args = retrieval.parse_args(["--epochs", "1", "--batch-size", "4", "--hidden", "8", "--dim", "4",
+                                 "--head-threads", "1"])
+    torch.set_num_threads(2)
+    try:
+        retrieval.train_heads(img, txt, np.repeat(np.arange(8), 2), args, on_epoch=lambda *_: seen.append(
+            torch.get_num_threads()))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_missing_data_file(tmp_path):
