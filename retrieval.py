@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per batch (one caption each)")
     p.add_argument("--lr", type=float, default=1.26e-3, help="AdamW peak learning rate (one-cycle schedule)")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
-    p.add_argument("--head-threads", type=int, default=1,
-                   help="torch threads while the heads train (0: as --threads): one is faster than two for these "
-                        "small matmuls (`python bench.py --only retrieval`, head training)")
+    p.add_argument("--head-threads", type=int, default=0,
+                   help="torch threads while the heads train (0: as --threads); on a CPU another job shares, one "
+                        "can be faster (`python bench.py --only retrieval` times one thread against all cores)")
     p.add_argument("--index", default="flat", help=f"FAISS index: {', '.join(INDEXES)} (flat = exact)")
     p.add_argument("--nlist", type=int, default=64, help="IVF lists (--index ivf)")
     p.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query (--index ivf)")
