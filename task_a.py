@@ -278,7 +278,7 @@ def write_grid(path: Path, images: dict[str, np.ndarray], texts: list[str], rows
     names = list(images)
     cells = [images[n][i] for i in rows for n in names]
     labels = [texts[i][:40] for i in rows]
-    image_grid(cells, len(rows), len(names), row_labels=labels, col_labels=[n[:14] for n in names]).save(path)
+    image_grid(cells, len(rows), len(names), row_labels=labels, col_labels=names).save(path)
 
 
 # --------------------------------------------------------------------------- main

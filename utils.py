@@ -965,11 +965,13 @@ def image_grid(images: Sequence, rows: int, cols: int, row_labels: Sequence[str]
         cols: number of columns.
         row_labels: optional text left of each row.
         col_labels: optional text above each column.
-        cell: side of each cell in pixels.
+        cell: side of each cell in pixels, at least wide enough for the longest column label (PIL's default font,
+            about 7 px a character), so no label runs into the next column's.
     """
     from PIL import Image, ImageDraw
 
     check(len(images) == rows * cols, f"image_grid needs {rows * cols} images, got {len(images)}")
+    cell = max(cell, 8 + 7 * max((len(s) for s in col_labels), default=0)) if col_labels else cell
     left = 8 + 7 * max((len(s) for s in row_labels), default=0) if row_labels else 0
     top = 18 if col_labels else 0
     grid = Image.new("RGB", (left + cols * cell, top + rows * cell), "white")

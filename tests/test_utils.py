@@ -181,3 +181,19 @@ def test_wandb_logs_the_metrics(tmp_path, monkeypatch):
     run.finish({"img2txt": {"R@1": 0.25, "per_query": [1, 2]}, "n": 3, "name": "x"})
     assert logged[0] == "demo" and logged[-1] == "finished"
     assert logged[1] == {"img2txt/R@1": 0.25, "n": 3, "timings/total_s": logged[1]["timings/total_s"]}
+
+
+def test_image_grid_cells_widen_to_fit_the_longest_column_label():
+    import numpy as np
+
+    tile = np.zeros((8, 8, 3), np.uint8)
+    short = utils.image_grid([tile] * 2, 1, 2, col_labels=["a", "b"])
+    assert short.size == (2 * 96, 18 + 96)  # the default cell
+    from PIL import Image, ImageDraw
+
+    names = ["shapes-tiny-f2", "shapes-tiny-f2-turbo-long-name"]  # wider than a 96-px cell in PIL's default font
+    width = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(names[1])
+    assert width > 96 - 4
+    grid = utils.image_grid([tile] * 2, 1, 2, col_labels=names)
+    cell = grid.size[0] // 2
+    assert grid.size == (2 * cell, 18 + cell) and width <= cell - 4  # the label ends inside its own column
