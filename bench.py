@@ -904,27 +904,21 @@ def bench_head_training(args: argparse.Namespace) -> dict:
     Returns:
         {"n_images", "epochs", "threads": {n: {"min_s", "median_s", "runs"}}, "ratio_one_thread_vs_all"}.
     """
-    import torch
-
     import retrieval
 
     rng = np.random.default_rng(args.seed)
-    n = args.head_images
+    n, cores = args.head_images, usable_cores()
     img = rng.standard_normal((n, 1280), dtype=np.float32)
     txt = rng.standard_normal((5 * n, 384), dtype=np.float32)
     cap2img = np.repeat(np.arange(n), 5)
-    targs = retrieval.parse_args(["--epochs", str(args.head_epochs), "--head-threads", "0"])  # threads set below
-    default_threads, cores = torch.get_num_threads(), usable_cores()
-    out: dict = {"n_images": n, "epochs": args.head_epochs, "batch_size": targs.batch_size, "threads": {}}
-    print(f"retrieval head training ({n} images, {args.head_epochs} epochs, batch {targs.batch_size}):")
-    try:
-        for threads in sorted({1, cores}):
-            torch.set_num_threads(threads)
-            t, _ = timed(lambda: retrieval.train_heads(img, txt, cap2img, targs), args)
-            out["threads"][threads] = {"min_s": t["min_s"], "median_s": t["median_s"], "runs": t["runs"]}
-            print(f"  {threads} thread(s): {t['min_s']:.2f} s (median {t['median_s']:.2f} s)")
-    finally:
-        torch.set_num_threads(default_threads)
+    batch = retrieval.parse_args([]).batch_size
+    out: dict = {"n_images": n, "epochs": args.head_epochs, "batch_size": batch, "threads": {}}
+    print(f"retrieval head training ({n} images, {args.head_epochs} epochs, batch {batch}):")
+    for threads in sorted({1, cores}):  # train_heads sets --head-threads for its own run and restores them after
+        targs = retrieval.parse_args(["--epochs", str(args.head_epochs), "--head-threads", str(threads)])
+        t, _ = timed(lambda: retrieval.train_heads(img, txt, cap2img, targs), args)
+        out["threads"][threads] = {"min_s": t["min_s"], "median_s": t["median_s"], "runs": t["runs"]}
+        print(f"  {threads} thread(s): {t['min_s']:.2f} s (median {t['median_s']:.2f} s)")
     out["ratio_one_thread_vs_all"] = ratio(out["threads"][cores]["min_s"], out["threads"][1]["min_s"])
     return out
 

@@ -382,17 +382,17 @@ def write_grid(path: Path, rows: list[tuple[str, np.ndarray, np.ndarray, dict]])
 def write_card(folder: Path, run_dir: Path, metrics: dict) -> None:
     """Put a run's results into the model folder: metrics.json (keys another script wrote there are kept, ours win
     on clashes), fidelity_grid.png, and README.md rebuilt whole from training_log.json and these metrics."""
+    log = read_json(folder / "distill_log.json") if (folder / "distill_log.json").is_file() else None
+    if log is not None:  # a distill.py student: compared with its teacher on the same prompts
+        teacher = REPO / log["teacher"] / "metrics.json"
+        metrics = dict(metrics, vs_teacher=versus(metrics, read_json(teacher)) if teacher.is_file() else None)
     old = read_json(folder / "metrics.json") if (folder / "metrics.json").is_file() else {}
     write_json(folder / "metrics.json", {**(old if isinstance(old, dict) else {}), **metrics})
     if (run_dir / "fidelity_grid.png").is_file():
         shutil.copyfile(run_dir / "fidelity_grid.png", folder / "fidelity_grid.png")
-    if (folder / "distill_log.json").is_file():
+    if log is not None:
         import distill
 
-        log = read_json(folder / "distill_log.json")
-        teacher = REPO / log["teacher"] / "metrics.json"
-        metrics = dict(metrics, vs_teacher=versus(metrics, read_json(teacher)) if teacher.is_file() else None)
-        write_json(folder / "metrics.json", {**read_json(folder / "metrics.json"), "vs_teacher": metrics["vs_teacher"]})
         write_text(folder / "README.md", distill.student_card(folder.name, log, metrics))
         return
     curve = folder / "learning_curve.json"
