@@ -175,8 +175,12 @@ def task_d_summary(m: dict) -> list[str]:
     return [acceptance + f"`synthetic_filtered` − `baseline`, txt2img R@10 on the target categories: "
             f"{fmt_delta(m['rare_txt2img_R@10_delta'])} (target: {target}: {verdict}); overall: "
             f"{fmt_delta(m['overall_txt2img_R@10_delta'])}; filtered − oversample on the targets: "
-            f"{fmt_delta((m.get('filtered_vs_oversample') or {}).get('rare'))}. Seeds {m['seeds']}, {m['epochs']} "
-            "epochs per arm."]
+            f"{fmt_delta((m.get('filtered_vs_oversample') or {}).get('rare'))}"
+            + (f"; recaptioned (the same images, captions from the oracle's reading) − baseline on the targets: "
+               f"{fmt_delta(m['deltas']['synthetic_recaptioned']['rare'])}, − oversample: "
+               f"{fmt_delta(m['vs_oversample']['synthetic_recaptioned']['rare'])}"
+               if "synthetic_recaptioned" in m.get("vs_oversample", {}) else "")
+            + f". Seeds {m['seeds']}, {m['epochs']} epochs per arm."]
 
 
 def task_e_summary(m: dict) -> list[str]:
@@ -210,9 +214,13 @@ def bench_summary(m: dict) -> list[str]:
              + ", ".join(f"{k} ×{v:.2f}" for k, v in m["ratios"].items() if v is not None) + "."]
     lim = m.get("limit")
     if lim:
+        best = next((r for r in lim.get("configs", []) if r["config"] == lim["best_config"]), {})
+        bf16 = best.get("precision") == "bf16"
+        ours_peak = lim["peak"]["peak_flops_per_s_bf16" if bf16 else "peak_flops_per_s"] / 1e9
         lines += ["", f"The limit: the UNet's FLOPs per image × images/s reach {lim['plain']:.1%} of this machine's "
                       f"measured fp32 peak ({lim['peak']['peak_flops_per_s'] / 1e9:.1f} GFLOP/s) on the plain "
-                      f"diffusers path and {lim['ours']:.1%} on ours (`{lim['best_config']}`)."]
+                      f"diffusers path and {lim['ours']:.1%} on ours (`{lim['best_config']}`"
+                      + (f", of the bf16 peak {ours_peak:.1f} GFLOP/s" if bf16 else "") + ")."]
     r = m.get("retrieval")
     if r and r.get("scale"):
         data = r["scale_data"]
@@ -270,6 +278,10 @@ def study_answer(outputs: Path, model_dir: Path) -> list[str]:
              + (f"; against repeating real target images as often (`oversample`) it is "
                 f"{fmt_delta(m['filtered_vs_oversample']['rare'])}" if "rare" in m.get("filtered_vs_oversample", {})
                 else "")
+             + (f"; the same images captioned from what the oracle reads in them (`synthetic_recaptioned`) close "
+                f"{fmt(closed['synthetic_recaptioned']['mean'])}, {fmt_delta(m['vs_oversample']['synthetic_recaptioned']['rare'])}"
+                " against `oversample`" if closed.get("synthetic_recaptioned")
+                and "synthetic_recaptioned" in m.get("vs_oversample", {}) else "")
              + (f"; perfect renders of the same prompts (`rendered`, {_images(m['arms']['rendered']['n_extra'])}) "
                 f"close {fmt(closed['rendered']['mean'])}" if "rendered" in closed and "rendered" in m["arms"] else "")
              + ".")

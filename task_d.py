@@ -16,6 +16,11 @@ and its best-epoch choice on val; same seeds):
     oversample               + real images of the target categories repeated, as many as synthetic_filtered adds
     synthetic                + unfiltered generated images, as many per target as synthetic_filtered adds
     synthetic_filtered       + the generated images the filter accepted, up to --n-per-target per target
+    synthetic_recaptioned    + the same accepted images, each captioned from what the oracle reads in it (its
+                             shapes, colours, sizes and cells through the caption grammar) instead of from its
+                             prompt, whose place and other objects the generator often gets wrong: captions true to
+                             the image as the oracle sees it (shapes data only: the alignment filter of COCO-style
+                             data reads no scene)
     synthetic_filtered_x<r>  + r times the accepted images (r < 1: a seeded subset; r > 1: repeated)
     rendered                 + the first --n-per-target prompts per target drawn by the shapes world's own
                              renderer (perfect images, same caption grammar): what a generator whose every image
@@ -48,6 +53,7 @@ import argparse
 import math
 import os
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -64,8 +70,11 @@ from utils import (DEFAULT_DATA, OUTPUTS, STUDY_MODEL, Clock, ImageStore, Run, c
 DEFAULT_TARGETS = OUTPUTS / "task_c" / "latest" / "targets.json"
 DEFAULT_ORACLE = Path(__file__).resolve().parent / "models" / "shapes-oracle"
 MAIN_ARMS = ("baseline", "oversample", "synthetic", "synthetic_filtered")
-ARMS = (*MAIN_ARMS, "rendered")  # what --arms chooses from (ratio arms come with synthetic_filtered and --ratios)
-GENERATED_ARMS = ("synthetic", "synthetic_filtered")  # the arms that need the text-to-image model and the filter
+ARMS = (*MAIN_ARMS, "synthetic_recaptioned", "rendered")  # what --arms chooses from (ratio arms come with
+# synthetic_filtered and --ratios)
+GENERATED_ARMS = ("synthetic", "synthetic_filtered", "synthetic_recaptioned")  # need the text-to-image model and filter
+ADDED_ARMS = ("synthetic_filtered", "synthetic_recaptioned", "rendered")  # compared with oversample, close the gap
+RECAPTION_STREAM = 11  # seed stream of the recaptions' template draws (apart from the prompts' and the arms')
 RENDERER_VERSION = 1  # bump when generate_data's renderer changes: rendered images are cached by it
 # The issue's targets: synthetic_filtered closes >= 50% of the targets' txt2img R@10 gap to the other categories
 # (its delta's CI above 0), beats oversample on the targets (CI above 0), and loses <= 0.01 overall.
@@ -216,9 +225,12 @@ def load_setup(args: argparse.Namespace, device) -> Setup:
     targets = match_targets(raw, data, args.targets)
     shapes = data.get("source") == "shapes"
     skipped = {}
-    if "rendered" in args.arms and not shapes:
-        args.arms = [a for a in args.arms if a != "rendered"]
-        skipped["rendered"] = "COCO-style data has no renderer"
+    if not shapes:
+        for arm, why in (("rendered", "COCO-style data has no renderer"),
+                         ("synthetic_recaptioned", "COCO-style data: the alignment filter reads no scene to caption")):
+            if arm in args.arms:
+                args.arms = [a for a in args.arms if a != arm]
+                skipped[arm] = why
     generating = any(a in args.arms for a in GENERATED_ARMS)
     oracle = None
     if shapes and generating:
@@ -311,11 +323,33 @@ def sampler_settings(args: argparse.Namespace) -> dict:
 
 # --------------------------------------------------------------------------- 3. filter
 def oracle_verdicts(entries: list[dict], images: np.ndarray, oracle, min_score: float) -> list[dict]:
-    """Per image: the prompt's oracle checks, score = fraction of named checks passed, target found, keep."""
+    """Per image: the prompt's oracle checks, score = fraction of named checks passed, target found, keep, and the
+    scene the oracle reads (its objects, `Oracle.detect`)."""
     from oracle import filter_verdict
 
-    return [filter_verdict(dets, entry["prompt"], min_score)
+    return [dict(filter_verdict(dets, entry["prompt"], min_score), scene=dets)
             for entry, dets in zip(entries, oracle.detect(images))]
+
+
+def recaption(entry: dict, verdict: dict, seed: int) -> list[str]:
+    """gd.N_CAPTIONS captions of a generated image from the scene the oracle reads in it, not from its prompt.
+
+    The oracle's objects (shape, colour, size, cell; objects it cannot name are left out) go through the
+    dataset's own caption grammar (`gd.make_captions`), so a caption names a place or another object only where
+    the oracle sees one, as re-captioning does for generated training data (Betker et al. 2023, "Improving Image
+    Generation with Better Captions", there with a learned captioner). An image without a readable object keeps its
+    prompt's captions. The template draws depend on `seed` and the entry's id only.
+
+    Args:
+        entry: a generated candidate ({"id", "captions", ...}).
+        verdict: its oracle verdict, with "scene" (`oracle_verdicts`).
+        seed: the run's seed.
+    """
+    scene = [obj for obj in verdict["scene"] if obj["shape"] in gd.SHAPES]
+    if not scene:
+        return list(entry["captions"])
+    rng = np.random.default_rng([seed, RECAPTION_STREAM, zlib.crc32(entry["id"].encode())])
+    return gd.make_captions(scene, rng, gd.N_CAPTIONS)
 
 
 def alignment_verdicts(entries: list[dict], images: np.ndarray, heads_path: Path, threshold: float) -> list[dict]:
@@ -455,7 +489,8 @@ def render_targets(setup: Setup) -> dict | None:
 @dataclass
 class Features:
     """Frozen-backbone features, each (image feats, caption feats, cap2img): the real splits (with their records)
-    and the added images (generated; rendered), each with its prompt and paraphrases as captions."""
+    and the added images (generated; rendered), each with its prompt and paraphrases as captions, and the
+    generated ones again with the accepted images recaptioned (`recaption`)."""
 
     train: list[dict]  # the training records (retrieval.py's subset)
     test: list[dict]  # the evaluation records
@@ -464,6 +499,7 @@ class Features:
     va: tuple | None  # validation (best-epoch choice), when the baseline has a val split
     syn: tuple | None  # generated candidates
     ren: tuple | None  # renders
+    rec: tuple | None = None  # generated candidates, the accepted ones with the oracle's captions
 
 
 def extract_features(args: argparse.Namespace, setup: Setup, cand: Candidates, device) -> Features:
@@ -477,14 +513,19 @@ def extract_features(args: argparse.Namespace, setup: Setup, cand: Candidates, d
     train, tr = split_subset(fx, data["splits"][cfg.get("train_split", "train")], max_train, cfg.get("seed", 0))
     test, te = split_subset(fx, data["splits"][cfg.get("eval_split", "test")], max_eval, cfg.get("seed", 0) + 1)
     va = split_subset(fx, data["splits"][val_split], max_eval, cfg.get("seed", 0) + 2)[1] if val_split else None
-    syn = ren = None
+    syn = ren = rec = None
     if setup.generated is not None:
-        syn = retrieval.split_features(fx, [{"path": str(setup.generated.images / e["file"]), "captions": e["captions"]}
-                                            for e in cand.entries])
+        paths = [str(setup.generated.images / e["file"]) for e in cand.entries]
+        syn = retrieval.split_features(fx, [{"path": path, "captions": e["captions"]}
+                                            for path, e in zip(paths, cand.entries)])
+        if "synthetic_recaptioned" in args.arms:
+            rec = retrieval.split_features(fx, [
+                {"path": path, "captions": recaption(e, v, args.seed) if v["keep"] else e["captions"]}
+                for path, e, v in zip(paths, cand.entries, cand.verdicts)])
     if setup.rendered is not None:
         ren = retrieval.split_features(fx, [{"path": str(setup.rendered.images / f"{it['id']}.png"),
                                              "captions": it["captions"]} for it in setup.render_items])
-    return Features(train, test, tr, te, va, syn, ren)
+    return Features(train, test, tr, te, va, syn, ren, rec)
 
 
 def select(img_f: np.ndarray, txt_f: np.ndarray, cap2img: np.ndarray, idx: np.ndarray):
@@ -524,25 +565,28 @@ def ratio_subset(idx: np.ndarray, ratio: float, rng: np.random.Generator) -> np.
 def arm_extras(entries: list[dict], verdicts: list[dict], train: list[dict], targets: list[dict],
                ratios: Sequence[float], seed: int, n_per_target: int,
                arms: Sequence[str] = MAIN_ARMS) -> dict[str, dict[str, np.ndarray]]:
-    """Per arm, the extra samples on top of the real training set: real indices repeated, generated ("syn") and
-    rendered ("ren") item indices (renders: `n_per_target` per target, target by target, as `plan_items` makes).
+    """Per arm, the extra samples on top of the real training set: real indices repeated, generated ("syn"),
+    recaptioned generated ("rec", the same candidates' indices) and rendered ("ren") item indices (renders:
+    `n_per_target` per target, target by target, as `plan_items` makes).
 
-    Per target, synthetic_filtered adds its first accepted images, at most `n_per_target` (a_t); oversample adds a_t
+    Per target, synthetic_filtered adds its first accepted images, at most `n_per_target` (a_t), and
+    synthetic_recaptioned the same images with the oracle's captions; oversample adds a_t
     real training images that contain the target (drawn with replacement) and synthetic adds a_t candidates drawn
     from all generated ones (accepted or not), so these arms get the same number of extra samples and updates.
     rendered adds the renders of the first `n_per_target` prompts, what a generator whose every image passes would
     give. Every draw is made whichever `arms` are asked for, so an arm's samples do not depend on which others run.
     """
     rng = np.random.default_rng([seed, 5])
-    extras = {name: {"real": [], "syn": [], "ren": []} for name in ARMS}
+    extras = {name: {"real": [], "syn": [], "rec": [], "ren": []} for name in ARMS}
     for r in ratios:
-        extras[ratio_arm(r)] = {"real": [], "syn": [], "ren": []}
+        extras[ratio_arm(r)] = {"real": [], "syn": [], "rec": [], "ren": []}
     for k, t in enumerate(targets):
         cand = np.array([i for i, e in enumerate(entries) if e["target"] == t["category"]], dtype=np.int64)
         acc = np.array([i for i in cand if verdicts[i]["keep"]], dtype=np.int64)[:n_per_target]
         real = np.array([i for i, rec in enumerate(train) if t["category_id"] in rec["category_ids"]], dtype=np.int64)
         a = len(acc)
         extras["synthetic_filtered"]["syn"].append(acc)
+        extras["synthetic_recaptioned"]["rec"].append(acc)
         extras["rendered"]["ren"].append(np.arange(k * n_per_target, (k + 1) * n_per_target, dtype=np.int64))
         extras["synthetic"]["syn"].append(rng.choice(cand, size=a, replace=False) if a else acc)
         extras["oversample"]["real"].append(rng.choice(real, size=a, replace=True) if a and len(real) else acc[:0])
@@ -600,10 +644,11 @@ def train_arms(args: argparse.Namespace, setup: Setup, cand: Candidates, feats: 
     trained: dict[tuple, dict] = {}
     for arm, s in tqdm([(arm, s) for arm in extras for s in seeds], desc="arms x seeds"):
         ex = extras[arm]
-        key = (tuple(ex["real"]), tuple(ex["syn"]), tuple(ex["ren"]), s)
+        key = (tuple(ex["real"]), tuple(ex["syn"]), tuple(ex["rec"]), tuple(ex["ren"]), s)
         if key not in trained:
             parts = [feats.tr]
-            for part, idx in ((feats.tr, ex["real"]), (feats.syn, ex["syn"]), (feats.ren, ex["ren"])):
+            for part, idx in ((feats.tr, ex["real"]), (feats.syn, ex["syn"]), (feats.rec, ex["rec"]),
+                              (feats.ren, ex["ren"])):
                 if len(idx):
                     parts.append(select(*part, idx))
             trained[key] = train_and_evaluate(concat(*parts), feats.va, feats.te, setup.cfg, args, s)
@@ -731,7 +776,7 @@ def mean_metrics(runs: list[dict], records: list[dict], cap2img: np.ndarray, nam
 
 def compare_arms(args: argparse.Namespace, setup: Setup, feats: Features, arms: Arms) -> dict:
     """Statistics on the real test split: each arm's metrics (`mean_metrics`), its txt2img R@10 deltas vs baseline
-    and (synthetic_filtered, rendered) vs oversample with paired CIs, and the targets' gap to the other categories
+    and each of ADDED_ARMS vs oversample with paired CIs, and the targets' gap to the other categories
     with the fraction of it each added-image arm closes.
 
     Returns:
@@ -756,8 +801,8 @@ def compare_arms(args: argparse.Namespace, setup: Setup, feats: Features, arms: 
               for arm in runs if arm != "baseline"}
     vs_over = {arm: {k: v for k, v in arm_deltas(hits, arm, "oversample", cap2img, has, target_cols, args.bootstrap,
                                                  args.seed).items() if k != "per_category"}
-               for arm in ("synthetic_filtered", "rendered") if arm in runs and "oversample" in runs}
-    closing = gap_closure(hits, [a for a in ("synthetic_filtered", "rendered") if a in runs], "baseline", cap2img, has,
+               for arm in ADDED_ARMS if arm in runs and "oversample" in runs}
+    closing = gap_closure(hits, [a for a in ADDED_ARMS if a in runs], "baseline", cap2img, has,
                           target_cols, args.bootstrap, args.seed)
     return {"arms": arms_out, "deltas": deltas, "vs_oversample": vs_over, "closing": closing,
             "category_order": cat_order}
@@ -929,7 +974,7 @@ def results_markdown(m: dict) -> str:
               + (f"{m['timings']['task_c_s']:.0f} s" if m["timings"].get("task_c_s") is not None else "n/a")
               + f" → {verdict(met['task_c_plus_d_s'])} (measured on {m['host_cpus']} CPUs, "
               f"torch threads {m['torch_threads']}).", ""]
-    shown = [a for a in ("rendered", "synthetic_filtered", "oversample") if a in m["deltas"]]
+    shown = [a for a in ("rendered", "synthetic_recaptioned", "synthetic_filtered", "oversample") if a in m["deltas"]]
     base = arms["baseline"]["per_category"]
     lines += ["## Per category (txt2img R@10, arm − baseline [95% CI])", "",
               *md_table(["category", "target", "baseline", *(f"{a} Δ" for a in shown)],
@@ -941,6 +986,8 @@ def results_markdown(m: dict) -> str:
               "the same prompts (and keeps the same captions) as synthetic_filtered with the data's own renderer, "
               "or all planned prompts when no generated arm runs: what targeted synthetic data can do at best; "
               "rendered − synthetic_filtered is the generator's share. "
+              "synthetic_recaptioned adds synthetic_filtered's images with captions made from what the oracle reads "
+              "in each image; synthetic_recaptioned − synthetic_filtered is the share of caption errors. "
               "synthetic (unfiltered) uses as many images per target as synthetic_filtered, drawn from all "
               "candidates, to isolate the filter. Ratio arms: below 1 a seeded subset of the accepted images, above 1 "
               "the accepted images repeated (no new images).", "", "## Time", "",
@@ -955,7 +1002,8 @@ def plot_deltas(m: dict, path: Path) -> None:
     plt = pyplot()
     cats = m["category_order"]
     tnames = {t["category"] for t in m["targets"]}
-    arms = [a for a in ("oversample", "synthetic", "synthetic_filtered", "rendered") if a in m["deltas"]]
+    arms = [a for a in ("oversample", "synthetic", "synthetic_filtered", "synthetic_recaptioned", "rendered")
+            if a in m["deltas"]]
     with_ci = "synthetic_filtered" if "synthetic_filtered" in arms else "rendered"
     x = np.arange(len(cats))
     width = 0.8 / len(arms)

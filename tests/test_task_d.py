@@ -84,7 +84,7 @@ def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
     t = m["timings"]
     assert t["total_s"] >= t["setup_s"] + t["generate_s"] + t["train_eval_s"] and t["generate_s"] > 0
     assert set(m["arms"]) == {"baseline", "oversample", "synthetic", "synthetic_filtered", "synthetic_filtered_x0.5",
-                              "synthetic_filtered_x2", "rendered"}
+                              "synthetic_filtered_x2", "synthetic_recaptioned", "rendered"}
     assert m["seeds"] == [0, 1, 2]
     for arm in m["arms"].values():
         assert len(arm["per_seed"]) == 3 and set(arm["txt2img"]) == {"R@1", "R@5", "R@10", "mAP"}
@@ -112,8 +112,8 @@ def test_quick_run_writes_results_and_reports_the_issue_keys(quick_run):
     assert m["gap"]["others"]["mean"] == pytest.approx(others_r10)
     gap = m["gap"]["gap"]
     assert gap["mean"] == pytest.approx(others_r10 - targets_r10) and gap["ci95"][0] <= gap["mean"] <= gap["ci95"][1]
-    assert set(m["closed_fraction"]) == {"synthetic_filtered", "rendered"} and set(m["vs_oversample"]) == {
-        "synthetic_filtered", "rendered"}
+    added = {"synthetic_filtered", "synthetic_recaptioned", "rendered"}
+    assert set(m["closed_fraction"]) == added and set(m["vs_oversample"]) == added
     # Candidates and acceptance come from the manifest and the oracle, whatever the (random) model drew.
     per_target = m["filter"]["per_target"]
     assert {k: v["generated"] for k, v in per_target.items()} == {"hexagon": N_PER_TARGET, "circle": N_PER_TARGET}
@@ -132,7 +132,8 @@ def test_arms_add_equal_numbers_of_samples_when_the_filter_accepts(quick_run, ti
     tmp, _ = quick_run
 
     def accept_even(entries, images, oracle, min_score):  # stand-in for a good model: half the images pass
-        return [{"score": 1.0, "target_found": True, "keep": i % 2 == 0, "shape": True} for i in range(len(entries))]
+        return [{"score": 1.0, "target_found": True, "keep": i % 2 == 0, "shape": True, "scene": []}
+                for i in range(len(entries))]
 
     logged = []
 
@@ -163,14 +164,42 @@ def test_arms_add_equal_numbers_of_samples_when_the_filter_accepts(quick_run, ti
     accepted = 2 * (N_PER_TARGET // 2)
     # rendered adds every planned prompt of each target: a generator whose every image passes
     assert n == {"baseline": 0, "oversample": accepted, "synthetic": accepted, "synthetic_filtered": accepted,
-                 "synthetic_filtered_x0.5": accepted // 2, "rendered": 2 * N_PER_TARGET}
+                 "synthetic_filtered_x0.5": accepted // 2, "synthetic_recaptioned": accepted,
+                 "rendered": 2 * N_PER_TARGET}
     base = m["arms"]["baseline"]["per_seed"][0]["n_train_images"]
     assert m["arms"]["synthetic_filtered"]["per_seed"][1]["n_train_images"] == base + accepted
     assert m["arms"]["rendered"]["per_seed"][1]["n_train_images"] == base + 2 * N_PER_TARGET
     # --quick caps the candidates at --n-per-target: one round, however few were accepted
     assert m["generation"]["rounds"] == 1 and m["generation"]["max_candidates"] == N_PER_TARGET
-    assert m["n_trainings"] == 6 * 2 and m["seeds"] == [0, 1]
+    # an empty scene leaves the prompt's captions: synthetic_recaptioned's training set is synthetic_filtered's
+    assert m["n_trainings"] == 7 * 2 and m["seeds"] == [0, 1]
+    assert m["arms"]["synthetic_recaptioned"]["per_seed"] == m["arms"]["synthetic_filtered"]["per_seed"]
     assert m["rendering"]["n_images"] == 2 * N_PER_TARGET
+
+
+def test_recaption_names_what_the_oracle_reads_not_what_the_prompt_asked():
+    # A prompt asks for a small red hexagon in the top left; the image shows a large blue star in the bottom right
+    # and a green circle in the center (a render, so the oracle reads it right).
+    target = {"category": "hexagon", "category_id": 7}
+    item = next(it for it in (generate_data.target_prompt(target, i, seed=0) for i in range(50))
+                if len(it["prompt"]["objects"]) == 1)
+    scene = [{"shape": "star", "color": "blue", "size": "large", "cell": [2, 2]},
+             {"shape": "circle", "color": "green", "size": "small", "cell": [1, 1]}]
+    image = generate_data.render_prompts([{"objects": scene, "relation": None}], seed=3)
+    verdict = task_d.oracle_verdicts([item], to_uint8_64(image), Oracle.load(), min_score=0.0)[0]
+    assert sorted(o["shape"] for o in verdict["scene"]) == ["circle", "star"] and not verdict["keep"]
+    caps = task_d.recaption(item, verdict, seed=0)
+    assert len(caps) == 5 == len(set(caps)) and caps == task_d.recaption(item, verdict, seed=0)  # seeded
+    assert all("star" in c and "circle" in c and "hexagon" not in c for c in caps)
+    assert not any("top left" in c for c in caps)
+    places = [c for c in caps if "bottom right" in c or re.search("above|below|left of|right of", c)]
+    assert places  # a place is named, the one in the image (a relation caption comes first with two objects)
+    colours = {w for c in caps for w in c.replace(",", " ").split() if w in generate_data.COLOR_NAMES}
+    assert colours <= {"blue", "green"}  # only the colours in the image
+    # The oracle's "unrecognisable" objects are left out; with nothing readable the prompt's captions stay.
+    blob = {"shape": "unrecognisable", "color": "red", "size": "small", "cell": [0, 0]}
+    assert task_d.recaption(item, {"scene": [blob]}, seed=0) == item["captions"]
+    assert "unrecognisable" not in " ".join(task_d.recaption(item, {"scene": [blob, scene[0]]}, seed=0))
 
 
 def test_arm_extras_by_hand():
@@ -178,8 +207,10 @@ def test_arm_extras_by_hand():
     verdicts = [{"keep": k} for k in (True, True, False, True, False, False)]
     train = [{"category_ids": [1]}, {"category_ids": [2]}, {"category_ids": [1, 3]}]
     targets = [{"category": "a", "category_id": 1}, {"category": "b", "category_id": 2}]
-    ex = task_d.arm_extras(entries, verdicts, train, targets, [0.5, 3], seed=0, n_per_target=4)
+    ex = task_d.arm_extras(entries, verdicts, train, targets, [0.5, 3], seed=0, n_per_target=4, arms=task_d.ARMS)
     assert list(ex["synthetic_filtered"]["syn"]) == [0, 1, 3] and len(ex["synthetic_filtered"]["real"]) == 0
+    # the same images, from the recaptioned features
+    assert list(ex["synthetic_recaptioned"]["rec"]) == [0, 1, 3] and len(ex["synthetic_recaptioned"]["syn"]) == 0
     assert set(ex["oversample"]["real"]) <= {0, 2} and len(ex["oversample"]["real"]) == 3  # b accepted none
     assert set(ex["synthetic"]["syn"]) <= {0, 1, 2, 3} and len(ex["synthetic"]["syn"]) == 3
     assert len(ex["synthetic_filtered_x0.5"]["syn"]) == 2  # round(1.5) of a's 3
@@ -380,7 +411,7 @@ def test_unloadable_model(tmp_path, tiny_data):
     (["--ratios", "half"], "argument --ratios: must be comma-separated floats, got 'half'"),
     (["--n-per-target", "0"], "--n-per-target must be positive, got 0"),
     (["--arms", "baseline,magic"], "unknown arm 'magic' in --arms; choose from baseline, oversample, synthetic, "
-                                   "synthetic_filtered, rendered or all"),
+                                   "synthetic_filtered, synthetic_recaptioned, rendered or all"),
     (["--epochs", "0"], "--epochs must be positive, got 0"),
 ])
 def test_bad_arguments(flags, message):
@@ -412,7 +443,9 @@ def test_coco_format_data_goes_through_the_alignment_filter(tmp_path, tiny_model
     # threshold 0: every candidate passes (the score is 100 * max(cos, 0) >= 0)
     assert {k: (v["generated"], v["accepted"]) for k, v in m["filter"]["per_target"].items()} == {n: (3, 3) for n in names}
     assert m["arms"]["synthetic_filtered"]["n_extra"] == 3 * len(names) == m["arms"]["oversample"]["n_extra"]
-    assert "rendered" not in m["arms"] and m["skipped_arms"] == {"rendered": "COCO-style data has no renderer"}
+    assert "rendered" not in m["arms"] and "synthetic_recaptioned" not in m["arms"]
+    assert m["skipped_arms"] == {"rendered": "COCO-style data has no renderer",
+                                 "synthetic_recaptioned": "COCO-style data: the alignment filter reads no scene to caption"}
     assert set(m["arms"]["baseline"]["per_category"]) == {"person", "car", "dog"}
     cache = task_d.Path(m["generation"]["cache"])
     entries = [json.loads(line) for line in (cache / "manifest.jsonl").read_text().splitlines()]
