@@ -10,8 +10,8 @@ adds time).
   output), then each further CPU optimisation added ablation-style and kept only when it helps. Both image
   sets are scored by the fidelity oracle on the same structured prompts: equal fidelity is checked, not
   assumed. The limit: the UNet's FLOPs per image (torch.utils.flop_counter, per UNet evaluation x the evaluations
-  one image takes: steps x 2 with classifier-free guidance) times images/s, as a fraction of this machine's fp32
-  matmul and conv2d peak FLOP/s measured in the same run.
+  one image takes: steps x 2 with classifier-free guidance) times images/s, as a fraction of this machine's
+  matmul and conv2d peak FLOP/s measured in the same run (fp32; bf16 for the bf16_autocast configurations).
 - sd21: an SD 2.1-architecture pipeline with random weights at 512 px on a GPU: fp32 one-image calls vs
   half precision + SDPA + batching + channels_last (+ torch.compile with --compile). Skipped without a
   GPU; `--sd21-scale tiny` builds the same architecture shrunk, to run the code path on a CPU.
@@ -59,6 +59,7 @@ TIE_TOLERANCE = 1e-5  # two scores this close are a tie: either id may come firs
 ANCHOR = ("diffusers' 'Speed up inference' / SDXL optimisation guide reports about 3x from bf16, SDPA, "
           "channels_last and torch.compile on SDXL")
 MIN_SIZE = 100  # database sizes must be at least this (IVF needs training points)
+BF16_FLAGS = {"amx_bf16", "avx512_bf16"}  # /proc/cpuinfo flags of CPU units that compute bf16 matmuls natively
 PEAK_MATMUL_N = 2048  # (n, n) @ (n, n) fp32: 17 GFLOP a call, compute-bound on any CPU
 PEAK_CONV = (16, 128, 32)  # batch, channels (in = out), height = width of a 3x3 fp32 conv2d: 4.8 GFLOP a call
 QUICK = {"n_images": 2, "batch_size": 2, "min_seconds": 0.2, "sizes": "10000,100000", "queries": 200,
@@ -142,18 +143,22 @@ def check_args(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- shared measuring helpers
 def hardware_info(threads: int) -> dict:
-    """CPU model, cores, torch / FAISS threads, GPU name and the load average (contention) at the start."""
+    """CPU model, its bf16 units (cpuinfo flags; empty where unknown), cores, torch / FAISS threads, GPU name and the
+    load average (contention) at the start."""
     import torch
 
-    cpu = platform.processor() or "unknown"
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "cores_usable": usable_cores(),
+        lines = []
+    fields: dict[str, str] = {}
+    for line in lines:  # the first processor's fields
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    cpu = fields.get("model name") or platform.processor() or "unknown"
+    flags = set(fields.get("flags", "").split())
+    info = {"cpu": cpu, "cpu_bf16_units": sorted(flags & BF16_FLAGS), "cores": os.cpu_count(),
+            "cores_usable": usable_cores(),
             "torch_threads": torch.get_num_threads(), "threads_flag": threads,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "load_avg_1m_at_start": round(os.getloadavg()[0], 2), "platform": platform.platform()}
@@ -276,6 +281,8 @@ def ablation_configs(cores: int) -> list[tuple[str, str]]:
     return [("inference_mode", "run under torch.inference_mode() instead of the pipeline's no_grad"),
             ("channels_last", "UNet and VAE weights in channels_last memory format"),
             ("fused_qkv", "pipe.fuse_qkv_projections(): one matmul for q, k, v"),
+            ("bf16_autocast", "torch.autocast('cpu', dtype=torch.bfloat16): matmuls and convolutions in bfloat16 "
+                              "(AMX / AVX512-BF16 units where the CPU has them), weights and scheduler in float32"),
             ("threads", f"torch.set_num_threads({cores}) (all usable cores)")]
 
 
@@ -305,8 +312,11 @@ class OurPath:
 
         import torch
 
-        ctx = torch.inference_mode() if "inference_mode" in self.on else contextlib.nullcontext()
-        with ctx:
+        with contextlib.ExitStack() as stack:
+            if "inference_mode" in self.on:
+                stack.enter_context(torch.inference_mode())
+            if "bf16_autocast" in self.on:
+                stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
             return generate_images(self.pipe, list(prompts), list(seeds), steps, guidance, self.settings["size"],
                                    batch_size=batch_size or self.batch_size, progress=False)
 
@@ -519,12 +529,13 @@ def unet_evals_per_image(unet, generate_one: Callable[[], Any]) -> int:
 
 
 def peak_flops(args: argparse.Namespace) -> dict:
-    """This machine's fp32 matmul and conv2d FLOP/s: one large op of each, timed (warm-up, repeats, min, median).
+    """This machine's matmul and conv2d FLOP/s in fp32 and in bf16: one large op of each, timed (warm-up, repeats,
+    min, median). bf16 is the precision of the `bf16_autocast` configurations (AMX / AVX512-BF16 where present).
 
     Returns:
-        {"matmul": {...}, "conv2d": {...}, "peak_flops_per_s": the faster kernel's FLOPs / its fastest call,
-        "torch_threads"}; each kernel has "shape", "flops" (per call), the timing and "flops_per_s" (from the
-        min time) and "flops_per_s_median".
+        {"matmul", "conv2d", "matmul_bf16", "conv2d_bf16": {...}, "peak_flops_per_s": the faster fp32 kernel's FLOPs
+        / its fastest call, "peak_flops_per_s_bf16": the same in bf16, "torch_threads"}; each kernel has "shape",
+        "dtype", "flops" (per call), the timing and "flops_per_s" (from the min time) and "flops_per_s_median".
     """
     import torch
     import torch.nn.functional as F
@@ -534,22 +545,33 @@ def peak_flops(args: argparse.Namespace) -> dict:
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     batch, ch, hw = PEAK_CONV
     x, w = torch.randn(batch, ch, hw, hw, generator=gen), torch.randn(ch, ch, 3, 3, generator=gen)
-    kernels = {"matmul": (f"({n}, {n}) @ ({n}, {n})", lambda: torch.mm(a, b)),
-               "conv2d": (f"({batch}, {ch}, {hw}, {hw}) * ({ch}, {ch}, 3, 3), padding 1",
-                          lambda: F.conv2d(x, w, padding=1))}
+    a16, b16, x16, w16 = (t.to(torch.bfloat16) for t in (a, b, x, w))
+    kernels = {"matmul": (f"({n}, {n}) @ ({n}, {n})", "float32", lambda: torch.mm(a, b)),
+               "conv2d": (f"({batch}, {ch}, {hw}, {hw}) * ({ch}, {ch}, 3, 3), padding 1", "float32",
+                          lambda: F.conv2d(x, w, padding=1)),
+               "matmul_bf16": (f"({n}, {n}) @ ({n}, {n})", "bfloat16", lambda: torch.mm(a16, b16)),
+               "conv2d_bf16": (f"({batch}, {ch}, {hw}, {hw}) * ({ch}, {ch}, 3, 3), padding 1", "bfloat16",
+                               lambda: F.conv2d(x16, w16, padding=1))}
     out: dict = {"torch_threads": torch.get_num_threads()}
     with torch.inference_mode():
-        for name, (shape, fn) in kernels.items():
+        for name, (shape, dtype, fn) in kernels.items():
             flops = count_flops(fn)
             timing, _ = timed(fn, args)
-            out[name] = dict(shape=shape, flops=flops, **timing, flops_per_s=flops / timing["min_s"],
+            out[name] = dict(shape=shape, dtype=dtype, flops=flops, **timing, flops_per_s=flops / timing["min_s"],
                              flops_per_s_median=flops / timing["median_s"])
-    out["peak_flops_per_s"] = max(out[k]["flops_per_s"] for k in kernels)
+    out["peak_flops_per_s"] = max(out[k]["flops_per_s"] for k in ("matmul", "conv2d"))
+    out["peak_flops_per_s_bf16"] = max(out[k]["flops_per_s"] for k in ("matmul_bf16", "conv2d_bf16"))
     return out
 
 
+def precision_of(row: dict) -> str:
+    """The precision a generation configuration computes in: "bf16" under `bf16_autocast`, else "fp32"."""
+    return "bf16" if "bf16_autocast" in row.get("optimisations", []) else "fp32"
+
+
 def bench_limit(args: argparse.Namespace, generation: dict) -> dict:
-    """Achieved UNet FLOP/s of each generation configuration as a fraction of the measured peak.
+    """Achieved UNet FLOP/s of each generation configuration as a fraction of the measured peak of its precision
+    (`precision_of`: the bf16 peak for bf16_autocast configurations, else the fp32 peak).
 
     Args:
         args: parsed arguments (--repeats, --min-seconds, --seed).
@@ -557,7 +579,8 @@ def bench_limit(args: argparse.Namespace, generation: dict) -> dict:
 
     Returns:
         {"peak": peak_flops(...), "unet_flops_per_eval", "configs": one row per configuration with
-        "flops_per_image", "achieved_flops_per_s", "fraction_of_peak"; "plain" and "ours": the plain path's and
+        "flops_per_image", "achieved_flops_per_s", "precision", "fraction_of_peak"; "plain" and "ours": the plain
+        path's and
         the best configuration's fraction}.
     """
     peak = peak_flops(args)
@@ -566,15 +589,18 @@ def bench_limit(args: argparse.Namespace, generation: dict) -> dict:
     for r in generation["configs"]:
         per_image = r.get("unet_flops_per_eval", per_eval) * r["unet_evals_per_image"]
         achieved = per_image * r["images_per_s"]
+        precision = precision_of(r)
+        top = peak["peak_flops_per_s_bf16" if precision == "bf16" else "peak_flops_per_s"]
         rows.append({"config": r["config"], "unet_evals_per_image": r["unet_evals_per_image"],
                      "flops_per_image": per_image, "images_per_s": r["images_per_s"],
-                     "achieved_flops_per_s": achieved, "fraction_of_peak": achieved / peak["peak_flops_per_s"]})
+                     "achieved_flops_per_s": achieved, "precision": precision, "fraction_of_peak": achieved / top})
     by_name = {r["config"]: r for r in rows}
     out = {"peak": peak, "unet_flops_per_eval": per_eval, "configs": rows,
            "plain": by_name[generation["configs"][0]["config"]]["fraction_of_peak"],
            "ours": by_name[generation["best_config"]]["fraction_of_peak"], "best_config": generation["best_config"]}
     print(f"limit: peak {peak['matmul']['flops_per_s'] / 1e9:.1f} GFLOP/s matmul, "
-          f"{peak['conv2d']['flops_per_s'] / 1e9:.1f} conv2d; UNet {per_eval / 1e9:.3f} GFLOP per evaluation; "
+          f"{peak['conv2d']['flops_per_s'] / 1e9:.1f} conv2d (bf16: {peak['matmul_bf16']['flops_per_s'] / 1e9:.1f}, "
+          f"{peak['conv2d_bf16']['flops_per_s'] / 1e9:.1f}); UNet {per_eval / 1e9:.3f} GFLOP per evaluation; "
           f"achieved {out['plain']:.1%} of peak (plain), {out['ours']:.1%} (ours)")
     return out
 
@@ -1063,22 +1089,23 @@ def limit_markdown(lim: dict) -> list[str]:
     """The limit section of results.md: the measured peak, then each configuration's share of it."""
     peak = lim["peak"]
     lines = ["## The limit: achieved FLOP/s vs this machine's peak", "",
-             f"Peak fp32 FLOP/s, measured in this run with {peak['torch_threads']} torch thread(s) (FLOPs per call "
-             "by torch.utils.flop_counter; GFLOP/s from the fastest and the median call):", "",
-             *md_table(["kernel", "shape", "GFLOP per call", "seconds (min / median)", "GFLOP/s (min time)",
+             f"Peak FLOP/s in fp32 and bf16, measured in this run with {peak['torch_threads']} torch thread(s) (FLOPs "
+             "per call by torch.utils.flop_counter; GFLOP/s from the fastest and the median call); a configuration's "
+             "share is of the peak of the precision it computes in:", "",
+             *md_table(["kernel", "shape", "dtype", "GFLOP per call", "seconds (min / median)", "GFLOP/s (min time)",
                         "GFLOP/s (median time)"],
-                       [[name, k["shape"], fmt(k["flops"] / 1e9, ".2f"),
+                       [[name, k["shape"], k["dtype"], fmt(k["flops"] / 1e9, ".2f"),
                          f"{fmt(k['min_s'], '.4f')} / {fmt(k['median_s'], '.4f')}", fmt(k["flops_per_s"] / 1e9, ".1f"),
                          fmt(k["flops_per_s_median"] / 1e9, ".1f")] for name, k in
-                        ((n, peak[n]) for n in ("matmul", "conv2d"))]), "",
+                        ((n, peak[n]) for n in ("matmul", "conv2d", "matmul_bf16", "conv2d_bf16"))]), "",
              f"The UNet does {fmt(lim['unet_flops_per_eval'] / 1e9, '.4f')} GFLOP per evaluation of one latent "
              "(matmuls, convolutions and attention; elementwise ops, the text encoder and the VAE are not counted, "
              "so the achieved rates are lower bounds). Evaluations per image are counted during a one-image call "
              "(steps x 2 under classifier-free guidance).", "",
              *md_table(["configuration", "UNet evaluations per image", "GFLOP per image", "images/s",
-                        "achieved GFLOP/s", "share of peak"],
+                        "achieved GFLOP/s", "precision", "share of its peak"],
                        [[r["config"], r["unet_evals_per_image"], fmt(r["flops_per_image"] / 1e9, ".3f"),
-                         fmt(r["images_per_s"], ".2f"), fmt(r["achieved_flops_per_s"] / 1e9, ".2f"),
+                         fmt(r["images_per_s"], ".2f"), fmt(r["achieved_flops_per_s"] / 1e9, ".2f"), r["precision"],
                          f"{r['fraction_of_peak']:.1%}"] for r in lim["configs"]]), "",
              f"Plain diffusers runs at {lim['plain']:.1%} of this machine's peak, ours (`{lim['best_config']}`) at "
              f"{lim['ours']:.1%}.", ""]

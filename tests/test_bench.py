@@ -23,10 +23,11 @@ GENERATION_SECONDS = {
     "+ inference_mode": 1.0,  # x2.00 over the best so far: kept
     "+ channels_last": 0.99,  # x1.01, under KEEP_MIN_GAIN 1.02: dropped
     "+ fused_qkv": 0.8,  # x1.25 over 1.0: kept, the best
+    "+ bf16_autocast": 0.79,  # x1.013 over 0.8: dropped
     "batched + kept optimisations, plain settings": 3.2,
     "student tiny-sd: batched + kept optimisations": 0.4,  # --student: the same tiny folder stands in
 }
-PEAK_SECONDS = [0.5, 0.25]  # one (2048, 2048) @ (2048, 2048) matmul, one conv2d (PEAK_CONV)
+PEAK_SECONDS = [0.5, 0.25, 0.125, 0.1]  # one (2048, 2048) @ (2048, 2048) matmul, one conv2d (PEAK_CONV); both in bf16
 SD21_SECONDS = [4.0, 4.0, 2.0, 1.0, 0.5]  # fp32, + float32 (a no-op on CPU), + SDPA, + batching, + channels_last
 RETRIEVAL_SECONDS = [2.0, 0.1, 0.05, 0.02]  # Python loop, numpy, FAISS build, FAISS search (index scaling: real)
 HEAD_SECONDS = [0.5, 0.75]  # head training at 1 torch thread, then at the 2 usable cores the test pretends
@@ -107,6 +108,7 @@ def test_quick_run_writes_files_and_hardware(quick_run):
     assert on_disk["parts"] == list(bench.PARTS) and on_disk["quick"] is True
     hw = json.loads((run / "config.json").read_text())["args"]["hardware"]
     assert hw["cpu"] and hw["cores"] >= 1 and hw["torch_threads"] == 1 and "gpu" in hw
+    assert set(hw["cpu_bf16_units"]) <= bench.BF16_FLAGS
     assert hw["load_avg_1m_at_start"] == 0.75 and hw["contended"] is True  # 0.75 >= 0.5: others shared the CPU
     assert on_disk["hardware"] == hw and on_disk["load_avg_1m_at_end"] == 0.75
     assert on_disk["ratios"] == pytest.approx(EXPECTED_RATIOS)
@@ -137,8 +139,8 @@ def test_generation_ratios_come_from_the_measured_times(quick_run):
     # the ablation: every optimisation is reported; kept when >= 2% faster than the best so far (hand-made times)
     assert [a["optimisation"] for a in g["ablation"]] == [n for n, _ in bench.ablation_configs(2)]
     assert g["ablation"][-1]["skipped"] == "--threads 1 pins the thread count"
-    assert [a.get("own_ratio") for a in g["ablation"]] == pytest.approx([2.0, 1 / 0.99, 1.25, None])
-    assert [a["kept"] for a in g["ablation"]] == [True, False, True, False]
+    assert [a.get("own_ratio") for a in g["ablation"]] == pytest.approx([2.0, 1 / 0.99, 1.25, 0.8 / 0.79, None])
+    assert [a["kept"] for a in g["ablation"]] == [True, False, True, False, False]
     assert g["best_config"] == "+ fused_qkv" and g["best_optimisations"] == ["fused_qkv", "inference_mode"]
     last = g["configs"][-2]  # the kept optimisations are also timed at the plain path's settings
     assert last["steps"] == 50 and last["optimisations"] == ["fused_qkv", "inference_mode"]
@@ -241,6 +243,16 @@ def test_the_limit_is_achieved_flops_over_the_measured_peak(quick_run):
     assert peak["matmul"]["flops_per_s"] == pytest.approx(2 * n ** 3 / 0.5)
     assert peak["matmul"]["flops_per_s_median"] == pytest.approx(2 * n ** 3 / 0.75)
     assert peak["peak_flops_per_s"] == max(peak["matmul"]["flops_per_s"], peak["conv2d"]["flops_per_s"])
+    assert peak["matmul_bf16"]["dtype"] == "bfloat16" and peak["matmul_bf16"]["flops"] == 2 * n ** 3
+    assert peak["peak_flops_per_s_bf16"] == pytest.approx(max(2 * n ** 3 / 0.125, peak["conv2d"]["flops"] / 0.1))
+    # each configuration's share is of its own precision's peak: bf16_autocast's of the bf16 one
+    rows = {r["config"]: r for r in lim["configs"]}
+    assert rows["+ bf16_autocast"]["precision"] == "bf16" and rows["+ fused_qkv"]["precision"] == "fp32"
+    for name in ("+ bf16_autocast", "+ fused_qkv"):
+        r = rows[name]
+        top = peak["peak_flops_per_s_bf16" if name == "+ bf16_autocast" else "peak_flops_per_s"]
+        assert r["fraction_of_peak"] == pytest.approx(
+            lim["unet_flops_per_eval"] * 50 * 2 / GENERATION_SECONDS[name] / top)
     # The tiny pipeline: plain = 50 steps at guidance 7.5 (CFG: 2 latents a step), ours 25 steps at guidance 5.
     evals = [r["unet_evals_per_image"] for r in lim["configs"]]
     assert evals == [100 if name in PLAIN_SETTINGS else 50 for name in GENERATION_SECONDS]

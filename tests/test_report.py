@@ -135,6 +135,14 @@ def test_bench_speed_section_reads_the_limit_and_the_index_scale(tmp_path):
            "ours (`+ inference_mode`)" in text
     assert "| 100,000 | ivf | 3.08 | 0.032 | 0.986 |" in text and "| 100,000 | flat | 0.03 | 0.448 | exact |" in text
     assert "hnsw" not in text.split("## Benchmarks")[1]  # a skipped index has no numbers to show
+    # our best configuration computes in bf16: its share is of the bf16 peak, and the section says so
+    outputs = tmp_path / "outputs_bf16"
+    _run(outputs, "bench", {"hardware": hw, "ratios": {"generation_ours_vs_plain": 4.2},
+                            "limit": {"plain": 0.0171, "ours": 0.0412, "best_config": "+ bf16_autocast",
+                                      "configs": [{"config": "+ bf16_autocast", "precision": "bf16"}],
+                                      "peak": {"peak_flops_per_s": 86.1e9, "peak_flops_per_s_bf16": 350.0e9}}})
+    text = report.main(["--outputs", str(outputs)]).read_text()
+    assert "and 4.1% on ours (`+ bf16_autocast`, of the bf16 peak 350.0 GFLOP/s)." in text
 
 
 BLOCKS = ("study-numbers", "retrieval-numbers", "oracle-numbers", "model-numbers")
