@@ -89,7 +89,6 @@ def _per_seed_sums(hits, groups):
 
 def test_paired_cluster_bootstrap_over_images_and_seeds_by_hand():
     # 4 images with 2 captions each; groups: images 0-1 ("g0"), images 2-3 ("g1")
-    cap2img = np.repeat(np.arange(4), 2)
     groups = np.array([[1, 0], [1, 0], [0, 1], [0, 1]], dtype=float)
     counts = 2.0 * groups
     ref = np.zeros((3, 8))
