@@ -580,8 +580,7 @@ def bench_limit(args: argparse.Namespace, generation: dict) -> dict:
     Returns:
         {"peak": peak_flops(...), "unet_flops_per_eval", "configs": one row per configuration with
         "flops_per_image", "achieved_flops_per_s", "precision", "fraction_of_peak"; "plain" and "ours": the plain
-        path's and
-        the best configuration's fraction}.
+        path's and the best configuration's fraction}.
     """
     peak = peak_flops(args)
     per_eval = generation["unet_flops_per_eval"]

@@ -499,7 +499,7 @@ class Features:
     va: tuple | None  # validation (best-epoch choice), when the baseline has a val split
     syn: tuple | None  # generated candidates
     ren: tuple | None  # renders
-    rec: tuple | None = None  # generated candidates, the accepted ones with the oracle's captions
+    rec: tuple | None = None  # generated candidates' images, captions (the oracle's) for the accepted ones only
 
 
 def extract_features(args: argparse.Namespace, setup: Setup, cand: Candidates, device) -> Features:
@@ -518,10 +518,11 @@ def extract_features(args: argparse.Namespace, setup: Setup, cand: Candidates, d
         paths = [str(setup.generated.images / e["file"]) for e in cand.entries]
         syn = retrieval.split_features(fx, [{"path": path, "captions": e["captions"]}
                                             for path, e in zip(paths, cand.entries)])
-        if "synthetic_recaptioned" in args.arms:
-            rec = retrieval.split_features(fx, [
-                {"path": path, "captions": recaption(e, v, args.seed) if v["keep"] else e["captions"]}
-                for path, e, v in zip(paths, cand.entries, cand.verdicts)])
+        if "synthetic_recaptioned" in args.arms:  # syn's image features; only the accepted images get captions
+            captions, cap2img = retrieval.flatten_captions(
+                [{"captions": recaption(e, v, args.seed) if v["keep"] else []}
+                 for e, v in zip(cand.entries, cand.verdicts)])
+            rec = (syn[0], fx.texts(captions), cap2img) if captions else None
     if setup.rendered is not None:
         ren = retrieval.split_features(fx, [{"path": str(setup.rendered.images / f"{it['id']}.png"),
                                              "captions": it["captions"]} for it in setup.render_items])
