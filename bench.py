@@ -62,7 +62,8 @@ MIN_SIZE = 100  # database sizes must be at least this (IVF needs training point
 BF16_FLAGS = {"amx_bf16", "avx512_bf16"}  # /proc/cpuinfo flags of CPU units that compute bf16 matmuls natively
 PEAK_MATMUL_N = 2048  # (n, n) @ (n, n) fp32: 17 GFLOP a call, compute-bound on any CPU
 PEAK_CONV = (16, 128, 32)  # batch, channels (in = out), height = width of a 3x3 fp32 conv2d: 4.8 GFLOP a call
-QUICK = {"n_images": 2, "batch_size": 2, "min_seconds": 0.2, "sizes": "10000,100000", "queries": 200,
+QUICK = {"n_images": 2, "batch_size": 2, "min_seconds": 0.2, "compile": False, "fidelity_images": 0,
+         "sizes": "10000,100000", "queries": 200,
          "naive_queries": 300, "hnsw_max_n": 10000, "sd21_images": 2, "sd21_steps": 2, "sd21_batch": 2,
          "head_images": 2000, "head_epochs": 1}
 
@@ -75,7 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="shapes-tiny", help="registry name or pipeline folder for the CPU generation part")
     p.add_argument("--n-images", type=int, default=48,
                    help="images per configuration (half single-object, half two-object prompts)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call on our path")
+    p.add_argument("--batch-size", type=int, default=48,
+                   help="images per pipeline call on our path (48: x1.08 over 16 at 50 steps on 2 cores, same images)")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed runs of every measurement after its warm-up (min and median reported; the min counts)")
     p.add_argument("--min-seconds", type=float, default=1.0,
@@ -91,7 +93,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sd21-images", type=int, default=8, help="images per configuration in the sd21 part")
     p.add_argument("--sd21-steps", type=int, default=25, help="sampling steps in the sd21 part (same for every configuration)")
     p.add_argument("--sd21-batch", type=int, default=8, help="images per call in the batched sd21 configurations")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the UNet in the sd21 part")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="try torch.compile of the UNet (inductor; C++ on CPU): in the generation ablation, where its "
+                        "one-off compile time is reported beside it, and in the sd21 part")
+    p.add_argument("--fidelity-images", type=int, default=400,
+                   help="extra prompts, beyond the timed --n-images, on which the kept optimisations at the plain "
+                        "path's settings are compared with the plain numerics (untimed; 0 = the timed prompts only)")
     # retrieval
     p.add_argument("--retrieval-run", default="outputs/retrieval/latest",
                    help="retrieval run folder whose test embeddings are searched (random vectors when it has no heads)")
@@ -130,7 +137,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("n_images", "batch_size", "repeats", "sd21_images", "sd21_steps", "sd21_batch", "k", "dim", "queries",
                  "nprobe", "hnsw_max_n", "head_images", "head_epochs"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("threads", "naive_queries", "nlist", "min_seconds", "noise"):
+    for name in ("threads", "naive_queries", "nlist", "min_seconds", "noise", "fidelity_images"):
         check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     check(args.k <= min(args.sizes), f"--k {args.k} is more than the smallest database size {min(args.sizes)}")
     if args.student is None:
@@ -283,7 +290,20 @@ def ablation_configs(cores: int) -> list[tuple[str, str]]:
             ("fused_qkv", "pipe.fuse_qkv_projections(): one matmul for q, k, v"),
             ("bf16_autocast", "torch.autocast('cpu', dtype=torch.bfloat16): matmuls and convolutions in bfloat16 "
                               "(AMX / AVX512-BF16 units where the CPU has them), weights and scheduler in float32"),
+            ("torch_compile", "torch.compile(pipe.unet): inductor fuses the UNet's ops into generated C++ kernels "
+                              "(compiled once per batch shape in the untimed warm-up; its seconds are reported)"),
             ("threads", f"torch.set_num_threads({cores}) (all usable cores)")]
+
+
+def skip_reason(name: str, args: argparse.Namespace, cores: int, default_threads: int) -> str | None:
+    """Why an ablation step is not tried in this run, or None to try it."""
+    if name == "threads" and args.threads:
+        return f"--threads {args.threads} pins the thread count"
+    if name == "threads" and cores == default_threads:
+        return f"no-op: torch already uses all {default_threads} usable cores"
+    if name == "torch_compile" and not args.compile:
+        return "--no-compile" + (" (--quick: compiling takes about a minute per batch shape)" if args.quick else "")
+    return None
 
 
 class OurPath:
@@ -292,6 +312,7 @@ class OurPath:
     def __init__(self, pipe, settings: dict, batch_size: int):
         self.pipe, self.settings, self.batch_size = pipe, settings, batch_size
         self.on: set[str] = set()
+        self.eager_unet = pipe.unet
 
     def apply(self, name: str, enable: bool, cores: int, default_threads: int) -> None:
         import torch
@@ -302,6 +323,8 @@ class OurPath:
             self.pipe.vae.to(memory_format=layout)
         elif name == "fused_qkv":
             self.pipe.fuse_qkv_projections() if enable else self.pipe.unfuse_qkv_projections()
+        elif name == "torch_compile":
+            self.pipe.unet = torch.compile(self.eager_unet) if enable else self.eager_unet
         elif name == "threads":
             torch.set_num_threads(cores if enable else default_threads)
         (self.on.add if enable else self.on.discard)(name)
@@ -319,6 +342,15 @@ class OurPath:
                 stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
             return generate_images(self.pipe, list(prompts), list(seeds), steps, guidance, self.settings["size"],
                                    batch_size=batch_size or self.batch_size, progress=False)
+
+    def warm_up(self, prompts: Sequence[str], seeds: Sequence[int], guidance: float) -> float:
+        """Untimed 2-step run over every prompt, so each batch shape the timed runs meet has been seen (a compiled
+        UNet compiles once per shape); returns its seconds."""
+        import time
+
+        start = time.perf_counter()
+        self.generate(prompts, seeds, 2, guidance)
+        return time.perf_counter() - start
 
 
 def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
@@ -371,7 +403,8 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
     steps, guidance = settings["steps"], settings["guidance"]
     evals = {(st, gd): unet_evals_per_image(pipe.unet, lambda: ours.generate(texts[:1], seeds[:1], st, gd))
              for st, gd in ((plain_steps, plain_guidance), (steps, guidance))}
-    ours.generate(texts[:2], seeds[:2], 2, settings["guidance"], batch_size=2)  # warm-up
+    unet_flops = unet_eval_flops(pipe, settings["size"])  # on the eager UNet, before any optimisation
+    ours.warm_up(texts, seeds, plain_guidance)
     timing, imgs = timed(lambda: ours.generate(texts, seeds, plain_steps, plain_guidance), args, warmup=0)
     record("batched, plain settings", timing, imgs, steps=plain_steps, guidance=plain_guidance,
            batch_size=args.batch_size, scheduler=settings["scheduler"], output="np",
@@ -387,13 +420,17 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
     # d. each CPU optimisation on top of the best so far; kept only when it makes the path >= 2% faster
     ablation = []
     for name, what in ablation_configs(cores):
-        if name == "threads" and (args.threads or cores == default_threads):
-            why = (f"--threads {args.threads} pins the thread count" if args.threads
-                   else f"no-op: torch already uses all {default_threads} usable cores")
+        why = skip_reason(name, args, cores, default_threads)
+        if why is None:
+            ours.apply(name, True, cores, default_threads)
+            try:
+                warmup_s = ours.warm_up(texts, seeds, guidance)  # after the change; a compiled UNet compiles here
+            except Exception as err:  # torch.compile without a working C++ compiler: say so, go on without it
+                ours.apply(name, False, cores, default_threads)
+                why = f"failed: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if why is not None:
             ablation.append({"optimisation": name, "what": what, "kept": False, "skipped": why})
             continue
-        ours.apply(name, True, cores, default_threads)
-        ours.generate(texts[:2], seeds[:2], 2, guidance, batch_size=2)  # warm-up after the change
         timing, imgs = timed(lambda: ours.generate(texts, seeds, steps, guidance), args, warmup=0)
         gain = ratio(best["seconds"], timing["min_s"])
         kept = gain >= KEEP_MIN_GAIN
@@ -401,34 +438,39 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
                      scheduler=settings["scheduler"], output="np", optimisations=sorted(ours.on),
                      unet_evals_per_image=evals[steps, guidance])
         ablation.append({"optimisation": name, "what": what, "seconds": timing["min_s"], "own_ratio": gain,
-                         "kept": kept})
+                         "kept": kept, "warmup_s": warmup_s})
         if kept:
             best = row
         else:
             ours.apply(name, False, cores, default_threads)
 
     # e. the kept optimisations at the plain path's own sampling settings: a speed-up that cannot cost fidelity
+    more_scores = None
     if ours.on:
+        ours.warm_up(texts, seeds, plain_guidance)
         timing, imgs = timed(lambda: ours.generate(texts, seeds, plain_steps, plain_guidance), args, warmup=0)
         record("batched + kept optimisations, plain settings", timing, imgs, steps=plain_steps,
                guidance=plain_guidance, batch_size=args.batch_size, scheduler=settings["scheduler"], output="np",
                optimisations=sorted(ours.on), unet_evals_per_image=evals[plain_steps, plain_guidance])
+        if args.fidelity_images:
+            more_scores = more_prompts_scores(args, ours, oracle, plain_steps, plain_guidance)
 
     # f. the few-step student on our path (its registry steps and guidance, the optimisations kept above)
     student_row = None
     if args.student:
         spipe, ssettings = load_pipeline(args.student, device=device, dtype=torch.float32)
         student = OurPath(spipe, ssettings, args.batch_size)
-        for name in ours.on:
-            student.apply(name, True, cores, default_threads)
         sst, sgd = ssettings["steps"], ssettings["guidance"]
         sevals = unet_evals_per_image(spipe.unet, lambda: student.generate(texts[:1], seeds[:1], sst, sgd))
-        student.generate(texts[:2], seeds[:2], sst, sgd, batch_size=2)  # warm-up
+        sflops = unet_eval_flops(spipe, ssettings["size"])  # eager, as for the base model
+        for name in ours.on:
+            student.apply(name, True, cores, default_threads)
+        student.warm_up(texts, seeds, sgd)
         timing, imgs = timed(lambda: student.generate(texts, seeds, sst, sgd), args, warmup=0)
         student_row = record(f"student {resolve_model(args.student)['name']}: batched + kept optimisations", timing,
                              imgs, steps=sst, guidance=sgd, batch_size=args.batch_size,
                              scheduler=ssettings["scheduler"], output="np", optimisations=sorted(student.on),
-                             unet_evals_per_image=sevals, unet_flops_per_eval=unet_eval_flops(spipe, ssettings["size"]))
+                             unet_evals_per_image=sevals, unet_flops_per_eval=sflops)
         del spipe, student
     torch.set_num_threads(default_threads)
 
@@ -437,11 +479,18 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
     equal = compare_fidelity(scores[plain_row["config"]], scores[best["config"]], args.seed)
     equal_batched = compare_fidelity(scores[plain_row["config"]], scores[batched_row["config"]], args.seed)
     within = all(v["within_1pt"] for v in equal.values())
-    # The fastest configuration whose every oracle score is within 1 point of the plain path's.
+    # The fastest configuration whose every oracle score is within 1 point of the plain path's (for the kept
+    # optimisations at the plain settings: over the timed prompts and the --fidelity-images more, pooled).
     for row in rows[1:]:
         row["fidelity_minus_plain"] = compare_fidelity(scores[plain_row["config"]], scores[row["config"]], args.seed)
-        row["fidelity_within_1pt_of_plain"] = all(
-            v["within_1pt"] for v in compare_fidelity(scores[plain_row["config"]], scores[row["config"]], args.seed).values())
+        verdict = row["fidelity_minus_plain"]
+        if more_scores is not None and row["config"] == "batched + kept optimisations, plain settings":
+            reference, optimised = more_scores
+            verdict = row["fidelity_minus_plain_more_prompts"] = compare_fidelity(
+                scores[plain_row["config"]] + reference, scores[row["config"]] + optimised, args.seed)
+            row["more_prompts"] = {"n_prompts": len(reference), "seed": args.seed + 1,
+                                   "reference": "a fresh float32 copy of the model, batched, no optimisation"}
+        row["fidelity_within_1pt_of_plain"] = all(v["within_1pt"] for v in verdict.values())
     equal_rows = [r for r in rows[1:] if r["fidelity_within_1pt_of_plain"]]
     fastest_equal = min(equal_rows, key=lambda r: r["seconds"]) if equal_rows else None
     result = {
@@ -458,12 +507,34 @@ def bench_generation(args: argparse.Namespace, run_dir: Path) -> dict:
         "equal_fidelity": within, "fidelity_tolerance": FIDELITY_TOLERANCE,
         "fastest_equal_fidelity_config": fastest_equal["config"] if fastest_equal else None,
         "ratio_at_equal_fidelity": ratio(plain_row["seconds"], fastest_equal["seconds"]) if fastest_equal else None,
+        "batched_vs_plain_max_pixel_diff": int(np.abs(images[plain_row["config"]].astype(int)
+                                                      - images[batched_row["config"]].astype(int)).max()),
         "plain_call": "StableDiffusionPipeline.from_pretrained(folder); "
                       "pipe(prompt, generator=torch.Generator().manual_seed(seed)) per image",
-        "unet_flops_per_eval": unet_eval_flops(pipe, settings["size"]),
+        "unet_flops_per_eval": unet_flops,
     }
     save_generation_grid(run_dir / "generation_grid.png", images, [plain_row["config"], best["config"]], texts)
     return result
+
+
+def more_prompts_scores(args: argparse.Namespace, ours: OurPath, oracle, steps: int,
+                        guidance: float) -> tuple[list[dict], list[dict]]:
+    """Oracle scores of --fidelity-images more prompts (seed + 1; untimed), each drawn twice at the plain path's
+    steps and guidance: by a fresh float32 copy of the model, batched, with no optimisation (the plain numerics:
+    on the timed prompts the batched path draws the plain path's images, `batched_vs_plain_max_pixel_diff`), and
+    by our path with the kept optimisations. Returns (reference scores, optimised scores), one dict per prompt."""
+    import torch
+
+    prompts = structured_prompts(args.fidelity_images, args.seed + 1)
+    texts = [p["text"] for p in prompts]
+    seeds = [(args.seed + 1) * 100_000 + i for i in range(len(prompts))]
+    print(f"  fidelity on {len(prompts)} more prompts at {steps} steps, guidance {guidance} (untimed):")
+    fresh, _ = load_pipeline(args.model, device=torch.device("cpu"), dtype=torch.float32)
+    reference = generate_images(fresh, texts, seeds, steps, guidance, ours.settings["size"],
+                                batch_size=args.batch_size, progress=True)
+    del fresh
+    optimised = ours.generate(texts, seeds, steps, guidance)
+    return oracle.score(reference, prompts), oracle.score(optimised, prompts)
 
 
 def save_generation_grid(path: Path, images: dict[str, np.ndarray], names: list[str], texts: list[str]) -> None:
@@ -999,6 +1070,8 @@ def results_markdown(m: dict) -> str:
                       "under contention a single ratio near 1 is within noise):", ""]
         for a in g["ablation"]:
             detail = a.get("skipped") or f"x{fmt(a['own_ratio'], '.3f')} ({'kept' if a['kept'] else 'dropped'})"
+            if a["optimisation"] == "torch_compile" and a.get("warmup_s") is not None:
+                detail += f"; one-off: its untimed warm-up, compiling included, took {a['warmup_s']:.0f} s"
             lines.append(f"- {a['optimisation']}: {a['what']}: {detail}")
         lines += ["", f"Best configuration: `{g['best_config']}`, x{fmt(g['ratio_ours_vs_plain'], '.2f')} vs plain "
                       f"(batching alone x{fmt(g['ratio_batching_only'], '.2f')}, the registry's sampling settings "
@@ -1030,6 +1103,16 @@ def results_markdown(m: dict) -> str:
                       f"x{fmt(g['ratio_student_vs_plain'], '.2f')} vs plain; oracle all-correct minus plain "
                       f"{fmt(d['diff'])} {fmt_ci(d['ci95'])} ({'within' if d['within_1pt'] else 'NOT within'} "
                       "1 point; every attribute's difference is in metrics.json).", ""]
+        for row in g["configs"]:
+            if row.get("more_prompts"):
+                mp = row["more_prompts"]
+                lines += [f"`{row['config']}` on {g['n_images']} + {mp['n_prompts']} prompts (the timed ones and "
+                          f"{mp['n_prompts']} more, seed {mp['seed']}, untimed; their reference: {mp['reference']}, "
+                          "which on the timed prompts drew the plain path's images up to "
+                          f"{g['batched_vs_plain_max_pixel_diff']} grey levels), minus plain, paired 95% bootstrap CI:",
+                          "", *md_table(["attribute", "diff", "95% CI", "n", "within 1 point"],
+                                        [[k, fmt(d["diff"]), fmt_ci(d["ci95"]), d["n"], _yes_no(d["within_1pt"])]
+                                         for k, d in row["fidelity_minus_plain_more_prompts"].items()]), ""]
         if g["fastest_equal_fidelity_config"]:
             lines.append(f"Fastest configuration at equal fidelity (every oracle score within 1 point of plain): "
                          f"`{g['fastest_equal_fidelity_config']}`, x{fmt(g['ratio_at_equal_fidelity'], '.2f')} vs plain.")

@@ -139,8 +139,9 @@ def test_generation_ratios_come_from_the_measured_times(quick_run):
     # the ablation: every optimisation is reported; kept when >= 2% faster than the best so far (hand-made times)
     assert [a["optimisation"] for a in g["ablation"]] == [n for n, _ in bench.ablation_configs(2)]
     assert g["ablation"][-1]["skipped"] == "--threads 1 pins the thread count"
-    assert [a.get("own_ratio") for a in g["ablation"]] == pytest.approx([2.0, 1 / 0.99, 1.25, 0.8 / 0.79, None])
-    assert [a["kept"] for a in g["ablation"]] == [True, False, True, False, False]
+    assert g["ablation"][-2]["skipped"].startswith("--no-compile (--quick")  # compiling would take minutes
+    assert [a.get("own_ratio") for a in g["ablation"]] == pytest.approx([2.0, 1 / 0.99, 1.25, 0.8 / 0.79, None, None])
+    assert [a["kept"] for a in g["ablation"]] == [True, False, True, False, False, False]
     assert g["best_config"] == "+ fused_qkv" and g["best_optimisations"] == ["fused_qkv", "inference_mode"]
     last = g["configs"][-2]  # the kept optimisations are also timed at the plain path's settings
     assert last["steps"] == 50 and last["optimisations"] == ["fused_qkv", "inference_mode"]
@@ -288,6 +289,35 @@ def test_unet_evaluations_are_counted_per_image(tmp_path):
 
     assert evals(7.5) == 6 and evals(1.0) == 3  # classifier-free guidance doubles the latents; guidance 1 does not
     assert bench.unet_eval_flops(pipe, 64) > 0
+
+
+def test_a_failed_compile_is_reported_and_more_prompts_pool_into_the_verdict(tmp_path, monkeypatch):
+    """torch.compile whose backend fails (as on a machine without a C++ compiler): the ablation says so and goes on
+    with the eager UNet; --fidelity-images adds untimed prompts to the verdict of the plain-settings row."""
+    import torch
+
+    model = tmp_path / "tiny-sd"
+    tiny_sd_pipeline(tmp_path, sample_size=8).save_pretrained(model)
+    scripted_clock(monkeypatch)
+    real_compile = torch.compile
+
+    def no_compiler(gm, example_inputs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, backend=no_compiler))
+    g = bench.main(["--quick", "--only", "generation", "--compile", "--fidelity-images", "2", "--threads", "1",
+                    "--model", str(model), "--student", "", "--outputs", str(tmp_path / "out"),
+                    "--run-name", "c"])["generation"]
+    compiled = next(a for a in g["ablation"] if a["optimisation"] == "torch_compile")
+    assert compiled["skipped"].startswith("failed: BackendCompilerFailed") and compiled["kept"] is False
+    assert "torch_compile" not in g["best_optimisations"]
+    assert not any(r["config"] == "+ torch_compile" for r in g["configs"])  # nothing timed for it
+    row = next(r for r in g["configs"] if r["config"] == "batched + kept optimisations, plain settings")
+    assert row["more_prompts"]["n_prompts"] == 2 and row["more_prompts"]["seed"] == 1
+    pooled, timed_only = row["fidelity_minus_plain_more_prompts"], row["fidelity_minus_plain"]
+    assert pooled["all"]["n"] == timed_only["all"]["n"] + 2 == 4  # the 2 timed prompts and the 2 more
+    assert row["fidelity_within_1pt_of_plain"] == all(d["within_1pt"] for d in pooled.values())
+    assert "2 + 2 prompts" in (tmp_path / "out" / "bench" / "c" / "results.md").read_text()
 
 
 # --------------------------------------------------------------------------- index scale on replicated embeddings
