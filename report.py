@@ -196,12 +196,12 @@ def task_e_summary(m: dict) -> list[str]:
                      f"text only): ΔR@10 {fmt_delta({'mean': w['delta'], 'ci95': w['delta_ci95']})}")
     added = f"- added cost {m['cost']['added_s_per_query']['weighted'][k]:.2f} s per query at k = {k}; "
     editing = m.get("editing")
-    if not editing or not editing.get("by_strength"):  # `--n-edits 0` skips editing: metrics hold `editing: null`
+    if not editing or not editing.get("by_method"):  # `--n-edits 0` skips editing: metrics hold `editing: null`
         lines.append(added + "editing not run (--n-edits 0)")
         return lines
-    best = max(editing["by_strength"].items(), key=lambda kv: kv[1]["all"]["success"]["rate"])
-    lines.append(added + f"editing success at best strength {best[0]}: {fmt(best[1]['all']['success']['rate'])} "
-                 f"{fmt_ci(best[1]['all']['success']['ci95'])} of {best[1]['all']['n']} edits")
+    best = editing["best"]
+    lines.append(added + f"editing success at the best method and strength ({best['method']}, {best['strength']}): "
+                 f"{fmt(best['success']['rate'])} {fmt_ci(best['success']['ci95'])} of {best['n']} edits")
     return lines
 
 

@@ -13,15 +13,20 @@ Two applications of the diffusion model, both measured.
    metric and of the paired difference, overall, on queries whose image holds a target category
    (task_c's targets.json, else the 3 rarest training categories) and on two-object relational
    captions; plus the added seconds per query (generation + embedding + fusion).
-2. Text-guided editing: StableDiffusionImg2ImgPipeline built from the same components (no reload) edits
-   rendered single-object scenes of known content, changing the colour or the shape; the oracle scores
-   each edit (success = the edited attribute is now right AND shape/colour/size/cell/count otherwise
-   kept) for each img2img `strength`.
+2. Text-guided editing: rendered single-object scenes of known content, the colour or the shape changed by
+   two methods built from the same components (no reload), each at every `strength`:
+   - img2img (StableDiffusionImg2ImgPipeline): the source noised with fresh noise to `strength`, then denoised
+     with the target prompt;
+   - DDIM inversion (`InversionEditor`): the source's latent run backwards by DDIMInverseScheduler with an
+     empty prompt to the same noise level, then denoised from there with the target prompt: the noise is the
+     source's own, so what the prompt does not change tends to stay.
+   The oracle scores each edit (success = the edited attribute is now right AND shape/colour/size/cell/count
+   otherwise kept).
 
 Quick (smoke run: ~30 CPU-seconds with the shipped model, under a minute):
     python task_e.py --quick
 Default (~175 CPU-seconds with one torch thread, so about 3 minutes on one idle core and less on two; 100 test
-and 24 val queries x 4 images, 16 edits x 5 strengths; part of `make demo`):
+and 24 val queries x 4 images, 16 edits x 5 strengths x 2 methods; part of `make demo`):
     python task_e.py --run-name default
 More queries for tighter CIs:
     python task_e.py --n-queries 500 --n-subset-queries 200 --n-val-queries 100
@@ -52,6 +57,7 @@ FUSIONS = ("weighted", "rrf")
 SUBSETS = ("overall", "targets", "relational")
 METRICS = ("R@1", "R@5", "R@10", "AP")
 EDIT_KINDS = ("color", "shape")
+EDIT_METHODS = ("img2img", "inversion")
 KEPT_KEYS = ("shape", "color", "size", "position", "count")
 DEFAULT_WEIGHTS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
 DEFAULT_STRENGTHS = "0.3,0.5,0.7,0.9,1.0"
@@ -86,8 +92,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-edits", type=int, default=8, help="edited source scenes per edit kind (0 = skip editing)")
     p.add_argument("--edit-kinds", type=comma_list(), default=",".join(EDIT_KINDS),
                    help=f"comma-separated: {', '.join(EDIT_KINDS)}")
+    p.add_argument("--edit-methods", type=comma_list(), default=",".join(EDIT_METHODS),
+                   help="comma-separated editing methods: img2img (fresh noise), inversion (DDIM inversion, "
+                        "the source's own noise)")
     p.add_argument("--strengths", type=comma_list(float), default=DEFAULT_STRENGTHS,
-                   help="comma-separated img2img strengths in (0, 1]")
+                   help="comma-separated strengths in (0, 1]: the share of the denoising steps redone (img2img: "
+                        "noised to that level; inversion: inverted to it)")
     p.add_argument("--oracle", default=str(DEFAULT_ORACLE), help="oracle folder (oracle.py train)")
     p.add_argument("--grid-rows", type=int, default=8, help="edit examples shown in edit_grid.png")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the queries (>= 1)")
@@ -119,6 +129,9 @@ def check_args(args: argparse.Namespace) -> None:
         check(0 < s <= 1, f"--strengths must lie in (0, 1], got {s:g}")
     check(args.edit_kinds and set(args.edit_kinds) <= set(EDIT_KINDS), f"--edit-kinds must be a "
           f"comma-separated subset of {', '.join(EDIT_KINDS)}, got {','.join(args.edit_kinds)!r}")
+    check(args.edit_methods and set(args.edit_methods) <= set(EDIT_METHODS), f"--edit-methods must be a "
+          f"comma-separated subset of {', '.join(EDIT_METHODS)}, got {','.join(args.edit_methods)!r}")
+    args.edit_methods = [m for m in EDIT_METHODS if m in args.edit_methods]
     check(Path(args.data).is_file(), f"data file not found: {args.data} (run `python generate_data.py` first)")
     check(Path(args.heads).is_file(), f"retrieval checkpoint not found: {args.heads} (run `python retrieval.py` first)")
 
@@ -515,6 +528,62 @@ def img2img_pipeline(pipe):
     return edit
 
 
+class InversionEditor:
+    """Text-guided editing by DDIM inversion, called like an img2img pipeline (so an ImageStore keeps its edits).
+
+    The source is encoded by the VAE (posterior mode), its latent run backwards through deterministic DDIM with an
+    empty prompt and no guidance (Song et al. 2021, "Denoising Diffusion Implicit Models", sec. 4.3; the starting
+    point of Mokady et al. 2023, "Null-text Inversion") for `int(num_inference_steps * strength)` of the
+    `num_inference_steps` trailing-spaced steps, and denoised from that latent with the target prompt by
+    DPM-Solver++ on the same timesteps. Both passes are StableDiffusionPipeline calls sharing `pipe`'s modules
+    (DDIMInverseScheduler, then DPMSolverMultistepScheduler with custom `timesteps`); nothing is random.
+    """
+
+    def __init__(self, pipe):
+        from diffusers import DDIMInverseScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+        modules = {k: pipe.components[k] for k in ("vae", "text_encoder", "tokenizer", "unet")}
+        config = pipe.scheduler.config
+        # DDIMInverseScheduler takes only leading or trailing spacing; trailing's last step reaches t = T - 1.
+        self.inverse, self.forward = (
+            StableDiffusionPipeline(**modules, scheduler=cls.from_config(config, timestep_spacing="trailing"),
+                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+            for cls in (DDIMInverseScheduler, DPMSolverMultistepScheduler))
+        for p in (self.inverse, self.forward):
+            p.set_progress_bar_config(disable=True)
+
+    def __call__(self, prompt: list[str], image: list, strength: float, num_inference_steps: int,
+                 guidance_scale: float, output_type: str = "np", generator=None, **kw):
+        """Edit `image` (PIL images) towards `prompt` (one per image); returns the forward pipeline's output
+        (`.images`). `generator` is accepted for the img2img call signature and unused: both passes are
+        deterministic.
+
+        Raises:
+            ValueError: `strength` leaves no inversion step at these steps.
+        """
+        import torch
+
+        steps = int(num_inference_steps * strength)
+        if steps < 1:
+            raise ValueError(f"strength {strength:g} leaves no step of {num_inference_steps}")
+        vae = self.inverse.vae
+        x = self.inverse.image_processor.preprocess(image).to(vae.device, vae.dtype)
+        with torch.inference_mode():
+            z0 = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+        path = []
+
+        def keep(pipe, i, t, tensors):
+            path.append(tensors["latents"].clone())
+            return tensors
+
+        size = {"height": x.shape[-2], "width": x.shape[-1]}
+        self.inverse([""] * len(prompt), num_inference_steps=num_inference_steps, guidance_scale=1.0, latents=z0,
+                     output_type="latent", callback_on_step_end=keep, **size)
+        timesteps = [int(t) for t in self.inverse.scheduler.timesteps[:steps]][::-1]
+        return self.forward(prompt, timesteps=timesteps, guidance_scale=guidance_scale, latents=path[steps - 1],
+                            output_type=output_type, **size, **kw)
+
+
 def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
     """Images encoded and decoded by the pipeline's VAE (latent mode, no noise): uint8 like the input."""
     import torch
@@ -564,11 +633,12 @@ def summarize_edits(verdicts: dict[str, np.ndarray], kinds: np.ndarray, n_boot: 
 
 
 def edit(pipe, oracle: Oracle, settings: dict, args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
-    """Rendered scenes, one attribute changed by img2img at each strength, scored by the oracle.
+    """Rendered scenes, one attribute changed by each editing method at each strength, scored by the oracle.
 
     Returns:
-        (the editing metrics, the edit grid's examples: {"cases": the first `--grid-rows` cases, "edited":
-        strength -> their uint8 (rows, H, W, 3) edits, "success": strength -> (rows,) bool}).
+        (the editing metrics, with "by_method": method -> strength -> rates; the edit grid's examples:
+        {"cases": the first `--grid-rows` cases, "edited": (method, strength) -> their uint8 (rows, H, W, 3)
+        edits, "success": (method, strength) -> (rows,) bool}).
     """
     cases = edit_cases(args.edit_kinds, args.n_edits, args.seed, settings["size"])
     kinds = np.array([c["kind"] for c in cases])
@@ -577,21 +647,33 @@ def edit(pipe, oracle: Oracle, settings: dict, args: argparse.Namespace, folder:
     source_ok = [s["all"] for s in oracle.score(sources, source_prompts)]
     # What survives the VAE alone bounds what any strength can keep.
     roundtrip_ok = [s["all"] for s in oracle.score(vae_roundtrip(pipe, sources), source_prompts)]
-    edit_pipe = img2img_pipeline(pipe)
+    editors = {"img2img": img2img_pipeline, "inversion": InversionEditor}
     rows = min(args.grid_rows, len(cases))
-    by_strength, examples = {}, {"cases": cases[:rows], "edited": {}, "success": {}}
-    for strength in tqdm(args.strength_list, desc="edit strengths", leave=False):
-        edited = run_edits(edit_pipe, cases, strength, settings, args.seed, args.batch_size, folder)
-        verdicts = edit_verdicts(oracle.score(edited, [c["target_prompt"] for c in cases]), cases)
-        by_strength[f"{strength:g}"] = summarize_edits(verdicts, kinds, args.bootstrap, args.seed)
-        examples["edited"][strength], examples["success"][strength] = edited[:rows], verdicts["success"][:rows]
+    by_method, examples = {}, {"cases": cases[:rows], "edited": {}, "success": {}}
+    for method in args.edit_methods:
+        editor, by_method[method] = editors[method](pipe), {}
+        for strength in tqdm(args.strength_list, desc=f"{method} strengths", leave=False):
+            edited = run_edits(editor, cases, strength, settings, args.seed, args.batch_size, folder / method)
+            verdicts = edit_verdicts(oracle.score(edited, [c["target_prompt"] for c in cases]), cases)
+            by_method[method][f"{strength:g}"] = summarize_edits(verdicts, kinds, args.bootstrap, args.seed)
+            examples["edited"][method, strength] = edited[:rows]
+            examples["success"][method, strength] = verdicts["success"][:rows]
     editing = {"n_cases": len(cases), "n_by_kind": {k: int((kinds == k).sum()) for k in args.edit_kinds},
                "source_oracle_correct": float(np.mean(source_ok)),
                "vae_roundtrip_oracle_correct": float(np.mean(roundtrip_ok)), "strengths": args.strength_list,
-               "by_strength": by_strength,
+               "methods": args.edit_methods, "by_method": by_method, "best": best_edit(by_method),
                "examples": [{"kind": c["kind"], "source": c["source_prompt"]["text"],
                              "target": c["target_prompt"]["text"]} for c in examples["cases"]]}
     return editing, examples
+
+
+def best_edit(by_method: dict) -> dict:
+    """The method and strength with the highest success rate over all edits (ties: the lower strength, then the
+    first method): {"method", "strength", "success": {"rate", "ci95"}, "n"}."""
+    method, strength = max(((m, s) for m in by_method for s in by_method[m]),
+                           key=lambda ms: (by_method[ms[0]][ms[1]]["all"]["success"]["rate"], -float(ms[1])))
+    row = by_method[method][strength]["all"]
+    return {"method": method, "strength": strength, "success": row["success"], "n": row["n"]}
 
 
 def framed(image: np.ndarray, ok: bool, width: int = 2) -> np.ndarray:
@@ -635,40 +717,44 @@ def plot_recall_vs_k(ret: dict, path: Path) -> None:
 
 
 def plot_edit_success(edits: dict, path: Path) -> None:
-    """Edit success rate (95% CI) against img2img strength, for all edits and per kind."""
+    """Edit success rate (95% CI) against strength, one panel per method, for all edits and per kind."""
     plt = pyplot()
-    strengths = [float(s) for s in edits["by_strength"]]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for group, marker in (("all", "o"), ("color", "s"), ("shape", "^")):
-        rows = [edits["by_strength"][f"{s:g}"].get(group) for s in strengths]
-        if any(r is None for r in rows):
-            continue
-        y = np.array([r["success"]["rate"] for r in rows])
-        ci = np.array([r["success"]["ci95"] for r in rows])
-        ax.errorbar(strengths, y, yerr=np.abs(ci - y[:, None]).T, fmt=marker + "-", capsize=3,
-                    label=f"{group} ({rows[0]['n']} edits)")
-    ax.set_xlabel("img2img strength")
-    ax.set_ylabel("edit success (oracle, 95% CI)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title("Edit success: edited attribute right, the rest kept", fontsize=10)
-    ax.legend(fontsize=8)
+    methods = list(edits["by_method"])
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.6 * len(methods), 3.8), squeeze=False, sharey=True)
+    for ax, method in zip(axes[0], methods):
+        by_strength = edits["by_method"][method]
+        strengths = [float(s) for s in by_strength]
+        for group, marker in (("all", "o"), ("color", "s"), ("shape", "^")):
+            rows = [by_strength[f"{s:g}"].get(group) for s in strengths]
+            if any(r is None for r in rows):
+                continue
+            y = np.array([r["success"]["rate"] for r in rows])
+            ci = np.array([r["success"]["ci95"] for r in rows])
+            ax.errorbar(strengths, y, yerr=np.abs(ci - y[:, None]).T, fmt=marker + "-", capsize=3,
+                        label=f"{group} ({rows[0]['n']} edits)")
+        ax.set_xlabel(f"{method} strength")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(method, fontsize=10)
+    axes[0][0].set_ylabel("edit success (oracle, 95% CI)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Edit success: edited attribute right, the rest kept", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
 def edit_grid(examples: dict, path: Path) -> None:
-    """edit_grid.png: a row per example (source, then its edit at each strength, framed green = success, red =
-    failure); `examples` from `edit`."""
-    strengths = list(examples["edited"])
+    """edit_grid.png: a row per example (source, then its edit by each method at each strength, framed green =
+    success, red = failure); `examples` from `edit`."""
+    columns = list(examples["edited"])
     cells, labels = [], []
     for i, case in enumerate(examples["cases"]):
         src, tgt = case["source_prompt"]["objects"][0], case["target_prompt"]["objects"][0]
         labels.append(f"{src['color']} {src['shape']} -> {tgt['color']} {tgt['shape']}")
         cells.append(case["source"])
-        cells += [framed(examples["edited"][s][i], bool(examples["success"][s][i])) for s in strengths]
-    image_grid(cells, len(labels), 1 + len(strengths), row_labels=labels,
-               col_labels=["source"] + [f"s={s:g}" for s in strengths]).save(path)
+        cells += [framed(examples["edited"][c][i], bool(examples["success"][c][i])) for c in columns]
+    image_grid(cells, len(labels), 1 + len(columns), row_labels=labels,
+               col_labels=["source"] + [f"{'inv' if m == 'inversion' else m} {s:g}" for m, s in columns]).save(path)
 
 
 def figures(run_dir: Path, metrics: dict, examples: dict | None) -> dict:
@@ -724,12 +810,14 @@ def summary_lines(m: dict) -> list[str]:
                  f"{fmt(c['added_s_per_query']['weighted'][str(k)])} s per query (weighted) vs "
                  f"{c['text_only_search_s_per_query'] * 1e3:.2f} ms for a text-only search.")
     e = m.get("editing")
-    if e and e["by_strength"]:
-        best = max(e["by_strength"], key=lambda s: (e["by_strength"][s]["all"]["success"]["rate"], -float(s)))
-        b = e["by_strength"][best]["all"]
-        lines.append(f"- Editing: best success {rate(b['success'])} at strength "
-                     f"{best} over {b['n']} edits; the oracle reads {fmt(e['source_oracle_correct'])} of the unedited "
-                     f"sources entirely right, {fmt(e['vae_roundtrip_oracle_correct'])} after a VAE round trip.")
+    if e and e["by_method"]:
+        per_method = "; ".join(
+            f"{meth} {rate(row['all']['success'])} at strength {s}" for meth, by_s in e["by_method"].items()
+            for s, row in [max(by_s.items(), key=lambda kv: (kv[1]["all"]["success"]["rate"], -float(kv[0])))])
+        lines.append(f"- Editing: best success {rate(e['best']['success'])} ({e['best']['method']}, strength "
+                     f"{e['best']['strength']}) over {e['best']['n']} edits (each method at its best: {per_method}); "
+                     f"the oracle reads {fmt(e['source_oracle_correct'])} of the unedited sources entirely right, "
+                     f"{fmt(e['vae_roundtrip_oracle_correct'])} after a VAE round trip.")
     return lines
 
 
@@ -776,27 +864,30 @@ def results_markdown(m: dict) -> str:
               *md_table(["k", "weighted", "rrf"], [[k, *(fmt(c["added_s_per_query"][f][str(k)]) for f in FUSIONS)]
                                                    for k in range(1, m["k_max"] + 1)])]
     e = m.get("editing")
-    if e and e["by_strength"]:
-        lines += ["", "## Text-guided editing (img2img, same components)", "",
+    if e and e["by_method"]:
+        lines += ["", "## Text-guided editing (same components: img2img and DDIM inversion)", "",
                   f"{e['n_cases']} rendered single-object scenes ({', '.join(f'{v} {k}' for k, v in e['n_by_kind'].items())}"
                   " edits); the prompt describes the target (shape, colour, size, cell). Success: the oracle finds the "
                   "edited attribute right and shape, colour, size, cell and object count otherwise unchanged. "
                   f"The oracle reads {fmt(e['source_oracle_correct'])} of the unedited sources entirely right, and "
                   f"{fmt(e['vae_roundtrip_oracle_correct'])} of them after a round trip through the model's VAE (no "
-                  "denoising): an upper bound on what any strength can keep.", "",
-                  *md_table(["strength", "success (all) [95% CI]", "colour edits", "shape edits", "edited attr. right",
-                             "rest kept"],
-                            [[s, rate(row["all"]["success"]), *(rate(row[k]["success"]) if k in row else "-"
-                                                                for k in EDIT_KINDS),
+                  "denoising): an upper bound on what any strength can keep. img2img noises the source with fresh "
+                  "noise to the strength's level; inversion runs it backwards by DDIM (empty prompt) to the same "
+                  "level, so the noise it starts from is the source's own.", "",
+                  *md_table(["method", "strength", "success (all) [95% CI]", "colour edits", "shape edits",
+                             "edited attr. right", "rest kept"],
+                            [[meth, s, rate(row["all"]["success"]), *(rate(row[k]["success"]) if k in row else "-"
+                                                                      for k in EDIT_KINDS),
                               fmt(row["all"]["edited"]["rate"]), fmt(row["all"]["kept"]["rate"])]
-                             for s, row in e["by_strength"].items()])]
-        lines += ["", "Strength 1.0 replaces the source by pure noise: it is text-to-image generation, the reference "
-                  "an edit has to beat on keeping the rest."]
+                             for meth, by_s in e["by_method"].items() for s, row in by_s.items()])]
+        lines += ["", "img2img at strength 1.0 replaces the source by pure noise: it is text-to-image generation, the "
+                  "reference an edit has to beat on keeping the rest; inversion at 1.0 starts from the source's "
+                  "fully inverted latent instead."]
     lines += ["", "## Figures", "", "- [R@10 vs k](recall_vs_k.png)"]
-    if e and e["by_strength"]:
+    if e and e["by_method"]:
         lines += ["- [edit success vs strength](edit_success.png)",
-                  "- [edit grid](edit_grid.png) (rows: examples; columns: source, then strengths; frame green = "
-                  "success, red = failure)"]
+                  "- [edit grid](edit_grid.png) (rows: examples; columns: source, then each method at each strength; "
+                  "frame green = success, red = failure)"]
     return "\n".join(lines) + "\n"
 
 

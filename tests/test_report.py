@@ -104,7 +104,7 @@ def test_task_b_section_shows_every_experiment_and_the_filmstrips_inline(tmp_pat
         assert f"]({'task_b/r1/' + name})" in text and "![" in text.split(name)[0].splitlines()[-1], name
 
 
-def test_task_e_without_editing_is_reported_not_a_crash(tmp_path):
+def test_task_e_with_and_without_editing_is_reported(tmp_path):
     outputs = tmp_path / "outputs"
     text_only = {"R@10": {"mean": 0.5, "ci95": [0.25, 0.75]}}  # the reference row: no delta to itself
     fused = {"R@10": {"mean": 0.625, "ci95": [0.375, 0.875], "delta": 0.125, "delta_ci95": [-0.25, 0.5]}}
@@ -117,6 +117,15 @@ def test_task_e_without_editing_is_reported_not_a_crash(tmp_path):
     assert "ΔR@10 +0.125 [-0.250, +0.500]" in text
     assert "- relational: no queries drawn\n" in text  # an empty subset has no numbers to read
     assert "- added cost 0.25 s per query at k = 2; editing not run (--n-edits 0)" in text
+
+    (outputs / "task_e" / "latest").unlink()  # the same run, now with editing
+    best = {"method": "inversion", "strength": "0.5", "success": {"rate": 0.28125, "ci95": [0.125, 0.4375]}, "n": 32}
+    _run(outputs, "task_e", {"k_max": 2, "retrieval": {"overall": overall}, "fusion": {"weighted": {"2": {"w": 0.5}}},
+                             "cost": {"added_s_per_query": {"weighted": {"2": 0.25}}},
+                             "editing": {"by_method": {"img2img": {}, "inversion": {}}, "best": best}})
+    text = report.main(["--outputs", str(outputs)]).read_text()
+    assert ("editing success at the best method and strength (inversion, 0.5): 0.281 [0.125, 0.438] of 32 edits"
+            in text)
 
 
 def test_bench_speed_section_reads_the_limit_and_the_index_scale(tmp_path):

@@ -121,27 +121,32 @@ def test_quick_run_writes_metrics_figures_and_report(quick_run, tiny_data):
 
     e = metrics["editing"]
     assert 0 <= e["vae_roundtrip_oracle_correct"] <= 1 and e["source_oracle_correct"] in (0, 0.5, 1)
-    assert e["n_cases"] == 2 and e["n_by_kind"] == {"color": 1, "shape": 1} and list(e["by_strength"]) == ["0.5", "1"]
-    for row in e["by_strength"].values():
-        a = row["all"]
-        assert a["n"] == 2 and a["success"]["rate"] <= min(a["edited"]["rate"], a["kept"]["rate"])
-        assert row["color"]["n"] == row["shape"]["n"] == 1
+    assert e["n_cases"] == 2 and e["n_by_kind"] == {"color": 1, "shape": 1}
+    assert list(e["by_method"]) == ["img2img", "inversion"]
+    for by_strength in e["by_method"].values():
+        assert list(by_strength) == ["0.5", "1"]
+        for row in by_strength.values():
+            a = row["all"]
+            assert a["n"] == 2 and a["success"]["rate"] <= min(a["edited"]["rate"], a["kept"]["rate"])
+            assert row["color"]["n"] == row["shape"]["n"] == 1
+    best = e["by_method"][e["best"]["method"]][e["best"]["strength"]]["all"]["success"]["rate"]
+    assert best == max(r["all"]["success"]["rate"] for b in e["by_method"].values() for r in b.values())
 
     report = (run / "results.md").read_text()
     assert f"| text only | - | {metrics['retrieval']['overall']['text']['R@1']['mean']:.3f} |" in report
     assert "(recall_vs_k.png)" in report and "(edit_grid.png)" in report
     stores = list((run / "generated" / "test").glob("*/manifest.jsonl"))  # one store: one model and sampler
     assert len(stores) == 1 and len(stores[0].read_text().splitlines()) == metrics["queries"]["n_test"] * 2
-    assert len(list((run / "edited").glob("*/manifest.jsonl"))) == 2  # one store per strength
+    assert len(list((run / "edited").glob("*/*/manifest.jsonl"))) == 4  # one store per method and strength
 
 
 def test_a_rerun_resumes_and_gives_the_same_numbers(quick_run, tiny_data, tiny_heads, tiny_model):
     out, first = quick_run
     run = out / "task_e" / "q"
-    manifests = sorted(run.rglob("manifest.jsonl"))  # generated/test, generated/val, edited/<each strength>
+    manifests = sorted(run.rglob("manifest.jsonl"))  # generated/test, generated/val, edited/<method>/<strength>
     before = [m.stat().st_mtime_ns for m in manifests]
     resumed = task_e.main(_args(tiny_data, tiny_heads, tiny_model, out, "q"))
-    assert len(manifests) == 4 and [m.stat().st_mtime_ns for m in manifests] == before  # read back, not redone
+    assert len(manifests) == 6 and [m.stat().st_mtime_ns for m in manifests] == before  # read back, not redone
     assert _without_timings(resumed) == _without_timings(first)  # fusion, bootstrap and edits are seeded
     assert resumed["cost"]["generate_s_per_image"] == first["cost"]["generate_s_per_image"]  # its saved cost
 
@@ -219,6 +224,37 @@ def test_vae_roundtrip_keeps_shape_and_dtype(tiny_pipe):
     out = task_e.vae_roundtrip(pipe, images)
     assert out.shape == images.shape and out.dtype == np.uint8
     np.testing.assert_array_equal(out, task_e.vae_roundtrip(pipe, images))  # no sampling: the latent mode
+
+
+def test_inversion_editing_denoises_the_inverted_latent_on_the_same_timesteps(tiny_pipe):
+    """The forward pass runs the inverted steps back in reverse order; at one step of 50 it returns (nearly) the
+    VAE round trip, since it undoes one small inversion step; it is deterministic whatever the generator."""
+    import torch
+    from PIL import Image
+
+    from utils import STUDY_MODEL, load_pipeline
+
+    pipe, _ = tiny_pipe
+    sources = np.stack([c["source"] for c in task_e.edit_cases(["color"], 2, seed=0, size=64)])
+    editor = task_e.InversionEditor(pipe)
+    images = [Image.fromarray(im) for im in sources]
+    out = editor(["a red star"] * 2, images, strength=0.3, num_inference_steps=10, guidance_scale=2.0).images
+    assert out.shape == (2, 64, 64, 3)
+    inverted = [int(t) for t in editor.inverse.scheduler.timesteps]
+    assert inverted == sorted(inverted) and inverted[-1] == 999  # trailing spacing: up to T - 1
+    assert [int(t) for t in editor.forward.scheduler.timesteps] == inverted[:3][::-1]
+    again = editor(["a red star"] * 2, images, strength=0.3, num_inference_steps=10, guidance_scale=2.0,
+                   generator=[torch.Generator().manual_seed(i) for i in (5, 6)]).images
+    np.testing.assert_array_equal(out, again)
+    # A trained model (random weights predict noise that jumps between neighbouring timesteps): one step of 50
+    # inverted and undone comes back to the VAE round trip, to within a grey level on average.
+    study, _ = load_pipeline(STUDY_MODEL, task_e.pick_device("cpu"))
+    one_step = task_e.InversionEditor(study)(["a red star"] * 2, images, strength=1 / 50, num_inference_steps=50,
+                                             guidance_scale=1.0).images
+    roundtrip = task_e.vae_roundtrip(study, sources).astype(float)
+    assert np.abs(one_step * 255 - roundtrip).mean() < 1.0
+    with pytest.raises(ValueError, match="strength 0.05 leaves no step of 10"):
+        editor(["a red star"], images[:1], strength=0.05, num_inference_steps=10, guidance_scale=1.0)
 
 
 # --------------------------------------------------------------------------- fusion by hand
@@ -351,6 +387,8 @@ def test_edit_verdicts_need_the_edit_and_everything_else_kept():
     (["--weights", "0,1.2"], "argument --weights: must be comma-separated floats >= 0 and <= 1, got '1.2'"),
     (["--n-queries", "0"], "--n-queries must be >= 1, got 0"),
     (["--edit-kinds", "size"], "--edit-kinds must be a comma-separated subset of color, shape, got 'size'"),
+    (["--edit-methods", "img2img,diffedit"],
+     "--edit-methods must be a comma-separated subset of img2img, inversion, got 'img2img,diffedit'"),
     (["--rrf-c", "0"], "--rrf-c must be > 0, got 0.0"),
 ])
 def test_bad_arguments(flags, message, tiny_data, tiny_heads):
