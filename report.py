@@ -205,13 +205,25 @@ def task_e_summary(m: dict) -> list[str]:
     return lines
 
 
+def equal_fidelity_basis(g: dict) -> str:
+    """How many prompts bench's equal-fidelity verdict rests on, and whether they are too few to show it: below
+    1 / tolerance prompts one image moves a score by more than the tolerance, so "equal" only means the same readings
+    on a handful of images (the quick form's 2)."""
+    row = next((r for r in g["configs"] if r["config"] == g["fastest_equal_fidelity_config"]), {})
+    n = g["n_images"] + row.get("more_prompts", {}).get("n_prompts", 0)
+    few = n * g["fidelity_tolerance"] < 1
+    return f" (fidelity compared on {n} prompts" + ("; too few to show equal fidelity)" if few else ")")
+
+
 def bench_summary(m: dict) -> list[str]:
     """The speed section: the measured ratios, the share of the machine's peak FLOP/s, the index scale table."""
     hw = m["hardware"]
     lines = [f"{hw['cpu']}, {hw['cores_usable']} cores, GPU {hw['gpu'] or 'none'}"
              + (" (contended: other work shared the CPU)" if hw.get("contended") else "")
              + ". Ratios measured side by side (fastest of the repeats): "
-             + ", ".join(f"{k} ×{v:.2f}" for k, v in m["ratios"].items() if v is not None) + "."]
+             + ", ".join(f"{k} ×{v:.2f}" + (equal_fidelity_basis(m["generation"]) if k == "generation_at_equal_fidelity"
+                                             else "")
+                         for k, v in m["ratios"].items() if v is not None) + "."]
     lim = m.get("limit")
     if lim:
         best = next((r for r in lim.get("configs", []) if r["config"] == lim["best_config"]), {})

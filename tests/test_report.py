@@ -152,6 +152,16 @@ def test_bench_speed_section_reads_the_limit_and_the_index_scale(tmp_path):
                                       "peak": {"peak_flops_per_s": 86.1e9, "peak_flops_per_s_bf16": 350.0e9}}})
     text = report.main(["--outputs", str(outputs)]).read_text()
     assert "and 4.1% on ours (`+ bf16_autocast`, of the bf16 peak 350.0 GFLOP/s)." in text
+    # the equal-fidelity ratio names the prompts its verdict rests on, and says when they are too few (the quick form)
+    for n_images, more, basis in ((2, None, "2 prompts; too few to show equal fidelity"),
+                                  (96, 400, "496 prompts")):
+        outputs = tmp_path / f"outputs_eq{n_images}"
+        row = {"config": "kept", **({"more_prompts": {"n_prompts": more}} if more else {})}
+        _run(outputs, "bench", {"hardware": hw, "ratios": {"generation_at_equal_fidelity": 5.06},
+                                "generation": {"n_images": n_images, "fidelity_tolerance": 0.01,
+                                               "fastest_equal_fidelity_config": "kept", "configs": [row]}})
+        text = report.main(["--outputs", str(outputs)]).read_text()
+        assert f"generation_at_equal_fidelity ×5.06 (fidelity compared on {basis})." in text
 
 
 BLOCKS = ("study-numbers", "retrieval-numbers", "oracle-numbers", "model-numbers")
