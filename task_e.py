@@ -37,6 +37,7 @@ edit_success.png, edit_grid.png (and generated/ and edited/, the resumable image
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -536,7 +537,8 @@ class InversionEditor:
     point of Mokady et al. 2023, "Null-text Inversion") for `int(num_inference_steps * strength)` of the
     `num_inference_steps` trailing-spaced steps, and denoised from that latent with the target prompt by
     DPM-Solver++ on the same timesteps. Both passes are StableDiffusionPipeline calls sharing `pipe`'s modules
-    (DDIMInverseScheduler, then DPMSolverMultistepScheduler with custom `timesteps`); nothing is random.
+    (DDIMInverseScheduler, then DPMSolverMultistepScheduler with custom `timesteps`); nothing is random. Each
+    batch's inversion path (every step's latent) is kept, so further strengths of the same sources reuse it.
     """
 
     def __init__(self, pipe):
@@ -551,6 +553,7 @@ class InversionEditor:
             for cls in (DDIMInverseScheduler, DPMSolverMultistepScheduler))
         for p in (self.inverse, self.forward):
             p.set_progress_bar_config(disable=True)
+        self.paths: dict[tuple[str, int], list] = {}  # (sources' digest, steps) -> latents after each inverse step
 
     def __call__(self, prompt: list[str], image: list, strength: float, num_inference_steps: int,
                  guidance_scale: float, output_type: str = "np", generator=None, **kw):
@@ -561,27 +564,38 @@ class InversionEditor:
         Raises:
             ValueError: `strength` leaves no inversion step at these steps.
         """
-        import torch
-
         steps = int(num_inference_steps * strength)
         if steps < 1:
             raise ValueError(f"strength {strength:g} leaves no step of {num_inference_steps}")
-        vae = self.inverse.vae
-        x = self.inverse.image_processor.preprocess(image).to(vae.device, vae.dtype)
-        with torch.inference_mode():
-            z0 = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
-        path = []
+        size = {"height": image[0].height, "width": image[0].width}
+        key = (hashlib.sha1(b"".join(im.tobytes() for im in image)).hexdigest(), num_inference_steps)
+        if key not in self.paths:
+            z0 = vae_latents(self.inverse, image) * self.inverse.vae.config.scaling_factor
+            path = []
 
-        def keep(pipe, i, t, tensors):
-            path.append(tensors["latents"].clone())
-            return tensors
+            def keep(pipe, i, t, tensors):
+                path.append(tensors["latents"].clone())
+                return tensors
 
-        size = {"height": x.shape[-2], "width": x.shape[-1]}
-        self.inverse([""] * len(prompt), num_inference_steps=num_inference_steps, guidance_scale=1.0, latents=z0,
-                     output_type="latent", callback_on_step_end=keep, **size)
+            self.inverse([""] * len(prompt), num_inference_steps=num_inference_steps, guidance_scale=1.0,
+                         latents=z0, output_type="latent", callback_on_step_end=keep, **size)
+            self.paths[key] = path  # only a finished path is kept
+        path = self.paths[key]
+        self.inverse.scheduler.set_timesteps(num_inference_steps)
         timesteps = [int(t) for t in self.inverse.scheduler.timesteps[:steps]][::-1]
         return self.forward(prompt, timesteps=timesteps, guidance_scale=guidance_scale, latents=path[steps - 1],
                             output_type=output_type, **size, **kw)
+
+
+def vae_latents(pipe, images: list):
+    """The VAE's posterior mode (unscaled) of PIL images: a torch tensor (n, latent channels, H / f, W / f) on the
+    VAE's device."""
+    import torch
+
+    vae = pipe.vae
+    x = pipe.image_processor.preprocess(images).to(vae.device, vae.dtype)
+    with torch.inference_mode():
+        return vae.encode(x).latent_dist.mode()
 
 
 def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
@@ -589,11 +603,9 @@ def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
     import torch
     from PIL import Image
 
-    x = pipe.image_processor.preprocess([Image.fromarray(im) for im in images])
+    latents = vae_latents(pipe, [Image.fromarray(im) for im in images])
     with torch.inference_mode():
-        vae = pipe.vae
-        latents = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()
-        decoded = vae.decode(latents).sample
+        decoded = pipe.vae.decode(latents).sample
     out = pipe.image_processor.postprocess(decoded.float(), output_type="np")
     return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
 
@@ -811,9 +823,8 @@ def summary_lines(m: dict) -> list[str]:
                  f"{c['text_only_search_s_per_query'] * 1e3:.2f} ms for a text-only search.")
     e = m.get("editing")
     if e and e["by_method"]:
-        per_method = "; ".join(
-            f"{meth} {rate(row['all']['success'])} at strength {s}" for meth, by_s in e["by_method"].items()
-            for s, row in [max(by_s.items(), key=lambda kv: (kv[1]["all"]["success"]["rate"], -float(kv[0])))])
+        per_method = "; ".join(f"{b['method']} {rate(b['success'])} at strength {b['strength']}"
+                               for b in (best_edit({meth: by_s}) for meth, by_s in e["by_method"].items()))
         lines.append(f"- Editing: best success {rate(e['best']['success'])} ({e['best']['method']}, strength "
                      f"{e['best']['strength']}) over {e['best']['n']} edits (each method at its best: {per_method}); "
                      f"the oracle reads {fmt(e['source_oracle_correct'])} of the unedited sources entirely right, "
