@@ -32,7 +32,7 @@ demo: $(STAMP)
 # task_d and task_e generate with the study generator's few-step student (4 UNet evaluations per image against its
 # teacher's 40; all-correct within 0.05 of it: README "A few-step student"); the teacher's full-size runs are in the README
 	$(PY) task_d.py --run-name demo --model shapes-tiny-f2-turbo --max-candidates 600 --ratios ''  # no ratio arms: time
-	$(PY) task_e.py --run-name demo --model shapes-tiny-f2-turbo
+	$(PY) task_e.py --run-name demo --model shapes-tiny-f2-turbo --edit-steps 0  # the student's own 4 steps: time
 	$(PY) bench.py --quick --run-name demo  # the speed section: ratios, share of peak FLOP/s, index scale
 	$(PY) report.py --readme README.md  # REPORT.md, and the README's measured numbers from these runs
 

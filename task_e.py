@@ -20,13 +20,15 @@ Two applications of the diffusion model, both measured.
    - DDIM inversion (`InversionEditor`): the source's latent run backwards by DDIMInverseScheduler with an
      empty prompt to the same noise level, then denoised from there with the target prompt: the noise is the
      source's own, so what the prompt does not change tends to stay.
+   Both run at --edit-steps (default 50, the inversion's step count in Mokady et al. 2023): DDIM inversion
+   assumes the noise prediction barely changes over a step, so coarse steps lose the source.
    The oracle scores each edit (success = the edited attribute is now right AND shape/colour/size/cell/count
    otherwise kept).
 
 Quick (smoke run: ~30 CPU-seconds with the shipped model, under a minute):
     python task_e.py --quick
 Default (~175 CPU-seconds with one torch thread, so about 3 minutes on one idle core and less on two; 100 test
-and 24 val queries x 4 images, 16 edits x 5 strengths x 2 methods; part of `make demo`):
+and 24 val queries x 4 images, 16 edits x 5 strengths x 2 methods at 50 steps; part of `make demo`):
     python task_e.py --run-name default
 More queries for tighter CIs:
     python task_e.py --n-queries 500 --n-subset-queries 200 --n-val-queries 100
@@ -62,11 +64,12 @@ EDIT_METHODS = ("img2img", "inversion")
 KEPT_KEYS = ("shape", "color", "size", "position", "count")
 DEFAULT_WEIGHTS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
 DEFAULT_STRENGTHS = "0.3,0.5,0.7,0.9,1.0"
+DEFAULT_EDIT_STEPS = 50
 VAL_SEED_OFFSET = 10**7  # val queries' seeds never coincide with test queries'
 # What the CI of a paired difference to text-only says (`utils.ci_verdict` of it).
 VERDICT_WORDS = {"better": "better than text-only (CI above 0)", "worse": "worse than text-only (CI below 0)",
                  "no detectable difference": "no detectable difference (CI includes 0)", "undefined": "undefined"}
-QUICK = {"n_queries": 4, "n_subset_queries": 2, "n_val_queries": 2, "n_edits": 1, "bootstrap": 200}
+QUICK = {"n_queries": 4, "n_subset_queries": 2, "n_val_queries": 2, "n_edits": 1, "edit_steps": 0, "bootstrap": 200}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -96,6 +99,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--edit-methods", type=comma_list(), default=",".join(EDIT_METHODS),
                    help="comma-separated editing methods: img2img (fresh noise), inversion (DDIM inversion, "
                         "the source's own noise)")
+    p.add_argument("--edit-steps", type=int, default=DEFAULT_EDIT_STEPS,
+                   help="denoising steps of both editing methods, a strength's share of them redone (0 = the model's "
+                        "sampling steps). DDIM inversion's error shrinks with finer steps: Mokady et al. 2023 invert "
+                        "with 50")
     p.add_argument("--strengths", type=comma_list(float), default=DEFAULT_STRENGTHS,
                    help="comma-separated strengths in (0, 1]: the share of the denoising steps redone (img2img: "
                         "noised to that level; inversion: inverted to it)")
@@ -121,6 +128,7 @@ def check_args(args: argparse.Namespace) -> None:
     check(args.grid_rows >= 1, f"--grid-rows must be >= 1, got {args.grid_rows}")
     check(args.threads >= 0, f"--threads must be >= 0, got {args.threads}")
     check(args.steps is None or args.steps >= 1, f"--steps must be >= 1, got {args.steps}")
+    check(args.edit_steps >= 0, f"--edit-steps must be >= 0, got {args.edit_steps}")
     check(args.rrf_c > 0, f"--rrf-c must be > 0, got {args.rrf_c}")
     check(len(args.weights) > 0, "--weights needs at least one value")
     args.weight_grid = sorted(set(args.weights))
@@ -611,13 +619,14 @@ def vae_roundtrip(pipe, images: np.ndarray) -> np.ndarray:
 
 
 def run_edits(edit_pipe, cases: list[dict], strength: float, settings: dict, seed: int, batch_size: int,
-              folder: Path) -> np.ndarray:
-    """Edit every source towards its target prompt at one strength; case i's noise comes from seed + i.
+              folder: Path, prompt: str = "target_prompt") -> np.ndarray:
+    """Edit every source towards its `prompt` (a case key: target_prompt, or source_prompt for the no-change
+    check) at one strength; case i's noise comes from seed + i.
 
     The edits are kept in an ImageStore under `folder` (keyed by the strength too), so a rerun resumes.
     """
     store = ImageStore(folder, settings, key=[strength, settings["dtype"], settings["device"]])
-    items = [{"id": f"{i:05d}", "text": c["target_prompt"]["text"], "seed": seed + i, "image": c["source"]}
+    items = [{"id": f"{i:05d}", "text": c[prompt]["text"], "seed": seed + i, "image": c["source"]}
              for i, c in enumerate(cases)]
     store.generate(edit_pipe, items, batch_size, progress=False, strength=strength)
     return store.load(items)
@@ -647,6 +656,10 @@ def summarize_edits(verdicts: dict[str, np.ndarray], kinds: np.ndarray, n_boot: 
 def edit(pipe, oracle: Oracle, settings: dict, args: argparse.Namespace, folder: Path) -> tuple[dict, dict]:
     """Rendered scenes, one attribute changed by each editing method at each strength, scored by the oracle.
 
+    Each method and strength also runs once with every source's own prompt (asked for no change): the share of
+    sources the oracle still reads entirely right ("reconstructed") is what the editor loses by itself, before any
+    edit (an inversion at coarse steps loses much; the VAE round trip bounds it from above).
+
     Returns:
         (the editing metrics, with "by_method": method -> strength -> rates; the edit grid's examples:
         {"cases": the first `--grid-rows` cases, "edited": (method, strength) -> their uint8 (rows, H, W, 3)
@@ -662,17 +675,22 @@ def edit(pipe, oracle: Oracle, settings: dict, args: argparse.Namespace, folder:
     editors = {"img2img": img2img_pipeline, "inversion": InversionEditor}
     rows = min(args.grid_rows, len(cases))
     by_method, examples = {}, {"cases": cases[:rows], "edited": {}, "success": {}}
+    edit_settings = dict(settings, steps=edit_steps(args, settings))
     for method in args.edit_methods:
         editor, by_method[method] = editors[method](pipe), {}
         for strength in tqdm(args.strength_list, desc=f"{method} strengths", leave=False):
-            edited = run_edits(editor, cases, strength, settings, args.seed, args.batch_size, folder / method)
+            edited = run_edits(editor, cases, strength, edit_settings, args.seed, args.batch_size, folder / method)
             verdicts = edit_verdicts(oracle.score(edited, [c["target_prompt"] for c in cases]), cases)
+            redrawn = run_edits(editor, cases, strength, edit_settings, args.seed, args.batch_size,
+                                folder / f"{method}-no-change", prompt="source_prompt")
+            verdicts["reconstructed"] = np.array([bool(s["all"]) for s in oracle.score(redrawn, source_prompts)])
             by_method[method][f"{strength:g}"] = summarize_edits(verdicts, kinds, args.bootstrap, args.seed)
             examples["edited"][method, strength] = edited[:rows]
             examples["success"][method, strength] = verdicts["success"][:rows]
     editing = {"n_cases": len(cases), "n_by_kind": {k: int((kinds == k).sum()) for k in args.edit_kinds},
                "source_oracle_correct": float(np.mean(source_ok)),
-               "vae_roundtrip_oracle_correct": float(np.mean(roundtrip_ok)), "strengths": args.strength_list,
+               "vae_roundtrip_oracle_correct": float(np.mean(roundtrip_ok)), "steps": edit_settings["steps"],
+               "guidance": settings["guidance"], "strengths": args.strength_list,
                "methods": args.edit_methods, "by_method": by_method, "best": best_edit(by_method),
                "examples": [{"kind": c["kind"], "source": c["source_prompt"]["text"],
                              "target": c["target_prompt"]["text"]} for c in examples["cases"]]}
@@ -878,18 +896,22 @@ def results_markdown(m: dict) -> str:
     if e and e["by_method"]:
         lines += ["", "## Text-guided editing (same components: img2img and DDIM inversion)", "",
                   f"{e['n_cases']} rendered single-object scenes ({', '.join(f'{v} {k}' for k, v in e['n_by_kind'].items())}"
-                  " edits); the prompt describes the target (shape, colour, size, cell). Success: the oracle finds the "
+                  f" edits, {e.get('steps', 'n/a')} denoising steps, guidance {fmt(e.get('guidance'), 'g')}); the prompt "
+                  "describes the target (shape, colour, size, cell). Success: the oracle finds the "
                   "edited attribute right and shape, colour, size, cell and object count otherwise unchanged. "
                   f"The oracle reads {fmt(e['source_oracle_correct'])} of the unedited sources entirely right, and "
                   f"{fmt(e['vae_roundtrip_oracle_correct'])} of them after a round trip through the model's VAE (no "
                   "denoising): an upper bound on what any strength can keep. img2img noises the source with fresh "
                   "noise to the strength's level; inversion runs it backwards by DDIM (empty prompt) to the same "
-                  "level, so the noise it starts from is the source's own.", "",
+                  "level, so the noise it starts from is the source's own. The last column runs each method with "
+                  "every source's own prompt: the share the oracle still reads entirely right is what the method "
+                  "loses by itself, before any edit.", "",
                   *md_table(["method", "strength", "success (all) [95% CI]", "colour edits", "shape edits",
-                             "edited attr. right", "rest kept"],
+                             "edited attr. right", "rest kept", "source kept, asked for no change"],
                             [[meth, s, rate(row["all"]["success"]), *(rate(row[k]["success"]) if k in row else "-"
                                                                       for k in EDIT_KINDS),
-                              fmt(row["all"]["edited"]["rate"]), fmt(row["all"]["kept"]["rate"])]
+                              fmt(row["all"]["edited"]["rate"]), fmt(row["all"]["kept"]["rate"]),
+                              rate(row["all"]["reconstructed"]) if "reconstructed" in row["all"] else "-"]
                              for meth, by_s in e["by_method"].items() for s, row in by_s.items()])]
         lines += ["", "img2img at strength 1.0 replaces the source by pure noise: it is text-to-image generation, the "
                   "reference an edit has to beat on keeping the rest; inversion at 1.0 starts from the source's "
@@ -917,15 +939,21 @@ def load_generator(args: argparse.Namespace, device):
     """The text-to-image pipeline and its sampler settings (--steps / --guidance applied).
 
     Raises:
-        UserError: a strength that leaves no denoising step at these steps.
+        UserError: a strength that leaves no denoising step at the editing steps.
     """
     pipe, settings = load_pipeline(args.model, device)
     settings["steps"] = args.steps or settings["steps"]
     settings["guidance"] = settings["guidance"] if args.guidance is None else args.guidance
-    for s in args.strength_list:
-        check(int(settings["steps"] * s) >= 1, f"--strengths {s:g} gives no denoising step at {settings['steps']} "
-                                               f"steps; use at least {1 / settings['steps']:g}")
+    steps = edit_steps(args, settings)
+    for s in args.strength_list if args.n_edits else ():
+        check(int(steps * s) >= 1, f"--strengths {s:g} gives no denoising step at {steps} editing steps; use at "
+                                   f"least {1 / steps:g} or more --edit-steps")
     return pipe, settings
+
+
+def edit_steps(args: argparse.Namespace, settings: dict) -> int:
+    """The editing pipelines' denoising steps: --edit-steps, or the model's sampling steps when it is 0."""
+    return args.edit_steps or settings["steps"]
 
 
 def run_settings(args: argparse.Namespace, settings: dict, heads_data: str | None, targets: dict) -> dict:

@@ -122,6 +122,7 @@ def test_quick_run_writes_metrics_figures_and_report(quick_run, tiny_data):
     e = metrics["editing"]
     assert 0 <= e["vae_roundtrip_oracle_correct"] <= 1 and e["source_oracle_correct"] in (0, 0.5, 1)
     assert e["n_cases"] == 2 and e["n_by_kind"] == {"color": 1, "shape": 1}
+    assert e["steps"] == 2  # --quick edits at the model's sampling steps (--edit-steps 0)
     assert list(e["by_method"]) == ["img2img", "inversion"]
     for by_strength in e["by_method"].values():
         assert list(by_strength) == ["0.5", "1"]
@@ -129,6 +130,7 @@ def test_quick_run_writes_metrics_figures_and_report(quick_run, tiny_data):
             a = row["all"]
             assert a["n"] == 2 and a["success"]["rate"] <= min(a["edited"]["rate"], a["kept"]["rate"])
             assert row["color"]["n"] == row["shape"]["n"] == 1
+            assert 0 <= a["reconstructed"]["rate"] <= 1
     best = e["by_method"][e["best"]["method"]][e["best"]["strength"]]["all"]["success"]["rate"]
     assert best == max(r["all"]["success"]["rate"] for b in e["by_method"].values() for r in b.values())
 
@@ -137,16 +139,24 @@ def test_quick_run_writes_metrics_figures_and_report(quick_run, tiny_data):
     assert "(recall_vs_k.png)" in report and "(edit_grid.png)" in report
     stores = list((run / "generated" / "test").glob("*/manifest.jsonl"))  # one store: one model and sampler
     assert len(stores) == 1 and len(stores[0].read_text().splitlines()) == metrics["queries"]["n_test"] * 2
-    assert len(list((run / "edited").glob("*/*/manifest.jsonl"))) == 4  # one store per method and strength
+    # One store per method and strength, and one more for its no-change run, whose prompts are the sources'.
+    assert len(list((run / "edited").glob("*/*/manifest.jsonl"))) == 8
+    cases = task_e.edit_cases(["color", "shape"], 1, 0, 64)
+    no_change = list((run / "edited" / "inversion-no-change").glob("*/manifest.jsonl"))
+    assert len(no_change) == 2
+    for store in no_change:
+        texts = [json.loads(line)["text"] for line in store.read_text().splitlines()]
+        assert texts == [c["source_prompt"]["text"] for c in cases] != [c["target_prompt"]["text"] for c in cases]
 
 
 def test_a_rerun_resumes_and_gives_the_same_numbers(quick_run, tiny_data, tiny_heads, tiny_model):
     out, first = quick_run
     run = out / "task_e" / "q"
-    manifests = sorted(run.rglob("manifest.jsonl"))  # generated/test, generated/val, edited/<method>/<strength>
+    # generated/test, generated/val, edited/<method>[-no-change]/<strength>
+    manifests = sorted(run.rglob("manifest.jsonl"))
     before = [m.stat().st_mtime_ns for m in manifests]
     resumed = task_e.main(_args(tiny_data, tiny_heads, tiny_model, out, "q"))
-    assert len(manifests) == 6 and [m.stat().st_mtime_ns for m in manifests] == before  # read back, not redone
+    assert len(manifests) == 10 and [m.stat().st_mtime_ns for m in manifests] == before  # read back, not redone
     assert _without_timings(resumed) == _without_timings(first)  # fusion, bootstrap and edits are seeded
     assert resumed["cost"]["generate_s_per_image"] == first["cost"]["generate_s_per_image"]  # its saved cost
 
@@ -415,8 +425,18 @@ def test_unknown_model_offline(model, message, tiny_data, tiny_heads, tmp_path):
 
 
 def test_strength_too_small_for_the_steps(tiny_data, tiny_heads, tiny_model, tmp_path):
-    with pytest.raises(UserError, match=r"^--strengths 0\.3 gives no denoising step at 2 steps; use at least 0\.5$"):
+    with pytest.raises(UserError, match=r"^--strengths 0\.3 gives no denoising step at 2 editing steps; use at least 0\.5 "
+                                          r"or more --edit-steps$"):
         task_e.main(_args(tiny_data, tiny_heads, tiny_model, tmp_path, "x") + ["--strengths", "0.3,0.5"])
+
+
+def test_edit_steps_set_the_editing_pipelines_steps(tiny_data, tiny_heads, tiny_model, tmp_path):
+    """--edit-steps 4 makes strength 0.3 legal: int(4 * 0.3) = 1 inversion step, where the 2 sampling steps leave
+    none (InversionEditor would raise), so the editing pipelines ran at 4 steps, and the run records them."""
+    args = _args(tiny_data, tiny_heads, tiny_model, tmp_path, "s4") + ["--strengths", "0.3", "--edit-methods",
+                                                                       "inversion", "--edit-steps", "4"]
+    e = task_e.main(args)["editing"]
+    assert e["steps"] == 4 and list(e["by_method"]) == ["inversion"] and list(e["by_method"]["inversion"]) == ["0.3"]
 
 
 def test_cli_prints_one_line_error():
