@@ -27,8 +27,9 @@ Two applications of the diffusion model, both measured.
 
 Quick (smoke run: ~30 CPU-seconds with the shipped model, under a minute):
     python task_e.py --quick
-Default (~175 CPU-seconds with one torch thread, so about 3 minutes on one idle core and less on two; 100 test
-and 24 val queries x 4 images, 16 edits x 5 strengths x 2 methods at 50 steps; part of `make demo`):
+Default (100 test and 24 val queries x 4 images; 16 edits x 5 strengths x 2 methods at 50 steps, each also run
+asked for no change: with the teacher, 32 such edits took 360 s beside a training run; `make demo` runs it with the
+student at its own 4 steps, `--model shapes-tiny-f2-turbo --edit-steps 0`):
     python task_e.py --run-name default
 More queries for tighter CIs:
     python task_e.py --n-queries 500 --n-subset-queries 200 --n-val-queries 100
