@@ -897,7 +897,7 @@ def results_markdown(m: dict) -> str:
     if e and e["by_method"]:
         lines += ["", "## Text-guided editing (same components: img2img and DDIM inversion)", "",
                   f"{e['n_cases']} rendered single-object scenes ({', '.join(f'{v} {k}' for k, v in e['n_by_kind'].items())}"
-                  f" edits, {e.get('steps', 'n/a')} denoising steps, guidance {fmt(e.get('guidance'), 'g')}); the prompt "
+                  f" edits, {e['steps']} denoising steps, guidance {fmt(e['guidance'], 'g')}); the prompt "
                   "describes the target (shape, colour, size, cell). Success: the oracle finds the "
                   "edited attribute right and shape, colour, size, cell and object count otherwise unchanged. "
                   f"The oracle reads {fmt(e['source_oracle_correct'])} of the unedited sources entirely right, and "
@@ -912,7 +912,7 @@ def results_markdown(m: dict) -> str:
                             [[meth, s, rate(row["all"]["success"]), *(rate(row[k]["success"]) if k in row else "-"
                                                                       for k in EDIT_KINDS),
                               fmt(row["all"]["edited"]["rate"]), fmt(row["all"]["kept"]["rate"]),
-                              rate(row["all"]["reconstructed"]) if "reconstructed" in row["all"] else "-"]
+                              rate(row["all"]["reconstructed"])]
                              for meth, by_s in e["by_method"].items() for s, row in by_s.items()])]
         lines += ["", "img2img at strength 1.0 replaces the source by pure noise: it is text-to-image generation, the "
                   "reference an edit has to beat on keeping the rest; inversion at 1.0 starts from the source's "
