@@ -149,7 +149,8 @@ def task_b_summary(m: dict) -> list[str]:
     if ranked:
         fastest = min(ranked, key=lambda c: c["sec_per_image"])
         lines.append(f"- fastest: {fastest['label']} at {fmt(fastest['sec_per_image'])} s/image (fidelity "
-                     f"{fmt(fastest['fidelity_mean'])}), the fastest of {m.get('time_repeats', 1)} timed calls.")
+                     f"{fmt(fastest['fidelity_mean'])}), the fastest of its {fastest.get('timed_calls', m.get('time_repeats', 1))} "
+                     "timed calls.")
     if exps.get("trajectory"):
         lines.append(f"- trajectory: the predicted clean image at every step for {len(exps['trajectory'])} "
                      "schedulers (below).")

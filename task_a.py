@@ -54,7 +54,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds-per-prompt", type=int, default=2, help="images per prompt (seeds seed + k)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps for every model (default: each model's own)")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (= one timed batch)")
-    p.add_argument("--timed-batches", type=int, default=3, help="timed batches after the warm-up batch (>= 3)")
+    p.add_argument("--timed-batches", type=int, default=3, help="timed batches after the warm-up batch (>= 3): the generation's own "
+                        "full batches, and more calls on the first batch when they are fewer")
     p.add_argument("--fidelity", default="auto",
                    help="auto (oracle on shapes data, else alignment), oracle, or alignment (retrieval heads)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="data.pkl with the real images for FD (test, then val)")
@@ -155,19 +156,27 @@ def weights_fingerprint(pipe) -> str:
 
 
 def timed_generation(pipe, texts: list[str], seeds: list[int], steps: int, guidance: float, size, args):
-    """All images in batches, then one full batch timed by utils.time_call (a warm-up call, `--timed-batches` repeats).
+    """All images in batches, each full batch timed (utils.generate_images' batch_times); the first is the warm-up.
 
-    Every model is timed the same way, on a batch of the first prompts, so two models differ only by themselves.
+    Every model generates the same prompts and seeds in the same batches, so two models differ only by themselves.
+    When the prompts fill fewer than 1 + `--timed-batches` full batches, utils.time_call times more calls on the
+    first batch until they do (their images are discarded).
 
     Returns:
         (uint8 images, seconds per image of each timed batch, in order; the warm-up is not among them).
     """
     bs = args.batch_size
-    images = generate_images(pipe, texts, seeds, steps, guidance, size, batch_size=bs, progress=False)
-    batch_texts, batch_seeds = (texts * bs)[:bs], (seeds * bs)[:bs]  # timing only: these images are discarded
-    timing, _ = time_call(lambda: generate_images(pipe, batch_texts, batch_seeds, steps, guidance, size, batch_size=bs,
-                                                  progress=False), warmup=1, repeats=args.timed_batches)
-    return images, [t / bs for t in timing["times_s"]]
+    batch_times: list[float] = []
+    images = generate_images(pipe, texts, seeds, steps, guidance, size, batch_size=bs, progress=False,
+                             batch_times=batch_times)
+    timed = batch_times[1:]
+    if len(timed) < args.timed_batches:
+        batch_texts, batch_seeds = (texts * bs)[:bs], (seeds * bs)[:bs]
+        timing, _ = time_call(lambda: generate_images(pipe, batch_texts, batch_seeds, steps, guidance, size,
+                                                      batch_size=bs, progress=False),
+                              warmup=0 if batch_times else 1, repeats=args.timed_batches - len(timed))
+        timed += timing["times_s"]
+    return images, [t / bs for t in timed]
 
 
 def evaluate_model(model: str, texts, prompts, seeds, mode, oracle, real_feats, enc, args, device, dtype) -> tuple:
@@ -221,7 +230,8 @@ def results_markdown(m: dict) -> str:
              f"{m['n_images']} images per model: {m['n_prompts']} prompts ({m['prompt_source']}) x "
              f"{m['seeds_per_prompt']} seeds, image k with seed {m['seed']} + k, the same for every model. "
              f"Fidelity: {m['fidelity_metric']}, mean with bootstrap 95% CI over images. Time: seconds per image of the "
-             f"fastest of {m['timed_batches']} timed batches of {m['batch_size']} after a warm-up batch, on "
+             f"fastest of {min(len(r['sec_per_image_batches']) for r in m['models'].values())} or more timed batches of "
+             f"{m['batch_size']} (the generation's own, after its first as the warm-up), on "
              f"{m['device']} ({m['threads']} torch threads).", ""]
     rows = []
     for name, r in m["models"].items():

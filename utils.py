@@ -1555,10 +1555,13 @@ def make_scheduler(name: str, config, **overrides):
 
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance: float,
                     size: int | None = None, batch_size: int = 16, progress: bool = True,
-                    image: Sequence[np.ndarray] | None = None, **call_kw) -> np.ndarray:
+                    image: Sequence[np.ndarray] | None = None, batch_times: list[float] | None = None,
+                    **call_kw) -> np.ndarray:
     """Generate one image per (prompt, seed) in batched calls, one CPU torch.Generator per image.
 
     The generator lives on the CPU so the initial noise (and, on CPU, the image) depends only on the seed.
+    With `batch_times`, each call is timed, so a caller that wants seconds per image needs no extra timed calls: the
+    pipeline returns numpy arrays, so on a GPU its work has finished when the clock stops.
 
     Args:
         pipe: a diffusers text-to-image pipeline, or an image-to-image one when `image` is given.
@@ -1570,6 +1573,8 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: i
         batch_size: images per pipeline call.
         progress: show a tqdm bar.
         image: img2img sources, one uint8 (H, W, 3) array per prompt; the outputs take their size.
+        batch_times: when given, the wall seconds of every call of `batch_size` images (a shorter last one is left
+            out) are appended to it, in order.
         **call_kw: more pipeline arguments (negative_prompt, eta, strength, ...).
 
     Returns:
@@ -1590,8 +1595,11 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], steps: i
             kw["negative_prompt"] = list(kw["negative_prompt"][s:s + batch_size])
         if image is not None:
             kw["image"] = [Image.fromarray(im) for im in image[s:s + batch_size]]
+        start = time.perf_counter()
         images = pipe(list(prompts[s:s + batch_size]), num_inference_steps=steps, guidance_scale=guidance,
                       generator=gens, output_type="np", **dims, **kw).images
+        if batch_times is not None and len(gens) == batch_size:
+            batch_times.append(time.perf_counter() - start)
         out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, size or 0, size or 0, 3), np.uint8)
 

@@ -61,6 +61,7 @@ def test_quick_run_writes_every_experiment(quick_run):
             lo, hi = cell["fidelity_ci95"]
             assert 0 <= lo <= cell["fidelity_mean"] <= hi <= 1
             assert 0 < cell["sec_per_image"] <= cell["sec_per_image_median"]
+            assert cell["timed_calls"] == 1  # 4 images fill no batch of 16: one --time-repeats call
             # The model is evaluated from the top of the noise schedule (T = 1000), one timestep per step.
             assert cell["timesteps"][0] >= 900 and len(cell["timesteps"]) == cell["num_inference_steps"], cell
             assert cell["diversity"] > 0  # 2 seeds of a random-weight model are not identical images
@@ -120,11 +121,26 @@ def test_same_seed_same_image_in_any_cell_position(tiny_sd, tmp_path):
     pipe, settings = utils.load_pipeline(tiny_sd, device=utils.pick_device("cpu"))
     ctx = task_b.Context(args, pipe, settings, None, None, tmp_path, None)
     cell = {**ctx.defaults(), "scheduler": "EulerAncestralDiscreteScheduler", "num_inference_steps": 2}
-    a, _ = task_b.generate(ctx, cell, ["a red star", "a blue ring", "a red star"], [0, 1, 0])
-    b, _ = task_b.generate(ctx, cell, ["a red star", "a blue ring", "a red star"], [0, 1, 0])
+    a, _, _ = task_b.generate(ctx, cell, ["a red star", "a blue ring", "a red star"], [0, 1, 0])
+    b, _, _ = task_b.generate(ctx, cell, ["a red star", "a blue ring", "a red star"], [0, 1, 0])
     np.testing.assert_array_equal(a, b)  # an ancestral sampler too: its noise comes from the per-image generators
     assert np.abs(a[0].astype(int) - a[2].astype(int)).max() <= 1
     assert np.abs(a[0].astype(int) - a[1].astype(int)).mean() > 1
+
+
+def test_a_cells_own_batches_are_timed_and_time_repeats_adds_calls(tiny_sd, tmp_path):
+    args = task_b.parse_args(["--model", tiny_sd, "--quick", "--outputs", str(tmp_path), "--batch-size", "2",
+                              "--time-repeats", "1"])
+    pipe, settings = utils.load_pipeline(tiny_sd, device=utils.pick_device("cpu"))
+    ctx = task_b.Context(args, pipe, settings, None, None, tmp_path, None)
+    cell = {**ctx.defaults(), "num_inference_steps": 2}
+    texts, seeds = ["a red star", "a blue ring", "a red star", "a cyan cross", "a pink moon"], [0, 1, 0, 2, 3]
+    images, _, batch_times = task_b.generate(ctx, cell, texts, seeds)
+    assert len(images) == 5 and len(batch_times) == 2  # two full batches of 2 timed; the short last one is not
+    timing = task_b.time_cell(ctx, cell, texts, seeds, batch_times)
+    assert timing["timed_calls"] == 3 and timing["timed_batch"] == 2  # and one more call on the first batch
+    assert 0 < timing["sec_per_image"] <= min(batch_times) / 2  # the fastest of all 3 calls
+    assert timing["sec_per_image"] <= timing["sec_per_image_median"]
 
 
 @pytest.mark.parametrize("make", [tiny_sdxl_pipeline, tiny_sd3_pipeline], ids=["sdxl", "sd3"])
