@@ -14,13 +14,15 @@ Two applications of the diffusion model, both measured.
    (task_c's targets.json, else the 3 rarest training categories) and on two-object relational
    captions; plus the added seconds per query (generation + embedding + fusion).
 2. Text-guided editing: rendered single-object scenes of known content, the colour or the shape changed by
-   two methods built from the same components (no reload), each at every `strength`:
+   methods built from the same components (no reload), each at every `strength`:
    - img2img (StableDiffusionImg2ImgPipeline): the source noised with fresh noise to `strength`, then denoised
      with the target prompt;
    - DDIM inversion (`InversionEditor`): the source's latent run backwards by DDIMInverseScheduler with an
      empty prompt to the same noise level, then denoised from there with the target prompt: the noise is the
-     source's own, so what the prompt does not change tends to stay.
-   Both run at --edit-steps (default 50, the inversion's step count in Mokady et al. 2023): DDIM inversion
+     source's own, so what the prompt does not change tends to stay;
+   - null-text inversion (`NullTextEditor`, only when asked: ~20x inversion's time): inverted with the source's
+     caption, and per step an unconditional embedding optimised so that guided denoising retraces the inversion.
+   All run at --edit-steps (default 50, the inversion's step count in Mokady et al. 2023): DDIM inversion
    assumes the noise prediction barely changes over a step, so coarse steps lose the source.
    The oracle scores each edit (success = the edited attribute is now right AND shape/colour/size/cell/count
    otherwise kept).
@@ -61,7 +63,7 @@ FUSIONS = ("weighted", "rrf")
 SUBSETS = ("overall", "targets", "relational")
 METRICS = ("R@1", "R@5", "R@10", "AP")
 EDIT_KINDS = ("color", "shape")
-EDIT_METHODS = ("img2img", "inversion")
+EDIT_METHODS = ("img2img", "inversion", "null-text")
 KEPT_KEYS = ("shape", "color", "size", "position", "count")
 DEFAULT_WEIGHTS = "0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1"
 DEFAULT_STRENGTHS = "0.3,0.5,0.7,0.9,1.0"
@@ -97,11 +99,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-edits", type=int, default=8, help="edited source scenes per edit kind (0 = skip editing)")
     p.add_argument("--edit-kinds", type=comma_list(), default=",".join(EDIT_KINDS),
                    help=f"comma-separated: {', '.join(EDIT_KINDS)}")
-    p.add_argument("--edit-methods", type=comma_list(), default=",".join(EDIT_METHODS),
+    p.add_argument("--edit-methods", type=comma_list(), default="img2img,inversion",
                    help="comma-separated editing methods: img2img (fresh noise), inversion (DDIM inversion, "
-                        "the source's own noise)")
+                        "the source's own noise), null-text (inversion with null-text optimisation: ~10 UNet "
+                        "forward and backward passes per step, so ~20x inversion's time)")
     p.add_argument("--edit-steps", type=int, default=DEFAULT_EDIT_STEPS,
-                   help="denoising steps of both editing methods, a strength's share of them redone (0 = the model's "
+                   help="denoising steps of every editing method, a strength's share of them redone (0 = the model's "
                         "sampling steps). DDIM inversion's error shrinks with finer steps: Mokady et al. 2023 invert "
                         "with 50")
     p.add_argument("--strengths", type=comma_list(float), default=DEFAULT_STRENGTHS,
@@ -562,7 +565,7 @@ class InversionEditor:
             for cls in (DDIMInverseScheduler, DPMSolverMultistepScheduler))
         for p in (self.inverse, self.forward):
             p.set_progress_bar_config(disable=True)
-        self.paths: dict[tuple[str, int], list] = {}  # (sources' digest, steps) -> latents after each inverse step
+        self.paths: dict[tuple, list] = {}  # (sources' digest, steps, *prompts) -> [z0, latent after each step]
 
     def __call__(self, prompt: list[str], image: list, strength: float, num_inference_steps: int,
                  guidance_scale: float, output_type: str = "np", generator=None, **kw):
@@ -573,27 +576,169 @@ class InversionEditor:
         Raises:
             ValueError: `strength` leaves no inversion step at these steps.
         """
-        steps = int(num_inference_steps * strength)
-        if steps < 1:
-            raise ValueError(f"strength {strength:g} leaves no step of {num_inference_steps}")
+        steps = inverted_steps(strength, num_inference_steps)
         size = {"height": image[0].height, "width": image[0].width}
-        key = (hashlib.sha1(b"".join(im.tobytes() for im in image)).hexdigest(), num_inference_steps)
+        _, path, timesteps = self.inversion(image, num_inference_steps)
+        return self.forward(prompt, timesteps=timesteps[:steps][::-1], guidance_scale=guidance_scale,
+                            latents=path[steps], output_type=output_type, **size, **kw)
+
+    def inversion(self, image: list, num_inference_steps: int, prompts: list[str] | None = None
+                  ) -> tuple[tuple, list, list[int]]:
+        """(the sources' key, [z0, then the latent after each inverse step], the inverse steps' timesteps,
+        ascending): path[i] is the latent at timesteps[i - 1]; computed once per batch of sources, step count and
+        the `prompts` the inversion is conditioned on (default: empty)."""
+        prompts = prompts or [""] * len(image)
+        key = (hashlib.sha1(b"".join(im.tobytes() for im in image)).hexdigest(), num_inference_steps, *prompts)
         if key not in self.paths:
             z0 = vae_latents(self.inverse, image) * self.inverse.vae.config.scaling_factor
-            path = []
+            path = [z0]
 
             def keep(pipe, i, t, tensors):
                 path.append(tensors["latents"].clone())
                 return tensors
 
-            self.inverse([""] * len(prompt), num_inference_steps=num_inference_steps, guidance_scale=1.0,
-                         latents=z0, output_type="latent", callback_on_step_end=keep, **size)
+            self.inverse(prompts, num_inference_steps=num_inference_steps, guidance_scale=1.0,
+                         latents=z0, output_type="latent", callback_on_step_end=keep, height=image[0].height,
+                         width=image[0].width)
             self.paths[key] = path  # only a finished path is kept
-        path = self.paths[key]
         self.inverse.scheduler.set_timesteps(num_inference_steps)
-        timesteps = [int(t) for t in self.inverse.scheduler.timesteps[:steps]][::-1]
-        return self.forward(prompt, timesteps=timesteps, guidance_scale=guidance_scale, latents=path[steps - 1],
-                            output_type=output_type, **size, **kw)
+        return key, self.paths[key], [int(t) for t in self.inverse.scheduler.timesteps]
+
+
+class NullTextEditor(InversionEditor):
+    """DDIM inversion with null-text optimisation (Mokady et al. 2023, "Null-text Inversion for Editing Real Images
+    using Guided Diffusion Models", CVPR, sec. 3.2), called like an img2img pipeline.
+
+    Plain inversion denoises at guidance w > 1 along a path inverted at w = 1, so classifier-free guidance pulls
+    every step off it and the source is lost even when nothing is asked to change. Here the source is inverted with
+    its own caption (at w = 1, the paper's pivot) and, for each denoising step from the top of that path down, the
+    unconditional embedding of every source is optimised (Adam, `inner_steps` iterations, learning rate
+    lr * (1 - i / 100) at the i-th step, floored at lr / 10 beyond 90 steps, stopping early below loss 1e-5) so
+    that the guided step with the source's own caption lands on the path's next latent; editing then
+    swaps in the target caption and keeps those per-step null embeddings (fed to the pipeline through
+    callback_on_step_end). The steps use first-order DPM-Solver++ (= DDIM, Lu et al. 2022), whose update the
+    optimisation differentiates. The embeddings are optimised once per batch of sources, along the whole path,
+    and shared by every strength (a shorter edit starts lower on the same path) and by the no-change run.
+
+    Args:
+        pipe: the loaded StableDiffusionPipeline (its modules are shared, not copied).
+        captions: sha1 of a source image's bytes (uint8 H x W x 3) -> that source's caption.
+        inner_steps: optimiser iterations per denoising step (10 in the paper).
+        lr: Adam's learning rate at the first step (1e-2 in the paper).
+    """
+
+    def __init__(self, pipe, captions: dict[str, str], inner_steps: int = 10, lr: float = 1e-2):
+        from diffusers import DPMSolverMultistepScheduler
+
+        super().__init__(pipe)
+        self.forward.scheduler = DPMSolverMultistepScheduler.from_config(
+            pipe.scheduler.config, timestep_spacing="trailing", solver_order=1, algorithm_type="dpmsolver++")
+        self.captions, self.inner_steps, self.lr = captions, inner_steps, lr
+        self.nulls: dict[tuple, list] = {}  # (sources' key, guidance) -> null embeddings per inverse step
+
+    def __call__(self, prompt: list[str], image: list, strength: float, num_inference_steps: int,
+                 guidance_scale: float, output_type: str = "np", generator=None, **kw):
+        """Edit `image` towards `prompt` as `InversionEditor` does, with the optimised null embeddings.
+
+        Raises:
+            ValueError: `strength` leaves no inversion step at these steps.
+            KeyError: a source image that is not among `captions`.
+        """
+        import torch
+
+        steps = inverted_steps(strength, num_inference_steps)
+        source = [self.captions[hashlib.sha1(im.tobytes()).hexdigest()] for im in image]
+        key, path, timesteps = self.inversion(image, num_inference_steps, source)
+        pipe = self.forward
+        cond = pipe.encode_prompt(list(prompt), pipe.device, 1, False)[0]
+        if guidance_scale <= 1:  # no guidance, nothing to correct: plain inversion
+            nulls = [pipe.encode_prompt([""] * len(image), pipe.device, 1, False)[0]] * num_inference_steps
+        else:
+            nulls = self.null_embeddings(key, source, path, timesteps, guidance_scale)
+
+        def next_null(pipe, i, t, tensors):  # the pipeline's step i denoises from timesteps[steps - 1 - i]
+            if steps - 2 - i >= 0:
+                tensors["prompt_embeds"] = torch.cat([nulls[steps - 2 - i], cond])
+            return tensors
+
+        return pipe(prompt_embeds=cond, negative_prompt_embeds=nulls[steps - 1], timesteps=timesteps[:steps][::-1],
+                    guidance_scale=guidance_scale, latents=path[steps], output_type=output_type,
+                    height=image[0].height, width=image[0].width, callback_on_step_end=next_null,
+                    callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], **kw)
+
+    def null_embeddings(self, key: tuple, source: list[str], path: list, timesteps: list[int], guidance: float
+                        ) -> list:
+        """The optimised null embedding of every source for each inverse step (index j: the step that denoises
+        from timesteps[j] to path[j]), cached per batch of sources and guidance scale."""
+        import torch
+        import torch.nn.functional as F
+
+        if (key, guidance) in self.nulls:
+            return self.nulls[key, guidance]
+        pipe, n = self.forward, len(timesteps)
+        cond = pipe.encode_prompt(source, pipe.device, 1, False)[0]
+        null = pipe.encode_prompt([""] * len(source), pipe.device, 1, False)[0]
+        alphas = pipe.scheduler.alphas_cumprod.to(cond.device)
+        unet = pipe.unet.requires_grad_(False)
+        nulls, x = [None] * n, path[n]
+        for i, j in enumerate(reversed(range(n))):
+            t = timesteps[j]
+            a_prev = alphas[timesteps[j - 1]] if j else torch.ones((), dtype=alphas.dtype, device=alphas.device)
+            with torch.no_grad():
+                v_cond = unet(x, t, encoder_hidden_states=cond).sample
+            null = null.detach().requires_grad_(True)
+            opt = torch.optim.Adam([null], lr=self.lr * max(1 - i / 100, 0.1))
+
+            def step(e):
+                v = unet(x, t, encoder_hidden_states=e).sample
+                return first_order_step(v + guidance * (v_cond - v), x, alphas[t], a_prev,
+                                        pipe.scheduler.config.prediction_type)
+
+            for _ in range(self.inner_steps):
+                loss = F.mse_loss(step(null), path[j])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if loss.item() < 1e-5:
+                    break
+            null = null.detach()
+            with torch.no_grad():
+                x = step(null)
+            nulls[j] = null
+        self.nulls[key, guidance] = nulls
+        return nulls
+
+
+def inverted_steps(strength: float, num_inference_steps: int) -> int:
+    """How many of the steps an edit at `strength` inverts and redoes.
+
+    Raises:
+        ValueError: none.
+    """
+    steps = int(num_inference_steps * strength)
+    if steps < 1:
+        raise ValueError(f"strength {strength:g} leaves no step of {num_inference_steps}")
+    return steps
+
+
+def first_order_step(model_output, sample, alpha_t, alpha_prev, prediction_type: str):
+    """One deterministic DDIM step (Song et al. 2021, eq. 12 with sigma = 0; first-order DPM-Solver++ is the same
+    update) from `sample` at cumulative alpha `alpha_t` to `alpha_prev`, differentiable in `model_output`.
+
+    Args:
+        model_output: the (guided) UNet output, shaped like `sample`.
+        sample: latents (n, c, h, w).
+        alpha_t, alpha_prev: scalar tensors, the noise schedule's alphas_cumprod at both ends (1 at the clean end).
+        prediction_type: the scheduler's: "epsilon" or "v_prediction".
+    """
+    s_t, s_prev = (1 - alpha_t).sqrt(), (1 - alpha_prev).sqrt()
+    if prediction_type == "v_prediction":
+        x0 = alpha_t.sqrt() * sample - s_t * model_output
+    elif prediction_type == "epsilon":
+        x0 = (sample - s_t * model_output) / alpha_t.sqrt()
+    else:
+        raise ValueError(f"null-text inversion supports epsilon and v_prediction models, not {prediction_type!r}")
+    return alpha_prev.sqrt() * x0 + s_prev / s_t * (sample - alpha_t.sqrt() * x0)
 
 
 def vae_latents(pipe, images: list):
@@ -673,7 +818,9 @@ def edit(pipe, oracle: Oracle, settings: dict, args: argparse.Namespace, folder:
     source_ok = [s["all"] for s in oracle.score(sources, source_prompts)]
     # What survives the VAE alone bounds what any strength can keep.
     roundtrip_ok = [s["all"] for s in oracle.score(vae_roundtrip(pipe, sources), source_prompts)]
-    editors = {"img2img": img2img_pipeline, "inversion": InversionEditor}
+    captions = {hashlib.sha1(c["source"].tobytes()).hexdigest(): c["source_prompt"]["text"] for c in cases}
+    editors = {"img2img": img2img_pipeline, "inversion": InversionEditor,
+               "null-text": lambda pipe: NullTextEditor(pipe, captions)}
     rows = min(args.grid_rows, len(cases))
     by_method, examples = {}, {"cases": cases[:rows], "edited": {}, "success": {}}
     edit_settings = dict(settings, steps=edit_steps(args, settings))
