@@ -443,7 +443,7 @@ def test_edit_verdicts_need_the_edit_and_everything_else_kept():
     (["--n-queries", "0"], "--n-queries must be >= 1, got 0"),
     (["--edit-kinds", "size"], "--edit-kinds must be a comma-separated subset of color, shape, got 'size'"),
     (["--edit-methods", "img2img,diffedit"],
-     "--edit-methods must be a comma-separated subset of img2img, inversion, got 'img2img,diffedit'"),
+     "--edit-methods must be a comma-separated subset of img2img, inversion, null-text, got 'img2img,diffedit'"),
     (["--rrf-c", "0"], "--rrf-c must be > 0, got 0.0"),
 ])
 def test_bad_arguments(flags, message, tiny_data, tiny_heads):
