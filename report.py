@@ -148,9 +148,9 @@ def task_b_summary(m: dict) -> list[str]:
     ranked = [c for c in cells if "no_effect" not in c and c.get("sec_per_image") is not None]
     if ranked:
         fastest = min(ranked, key=lambda c: c["sec_per_image"])
+        calls = fastest.get("timed_calls", m.get("time_repeats", 1))  # cells cached before timed_calls: repeats only
         lines.append(f"- fastest: {fastest['label']} at {fmt(fastest['sec_per_image'])} s/image (fidelity "
-                     f"{fmt(fastest['fidelity_mean'])}), the fastest of its {fastest.get('timed_calls', m.get('time_repeats', 1))} "
-                     "timed calls.")
+                     f"{fmt(fastest['fidelity_mean'])}), the fastest of its {calls} timed calls.")
     if exps.get("trajectory"):
         lines.append(f"- trajectory: the predicted clean image at every step for {len(exps['trajectory'])} "
                      "schedulers (below).")

@@ -54,8 +54,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds-per-prompt", type=int, default=2, help="images per prompt (seeds seed + k)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps for every model (default: each model's own)")
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call (= one timed batch)")
-    p.add_argument("--timed-batches", type=int, default=3, help="timed batches after the warm-up batch (>= 3): the generation's own "
-                        "full batches, and more calls on the first batch when they are fewer")
+    p.add_argument("--timed-batches", type=int, default=3,
+                   help="timed batches after the warm-up batch (>= 3): the generation's own full batches, and more "
+                        "calls on the first batch when they are fewer")
     p.add_argument("--fidelity", default="auto",
                    help="auto (oracle on shapes data, else alignment), oracle, or alignment (retrieval heads)")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="data.pkl with the real images for FD (test, then val)")
@@ -230,8 +231,8 @@ def results_markdown(m: dict) -> str:
              f"{m['n_images']} images per model: {m['n_prompts']} prompts ({m['prompt_source']}) x "
              f"{m['seeds_per_prompt']} seeds, image k with seed {m['seed']} + k, the same for every model. "
              f"Fidelity: {m['fidelity_metric']}, mean with bootstrap 95% CI over images. Time: seconds per image of the "
-             f"fastest of {min(len(r['sec_per_image_batches']) for r in m['models'].values())} or more timed batches of "
-             f"{m['batch_size']} (the generation's own, after its first as the warm-up), on "
+             f"fastest of {min(len(r['sec_per_image_batches']) for r in m['models'].values())} or more timed "
+             f"batches of {m['batch_size']} (the generation's own, after its first as the warm-up), on "
              f"{m['device']} ({m['threads']} torch threads).", ""]
     rows = []
     for name, r in m["models"].items():

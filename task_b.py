@@ -5,12 +5,12 @@ seed + j for the j-th seed of every prompt, so the same seed gives the same imag
 oracle's fidelity (share of images with every named attribute right; mean over prompts with a bootstrap 95% CI
 over prompts), the per-attribute rates (shape / colour / size / position / count), diversity (mean pairwise
 EfficientNet feature distance between the seeds of a prompt, averaged over prompts), seconds per image (the fastest
-of the cell's full generation batches and --time-repeats more calls on one batch, utils.time_call) and the timesteps the model was evaluated at. Every scheduler
-is built with a timestep spacing it handles that starts at the top of the noise schedule (utils.make_scheduler).
-A cell that cannot change the image (the same images as an earlier cell of its experiment, or a setting the
-pipeline or scheduler ignores, e.g. eta on Euler, a negative prompt at guidance 1) is marked `no_effect` and not
-ranked. findings.md is generated from those numbers; the plots show fidelity vs steps per scheduler, fidelity vs
-guidance and fidelity vs time with the Pareto front.
+of the cell's full generation batches and --time-repeats more calls on one batch, utils.time_call) and the
+timesteps the model was evaluated at. Every scheduler is built with a timestep spacing it handles that starts at
+the top of the noise schedule (utils.make_scheduler). A cell that cannot change the image (the same images as an
+earlier cell of its experiment, or a setting the pipeline or scheduler ignores, e.g. eta on Euler, a negative
+prompt at guidance 1) is marked `no_effect` and not ranked. findings.md is generated from those numbers; the plots
+show fidelity vs steps per scheduler, fidelity vs guidance and fidelity vs time with the Pareto front.
 
 Experiments (--experiments, comma-separated, or all):
     schedulers  a zoo of diffusers schedulers (DDIM, DDPM, PNDM, Euler, Euler ancestral, DPM-Solver++, UniPC, Heun)
@@ -476,7 +476,7 @@ def time_cell(ctx: Context, settings: dict, texts: list[str], seeds: list[int], 
     and --time-repeats more calls on its first batch (utils.time_call, no warm-up: the generation made this call).
 
     Timing the generation's own batches saves re-running them (task_b's cells spent 3 of every 5 batches on timing
-    before); a cold first call of the run (one-off costs) is never the fastest of at least two.
+    before); the run's first, cold call (one-off costs) only adds a slow time, which the minimum passes over.
     """
     n = min(ctx.args.batch_size, len(texts))
     run = pipeline_call(ctx, settings, **more)
