@@ -677,8 +677,9 @@ class NullTextEditor(InversionEditor):
             return self.nulls[key, guidance]
         pipe, n = self.forward, len(timesteps)
         cond = pipe.encode_prompt(source, pipe.device, 1, False)[0]
-        null = pipe.encode_prompt([""] * len(source), pipe.device, 1, False)[0]
-        alphas = pipe.scheduler.alphas_cumprod.to(cond.device)
+        # The embeddings are optimised in float32 (Adam's eps underflows in half precision) and cast for the UNet.
+        null = pipe.encode_prompt([""] * len(source), pipe.device, 1, False)[0].float()
+        alphas = pipe.scheduler.alphas_cumprod.to(cond.device, path[0].dtype)
         unet = pipe.unet.requires_grad_(False)
         nulls, x = [None] * n, path[n]
         for i, j in enumerate(reversed(range(n))):
@@ -690,7 +691,7 @@ class NullTextEditor(InversionEditor):
             opt = torch.optim.Adam([null], lr=self.lr * max(1 - i / 100, 0.1))
 
             def step(e):
-                v = unet(x, t, encoder_hidden_states=e).sample
+                v = unet(x, t, encoder_hidden_states=e.to(cond.dtype)).sample
                 return first_order_step(v + guidance * (v_cond - v), x, alphas[t], a_prev,
                                         pipe.scheduler.config.prediction_type)
 
@@ -704,7 +705,7 @@ class NullTextEditor(InversionEditor):
             null = null.detach()
             with torch.no_grad():
                 x = step(null)
-            nulls[j] = null
+            nulls[j] = null.to(cond.dtype)
         self.nulls[key, guidance] = nulls
         return nulls
 
