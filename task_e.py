@@ -622,7 +622,7 @@ class NullTextEditor(InversionEditor):
 
     Args:
         pipe: the loaded StableDiffusionPipeline (its modules are shared, not copied).
-        captions: sha1 of a source image's bytes (uint8 H x W x 3) -> that source's caption.
+        captions: `source_digest` of a source image -> that source's caption.
         inner_steps: optimiser iterations per denoising step (10 in the paper).
         lr: Adam's learning rate at the first step (1e-2 in the paper).
     """
@@ -647,7 +647,7 @@ class NullTextEditor(InversionEditor):
         import torch
 
         steps = inverted_steps(strength, num_inference_steps)
-        source = [self.captions[hashlib.sha1(im.tobytes()).hexdigest()] for im in image]
+        source = [self.captions[source_digest(im)] for im in image]
         key, path, timesteps = self.inversion(image, num_inference_steps, source)
         pipe = self.forward
         cond = pipe.encode_prompt(list(prompt), pipe.device, 1, False)[0]
@@ -710,11 +710,17 @@ class NullTextEditor(InversionEditor):
         return nulls
 
 
+def source_digest(image) -> str:
+    """sha1 of an image's pixel bytes: the same for a uint8 (H, W, 3) array and the RGB PIL image made from it, so
+    an editor handed PIL images finds the caption of the array it came from."""
+    return hashlib.sha1(image.tobytes()).hexdigest()
+
+
 def inverted_steps(strength: float, num_inference_steps: int) -> int:
     """How many of the steps an edit at `strength` inverts and redoes.
 
     Raises:
-        ValueError: none.
+        ValueError: `strength` leaves no step.
     """
     steps = int(num_inference_steps * strength)
     if steps < 1:
@@ -819,7 +825,7 @@ def edit(pipe, oracle: Oracle, settings: dict, args: argparse.Namespace, folder:
     source_ok = [s["all"] for s in oracle.score(sources, source_prompts)]
     # What survives the VAE alone bounds what any strength can keep.
     roundtrip_ok = [s["all"] for s in oracle.score(vae_roundtrip(pipe, sources), source_prompts)]
-    captions = {hashlib.sha1(c["source"].tobytes()).hexdigest(): c["source_prompt"]["text"] for c in cases}
+    captions = {source_digest(c["source"]): c["source_prompt"]["text"] for c in cases}
     editors = {"img2img": img2img_pipeline, "inversion": InversionEditor,
                "null-text": lambda pipe: NullTextEditor(pipe, captions)}
     rows = min(args.grid_rows, len(cases))
@@ -1043,7 +1049,7 @@ def results_markdown(m: dict) -> str:
                                                    for k in range(1, m["k_max"] + 1)])]
     e = m.get("editing")
     if e and e["by_method"]:
-        lines += ["", "## Text-guided editing (same components: img2img and DDIM inversion)", "",
+        lines += ["", f"## Text-guided editing (same components: {', '.join(e['methods'])})", "",
                   f"{e['n_cases']} rendered single-object scenes ({', '.join(f'{v} {k}' for k, v in e['n_by_kind'].items())}"
                   f" edits, {e['steps']} denoising steps, guidance {fmt(e['guidance'], 'g')}); the prompt "
                   "describes the target (shape, colour, size, cell). Success: the oracle finds the "
@@ -1052,9 +1058,11 @@ def results_markdown(m: dict) -> str:
                   f"{fmt(e['vae_roundtrip_oracle_correct'])} of them after a round trip through the model's VAE (no "
                   "denoising): an upper bound on what any strength can keep. img2img noises the source with fresh "
                   "noise to the strength's level; inversion runs it backwards by DDIM (empty prompt) to the same "
-                  "level, so the noise it starts from is the source's own. The last column runs each method with "
-                  "every source's own prompt: the share the oracle still reads entirely right is what the method "
-                  "loses by itself, before any edit.", "",
+                  "level, so the noise it starts from is the source's own"
+                  + ("; null-text inverts with the source's caption and optimises a null embedding per step to "
+                     "retrace that path" if "null-text" in e["methods"] else "")
+                  + ". The last column runs each method with every source's own prompt: the share the oracle still "
+                  "reads entirely right is what the method loses by itself, before any edit.", "",
                   *md_table(["method", "strength", "success (all) [95% CI]", "colour edits", "shape edits",
                              "edited attr. right", "rest kept", "source kept, asked for no change"],
                             [[meth, s, rate(row["all"]["success"]), *(rate(row[k]["success"]) if k in row else "-"

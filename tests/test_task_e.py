@@ -289,8 +289,6 @@ def test_first_order_step_is_diffusers_first_order_dpm_solver_step(prediction_ty
 def test_null_text_optimisation_brings_a_guided_reconstruction_closer_to_the_source():
     """Asked for no change at guidance 5, the study model redraws the source closer to its VAE round trip with the
     optimised null embeddings than with the plain empty-prompt one (the same editor, 0 optimiser steps)."""
-    import hashlib
-
     from PIL import Image
 
     from utils import STUDY_MODEL, load_pipeline
@@ -298,7 +296,7 @@ def test_null_text_optimisation_brings_a_guided_reconstruction_closer_to_the_sou
     study, _ = load_pipeline(STUDY_MODEL, task_e.pick_device("cpu"))
     cases = task_e.edit_cases(["color"], 1, seed=0, size=64)
     sources = np.stack([c["source"] for c in cases])
-    captions = {hashlib.sha1(c["source"].tobytes()).hexdigest(): c["source_prompt"]["text"] for c in cases}
+    captions = {task_e.source_digest(c["source"]): c["source_prompt"]["text"] for c in cases}
     prompts = [c["source_prompt"]["text"] for c in cases]
     roundtrip = task_e.vae_roundtrip(study, sources).astype(float)
     error = {}
