@@ -30,6 +30,7 @@ with --max-minutes 58) with the third running beside it; see its training_log.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -224,6 +225,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="probability, 0..1, that a training step reads one of the image's captions that name a "
                             "place (a position or relation word) instead of any of its five; images without one keep "
                             "the uniform draw (0: uniform, as before)")
+    train.add_argument("--pooled-dropout", type=float, default=0.0,
+                       help="with --text-film: probability, 0..1, that a training sample's pooled caption (the "
+                            "attention-pooled path added to the timestep embedding) reads the empty caption while "
+                            "cross-attention reads its own, so the caption must also pass through cross-attention, "
+                            "the only path that can say where (0: both read the caption, as before)")
     train.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
                        help="after warm-up: cosine decay to 5%% at --max-steps, or constant (for time budgets)")
     train.add_argument("--cpu-minutes", type=float, default=0,
@@ -291,6 +297,9 @@ def check_args(args: argparse.Namespace) -> None:
           "an epsilon target is trivial and x0 cannot be recovered from it)")
     check(0 < args.ema_decay < 1, f"--ema-decay must be in (0, 1), got {args.ema_decay}")
     check(0 <= args.place_captions <= 1, f"--place-captions must be in [0, 1], got {args.place_captions}")
+    check(0 <= args.pooled_dropout <= 1, f"--pooled-dropout must be in [0, 1], got {args.pooled_dropout}")
+    check(not args.pooled_dropout or args.text_film,
+          "--pooled-dropout needs --text-film (without it the caption has no pooled path to drop)")
     check(args.guidance >= 1, f"--guidance must be >= 1, got {args.guidance}")
     check(args.text_hidden % args.text_heads == 0,
           f"--text-heads {args.text_heads} must divide --text-hidden {args.text_hidden}")
@@ -839,6 +848,22 @@ def lr_lambda(args):
     return fn
 
 
+@contextlib.contextmanager
+def pooled_caption(unet, hidden: torch.Tensor | None):
+    """Within the block, the UNet's pooled caption path (diffusers' addition_embed_type="text": the caption's hidden
+    states, attention-pooled, added to the timestep embedding) reads `hidden` (B x L x D) instead of the
+    encoder_hidden_states that cross-attention reads; None changes nothing. Lets training drop one path
+    (--pooled-dropout) and `caption_use` measure each path's share."""
+    if hidden is None:
+        yield
+        return
+    handle = unet.add_embedding.register_forward_pre_hook(lambda module, inputs: (hidden,))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class Trainer:
     """Joint CLIPTextModel + UNet training on precomputed latents, with EMA, checkpoints and sample grids."""
 
@@ -911,6 +936,9 @@ class Trainer:
         ids = self.tokens[idx, which]
         drop = torch.rand(args.batch_size, generator=self.gen) < args.cfg_dropout
         ids[drop] = self.empty
+        pooled_drop = None
+        if args.pooled_dropout:  # drawn only when asked, so runs without it keep their random stream
+            pooled_drop = torch.rand(args.batch_size, generator=self.gen) < args.pooled_dropout
         eps = torch.randn(self.mean[idx].shape, generator=self.gen)
         latents = (self.mean[idx].float() + self.std[idx].float() * eps) * self.scaling
         noise = torch.randn(latents.shape, generator=self.gen)
@@ -920,14 +948,20 @@ class Trainer:
             weight = 1 + args.object_weight * self.masks[idx].float()
             weight = weight / weight.mean((1, 2, 3), keepdim=True)  # every image counts the same in the batch
             weight = weight.to(self.device)
-        return latents.to(self.device), ids.to(self.device), noise.to(self.device), t.to(self.device), weight
+        return (latents.to(self.device), ids.to(self.device), noise.to(self.device), t.to(self.device), weight,
+                pooled_drop)
 
     def train_step(self) -> float:
-        latents, ids, noise, t, weight = self.batch()
+        latents, ids, noise, t, weight, pooled_drop = self.batch()
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             cond = self.text_encoder(ids)[0]
-            pred = self.unet(noisy, t, cond).sample
+            pooled = None
+            if pooled_drop is not None and pooled_drop.any():
+                empty = self.text_encoder(self.empty[None].to(self.device))[0]
+                pooled = torch.where(pooled_drop.to(self.device)[:, None, None], empty, cond)
+            with pooled_caption(self.unet, pooled):
+                pred = self.unet(noisy, t, cond).sample
         v_pred = self.args.prediction_type == "v_prediction"
         target = self.noise_scheduler.get_velocity(latents, noise, t) if v_pred else noise
         loss = F.mse_loss(pred.float(), target, reduction="none")
@@ -949,7 +983,7 @@ class Trainer:
         self.ema_unet.step(self.unet.parameters())
         self.ema_text.step(self.text_encoder.parameters())
         self.step += 1
-        return float(loss)
+        return float(loss.detach())
 
     def cpu_budget_left(self) -> bool:
         return not self.args.cpu_minutes or self.cpu_seconds < 60 * self.args.cpu_minutes
@@ -1182,7 +1216,11 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path, dev
     from utils import bootstrap_ci, generate_images
 
     result = read_json(cache) if cache.is_file() else None
-    if result is not None and "caption_use" in result and "word_separation" in result:
+    def complete(result: dict) -> bool:  # a cache from before a measurement was added gets it added
+        return ("word_separation" in result and "caption_use" in result
+                and ("xattn_ratio" in result["caption_use"]["t500"] or not result.get("pooled_path", True)))
+
+    if result is not None and complete(result):
         return result
     pipe = DiffusionPipeline.from_pretrained(folder).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -1195,7 +1233,8 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path, dev
             summary = summarize_scores(scores)
             summary["all_ci"] = bootstrap_ci([s["all"] for s in scores])["ci95"]
             result[kind] = summary
-    if "caption_use" not in result:
+    result["pooled_path"] = pipe.unet.config.addition_embed_type == "text"
+    if not complete(result):
         result["caption_use"] = caption_use(pipe, prompts_by_kind["single"][:32])
     if "word_separation" not in result:
         result["word_separation"] = word_separation(pipe.text_encoder, pipe.tokenizer)
@@ -1235,6 +1274,12 @@ def word_separation(text_encoder, tokenizer, n: int = 48) -> dict[str, float]:
     return out
 
 
+def xattn_note(point: dict) -> str:
+    """', cross-attention use X' for a curve point whose UNet pools the caption, else ''."""
+    ratio = point["caption_use"]["t500"].get("xattn_ratio")
+    return "" if ratio is None else f", cross-attention use {ratio:.3f}"
+
+
 @torch.no_grad()
 def caption_use(pipe, prompts: list[dict], timesteps=(200, 500, 800), seed: int = 0) -> dict:
     """How much a pipeline's UNet uses the caption: its denoising loss on renders of `prompts` (after the VAE round
@@ -1242,7 +1287,11 @@ def caption_use(pipe, prompts: list[dict], timesteps=(200, 500, 800), seed: int 
     with the empty caption, at each training timestep in `timesteps` (same noise for the three). Returns
     {"t<N>": {"own", "shuffled", "empty", "ratio"}} with the MSE in the model's prediction space (epsilon or v) and
     ratio = shuffled / own: 1.0 means the caption is ignored (the shipped shapes-tiny: 1.05, 1.56, 1.04 at t = 200, 500,
-    800 on the first 32 of `make_prompts("single", 200, seed=0)`)."""
+    800 on the first 32 of `make_prompts("single", 200, seed=0)`). A UNet with a pooled caption path (--text-film)
+    also gets each path's share: "xattn_shuffled", cross-attention reading the shifted captions while the pooled path
+    reads the own ones, and "pooled_shuffled", the other way round, with their ratios over "own" ("xattn_ratio",
+    "pooled_ratio"; 1.0: that path is ignored, and the caption's place, which only cross-attention can say, cannot
+    be drawn)."""
     from diffusers import DDPMScheduler
 
     from generate_data import render_prompts
@@ -1263,7 +1312,14 @@ def caption_use(pipe, prompts: list[dict], timesteps=(200, 500, 800), seed: int 
         target = noise_scheduler.get_velocity(latents, noise, tt) if v_pred else noise
         mse = {name: round(F.mse_loss(pipe.unet(noisy, tt, h).sample.float(), target).item(), 5)
                for name, h in hidden.items()}
-        out[f"t{t}"] = {**mse, "ratio": round(mse["shuffled"] / mse["own"], 4)}
+        ratios = {"ratio": round(mse["shuffled"] / mse["own"], 4)}
+        if pipe.unet.config.addition_embed_type == "text":
+            for path, (xattn, pooled) in (("xattn", ("shuffled", "own")), ("pooled", ("own", "shuffled"))):
+                with pooled_caption(pipe.unet, hidden[pooled]):
+                    mse[f"{path}_shuffled"] = round(F.mse_loss(pipe.unet(noisy, tt, hidden[xattn]).sample.float(),
+                                                               target).item(), 5)
+                ratios[f"{path}_ratio"] = round(mse[f"{path}_shuffled"] / mse["own"], 4)
+        out[f"t{t}"] = {**mse, **ratios}
     return out
 
 
@@ -1551,7 +1607,7 @@ def curve(argv) -> dict:
         print(f"{label} (step {p['step']}, {p['cpu_minutes']} CPU-min): all-correct single {p['single']['all']:.3f}"
               f" / two {p['two']['all']:.3f}; single shape {p['single']['shape']:.3f}, colour "
               f"{p['single']['color']:.3f}, position {p['single']['position']:.3f}; caption use (shuffled / own "
-              f"loss at t=500) {p['caption_use']['t500']['ratio']:.3f}; text encoder word separation "
+              f"loss at t=500) {p['caption_use']['t500']['ratio']:.3f}{xattn_note(p)}; text encoder word separation "
               + ", ".join(f"{k} {v:.3f}" for k, v in p["word_separation"].items()))
     name = args.ckpt_dir.name
     metrics = {"ckpt_dir": str(args.ckpt_dir), "n_prompts": args.n_prompts, "oracle_sha256_12": fp,
@@ -1565,16 +1621,20 @@ def curve(argv) -> dict:
              *(fmt_est({"mean": p[kind]["all"], "ci95": p[kind]["all_ci"]}) for kind in ("single", "two")),
              " / ".join(f"{p['single'][k]:.3f}" for k in ("shape", "color", "position")),
              " / ".join(f"{p['caption_use'][t]['ratio']:.3f}" for t in ("t200", "t500", "t800")),
+             " / ".join(f"{p['caption_use'][t]['xattn_ratio']:.3f}" if "xattn_ratio" in p["caption_use"][t] else "–"
+                        for t in ("t200", "t500", "t800")),
              " / ".join(f"{p['word_separation'][k]:.3f}" for k in ("position", "color", "shape"))] for p in points]
     write_text(run.dir / "results.md", f"# Learning curve of {args.ckpt_dir}\n\nOracle all-correct on "
                f"{args.n_prompts} single- and {args.n_prompts} two-object prompts (DPM-Solver++ 20 steps, CFG 5, "
                "95% bootstrap CI). Caption use: the UNet's loss with shuffled captions over its loss with each "
                "image's own caption on 32 single-object renders at timesteps 200 / 500 / 800 (1.000: the caption is "
-               "ignored; `caption_use`). Word separation: how far the text encoder's hidden states move when one "
+               "ignored; `caption_use`); its cross-attention share, for a UNet that also pools the caption "
+               "(--text-film): the loss with only cross-attention reading shuffled captions over the own loss (1.000: "
+               "cross-attention, the only path that can say where, is ignored). Word separation: how far the text encoder's hidden states move when one "
                "word of the prompt changes (`word_separation`; near 0: the UNet cannot read that attribute).\n\n"
                + "\n".join(md_table(
                    ["CPU-min", "step", "single all-correct", "two all-correct", "single shape / colour / position",
-                    "caption use t200 / t500 / t800", "word separation position / colour / shape"], rows)) + "\n")
+                    "caption use t200 / t500 / t800", "cross-attention use t200 / t500 / t800", "word separation position / colour / shape"], rows)) + "\n")
     run.finish(metrics)
     return metrics
 

@@ -108,6 +108,8 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     (["--guidance", "0.5"], r"^--guidance must be >= 1, got 0\.5$"),
     (["--snr-shift", "0.5"], r"^--snr-shift must be >= 1, got 0\.5$"),
     (["--place-captions", "1.5"], r"^--place-captions must be in \[0, 1\], got 1\.5$"),
+    (["--pooled-dropout", "-0.1", "--text-film"], r"^--pooled-dropout must be in \[0, 1\], got -0\.1$"),
+    (["--pooled-dropout", "0.5"], r"^--pooled-dropout needs --text-film \(without it the caption has no pooled path"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_data, extra, message):
     with pytest.raises(UserError, match=message):
@@ -258,13 +260,14 @@ def test_object_weighted_batches_weigh_the_boxes_and_keep_images_equal(tiny_data
     t.gen, t.noise_scheduler = torch.Generator().manual_seed(0), train_diffusion.make_noise_scheduler()
     boxes = [[[8 * i, 8, 8, 8 + 4 * i]] * (1 + i % 3) for i in range(n)]
     t.masks = train_diffusion.object_masks(boxes, 64, 32)
-    *_, weight = t.batch()
+    *_, weight, pooled_drop = t.batch()
+    assert pooled_drop is None  # no --pooled-dropout
     assert weight.shape == (args.batch_size, 1, 32, 32)
     assert torch.allclose(weight.mean((1, 2, 3)), torch.ones(args.batch_size), atol=1e-5)
     inside, outside = weight.amax((1, 2, 3)), weight.amin((1, 2, 3))
     assert torch.allclose(inside / outside, torch.full_like(inside, 1 + args.object_weight))
     args.object_weight = 0.0
-    assert t.batch()[-1] is None
+    assert t.batch()[-2] is None
 
 
 def test_place_captions_upsamples_the_captions_that_say_where(tiny_data):
@@ -554,3 +557,57 @@ def test_word_separation_is_zero_for_an_encoder_that_ignores_words_and_matches_t
     # the frozen encoder of the latent-f2-film-text designs (docstring of word_separation)
     assert train_diffusion.word_separation(shipped.text_encoder, shipped.tokenizer) == pytest.approx(
         {"position": 0.131, "color": 0.574, "shape": 0.457}, abs=1e-3)
+
+
+def cut_cross_attention(unet) -> None:
+    """Zero every cross-attention's output projection: the caption then reaches the UNet only through its pooled path."""
+    for name, module in unet.named_modules():
+        if name.endswith("attn2.to_out.0"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+
+
+def test_pooled_dropout_trains_and_routes_the_empty_caption_to_the_pooled_path_only(tiny_data, tmp_path):
+    """--pooled-dropout: the pooled path (--text-film) of the dropped rows reads the empty caption, cross-attention
+    reads the caption; the saved pipeline is a plain one; caption_use measures each path's share."""
+    from diffusers import DiffusionPipeline
+
+    from generate_data import make_prompts
+
+    quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2", "--text-film", "--pooled-dropout", "0.5")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "o")  # no custom code
+    unet, gen = pipe.unet, torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 16, 16, generator=gen)
+    a, b = (pipe.text_encoder(train_diffusion.tokenize(pipe.tokenizer, [p] * 2))[0]
+            for p in ("a red circle in the top left", "a blue star"))
+    with torch.no_grad():
+        plain_a, plain_b = unet(x, 500, a).sample, unet(x, 500, b).sample
+        with train_diffusion.pooled_caption(unet, b):  # pooled path reads b, cross-attention a: neither plain output
+            mixed = unet(x, 500, a).sample
+        with train_diffusion.pooled_caption(unet, None):
+            assert torch.equal(unet(x, 500, a).sample, plain_a)  # None changes nothing
+        assert not torch.allclose(mixed, plain_a) and not torch.allclose(mixed, plain_b)
+        cut_cross_attention(unet)
+        with train_diffusion.pooled_caption(unet, b):  # cross-attention cut: only the pooled caption counts
+            assert torch.allclose(unet(x, 500, a).sample, unet(x, 500, b).sample, atol=1e-6)
+    reads = train_diffusion.caption_use(pipe, make_prompts("single", 4, seed=0), timesteps=(100,))["t100"]
+    assert reads["xattn_ratio"] == 1.0 and reads["xattn_shuffled"] == reads["own"]  # cross-attention ignored
+    assert reads["pooled_ratio"] != 1.0 and reads["pooled_shuffled"] == reads["shuffled"]
+
+
+def test_pooled_dropout_draws_a_row_mask_and_leaves_the_random_stream_alone_when_off(tiny_data):
+    args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--text-film", "--cfg-dropout", "0"])
+    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
+    t.args, t.device, t.scaling, t.masks = args, torch.device("cpu"), 1.0, None
+    t.mean, t.std = torch.zeros(3, 4, 8, 8), torch.ones(3, 4, 8, 8)
+    t.tokens, t.empty = torch.arange(15).reshape(3, 5, 1), torch.tensor([-1])
+    t.noise_scheduler = train_diffusion.make_noise_scheduler()
+    args.batch_size = 400
+    t.gen = torch.Generator().manual_seed(0)
+    off = t.batch()
+    assert off[-1] is None
+    args.pooled_dropout = 0.25
+    t.gen = torch.Generator().manual_seed(0)
+    on = t.batch()
+    assert on[-1].dtype == torch.bool and on[-1].shape == (400,) and 0.15 < on[-1].float().mean() < 0.35
+    assert torch.equal(on[1], off[1])  # the captions drawn before the mask are the same
