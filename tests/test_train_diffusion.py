@@ -593,6 +593,24 @@ def test_pooled_dropout_trains_and_routes_the_empty_caption_to_the_pooled_path_o
     reads = train_diffusion.caption_use(pipe, make_prompts("single", 4, seed=0), timesteps=(100,))["t100"]
     assert reads["xattn_ratio"] == 1.0 and reads["xattn_shuffled"] == reads["own"]  # cross-attention ignored
     assert reads["pooled_ratio"] != 1.0 and reads["pooled_shuffled"] == reads["shuffled"]
+    # the subcommand, on the saved (uncut) pipeline: one row per timestep, both paths measured
+    m = train_diffusion.main(["caption-use", "--model", str(tmp_path / "o"), "--n-prompts", "3", "--timesteps",
+                              "100,900", "--outputs", str(tmp_path / "out"), "--run-name", "r"])
+    reads = m["models"][str(tmp_path / "o")]
+    assert set(reads) == {"t100", "t900"} and all({"xattn_ratio", "pooled_ratio"} <= set(r) for r in reads.values())
+    table = (tmp_path / "out" / "caption_use" / "r" / "results.md").read_text()
+    assert f"| {tmp_path / 'o'} | 900 | {reads['t900']['ratio']:.4f} | {reads['t900']['xattn_ratio']:.4f} |" in table
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "no-such-model"], r"^unknown model 'no-such-model': not a registry name \(shapes-tiny, "),
+    (["--model", "org/offline-model"], r"^model 'org/offline-model' is not in the local Hugging Face cache"),
+    (["--model", "shapes-tiny", "--timesteps", "500,1000"], r"^--timesteps must be in 0\.\.999, got \[500, 1000\]$"),
+    (["--model", "shapes-tiny", "--n-prompts", "0"], r"^--n-prompts must be > 0, got 0$"),
+])
+def test_caption_use_subcommand_bad_input_is_one_line(tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        train_diffusion.main(["caption-use", *extra, "--outputs", str(tmp_path)])
 
 
 def test_pooled_dropout_draws_a_row_mask_and_leaves_the_random_stream_alone_when_off(tiny_data):
