@@ -42,6 +42,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -231,6 +232,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "attention-pooled path added to the timestep embedding) reads the empty caption while "
                             "cross-attention reads its own, so the caption must also pass through cross-attention, "
                             "the only path that can say where (0: both read the caption, as before)")
+    train.add_argument("--grounding-loss", type=float, default=0.0,
+                       help="weight (>= 0) of a token grounding loss on the UNet's cross-attention maps (TokenCompose, "
+                            "Wang et al. 2024): in single-object images, the attention that the tokens of the shape "
+                            "word and of the place words receive should fall inside the object's box, "
+                            "(1 - share inside)^2 per token and attention layer; ties place words to places "
+                            "(0: off)")
     train.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
                        help="after warm-up: cosine decay to 5%% at --max-steps, or constant (for time budgets)")
     train.add_argument("--cpu-minutes", type=float, default=0,
@@ -287,7 +294,7 @@ def check_args(args: argparse.Namespace) -> None:
         check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
     for name in ("attn_levels", "object_weight", "cpu_minutes", "max_images", "vae_crop", "decoder_minutes",
                  "warmup_steps", "sample_every", "threads", "seed", "resolution", "max_minutes", "vae_minutes",
-                 "kl_weight", "weight_decay", "snr_gamma"):
+                 "kl_weight", "weight_decay", "snr_gamma", "grounding_loss"):
         value = getattr(args, name)
         check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
     check(args.lr > 0 and args.vae_lr > 0, f"learning rates must be > 0, got --lr {args.lr}, --vae-lr {args.vae_lr}")
@@ -849,6 +856,96 @@ def lr_lambda(args):
     return fn
 
 
+class Batch(NamedTuple):
+    """One training batch (B rows): latents B x C x s x s, token ids B x L, noise, timesteps B, per-pixel loss weights
+    (--object-weight, else None), rows whose pooled caption path reads the empty caption (--pooled-dropout, else None),
+    and the grounding targets (--grounding-loss, else None): tokens to ground B x L bool, object masks B x 1 x s x s."""
+    latents: torch.Tensor
+    ids: torch.Tensor
+    noise: torch.Tensor
+    t: torch.Tensor
+    weight: torch.Tensor | None
+    pooled_drop: torch.Tensor | None
+    ground: tuple | None
+
+
+def grounding_token_ids(tokenizer) -> torch.Tensor:
+    """Ids of the words whose cross-attention --grounding-loss ties to the object: the shapes world's shape names and
+    the place words of its cells (top, middle, bottom, left, center, right), each one token of the tokenizer
+    (words it does not have are left out)."""
+    from generate_data import SHAPES
+
+    words = (*SHAPES, "top", "middle", "bottom", "left", "center", "right")
+    ids = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
+    return torch.tensor(sorted({i[0] for i in ids if len(i) == 1 and i[0] != tokenizer.unk_token_id}))
+
+
+class CrossAttentionRecorder:
+    """diffusers' plain AttnProcessor for a cross-attention layer that also keeps its attention probabilities
+    ((B * heads) x HW x L, with their gradient) in `maps` while recording. The UNet's weights and outputs are those of
+    the default processor; it is only set during a training step (`record_cross_attention`)."""
+
+    def __init__(self, maps: list):
+        from diffusers.models.attention_processor import AttnProcessor
+
+        self.plain, self.maps = AttnProcessor(), maps
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if encoder_hidden_states is None or hidden_states.ndim != 3 or attn.residual_connection:
+            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, attn.prepare_attention_mask(
+            attention_mask, encoder_hidden_states.shape[1], hidden_states.shape[0]))
+        self.maps.append((probs, attn.heads))
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def record_cross_attention(unet, enabled: bool = True):
+    """Within the block, every cross-attention layer of `unet` runs `CrossAttentionRecorder`; yields the list its
+    attention maps are appended to (empty when not enabled). The processors in place before come back after."""
+    maps: list = []
+    if not enabled:
+        yield maps
+        return
+    before = unet.attn_processors
+    recorder = CrossAttentionRecorder(maps)
+    unet.set_attn_processor({name: recorder if name.endswith("attn2.processor") else proc
+                             for name, proc in before.items()})
+    try:
+        yield maps
+    finally:
+        unet.set_attn_processor(before)
+
+
+def grounding_loss(maps: list, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """TokenCompose's token loss (Wang et al., CVPR 2024, eq. 2): for every token to ground and every cross-attention
+    layer, (1 - the share of the attention it receives that falls inside the object's mask)^2, averaged.
+
+    Args:
+        maps: (probabilities (B * heads) x HW x L, heads) per layer, as `record_cross_attention` collects them.
+        tokens: B x L bool, the tokens to ground.
+        masks: B x 1 x s x s, 1 inside the object (max-pooled to each layer's grid).
+    Returns:
+        a scalar (0 when no token is to be grounded).
+    """
+    if not bool(tokens.any()) or not maps:
+        return torch.zeros((), device=tokens.device)
+    losses = []
+    for probs, heads in maps:
+        batch, side = tokens.shape[0], math.isqrt(probs.shape[1])
+        attention = probs.view(batch, heads, probs.shape[1], probs.shape[2]).float().mean(1)  # B x HW x L
+        inside = F.adaptive_max_pool2d(masks, side).flatten(1)[:, :, None]  # B x HW x 1
+        share = (attention * inside).sum(1) / attention.sum(1).clamp_min(1e-8)  # B x L
+        losses.append(((1 - share) ** 2)[tokens])
+    return torch.cat(losses).mean()
+
+
 @contextlib.contextmanager
 def pooled_caption(unet, hidden: torch.Tensor | None):
     """Within the block, the UNet's pooled caption path (diffusers' addition_embed_type="text": the caption's hidden
@@ -868,13 +965,17 @@ def pooled_caption(unet, hidden: torch.Tensor | None):
 class Trainer:
     """Joint CLIPTextModel + UNet training on precomputed latents, with EMA, checkpoints and sample grids."""
 
-    def __init__(self, args, tokenizer, vae, latents, captions, device, masks: torch.Tensor | None = None):
+    def __init__(self, args, tokenizer, vae, latents, captions, device, masks: torch.Tensor | None = None,
+                 single: torch.Tensor | None = None):
         from diffusers.training_utils import EMAModel
 
         self.args, self.tokenizer, self.vae, self.device = args, tokenizer, vae, device
         self.mean, self.std = latents["mean"], latents["std"]
         self.scaling = latents["scaling_factor"]
-        self.masks = masks  # uint8 N x 1 x s x s object masks, for --object-weight
+        self.masks = masks  # uint8 N x 1 x s x s object masks, for --object-weight and --grounding-loss
+        self.single = single  # N bool: the image holds one object (--grounding-loss)
+        self.ground_ids = grounding_token_ids(tokenizer)
+        self.grounding_recent: list[float] = []  # --grounding-loss values since the last log entry
         five = _chunks_of_five(captions)
         self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in five])  # N x 5 x L
         self.places = torch.tensor([[names_place(c) for c in caps] for caps in five])  # N x 5 bool, --place-captions
@@ -949,11 +1050,15 @@ class Trainer:
             weight = 1 + args.object_weight * self.masks[idx].float()
             weight = weight / weight.mean((1, 2, 3), keepdim=True)  # every image counts the same in the batch
             weight = weight.to(self.device)
-        return (latents.to(self.device), ids.to(self.device), noise.to(self.device), t.to(self.device), weight,
-                pooled_drop)
+        ground = None
+        if args.grounding_loss:
+            tokens = torch.isin(ids, self.ground_ids) & self.single[idx, None]
+            ground = (tokens.to(self.device), self.masks[idx].float().to(self.device))
+        return Batch(latents.to(self.device), ids.to(self.device), noise.to(self.device), t.to(self.device), weight,
+                     pooled_drop, ground)
 
     def train_step(self) -> float:
-        latents, ids, noise, t, weight, pooled_drop = self.batch()
+        latents, ids, noise, t, weight, pooled_drop, ground = self.batch()
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             cond = self.text_encoder(ids)[0]
@@ -961,7 +1066,7 @@ class Trainer:
             if pooled_drop is not None and pooled_drop.any():
                 empty = self.text_encoder(self.empty[None].to(self.device))[0]
                 pooled = torch.where(pooled_drop.to(self.device)[:, None, None], empty, cond)
-            with pooled_caption(self.unet, pooled):
+            with pooled_caption(self.unet, pooled), record_cross_attention(self.unet, ground is not None) as maps:
                 pred = self.unet(noisy, t, cond).sample
         v_pred = self.args.prediction_type == "v_prediction"
         target = self.noise_scheduler.get_velocity(latents, noise, t) if v_pred else noise
@@ -976,6 +1081,10 @@ class Trainer:
             snr = compute_snr(self.noise_scheduler, t)
             loss = loss * torch.clamp(snr, max=self.args.snr_gamma) / (snr + 1 if v_pred else snr)
         loss = loss.mean()
+        if ground is not None:
+            grounding = grounding_loss(maps, *ground)
+            self.grounding_recent.append(float(grounding.detach()))
+            loss = loss + self.args.grounding_loss * grounding
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in self.opt.param_groups for p in g["params"]], 1.0)
@@ -1004,10 +1113,14 @@ class Trainer:
                 if self.step % 10 == 0 or self.step == args.max_steps:
                     self.seconds = time.time() - start
                     loss = float(np.mean(recent))
-                    self.log.append({"step": self.step, "loss": round(loss, 5), "lr": self.sched.get_last_lr()[0],
-                                     "seconds": round(self.seconds, 1)})
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.sched.get_last_lr()[0]:.1e}")
-                    recent = []
+                    entry = {"step": self.step, "loss": round(loss, 5), "lr": self.sched.get_last_lr()[0],
+                             "seconds": round(self.seconds, 1)}
+                    if self.grounding_recent:  # the diffusion loss above includes it, weighted
+                        entry["grounding_loss"] = round(float(np.mean(self.grounding_recent)), 5)
+                    self.log.append(entry)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.sched.get_last_lr()[0]:.1e}",
+                                    **({"grounding": f"{entry['grounding_loss']:.3f}"} if self.grounding_recent else {}))
+                    recent, self.grounding_recent = [], []
                 if self.step % args.ckpt_every == 0:
                     self.seconds = time.time() - start
                     self.save()
@@ -1729,11 +1842,15 @@ def main(argv=None) -> dict:
     print(f"autoencoder: {vae_info.get('steps', '?')} steps, PSNR {vae_info.get('psnr_db', '?')} dB"
           + (f" (from {vae_info['init_from']})" if "init_from" in vae_info else ""))
     latents = encode_latents(args, vae, images, device)
-    masks = object_masks(boxes, images.shape[-1], latents["mean"].shape[-1]) if args.object_weight else None
+    need_masks = args.object_weight or args.grounding_loss
+    masks = object_masks(boxes, images.shape[-1], latents["mean"].shape[-1]) if need_masks else None
+    single = torch.tensor([len(b) == 1 for b in boxes])
+    check(not args.grounding_loss or bool(single.any()),
+          "--grounding-loss needs single-object training images with boxes (COCO bboxes); the data has none")
     del images
 
     # 4. text encoder + UNet
-    trainer = Trainer(args, tokenizer, vae, latents, captions, device, masks)
+    trainer = Trainer(args, tokenizer, vae, latents, captions, device, masks, single)
     trainer.run(deadline)
 
     # 5. pipeline, model card, training log

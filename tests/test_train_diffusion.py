@@ -109,6 +109,7 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     (["--snr-shift", "0.5"], r"^--snr-shift must be >= 1, got 0\.5$"),
     (["--place-captions", "1.5"], r"^--place-captions must be in \[0, 1\], got 1\.5$"),
     (["--pooled-dropout", "-0.1", "--text-film"], r"^--pooled-dropout must be in \[0, 1\], got -0\.1$"),
+    (["--grounding-loss", "-1"], r"^--grounding-loss must be >= 0, got -1\.0$"),
     (["--pooled-dropout", "0.5"], r"^--pooled-dropout needs --text-film \(without it the caption has no pooled path"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_data, extra, message):
@@ -260,14 +261,15 @@ def test_object_weighted_batches_weigh_the_boxes_and_keep_images_equal(tiny_data
     t.gen, t.noise_scheduler = torch.Generator().manual_seed(0), train_diffusion.make_noise_scheduler()
     boxes = [[[8 * i, 8, 8, 8 + 4 * i]] * (1 + i % 3) for i in range(n)]
     t.masks = train_diffusion.object_masks(boxes, 64, 32)
-    *_, weight, pooled_drop = t.batch()
-    assert pooled_drop is None  # no --pooled-dropout
+    b = t.batch()
+    weight = b.weight
+    assert b.pooled_drop is None and b.ground is None  # no --pooled-dropout, no --grounding-loss
     assert weight.shape == (args.batch_size, 1, 32, 32)
     assert torch.allclose(weight.mean((1, 2, 3)), torch.ones(args.batch_size), atol=1e-5)
     inside, outside = weight.amax((1, 2, 3)), weight.amin((1, 2, 3))
     assert torch.allclose(inside / outside, torch.full_like(inside, 1 + args.object_weight))
     args.object_weight = 0.0
-    assert t.batch()[-2] is None
+    assert t.batch().weight is None
 
 
 def test_place_captions_upsamples_the_captions_that_say_where(tiny_data):
@@ -285,17 +287,17 @@ def test_place_captions_upsamples_the_captions_that_say_where(tiny_data):
     t.noise_scheduler = train_diffusion.make_noise_scheduler()
     args.batch_size = 400
     t.gen = torch.Generator().manual_seed(0)
-    uniform = t.batch()[1][:, 0]
+    uniform = t.batch().ids[:, 0]
     args.place_captions = 1.0
     t.gen = torch.Generator().manual_seed(0)
-    ids = t.batch()[1][:, 0]
+    ids = t.batch().ids[:, 0]
     first, second = ids[ids < 5], ids[ids >= 5]
     assert set(first.tolist()) == {0, 3}  # only the two captions that say where
     assert set(second.tolist()) == {5, 6, 7, 8, 9}  # no caption of this image names a place: all five
     assert set(uniform[uniform < 5].tolist()) == {0, 1, 2, 3, 4}
     args.place_captions = 0.0
     t.gen = torch.Generator().manual_seed(0)
-    assert torch.equal(t.batch()[1][:, 0], uniform)
+    assert torch.equal(t.batch().ids[:, 0], uniform)
 
 
 def test_resuming_with_another_architecture_is_one_line(tiny_data, tmp_path):
@@ -623,9 +625,95 @@ def test_pooled_dropout_draws_a_row_mask_and_leaves_the_random_stream_alone_when
     args.batch_size = 400
     t.gen = torch.Generator().manual_seed(0)
     off = t.batch()
-    assert off[-1] is None
+    assert off.pooled_drop is None
     args.pooled_dropout = 0.25
     t.gen = torch.Generator().manual_seed(0)
     on = t.batch()
-    assert on[-1].dtype == torch.bool and on[-1].shape == (400,) and 0.15 < on[-1].float().mean() < 0.35
-    assert torch.equal(on[1], off[1])  # the captions drawn before the mask are the same
+    assert on.pooled_drop.dtype == torch.bool and on.pooled_drop.shape == (400,)
+    assert 0.15 < on.pooled_drop.float().mean() < 0.35
+    assert torch.equal(on.ids, off.ids)  # the captions drawn before the mask are the same
+
+
+def test_grounding_loss_is_zero_inside_one_outside_and_a_quarter_at_half():
+    """(1 - share inside)^2: a token whose attention lies all inside the mask costs 0, all outside 1, half 0.25;
+    tokens not to ground do not count."""
+    side, tokens_n = 4, 3
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :4, :4] = 1  # the top-left quarter of the latent grid: the top-left cell of the 2 x 2 ... 4 x 4 maps
+    probs = torch.full((2, side * side, tokens_n), 1e-12)  # 2 heads, 16 positions
+    grid = torch.arange(side * side).view(side, side)
+    tl, br = grid[:2, :2].flatten(), grid[2:, 2:].flatten()
+    probs[:, tl, 0] = 1.0  # token 0: all in the top-left quarter
+    probs[:, br, 1] = 1.0  # token 1: all in the bottom-right one
+    probs[:, tl, 2], probs[:, br, 2] = 1.0, 1.0  # token 2: half and half
+    for token, expected in ((0, 0.0), (1, 1.0), (2, 0.25)):
+        chosen = torch.zeros(1, tokens_n, dtype=torch.bool)
+        chosen[0, token] = True
+        assert train_diffusion.grounding_loss([(probs, 2)], chosen, mask).item() == pytest.approx(expected, abs=1e-6)
+    none = torch.zeros(1, tokens_n, dtype=torch.bool)
+    assert train_diffusion.grounding_loss([(probs, 2)], none, mask).item() == 0.0
+
+
+def test_recorded_cross_attention_leaves_the_unet_unchanged_and_grounding_trains_it(tiny_data, tmp_path):
+    """record_cross_attention: same outputs as the default processors, one map per cross-attention layer, the
+    processors back afterwards; a quick run with --grounding-loss trains and optimising the loss alone moves the
+    grounded token's attention into the box."""
+    from diffusers import DiffusionPipeline
+
+    quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2", "--grounding-loss", "1")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "o")
+    unet = pipe.unet
+    x = torch.randn(1, unet.config.in_channels, 16, 16, generator=torch.Generator().manual_seed(0))
+    h = pipe.text_encoder(train_diffusion.tokenize(pipe.tokenizer, ["a red circle in the top left"]))[0].detach()
+    before = {k: type(v) for k, v in unet.attn_processors.items()}
+    with torch.no_grad():
+        plain = unet(x, 500, h).sample
+        with train_diffusion.record_cross_attention(unet) as maps:
+            recorded = unet(x, 500, h).sample
+    assert torch.allclose(plain, recorded, atol=1e-5)
+    assert len(maps) == sum(name.endswith("attn2.processor") for name in before)
+    assert {k: type(v) for k, v in unet.attn_processors.items()} == before
+    ids = train_diffusion.tokenize(pipe.tokenizer, ["a red circle in the top left"])
+    chosen = torch.isin(ids, train_diffusion.grounding_token_ids(pipe.tokenizer))
+    assert pipe.tokenizer.convert_ids_to_tokens(ids[chosen].tolist()) == ["circle</w>", "top</w>", "left</w>"]
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :6, :6] = 1
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(15):
+        with train_diffusion.record_cross_attention(unet) as maps:
+            unet(x, 500, h)
+        loss = train_diffusion.grounding_loss(maps, chosen, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_grounding_batches_mark_the_shape_and_place_tokens_of_single_object_images_only(tiny_data):
+    args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--cfg-dropout", "0",
+                                       "--grounding-loss", "1"])
+    from transformers import CLIPTokenizer
+
+    from utils import REPO as repo
+
+    tokenizer = CLIPTokenizer.from_pretrained(repo / "models" / "shapes-sd-tiny-f2" / "tokenizer")
+    captions = [["a red star in the top left"] * 5, ["a red star to the left of a blue ring"] * 5]
+    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
+    t.args, t.device, t.scaling = args, torch.device("cpu"), 1.0
+    t.mean, t.std = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    t.tokens = torch.stack([train_diffusion.tokenize(tokenizer, caps) for caps in captions])
+    t.empty = train_diffusion.tokenize(tokenizer, [""])[0]
+    t.single, t.masks = torch.tensor([True, False]), torch.ones(2, 1, 8, 8, dtype=torch.uint8)
+    t.ground_ids = train_diffusion.grounding_token_ids(tokenizer)
+    t.gen, t.noise_scheduler = torch.Generator().manual_seed(0), train_diffusion.make_noise_scheduler()
+    args.batch_size = 16
+    b = t.batch()
+    tokens, masks = b.ground
+    assert masks.shape == (16, 1, 8, 8)
+    for row in range(16):
+        words = tokenizer.convert_ids_to_tokens(b.ids[row][tokens[row]].tolist())
+        first_image = bool(tokens[row].any())
+        assert words == (["star</w>", "top</w>", "left</w>"] if first_image else [])
+    assert tokens.any(1).sum() not in (0, 16)  # both images were drawn
