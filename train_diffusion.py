@@ -238,6 +238,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "word and of the place words receive should fall inside the object's box, "
                             "(1 - share inside)^2 per token and attention layer; ties place words to places "
                             "(0: off)")
+    train.add_argument("--grounding-words", type=comma_list(), default="shape,place",
+                       help="which words --grounding-loss grounds: shape, place or both (comma-separated)")
+    train.add_argument("--grounding-min-t", type=int, default=0,
+                       help="ground only the rows whose timestep is at least this, 0..999: where the noise hides the "
+                            "object, attention can find its box only by where the caption says it is (0: every row)")
     train.add_argument("--lr-schedule", default="cosine", choices=("cosine", "constant"),
                        help="after warm-up: cosine decay to 5%% at --max-steps, or constant (for time budgets)")
     train.add_argument("--cpu-minutes", type=float, default=0,
@@ -305,6 +310,9 @@ def check_args(args: argparse.Namespace) -> None:
           "an epsilon target is trivial and x0 cannot be recovered from it)")
     check(0 < args.ema_decay < 1, f"--ema-decay must be in (0, 1), got {args.ema_decay}")
     check(0 <= args.place_captions <= 1, f"--place-captions must be in [0, 1], got {args.place_captions}")
+    check(set(args.grounding_words) <= {"shape", "place"} and args.grounding_words,
+          f"--grounding-words must name shape, place or both, got {','.join(args.grounding_words)}")
+    check(0 <= args.grounding_min_t <= 999, f"--grounding-min-t must be in 0..999, got {args.grounding_min_t}")
     check(0 <= args.pooled_dropout <= 1, f"--pooled-dropout must be in [0, 1], got {args.pooled_dropout}")
     check(not args.pooled_dropout or args.text_film,
           "--pooled-dropout needs --text-film (without it the caption has no pooled path to drop)")
@@ -869,13 +877,14 @@ class Batch(NamedTuple):
     ground: tuple | None
 
 
-def grounding_token_ids(tokenizer) -> torch.Tensor:
-    """Ids of the words whose cross-attention --grounding-loss ties to the object: the shapes world's shape names and
-    the place words of its cells (top, middle, bottom, left, center, right), each one token of the tokenizer
-    (words it does not have are left out)."""
+def grounding_token_ids(tokenizer, kinds=("shape", "place")) -> torch.Tensor:
+    """Ids of the words whose cross-attention --grounding-loss ties to the object: the shapes world's shape names
+    ("shape") and the place words of its cells ("place": top, middle, bottom, left, center, right), each one token of
+    the tokenizer (words it does not have are left out)."""
     from generate_data import SHAPES
 
-    words = (*SHAPES, "top", "middle", "bottom", "left", "center", "right")
+    words = (*(SHAPES if "shape" in kinds else ()),
+             *(("top", "middle", "bottom", "left", "center", "right") if "place" in kinds else ()))
     ids = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
     return torch.tensor(sorted({i[0] for i in ids if len(i) == 1 and i[0] != tokenizer.unk_token_id}))
 
@@ -974,7 +983,7 @@ class Trainer:
         self.scaling = latents["scaling_factor"]
         self.masks = masks  # uint8 N x 1 x s x s object masks, for --object-weight and --grounding-loss
         self.single = single  # N bool: the image holds one object (--grounding-loss)
-        self.ground_ids = grounding_token_ids(tokenizer)
+        self.ground_ids = grounding_token_ids(tokenizer, args.grounding_words)
         self.grounding_recent: list[float] = []  # --grounding-loss values since the last log entry
         five = _chunks_of_five(captions)
         self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in five])  # N x 5 x L
@@ -1052,7 +1061,8 @@ class Trainer:
             weight = weight.to(self.device)
         ground = None
         if args.grounding_loss:
-            tokens = torch.isin(ids, self.ground_ids) & self.single[idx, None]
+            rows = self.single[idx] & (t >= args.grounding_min_t)
+            tokens = torch.isin(ids, self.ground_ids) & rows[:, None]
             ground = (tokens.to(self.device), self.masks[idx].float().to(self.device))
         return Batch(latents.to(self.device), ids.to(self.device), noise.to(self.device), t.to(self.device), weight,
                      pooled_drop, ground)

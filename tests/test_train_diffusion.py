@@ -110,6 +110,8 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     (["--place-captions", "1.5"], r"^--place-captions must be in \[0, 1\], got 1\.5$"),
     (["--pooled-dropout", "-0.1", "--text-film"], r"^--pooled-dropout must be in \[0, 1\], got -0\.1$"),
     (["--grounding-loss", "-1"], r"^--grounding-loss must be >= 0, got -1\.0$"),
+    (["--grounding-words", "place,colour"], r"^--grounding-words must name shape, place or both, got place,colour$"),
+    (["--grounding-min-t", "1000"], r"^--grounding-min-t must be in 0\.\.999, got 1000$"),
     (["--pooled-dropout", "0.5"], r"^--pooled-dropout needs --text-film \(without it the caption has no pooled path"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_data, extra, message):
@@ -717,3 +719,13 @@ def test_grounding_batches_mark_the_shape_and_place_tokens_of_single_object_imag
         first_image = bool(tokens[row].any())
         assert words == (["star</w>", "top</w>", "left</w>"] if first_image else [])
     assert tokens.any(1).sum() not in (0, 16)  # both images were drawn
+    # only the place words, only where the noise hides the object (timestep >= 500)
+    args.grounding_words, args.grounding_min_t = ["place"], 500
+    t.ground_ids = train_diffusion.grounding_token_ids(tokenizer, args.grounding_words)
+    b = t.batch()
+    tokens = b.ground[0]
+    for row in range(16):
+        words = tokenizer.convert_ids_to_tokens(b.ids[row][tokens[row]].tolist())
+        assert words in ([], ["top</w>", "left</w>"])
+        assert not words or b.t[row] >= 500
+    assert tokens.any()
