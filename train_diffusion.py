@@ -900,7 +900,8 @@ class CrossAttentionRecorder:
         self.plain, self.maps = AttnProcessor(), maps
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if encoder_hidden_states is None or hidden_states.ndim != 3 or attn.residual_connection:
+        if (encoder_hidden_states is None or hidden_states.ndim != 3 or attn.residual_connection
+                or attn.spatial_norm is not None or attn.group_norm is not None):  # not a transformer's cross-attention
             return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         if attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
