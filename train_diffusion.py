@@ -889,47 +889,39 @@ def grounding_token_ids(tokenizer, kinds=("shape", "place")) -> torch.Tensor:
     return torch.tensor(sorted({i[0] for i in ids if len(i) == 1 and i[0] != tokenizer.unk_token_id}))
 
 
-class CrossAttentionRecorder:
-    """diffusers' plain AttnProcessor for a cross-attention layer that also keeps its attention probabilities
-    ((B * heads) x HW x L, with their gradient) in `maps` while recording. The UNet's weights and outputs are those of
-    the default processor; it is only set during a training step (`record_cross_attention`)."""
-
-    def __init__(self, maps: list):
-        from diffusers.models.attention_processor import AttnProcessor
-
-        self.plain, self.maps = AttnProcessor(), maps
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if (encoder_hidden_states is None or hidden_states.ndim != 3 or attn.residual_connection
-                or attn.spatial_norm is not None or attn.group_norm is not None):  # not a transformer's cross-attention
-            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        if attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(query, key, attn.prepare_attention_mask(
-            attention_mask, encoder_hidden_states.shape[1], hidden_states.shape[0]))
-        self.maps.append((probs, attn.heads))
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
-
-
 @contextlib.contextmanager
 def record_cross_attention(unet, enabled: bool = True):
-    """Within the block, every cross-attention layer of `unet` runs `CrossAttentionRecorder`; yields the list its
-    attention maps are appended to (empty when not enabled). The processors in place before come back after."""
+    """Within the block, every cross-attention layer of `unet` runs diffusers' plain `AttnProcessor` (same weights,
+    same outputs as the default one) and the attention probabilities it computes ((B * heads) x HW x L, with their
+    gradient) are appended, with the layer's head count, to the list this yields (empty when not enabled). The
+    processors in place before come back after."""
+    from diffusers.models.attention_processor import AttnProcessor
+
     maps: list = []
     if not enabled:
         yield maps
         return
+    layers = [module for name, module in unet.named_modules() if name.endswith("attn2")]
+
+    def recording(attn):
+        scores = attn.get_attention_scores
+
+        def get_attention_scores(query, key, attention_mask=None):
+            probs = scores(query, key, attention_mask)
+            maps.append((probs, attn.heads))
+            return probs
+        return get_attention_scores
+
     before = unet.attn_processors
-    recorder = CrossAttentionRecorder(maps)
-    unet.set_attn_processor({name: recorder if name.endswith("attn2.processor") else proc
+    for attn in layers:  # an instance attribute over the class's method, removed afterwards
+        attn.get_attention_scores = recording(attn)
+    unet.set_attn_processor({name: AttnProcessor() if name.endswith("attn2.processor") else proc
                              for name, proc in before.items()})
     try:
         yield maps
     finally:
+        for attn in layers:
+            del attn.get_attention_scores
         unet.set_attn_processor(before)
 
 
@@ -984,7 +976,7 @@ class Trainer:
         self.scaling = latents["scaling_factor"]
         self.masks = masks  # uint8 N x 1 x s x s object masks, for --object-weight and --grounding-loss
         self.single = single  # N bool: the image holds one object (--grounding-loss)
-        self.ground_ids = grounding_token_ids(tokenizer, args.grounding_words)
+        self.ground_ids = grounding_token_ids(tokenizer, args.grounding_words) if args.grounding_loss else None
         self.grounding_recent: list[float] = []  # --grounding-loss values since the last log entry
         five = _chunks_of_five(captions)
         self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in five])  # N x 5 x L
@@ -1683,9 +1675,9 @@ def ceiling(argv) -> dict:
 
 def caption_use_cli(argv) -> dict:
     """`python train_diffusion.py caption-use --model NAME[,NAME...]`: how much each pipeline's UNet reads the caption
-    and, for a UNet that also pools it (--text-film), through which path: `caption_use` on renders of the study's first
-    --n-prompts of the study's 200 single-object prompts (seed 0), as the learning curve does. NAME is a registry name or a pipeline folder (a snapshot, a final).
-    Writes outputs/caption_use/<run>/{metrics.json,results.md}."""
+    and, for a UNet that also pools it (--text-film), through which path: `caption_use` on renders of the first
+    --n-prompts of the study's 200 single-object prompts (seed 0), as the learning curve does. NAME is a registry name
+    or a pipeline folder (a snapshot, a final). Writes outputs/caption_use/<run>/{metrics.json,results.md}."""
     from generate_data import make_prompts
     from utils import load_pipeline, resolve_model
 
