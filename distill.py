@@ -202,7 +202,7 @@ def training_data(args, pipe, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Scaled posterior-mean latents of the split's images under the teacher's autoencoder (cached in the
     checkpoint folder), and 5 caption token rows per image."""
     path = args.ckpt_dir / "latents.pt"
-    images, captions, _, _ = td.load_images_and_captions(args)
+    images, captions, *_ = td.load_images_and_captions(args)
     tokens = torch.stack([td.tokenize(pipe.tokenizer, caps) for caps in td._chunks_of_five(captions)])
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=False), tokens

@@ -56,6 +56,9 @@ SUPERSAMPLE = 4
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart",
           "hexagon", "diamond", "ring", "pentagon", "crescent", "arrow")
+# Shapes whose left-right mirror image is another drawing (the crescent's bite, the arrow's point change sides); every
+# other shape is drawn symmetric about its vertical axis, so a mirrored scene of those is a scene of this world.
+CHIRAL_SHAPES = ("crescent", "arrow")
 SUPERCATEGORIES = {
     "circle": "round", "ring": "round", "crescent": "round",
     "square": "polygon", "triangle": "polygon", "hexagon": "polygon", "diamond": "polygon", "pentagon": "polygon",

@@ -232,6 +232,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "attention-pooled path added to the timestep embedding) reads the empty caption while "
                             "cross-attention reads its own, so the caption must also pass through cross-attention, "
                             "the only path that can say where (0: both read the caption, as before)")
+    train.add_argument("--mirror-pairs", type=float, default=0.0,
+                       help="share, 0..1, of each batch made of mirror pairs: an image and its left-right mirror "
+                            "image, whose captions swap 'left' and 'right', with the same noise, timestep and caption "
+                            "choice, so that at the noisy timesteps only the caption's place can tell the two targets "
+                            "apart (images holding a shape whose mirror image is another drawing are never mirrored: "
+                            "generate_data.CHIRAL_SHAPES; 0: off)")
     train.add_argument("--grounding-loss", type=float, default=0.0,
                        help="weight (>= 0) of a token grounding loss on the UNet's cross-attention maps (TokenCompose, "
                             "Wang et al. 2024): in single-object images, the attention that the tokens of the shape "
@@ -314,6 +320,9 @@ def check_args(args: argparse.Namespace) -> None:
           f"--grounding-words must name shape, place or both, got {','.join(args.grounding_words)}")
     check(0 <= args.grounding_min_t <= 999, f"--grounding-min-t must be in 0..999, got {args.grounding_min_t}")
     check(0 <= args.pooled_dropout <= 1, f"--pooled-dropout must be in [0, 1], got {args.pooled_dropout}")
+    check(0 <= args.mirror_pairs <= 1, f"--mirror-pairs must be in [0, 1], got {args.mirror_pairs}")
+    check(not args.mirror_pairs or args.batch_size * args.mirror_pairs >= 2,
+          f"--mirror-pairs {args.mirror_pairs} makes no pair in a batch of {args.batch_size} (needs batch x share >= 2)")
     check(not args.pooled_dropout or args.text_film,
           "--pooled-dropout needs --text-film (without it the caption has no pooled path to drop)")
     check(args.guidance >= 1, f"--guidance must be >= 1, got {args.guidance}")
@@ -369,21 +378,25 @@ def check_architecture(args) -> None:
 
 
 # --------------------------------------------------------------------------- 1. data and tokenizer
-def load_images_and_captions(args) -> tuple[torch.Tensor, list[list[str]], torch.Tensor | None, list[list]]:
-    """Training images (uint8 N x 3 x H x W), their captions, held-out images for the PSNR (or None), and each
-    training image's object boxes ([x, y, w, h] in pixels, COCO order; empty where the data has none)."""
+def load_images_and_captions(args) -> tuple[torch.Tensor, list[list[str]], torch.Tensor | None, list[list],
+                                             list[list[str]]]:
+    """Training images (uint8 N x 3 x H x W), their captions, held-out images for the PSNR (or None), each training
+    image's object boxes ([x, y, w, h] in pixels, COCO order; empty where the data has none) and the category names
+    of those objects (same order)."""
     from PIL import Image
 
-    records = []
+    records, names = [], []
     for i, path in enumerate(args.data):
         data = load_data(path)
         check(args.split in data["splits"], f"unknown split {args.split!r} in {path}; it has {sorted(data['splits'])}")
         records += data["splits"][args.split]
+        category = {c["id"]: c["name"] for c in data.get("categories", [])}
+        names += [[category.get(c, str(c)) for c in r.get("category_ids") or []] for r in data["splits"][args.split]]
         if i == 0:
             held_out = data["splits"].get(args.eval_split, [])[: args.eval_images]
     check(records, f"split {args.split!r} has no images")
     if args.max_images:
-        records = records[: args.max_images]
+        records, names = records[: args.max_images], names[: args.max_images]
 
     boxes = [list(r.get("bboxes") or []) for r in records]
 
@@ -407,7 +420,7 @@ def load_images_and_captions(args) -> tuple[torch.Tensor, list[list[str]], torch
     images = read(records, boxes)
     eval_images = read(held_out) if held_out else None
     captions = [[" ".join(c.lower().split()) for c in r["captions"]] for r in records]
-    return images, captions, eval_images, boxes
+    return images, captions, eval_images, boxes, names
 
 
 def square_crop(image, side: int, boxes: list) -> tuple:
@@ -714,9 +727,10 @@ def posterior(vae, images: torch.Tensor, device, batch: int = 256) -> tuple[torc
     return torch.cat(means), torch.cat(stds)
 
 
-def encode_latents(args, vae, images, device) -> dict:
-    """Posterior mean and std of every training image (fp16, CPU), encoded once; plus 1/std for scaling."""
-    path = args.ckpt_dir / "latents.pt"
+def encode_latents(args, vae, images, device, name: str = "latents.pt") -> dict:
+    """Posterior mean and std of every training image (fp16, CPU), encoded once (cached as --ckpt-dir/`name`); plus
+    1/std for scaling."""
+    path = args.ckpt_dir / name
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=False)
     mean, std = posterior(vae, images, device)
@@ -968,7 +982,7 @@ class Trainer:
     """Joint CLIPTextModel + UNet training on precomputed latents, with EMA, checkpoints and sample grids."""
 
     def __init__(self, args, tokenizer, vae, latents, captions, device, masks: torch.Tensor | None = None,
-                 single: torch.Tensor | None = None):
+                 single: torch.Tensor | None = None, mirror: dict | None = None):
         from diffusers.training_utils import EMAModel
 
         self.args, self.tokenizer, self.vae, self.device = args, tokenizer, vae, device
@@ -982,6 +996,10 @@ class Trainer:
         self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in five])  # N x 5 x L
         self.places = torch.tensor([[names_place(c) for c in caps] for caps in five])  # N x 5 bool, --place-captions
         self.empty = tokenize(tokenizer, [""])[0]
+        self.mirror = mirror  # mirror_data's, for --mirror-pairs
+        if mirror is not None:
+            self.mirror_tokens = torch.stack([tokenize(tokenizer, caps) for caps in _chunks_of_five(mirror["captions"])])
+            self.pairs = max(1, round(args.batch_size * args.mirror_pairs / 2))
         self.text_encoder = make_text_encoder(args, tokenizer).to(device).train()
         self.text_encoder.requires_grad_(not args.freeze_text)
         self.unet = make_unet(args, self.mean.shape[-1]).to(device).train()
@@ -1028,35 +1046,55 @@ class Trainer:
         self.cpu_seconds = state.get("cpu_seconds", state["seconds"])
 
     # ---- one step
-    def batch(self):
-        args, n = self.args, len(self.mean)
-        idx = torch.randint(n, (args.batch_size,), generator=self.gen)
-        which = torch.randint(5, (args.batch_size,), generator=self.gen)
+    def batch(self) -> Batch:
+        """Draw the next batch. With --mirror-pairs the last 2k rows are k mirror pairs: rows a = [B-2k, B-k) hold
+        images that may be mirrored, rows b = [B-k, B) their mirror images (mirrored latents, captions and masks)
+        with a's caption choice, caption dropout, noise and timestep."""
+        args, n, size = self.args, len(self.mean), self.args.batch_size
+        idx = torch.randint(n, (size,), generator=self.gen)
+        a = b = None
+        if self.mirror is not None:  # drawn only when asked, so runs without it keep their random stream
+            k = self.pairs
+            pick = self.mirror["index"][torch.randint(len(self.mirror["index"]), (k,), generator=self.gen)]
+            idx[size - 2 * k:] = pick.repeat(2)
+            a, b = slice(size - 2 * k, size - k), slice(size - k, size)
+        which = torch.randint(5, (size,), generator=self.gen)
         if args.place_captions:  # upsample captions that say where (the default draws nothing more: same stream)
             places = self.places[idx]
             weights = torch.where(places.any(1, keepdim=True), places.float(), torch.ones_like(places, dtype=torch.float))
-            prefer = torch.rand(args.batch_size, generator=self.gen) < args.place_captions
+            prefer = torch.rand(size, generator=self.gen) < args.place_captions
             which = torch.where(prefer, torch.multinomial(weights, 1, generator=self.gen)[:, 0], which)
-        ids = self.tokens[idx, which]
-        drop = torch.rand(args.batch_size, generator=self.gen) < args.cfg_dropout
-        ids[drop] = self.empty
+        drop = torch.rand(size, generator=self.gen) < args.cfg_dropout
         pooled_drop = None
         if args.pooled_dropout:  # drawn only when asked, so runs without it keep their random stream
-            pooled_drop = torch.rand(args.batch_size, generator=self.gen) < args.pooled_dropout
-        eps = torch.randn(self.mean[idx].shape, generator=self.gen)
-        latents = (self.mean[idx].float() + self.std[idx].float() * eps) * self.scaling
-        noise = torch.randn(latents.shape, generator=self.gen)
-        t = torch.randint(self.noise_scheduler.config.num_train_timesteps, (args.batch_size,), generator=self.gen)
+            pooled_drop = torch.rand(size, generator=self.gen) < args.pooled_dropout
+        mean, std = self.mean[idx].float(), self.std[idx].float()
+        eps = torch.randn(mean.shape, generator=self.gen)
+        noise = torch.randn(mean.shape, generator=self.gen)
+        t = torch.randint(self.noise_scheduler.config.num_train_timesteps, (size,), generator=self.gen)
+        masks = None if self.masks is None else self.masks[idx]
+        if b is not None:
+            which[b], drop[b], eps[b], noise[b], t[b] = which[a], drop[a], eps[a].flip(-1), noise[a], t[a]
+            mean[b], std[b] = self.mirror["mean"][idx[b]].float(), self.mirror["std"][idx[b]].float()
+            if pooled_drop is not None:
+                pooled_drop[b] = pooled_drop[a]
+            if masks is not None:
+                masks[b] = masks[b].flip(-1)
+        ids = self.tokens[idx, which]
+        if b is not None:
+            ids[b] = self.mirror_tokens[idx[b], which[b]]
+        ids[drop] = self.empty
+        latents = (mean + std * eps) * self.scaling
         weight = None
         if args.object_weight:
-            weight = 1 + args.object_weight * self.masks[idx].float()
+            weight = 1 + args.object_weight * masks.float()
             weight = weight / weight.mean((1, 2, 3), keepdim=True)  # every image counts the same in the batch
             weight = weight.to(self.device)
         ground = None
         if args.grounding_loss:
             rows = self.single[idx] & (t >= args.grounding_min_t)
             tokens = torch.isin(ids, self.ground_ids) & rows[:, None]
-            ground = (tokens.to(self.device), self.masks[idx].float().to(self.device))
+            ground = (tokens.to(self.device), masks.float().to(self.device))
         return Batch(latents.to(self.device), ids.to(self.device), noise.to(self.device), t.to(self.device), weight,
                      pooled_drop, ground)
 
@@ -1104,7 +1142,7 @@ class Trainer:
     def run(self, deadline: float) -> bool:
         """Train until --max-steps, --cpu-minutes or the deadline; returns True when the step budget is done."""
         args = self.args
-        bar = tqdm(total=args.max_steps, initial=self.step, desc="unet+text")
+        bar = tqdm(total=args.max_steps, initial=self.step, desc="unet" if args.freeze_text else "unet+text")
         start, recent = time.time() - self.seconds, []
         cpu_start = time.process_time() - self.cpu_seconds
         try:
@@ -1183,6 +1221,26 @@ class Trainer:
 # and in COCO's ("on the left", "next to", "under").
 PLACE_WORDS = re.compile(r"\b(left|right|top|bottom|center|centre|middle|above|below|under|beneath|behind|beside|"
                          r"next to|in front of|on top of)\b")
+
+
+def mirror_caption(text: str) -> str:
+    """The caption of the left-right mirror image: "left" and "right" swap ("in the top left" -> "in the top right",
+    "to the left of" -> "to the right of"); every other word stays."""
+    return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", text)
+
+
+def mirror_data(args, vae, images: torch.Tensor, captions: list[list[str]], names: list[list[str]], device) -> dict:
+    """--mirror-pairs: the posterior mean and std of every training image's left-right mirror (fp16, cached as
+    --ckpt-dir/latents_mirror.pt), the mirrored captions, and "index", the images that may be mirrored (none of their
+    objects in generate_data.CHIRAL_SHAPES). Raises UserError when no image may be."""
+    from generate_data import CHIRAL_SHAPES
+
+    index = torch.tensor([not set(n) & set(CHIRAL_SHAPES) for n in names]).nonzero()[:, 0]
+    check(len(index) > 0, f"--mirror-pairs: every training image holds a shape whose mirror image is another drawing "
+                          f"({', '.join(CHIRAL_SHAPES)})")
+    latents = encode_latents(args, vae, images.flip(-1), device, name="latents_mirror.pt")
+    return {"mean": latents["mean"], "std": latents["std"], "index": index,
+            "captions": [[mirror_caption(c) for c in caps] for caps in captions]}
 
 
 def names_place(caption: str) -> bool:
@@ -1829,7 +1887,7 @@ def main(argv=None) -> dict:
     args.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. images, captions, tokenizer
-    images, captions, eval_images, boxes = load_images_and_captions(args)
+    images, captions, eval_images, boxes, names = load_images_and_captions(args)
     if args.init_text:
         adopt_text_encoder(args)
     check_architecture(args)
@@ -1845,6 +1903,7 @@ def main(argv=None) -> dict:
     print(f"autoencoder: {vae_info.get('steps', '?')} steps, PSNR {vae_info.get('psnr_db', '?')} dB"
           + (f" (from {vae_info['init_from']})" if "init_from" in vae_info else ""))
     latents = encode_latents(args, vae, images, device)
+    mirror = mirror_data(args, vae, images, captions, names, device) if args.mirror_pairs else None
     need_masks = args.object_weight or args.grounding_loss
     masks = object_masks(boxes, images.shape[-1], latents["mean"].shape[-1]) if need_masks else None
     single = torch.tensor([len(b) == 1 for b in boxes])
@@ -1853,7 +1912,7 @@ def main(argv=None) -> dict:
     del images
 
     # 4. text encoder + UNet
-    trainer = Trainer(args, tokenizer, vae, latents, captions, device, masks, single)
+    trainer = Trainer(args, tokenizer, vae, latents, captions, device, masks, single, mirror)
     trainer.run(deadline)
 
     # 5. pipeline, model card, training log

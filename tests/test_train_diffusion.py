@@ -113,6 +113,9 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     (["--grounding-words", "place,colour"], r"^--grounding-words must name shape, place or both, got place,colour$"),
     (["--grounding-min-t", "1000"], r"^--grounding-min-t must be in 0\.\.999, got 1000$"),
     (["--pooled-dropout", "0.5"], r"^--pooled-dropout needs --text-film \(without it the caption has no pooled path"),
+    (["--mirror-pairs", "1.5"], r"^--mirror-pairs must be in \[0, 1\], got 1\.5$"),
+    (["--mirror-pairs", "0.1", "--batch-size", "8"],
+     r"^--mirror-pairs 0\.1 makes no pair in a batch of 8 \(needs batch x share >= 2\)$"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_data, extra, message):
     with pytest.raises(UserError, match=message):
@@ -617,15 +620,21 @@ def test_caption_use_subcommand_bad_input_is_one_line(tmp_path, extra, message):
         train_diffusion.main(["caption-use", *extra, "--outputs", str(tmp_path)])
 
 
+def bare_trainer(args, mean: torch.Tensor) -> "train_diffusion.Trainer":
+    """A Trainer with only what `batch` reads: latents `mean` (std 1), caption k of image i = token 5 i + k."""
+    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
+    t.args, t.device, t.scaling, t.masks, t.mirror = args, torch.device("cpu"), 1.0, None, None
+    t.mean, t.std = mean, torch.ones_like(mean)
+    t.tokens, t.empty = torch.arange(5 * len(mean)).reshape(len(mean), 5, 1), torch.tensor([-1])
+    t.noise_scheduler = train_diffusion.make_noise_scheduler()
+    t.gen = torch.Generator().manual_seed(0)
+    return t
+
+
 def test_pooled_dropout_draws_a_row_mask_and_leaves_the_random_stream_alone_when_off(tiny_data):
     args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--text-film", "--cfg-dropout", "0"])
-    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
-    t.args, t.device, t.scaling, t.masks = args, torch.device("cpu"), 1.0, None
-    t.mean, t.std = torch.zeros(3, 4, 8, 8), torch.ones(3, 4, 8, 8)
-    t.tokens, t.empty = torch.arange(15).reshape(3, 5, 1), torch.tensor([-1])
-    t.noise_scheduler = train_diffusion.make_noise_scheduler()
+    t = bare_trainer(args, torch.zeros(3, 4, 8, 8))
     args.batch_size = 400
-    t.gen = torch.Generator().manual_seed(0)
     off = t.batch()
     assert off.pooled_drop is None
     args.pooled_dropout = 0.25
@@ -634,6 +643,50 @@ def test_pooled_dropout_draws_a_row_mask_and_leaves_the_random_stream_alone_when
     assert on.pooled_drop.dtype == torch.bool and on.pooled_drop.shape == (400,)
     assert 0.15 < on.pooled_drop.float().mean() < 0.35
     assert torch.equal(on.ids, off.ids)  # the captions drawn before the mask are the same
+
+
+def test_mirror_pairs_train_and_cache_the_mirror_images_latents(tiny_data, tmp_path):
+    info = quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1", "--mirror-pairs", "0.5")
+    assert info["steps"] == 1
+    latents, mirror = (torch.load(tmp_path / "c" / name) for name in ("latents.pt", "latents_mirror.pt"))
+    assert mirror["mean"].shape == latents["mean"].shape and not torch.equal(mirror["mean"], latents["mean"])
+    log = json.loads((tmp_path / "o" / "training_log.json").read_text())
+    assert log["config"]["mirror_pairs"] == 0.5
+
+
+@pytest.mark.parametrize("text, mirrored", [
+    ("a green circle in the top left", "a green circle in the top right"),
+    ("a red star to the left of a small blue circle", "a red star to the right of a small blue circle"),
+    ("a heart on the right and a ring on the left", "a heart on the left and a ring on the right"),
+    ("a purple heart above an orange square", "a purple heart above an orange square"),
+    ("a bright leftover circle in the center", "a bright leftover circle in the center"),  # whole words only
+])
+def test_mirror_caption_swaps_left_and_right_and_nothing_else(text, mirrored):
+    assert train_diffusion.mirror_caption(text) == mirrored
+    assert train_diffusion.mirror_caption(mirrored) == text
+
+
+def test_mirror_pairs_share_noise_timestep_and_caption_choice_and_mirror_the_rest(tiny_data):
+    """--mirror-pairs: the last 2k rows of a batch are k images that may be mirrored and their mirror images; the
+    mirror row reads the mirrored latents (its posterior sample is the mirror of the first row's), the mirrored
+    caption of the same choice, and the first row's noise and timestep."""
+    args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--cfg-dropout", "0.2"])
+    args.batch_size = 64
+    mean = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    args.mirror_pairs = 0.5
+    t = bare_trainer(args, mean)
+    t.pairs = 16
+    t.mirror = {"mean": mean.flip(-1), "std": torch.ones_like(mean), "index": torch.tensor([1, 4])}
+    t.mirror_tokens = 100 + t.tokens  # caption k of image i, mirrored: token 100 + 5 i + k
+    on = t.batch()
+    a, b = slice(32, 48), slice(48, 64)
+    assert torch.equal(on.latents[b], on.latents[a].flip(-1))  # the mirror image's posterior sample
+    assert torch.equal(on.noise[b], on.noise[a]) and torch.equal(on.t[b], on.t[a])  # same noise, not mirrored
+    assert not torch.equal(on.noise[b], on.noise[b].flip(-1))
+    first = on.ids[a, 0]
+    kept = first >= 0  # rows whose caption was not dropped; the mirror row drops with its pair
+    assert torch.equal(on.ids[b, 0] >= 0, kept) and torch.equal(on.ids[b, 0][kept], first[kept] + 100)
+    assert set((first[kept] // 5).tolist()) <= {1, 4}  # only images that may be mirrored
 
 
 def test_grounding_loss_is_zero_inside_one_outside_and_a_quarter_at_half():
