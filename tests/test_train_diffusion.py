@@ -254,16 +254,23 @@ def test_object_masks_cover_the_boxes_on_the_latent_grid():
     assert (xs.min(), xs.max(), ys.min(), ys.max()) == (3, 12, 19, 28)
 
 
+def bare_trainer(args, mean: torch.Tensor) -> "train_diffusion.Trainer":
+    """A Trainer with only what `batch` reads: latents `mean` (std 1), caption k of image i = token 5 i + k."""
+    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
+    t.args, t.device, t.scaling, t.masks, t.mirror = args, torch.device("cpu"), 1.0, None, None
+    t.mean, t.std = mean, torch.ones_like(mean)
+    t.tokens, t.empty = torch.arange(5 * len(mean)).reshape(len(mean), 5, 1), torch.tensor([-1])
+    t.noise_scheduler = train_diffusion.make_noise_scheduler()
+    t.gen = torch.Generator().manual_seed(0)
+    return t
+
+
 def test_object_weighted_batches_weigh_the_boxes_and_keep_images_equal(tiny_data):
     """Trainer.batch's loss weights: 1 + w inside the boxes, mean 1 in every image (images of few or many objects
     count the same); a batch without --object-weight has no weights."""
     args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--design", "latent-f2-objw"])
-    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
     n = 6
-    t.args, t.device, t.scaling = args, torch.device("cpu"), 1.0
-    t.mean, t.std = torch.zeros(n, 4, 32, 32), torch.ones(n, 4, 32, 32)
-    t.tokens, t.empty = torch.zeros(n, 5, 8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
-    t.gen, t.noise_scheduler = torch.Generator().manual_seed(0), train_diffusion.make_noise_scheduler()
+    t = bare_trainer(args, torch.zeros(n, 4, 32, 32))
     boxes = [[[8 * i, 8, 8, 8 + 4 * i]] * (1 + i % 3) for i in range(n)]
     t.masks = train_diffusion.object_masks(boxes, 64, 32)
     b = t.batch()
@@ -281,17 +288,11 @@ def test_place_captions_upsamples_the_captions_that_say_where(tiny_data):
     """--place-captions 1: every image with a caption naming a place is read through one of those; an image
     without one keeps the uniform draw; at 0 the draw is the same as before the flag existed (same random stream)."""
     args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--cfg-dropout", "0"])
-    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
     captions = [["a red star in the top left", "a red star", "a star", "a red star to the left of a ring", "a shape"],
                 ["a ring", "a blue ring", "a small ring", "a ring in blue", "one ring"]]
-    t.args, t.device, t.scaling, t.masks = args, torch.device("cpu"), 1.0, None
-    t.mean, t.std = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
-    t.tokens = torch.arange(10).reshape(2, 5, 1)  # token id = image * 5 + caption index
-    t.empty = torch.tensor([-1])
+    t = bare_trainer(args, torch.zeros(2, 4, 8, 8))  # token id = image * 5 + caption index
     t.places = torch.tensor([[train_diffusion.names_place(c) for c in caps] for caps in captions])
-    t.noise_scheduler = train_diffusion.make_noise_scheduler()
     args.batch_size = 400
-    t.gen = torch.Generator().manual_seed(0)
     uniform = t.batch().ids[:, 0]
     args.place_captions = 1.0
     t.gen = torch.Generator().manual_seed(0)
@@ -620,17 +621,6 @@ def test_caption_use_subcommand_bad_input_is_one_line(tmp_path, extra, message):
         train_diffusion.main(["caption-use", *extra, "--outputs", str(tmp_path)])
 
 
-def bare_trainer(args, mean: torch.Tensor) -> "train_diffusion.Trainer":
-    """A Trainer with only what `batch` reads: latents `mean` (std 1), caption k of image i = token 5 i + k."""
-    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
-    t.args, t.device, t.scaling, t.masks, t.mirror = args, torch.device("cpu"), 1.0, None, None
-    t.mean, t.std = mean, torch.ones_like(mean)
-    t.tokens, t.empty = torch.arange(5 * len(mean)).reshape(len(mean), 5, 1), torch.tensor([-1])
-    t.noise_scheduler = train_diffusion.make_noise_scheduler()
-    t.gen = torch.Generator().manual_seed(0)
-    return t
-
-
 def test_pooled_dropout_draws_a_row_mask_and_leaves_the_random_stream_alone_when_off(tiny_data):
     args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--text-film", "--cfg-dropout", "0"])
     t = bare_trainer(args, torch.zeros(3, 4, 8, 8))
@@ -755,14 +745,11 @@ def test_grounding_batches_mark_the_shape_and_place_tokens_of_single_object_imag
 
     tokenizer = CLIPTokenizer.from_pretrained(repo / "models" / "shapes-sd-tiny-f2" / "tokenizer")
     captions = [["a red star in the top left"] * 5, ["a red star to the left of a blue ring"] * 5]
-    t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
-    t.args, t.device, t.scaling = args, torch.device("cpu"), 1.0
-    t.mean, t.std = torch.zeros(2, 4, 8, 8), torch.ones(2, 4, 8, 8)
+    t = bare_trainer(args, torch.zeros(2, 4, 8, 8))
     t.tokens = torch.stack([train_diffusion.tokenize(tokenizer, caps) for caps in captions])
     t.empty = train_diffusion.tokenize(tokenizer, [""])[0]
     t.single, t.masks = torch.tensor([True, False]), torch.ones(2, 1, 8, 8, dtype=torch.uint8)
     t.ground_ids = train_diffusion.grounding_token_ids(tokenizer)
-    t.gen, t.noise_scheduler = torch.Generator().manual_seed(0), train_diffusion.make_noise_scheduler()
     args.batch_size = 16
     b = t.batch()
     tokens, masks = b.ground
