@@ -56,9 +56,11 @@ SUPERSAMPLE = 4
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "heart",
           "hexagon", "diamond", "ring", "pentagon", "crescent", "arrow")
-# Shapes whose left-right mirror image is another drawing (the crescent's bite, the arrow's point change sides); every
-# other shape is drawn symmetric about its vertical axis, so a mirrored scene of those is a scene of this world.
-CHIRAL_SHAPES = ("crescent", "arrow")
+# Shapes whose mirror image is another drawing, per mirror: "x" mirrors left and right (the crescent's bite and the
+# arrow's point change sides), "y" top and bottom (the triangle, star, heart and pentagon turn upside down, the
+# crescent's bite moves). Every other shape is drawn symmetric about that axis, so a scene of those, mirrored, is a
+# scene of this world (train_diffusion --mirror-pairs).
+CHIRAL_SHAPES = {"x": ("crescent", "arrow"), "y": ("triangle", "star", "heart", "pentagon", "crescent")}
 SUPERCATEGORIES = {
     "circle": "round", "ring": "round", "crescent": "round",
     "square": "polygon", "triangle": "polygon", "hexagon": "polygon", "diamond": "polygon", "pentagon": "polygon",

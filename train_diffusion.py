@@ -233,11 +233,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "cross-attention reads its own, so the caption must also pass through cross-attention, "
                             "the only path that can say where (0: both read the caption, as before)")
     train.add_argument("--mirror-pairs", type=float, default=0.0,
-                       help="share, 0..1, of each batch made of mirror pairs: an image and its left-right mirror "
-                            "image, whose captions swap 'left' and 'right', with the same noise, timestep and caption "
-                            "choice, so that at the noisy timesteps only the caption's place can tell the two targets "
-                            "apart (images holding a shape whose mirror image is another drawing are never mirrored: "
-                            "generate_data.CHIRAL_SHAPES; 0: off)")
+                       help="share, 0..1, of each batch made of mirror pairs: an image and its mirror image, whose "
+                            "captions swap the place words of that mirror (MIRROR_WORDS), with the same noise, timestep "
+                            "and caption choice, so that at the noisy timesteps only the caption's place can tell the "
+                            "two targets apart (an image holding a shape whose mirror image is another drawing is "
+                            "never mirrored that way: generate_data.CHIRAL_SHAPES; 0: off)")
+    train.add_argument("--mirror-axes", type=comma_list(), default="x",
+                       help="mirrors of --mirror-pairs, sharing the pairs: x (left-right), y (top-bottom) or x,y")
     train.add_argument("--grounding-loss", type=float, default=0.0,
                        help="weight (>= 0) of a token grounding loss on the UNet's cross-attention maps (TokenCompose, "
                             "Wang et al. 2024): in single-object images, the attention that the tokens of the shape "
@@ -321,8 +323,12 @@ def check_args(args: argparse.Namespace) -> None:
     check(0 <= args.grounding_min_t <= 999, f"--grounding-min-t must be in 0..999, got {args.grounding_min_t}")
     check(0 <= args.pooled_dropout <= 1, f"--pooled-dropout must be in [0, 1], got {args.pooled_dropout}")
     check(0 <= args.mirror_pairs <= 1, f"--mirror-pairs must be in [0, 1], got {args.mirror_pairs}")
-    check(not args.mirror_pairs or args.batch_size * args.mirror_pairs >= 2,
-          f"--mirror-pairs {args.mirror_pairs} makes no pair in a batch of {args.batch_size} (needs batch x share >= 2)")
+    check(args.mirror_axes and set(args.mirror_axes) <= set(MIRROR_WORDS)
+          and len(set(args.mirror_axes)) == len(args.mirror_axes),
+          f"--mirror-axes must be x, y or x,y, got {','.join(args.mirror_axes)}")
+    check(not args.mirror_pairs or args.batch_size * args.mirror_pairs >= 2 * len(args.mirror_axes),
+          f"--mirror-pairs {args.mirror_pairs} makes fewer than one pair per mirror in a batch of {args.batch_size} "
+          f"(needs batch x share >= 2 x the number of --mirror-axes)")
     check(not args.pooled_dropout or args.text_film,
           "--pooled-dropout needs --text-film (without it the caption has no pooled path to drop)")
     check(args.guidance >= 1, f"--guidance must be >= 1, got {args.guidance}")
@@ -998,8 +1004,9 @@ class Trainer:
         self.empty = tokenize(tokenizer, [""])[0]
         self.mirror = mirror  # mirror_data's, for --mirror-pairs
         if mirror is not None:
-            self.mirror_tokens = torch.stack([tokenize(tokenizer, caps) for caps in _chunks_of_five(mirror["captions"])])
-            self.pairs = max(1, round(args.batch_size * args.mirror_pairs / 2))
+            for data in mirror.values():
+                data["tokens"] = torch.stack([tokenize(tokenizer, caps) for caps in _chunks_of_five(data["captions"])])
+            self.pairs = mirror_pair_counts(args.batch_size, args.mirror_pairs, list(mirror))
         self.text_encoder = make_text_encoder(args, tokenizer).to(device).train()
         self.text_encoder.requires_grad_(not args.freeze_text)
         self.unet = make_unet(args, self.mean.shape[-1]).to(device).train()
@@ -1047,17 +1054,17 @@ class Trainer:
 
     # ---- one step
     def batch(self) -> Batch:
-        """Draw the next batch. With --mirror-pairs the last 2k rows are k mirror pairs: rows a = [B-2k, B-k) hold
-        images that may be mirrored, rows b = [B-k, B) their mirror images (mirrored latents, captions and masks)
-        with a's caption choice, caption dropout, noise and timestep."""
+        """Draw the next batch. With --mirror-pairs the batch ends in one block of k mirror pairs per mirror axis
+        (self.pairs), counted from the end: rows a, k images that may be mirrored that way, then rows b, their mirror
+        images (mirrored latents, captions and masks) with a's caption choice, caption dropout, noise and timestep."""
         args, n, size = self.args, len(self.mean), self.args.batch_size
         idx = torch.randint(n, (size,), generator=self.gen)
-        a = b = None
-        if self.mirror is not None:  # drawn only when asked, so runs without it keep their random stream
-            k = self.pairs
-            pick = self.mirror["index"][torch.randint(len(self.mirror["index"]), (k,), generator=self.gen)]
-            idx[size - 2 * k:] = pick.repeat(2)
-            a, b = slice(size - 2 * k, size - k), slice(size - k, size)
+        blocks, end = [], size  # (rows a, rows b, axis) of each mirror
+        for axis, k in (self.pairs.items() if self.mirror is not None else ()):  # drawn only when asked: same stream
+            index = self.mirror[axis]["index"]
+            idx[end - 2 * k:end] = index[torch.randint(len(index), (k,), generator=self.gen)].repeat(2)
+            blocks.append((slice(end - 2 * k, end - k), slice(end - k, end), axis))
+            end -= 2 * k
         which = torch.randint(5, (size,), generator=self.gen)
         if args.place_captions:  # upsample captions that say where (the default draws nothing more: same stream)
             places = self.places[idx]
@@ -1073,16 +1080,17 @@ class Trainer:
         noise = torch.randn(mean.shape, generator=self.gen)
         t = torch.randint(self.noise_scheduler.config.num_train_timesteps, (size,), generator=self.gen)
         masks = None if self.masks is None else self.masks[idx]
-        if b is not None:
-            which[b], drop[b], eps[b], noise[b], t[b] = which[a], drop[a], eps[a].flip(-1), noise[a], t[a]
-            mean[b], std[b] = self.mirror["mean"][idx[b]].float(), self.mirror["std"][idx[b]].float()
+        for a, b, axis in blocks:
+            dim, data = FLIP_DIMS[axis], self.mirror[axis]
+            which[b], drop[b], eps[b], noise[b], t[b] = which[a], drop[a], eps[a].flip(dim), noise[a], t[a]
+            mean[b], std[b] = data["mean"][idx[b]].float(), data["std"][idx[b]].float()
             if pooled_drop is not None:
                 pooled_drop[b] = pooled_drop[a]
             if masks is not None:
-                masks[b] = masks[b].flip(-1)
+                masks[b] = masks[b].flip(dim)
         ids = self.tokens[idx, which]
-        if b is not None:
-            ids[b] = self.mirror_tokens[idx[b], which[b]]
+        for a, b, axis in blocks:
+            ids[b] = self.mirror[axis]["tokens"][idx[b], which[b]]
         ids[drop] = self.empty
         latents = (mean + std * eps) * self.scaling
         weight = None
@@ -1223,24 +1231,45 @@ PLACE_WORDS = re.compile(r"\b(left|right|top|bottom|center|centre|middle|above|b
                          r"next to|in front of|on top of)\b")
 
 
-def mirror_caption(text: str) -> str:
-    """The caption of the left-right mirror image: "left" and "right" swap ("in the top left" -> "in the top right",
-    "to the left of" -> "to the right of"); every other word stays."""
-    return re.sub(r"\b(left|right)\b", lambda m: "right" if m.group(1) == "left" else "left", text)
+# --mirror-pairs: the place words each mirror swaps, and the image dimension it flips (N x C x H x W).
+MIRROR_WORDS = {"x": {"left": "right", "right": "left"},
+                "y": {"top": "bottom", "bottom": "top", "above": "below", "below": "above"}}
+FLIP_DIMS = {"x": -1, "y": -2}
 
 
-def mirror_data(args, vae, images: torch.Tensor, captions: list[list[str]], names: list[list[str]], device) -> dict:
-    """--mirror-pairs: the posterior mean and std of every training image's left-right mirror (fp16, cached as
-    --ckpt-dir/latents_mirror.pt), the mirrored captions, and "index", the images that may be mirrored (none of their
-    objects in generate_data.CHIRAL_SHAPES). Raises UserError when no image may be."""
+def mirror_caption(text: str, axis: str = "x") -> str:
+    """The caption of the image mirrored about `axis`: its MIRROR_WORDS swap ("x": "in the top left" -> "in the top
+    right", "to the left of" -> "to the right of"; "y": "top" <-> "bottom", "above" <-> "below"); every other word
+    stays."""
+    words = MIRROR_WORDS[axis]
+    return re.sub(rf"\b({'|'.join(words)})\b", lambda m: words[m.group(1)], text)
+
+
+def mirror_pair_counts(batch_size: int, share: float, axes: list[str]) -> dict[str, int]:
+    """Mirror pairs per axis in a batch: round(batch x share / 2) in all, shared out as evenly as the axes allow
+    (the first axes get the remainder), at least one each."""
+    total = max(len(axes), round(batch_size * share / 2))
+    return {axis: total // len(axes) + (i < total % len(axes)) for i, axis in enumerate(axes)}
+
+
+def mirror_data(args, vae, images: torch.Tensor, captions: list[list[str]], names: list[list[str]],
+                device) -> dict[str, dict]:
+    """--mirror-pairs: per --mirror-axes axis, the posterior mean and std of every training image mirrored about it
+    (fp16, cached as --ckpt-dir/latents_mirror_<axis>.pt), the mirrored captions, and "index", the images that may be
+    mirrored that way (none of their objects in generate_data.CHIRAL_SHAPES[axis]). Raises UserError when no image
+    may be."""
     from generate_data import CHIRAL_SHAPES
 
-    index = torch.tensor([not set(n) & set(CHIRAL_SHAPES) for n in names]).nonzero()[:, 0]
-    check(len(index) > 0, f"--mirror-pairs: every training image holds a shape whose mirror image is another drawing "
-                          f"({', '.join(CHIRAL_SHAPES)})")
-    latents = encode_latents(args, vae, images.flip(-1), device, name="latents_mirror.pt")
-    return {"mean": latents["mean"], "std": latents["std"], "index": index,
-            "captions": [[mirror_caption(c) for c in caps] for caps in captions]}
+    out = {}
+    for axis in args.mirror_axes:
+        chiral = set(CHIRAL_SHAPES[axis])
+        index = torch.tensor([not set(n) & chiral for n in names]).nonzero()[:, 0]
+        check(len(index) > 0, f"--mirror-pairs: every training image holds a shape whose {axis} mirror image is "
+                              f"another drawing ({', '.join(sorted(chiral))})")
+        latents = encode_latents(args, vae, images.flip(FLIP_DIMS[axis]), device, name=f"latents_mirror_{axis}.pt")
+        out[axis] = {"mean": latents["mean"], "std": latents["std"], "index": index,
+                     "captions": [[mirror_caption(c, axis) for c in caps] for caps in captions]}
+    return out
 
 
 def names_place(caption: str) -> bool:

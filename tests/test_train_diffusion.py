@@ -114,8 +114,10 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     (["--grounding-min-t", "1000"], r"^--grounding-min-t must be in 0\.\.999, got 1000$"),
     (["--pooled-dropout", "0.5"], r"^--pooled-dropout needs --text-film \(without it the caption has no pooled path"),
     (["--mirror-pairs", "1.5"], r"^--mirror-pairs must be in \[0, 1\], got 1\.5$"),
-    (["--mirror-pairs", "0.1", "--batch-size", "8"],
-     r"^--mirror-pairs 0\.1 makes no pair in a batch of 8 \(needs batch x share >= 2\)$"),
+    (["--mirror-pairs", "0.25", "--batch-size", "8", "--mirror-axes", "x,y"],
+     r"^--mirror-pairs 0\.25 makes fewer than one pair per mirror in a batch of 8 \(needs batch x share >= 2 x the "),
+    (["--mirror-axes", "x,z"], r"^--mirror-axes must be x, y or x,y, got x,z$"),
+    (["--mirror-axes", "y,y"], r"^--mirror-axes must be x, y or x,y, got y,y$"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_data, extra, message):
     with pytest.raises(UserError, match=message):
@@ -638,45 +640,62 @@ def test_pooled_dropout_draws_a_row_mask_and_leaves_the_random_stream_alone_when
 def test_mirror_pairs_train_and_cache_the_mirror_images_latents(tiny_data, tmp_path):
     info = quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "1", "--mirror-pairs", "0.5")
     assert info["steps"] == 1
-    latents, mirror = (torch.load(tmp_path / "c" / name) for name in ("latents.pt", "latents_mirror.pt"))
+    latents, mirror = (torch.load(tmp_path / "c" / name) for name in ("latents.pt", "latents_mirror_x.pt"))
     assert mirror["mean"].shape == latents["mean"].shape and not torch.equal(mirror["mean"], latents["mean"])
     log = json.loads((tmp_path / "o" / "training_log.json").read_text())
     assert log["config"]["mirror_pairs"] == 0.5
 
 
-@pytest.mark.parametrize("text, mirrored", [
-    ("a green circle in the top left", "a green circle in the top right"),
-    ("a red star to the left of a small blue circle", "a red star to the right of a small blue circle"),
-    ("a heart on the right and a ring on the left", "a heart on the left and a ring on the right"),
-    ("a purple heart above an orange square", "a purple heart above an orange square"),
-    ("a bright leftover circle in the center", "a bright leftover circle in the center"),  # whole words only
+@pytest.mark.parametrize("axis, text, mirrored", [
+    ("x", "a green circle in the top left", "a green circle in the top right"),
+    ("x", "a red star to the left of a small blue circle", "a red star to the right of a small blue circle"),
+    ("x", "a heart on the right and a ring on the left", "a heart on the left and a ring on the right"),
+    ("x", "a purple heart above an orange square", "a purple heart above an orange square"),
+    ("x", "a bright leftover circle in the center", "a bright leftover circle in the center"),  # whole words only
+    ("y", "a green circle in the top left", "a green circle in the bottom left"),
+    ("y", "a purple ring above an orange square", "a purple ring below an orange square"),
+    ("y", "a ring in the middle right, a cross to the left of a diamond",
+     "a ring in the middle right, a cross to the left of a diamond"),
+    ("y", "a stopwatch on a tabletop", "a stopwatch on a tabletop"),  # whole words only
 ])
-def test_mirror_caption_swaps_left_and_right_and_nothing_else(text, mirrored):
-    assert train_diffusion.mirror_caption(text) == mirrored
-    assert train_diffusion.mirror_caption(mirrored) == text
+def test_mirror_caption_swaps_the_mirrors_place_words_and_nothing_else(axis, text, mirrored):
+    assert train_diffusion.mirror_caption(text, axis) == mirrored
+    assert train_diffusion.mirror_caption(mirrored, axis) == text
+
+
+@pytest.mark.parametrize("batch, share, axes, counts", [
+    (32, 0.5, ["x"], {"x": 8}), (32, 0.5, ["x", "y"], {"x": 4, "y": 4}), (32, 0.3, ["x", "y"], {"x": 3, "y": 2}),
+    (8, 0.5, ["y", "x"], {"y": 1, "x": 1}),
+])
+def test_mirror_pairs_are_shared_out_between_the_mirrors(batch, share, axes, counts):
+    assert train_diffusion.mirror_pair_counts(batch, share, axes) == counts
 
 
 def test_mirror_pairs_share_noise_timestep_and_caption_choice_and_mirror_the_rest(tiny_data):
-    """--mirror-pairs: the last 2k rows of a batch are k images that may be mirrored and their mirror images; the
-    mirror row reads the mirrored latents (its posterior sample is the mirror of the first row's), the mirrored
-    caption of the same choice, and the first row's noise and timestep."""
-    args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--cfg-dropout", "0.2"])
+    """--mirror-pairs: a batch ends in one block of k pairs per mirror, an image that may be mirrored that way and
+    its mirror image; the mirror row reads the mirrored latents (its posterior sample is the mirror of the first
+    row's), the mirrored caption of the same choice, and the first row's noise and timestep."""
+    args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--cfg-dropout", "0.2",
+                                       "--mirror-axes", "x,y"])
     args.batch_size = 64
     mean = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    args.mirror_pairs = 0.5
     t = bare_trainer(args, mean)
-    t.pairs = 16
-    t.mirror = {"mean": mean.flip(-1), "std": torch.ones_like(mean), "index": torch.tensor([1, 4])}
-    t.mirror_tokens = 100 + t.tokens  # caption k of image i, mirrored: token 100 + 5 i + k
+    t.pairs = {"x": 10, "y": 6}
+    t.mirror = {"x": {"mean": mean.flip(-1), "std": torch.ones_like(mean), "index": torch.tensor([1, 4]),
+                      "tokens": 100 + t.tokens},  # caption k of image i, mirrored left-right: token 100 + 5 i + k
+                "y": {"mean": mean.flip(-2), "std": torch.ones_like(mean), "index": torch.tensor([2]),
+                      "tokens": 200 + t.tokens}}
     on = t.batch()
-    a, b = slice(32, 48), slice(48, 64)
-    assert torch.equal(on.latents[b], on.latents[a].flip(-1))  # the mirror image's posterior sample
-    assert torch.equal(on.noise[b], on.noise[a]) and torch.equal(on.t[b], on.t[a])  # same noise, not mirrored
-    assert not torch.equal(on.noise[b], on.noise[b].flip(-1))
-    first = on.ids[a, 0]
-    kept = first >= 0  # rows whose caption was not dropped; the mirror row drops with its pair
-    assert torch.equal(on.ids[b, 0] >= 0, kept) and torch.equal(on.ids[b, 0][kept], first[kept] + 100)
-    assert set((first[kept] // 5).tolist()) <= {1, 4}  # only images that may be mirrored
+    for (a, b), dim, offset, allowed in (((slice(44, 54), slice(54, 64)), -1, 100, {1, 4}),
+                                         ((slice(32, 38), slice(38, 44)), -2, 200, {2})):
+        assert torch.equal(on.latents[b], on.latents[a].flip(dim))  # the mirror image's posterior sample
+        assert torch.equal(on.noise[b], on.noise[a]) and torch.equal(on.t[b], on.t[a])  # same noise, not mirrored
+        assert not torch.equal(on.noise[b], on.noise[b].flip(dim))
+        first = on.ids[a, 0]
+        kept = first >= 0  # rows whose caption was not dropped; the mirror row drops with its pair
+        assert torch.equal(on.ids[b, 0] >= 0, kept) and torch.equal(on.ids[b, 0][kept], first[kept] + offset)
+        assert set((first[kept] // 5).tolist()) <= allowed  # only images that may be mirrored that way
+    assert (on.ids[:32, 0] < 100).all()  # the rows before the pairs read plain captions
 
 
 def test_grounding_loss_is_zero_inside_one_outside_and_a_quarter_at_half():
