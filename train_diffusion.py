@@ -901,10 +901,9 @@ def grounding_token_ids(tokenizer, kinds=("shape", "place")) -> torch.Tensor:
     """Ids of the words whose cross-attention --grounding-loss ties to the object: the shapes world's shape names
     ("shape") and the place words of its cells ("place": top, middle, bottom, left, center, right), each one token of
     the tokenizer (words it does not have are left out)."""
-    from generate_data import SHAPES
+    from generate_data import COLS, ROWS, SHAPES
 
-    words = (*(SHAPES if "shape" in kinds else ()),
-             *(("top", "middle", "bottom", "left", "center", "right") if "place" in kinds else ()))
+    words = (*(SHAPES if "shape" in kinds else ()), *((*ROWS, *COLS) if "place" in kinds else ()))
     ids = [tokenizer(w, add_special_tokens=False).input_ids for w in words]
     return torch.tensor(sorted({i[0] for i in ids if len(i) == 1 and i[0] != tokenizer.unk_token_id}))
 
@@ -1002,11 +1001,11 @@ class Trainer:
         self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in five])  # N x 5 x L
         self.places = torch.tensor([[names_place(c) for c in caps] for caps in five])  # N x 5 bool, --place-captions
         self.empty = tokenize(tokenizer, [""])[0]
-        self.mirror = mirror  # mirror_data's, for --mirror-pairs
-        if mirror is not None:
-            for data in mirror.values():
-                data["tokens"] = torch.stack([tokenize(tokenizer, caps) for caps in _chunks_of_five(data["captions"])])
-            self.pairs = mirror_pair_counts(args.batch_size, args.mirror_pairs, list(mirror))
+        mirror = mirror or {}  # mirror_data's, for --mirror-pairs, with each mirror's caption tokens
+        self.mirror = {axis: dict(data, tokens=torch.stack([tokenize(tokenizer, caps)
+                                                            for caps in _chunks_of_five(data["captions"])]))
+                       for axis, data in mirror.items()}
+        self.pairs = mirror_pair_counts(args.batch_size, args.mirror_pairs, list(mirror)) if mirror else {}
         self.text_encoder = make_text_encoder(args, tokenizer).to(device).train()
         self.text_encoder.requires_grad_(not args.freeze_text)
         self.unet = make_unet(args, self.mean.shape[-1]).to(device).train()
@@ -1060,7 +1059,7 @@ class Trainer:
         args, n, size = self.args, len(self.mean), self.args.batch_size
         idx = torch.randint(n, (size,), generator=self.gen)
         blocks, end = [], size  # (rows a, rows b, axis) of each mirror
-        for axis, k in (self.pairs.items() if self.mirror is not None else ()):  # drawn only when asked: same stream
+        for axis, k in self.pairs.items():  # drawn only when asked, so runs without it keep their random stream
             index = self.mirror[axis]["index"]
             idx[end - 2 * k:end] = index[torch.randint(len(index), (k,), generator=self.gen)].repeat(2)
             blocks.append((slice(end - 2 * k, end - k), slice(end - k, end), axis))

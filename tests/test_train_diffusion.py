@@ -259,7 +259,7 @@ def test_object_masks_cover_the_boxes_on_the_latent_grid():
 def bare_trainer(args, mean: torch.Tensor) -> "train_diffusion.Trainer":
     """A Trainer with only what `batch` reads: latents `mean` (std 1), caption k of image i = token 5 i + k."""
     t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
-    t.args, t.device, t.scaling, t.masks, t.mirror = args, torch.device("cpu"), 1.0, None, None
+    t.args, t.device, t.scaling, t.masks, t.mirror, t.pairs = args, torch.device("cpu"), 1.0, None, {}, {}
     t.mean, t.std = mean, torch.ones_like(mean)
     t.tokens, t.empty = torch.arange(5 * len(mean)).reshape(len(mean), 5, 1), torch.tensor([-1])
     t.noise_scheduler = train_diffusion.make_noise_scheduler()
