@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -240,6 +241,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "never mirrored that way: generate_data.CHIRAL_SHAPES; 0: off)")
     train.add_argument("--mirror-axes", type=comma_list(), default="x",
                        help="mirrors of --mirror-pairs, sharing the pairs: x (left-right), y (top-bottom) or x,y")
+    train.add_argument("--stf-reference", type=int, default=0,
+                       help="Stable Target Field (Xu et al., ICLR 2023) for the captions of single-object images: the "
+                            "target is the p(x_t | x0)-weighted mean over this many reference images, the image itself "
+                            "and others whose object has every attribute the caption names (shape, and colour, size "
+                            "and 3x3 cell where named); at high noise that is the caption's mean image, not one draw "
+                            "of it, so what only the caption can say (where) is not drowned by what it cannot "
+                            "(0: off; else >= 2; needs the shapes world's object attributes)")
     train.add_argument("--grounding-loss", type=float, default=0.0,
                        help="weight (>= 0) of a token grounding loss on the UNet's cross-attention maps (TokenCompose, "
                             "Wang et al. 2024): in single-object images, the attention that the tokens of the shape "
@@ -323,6 +331,12 @@ def check_args(args: argparse.Namespace) -> None:
     check(0 <= args.grounding_min_t <= 999, f"--grounding-min-t must be in 0..999, got {args.grounding_min_t}")
     check(0 <= args.pooled_dropout <= 1, f"--pooled-dropout must be in [0, 1], got {args.pooled_dropout}")
     check(0 <= args.mirror_pairs <= 1, f"--mirror-pairs must be in [0, 1], got {args.mirror_pairs}")
+    check(args.stf_reference == 0 or args.stf_reference >= 2,
+          f"--stf-reference must be 0 (off) or >= 2 (the image and at least one other), got {args.stf_reference}")
+    check(not (args.stf_reference and args.mirror_pairs),
+          "--stf-reference and --mirror-pairs cannot be combined (a mirror image has no reference set); drop one")
+    check(not (args.stf_reference and args.resolution),
+          "--stf-reference reads the objects' 3x3 cells, which --resolution's crop would move; drop one of them")
     check(args.mirror_axes and set(args.mirror_axes) <= set(MIRROR_WORDS)
           and len(set(args.mirror_axes)) == len(args.mirror_axes),
           f"--mirror-axes must be x, y or x,y, got {','.join(args.mirror_axes)}")
@@ -385,10 +399,11 @@ def check_architecture(args) -> None:
 
 # --------------------------------------------------------------------------- 1. data and tokenizer
 def load_images_and_captions(args) -> tuple[torch.Tensor, list[list[str]], torch.Tensor | None, list[list],
-                                             list[list[str]]]:
+                                             list[list[str]], list[list[dict]]]:
     """Training images (uint8 N x 3 x H x W), their captions, held-out images for the PSNR (or None), each training
-    image's object boxes ([x, y, w, h] in pixels, COCO order; empty where the data has none) and the category names
-    of those objects (same order)."""
+    image's object boxes ([x, y, w, h] in pixels, COCO order; empty where the data has none), the category names
+    of those objects (same order) and the shapes world's object attributes (shape, color, size, cell; empty where
+    the data has none, as COCO)."""
     from PIL import Image
 
     records, names = [], []
@@ -426,7 +441,7 @@ def load_images_and_captions(args) -> tuple[torch.Tensor, list[list[str]], torch
     images = read(records, boxes)
     eval_images = read(held_out) if held_out else None
     captions = [[" ".join(c.lower().split()) for c in r["captions"]] for r in records]
-    return images, captions, eval_images, boxes, names
+    return images, captions, eval_images, boxes, names, [list(r.get("objects") or []) for r in records]
 
 
 def square_crop(image, side: int, boxes: list) -> tuple:
@@ -887,7 +902,8 @@ def lr_lambda(args):
 class Batch(NamedTuple):
     """One training batch (B rows): latents B x C x s x s, token ids B x L, noise, timesteps B, per-pixel loss weights
     (--object-weight, else None), rows whose pooled caption path reads the empty caption (--pooled-dropout, else None),
-    and the grounding targets (--grounding-loss, else None): tokens to ground B x L bool, object masks B x 1 x s x s."""
+    and the grounding targets (--grounding-loss, else None): tokens to ground B x L bool, object masks B x 1 x s x s;
+    the Stable Target Field references (--stf-reference, else None)."""
     latents: torch.Tensor
     ids: torch.Tensor
     noise: torch.Tensor
@@ -895,6 +911,7 @@ class Batch(NamedTuple):
     weight: torch.Tensor | None
     pooled_drop: torch.Tensor | None
     ground: tuple | None
+    refs: tuple | None = None  # --stf-reference: (rows r, their reference latents r x (R-1) x C x s x s)
 
 
 def grounding_token_ids(tokenizer, kinds=("shape", "place")) -> torch.Tensor:
@@ -987,7 +1004,7 @@ class Trainer:
     """Joint CLIPTextModel + UNet training on precomputed latents, with EMA, checkpoints and sample grids."""
 
     def __init__(self, args, tokenizer, vae, latents, captions, device, masks: torch.Tensor | None = None,
-                 single: torch.Tensor | None = None, mirror: dict | None = None):
+                 single: torch.Tensor | None = None, mirror: dict | None = None, objects: list | None = None):
         from diffusers.training_utils import EMAModel
 
         self.args, self.tokenizer, self.vae, self.device = args, tokenizer, vae, device
@@ -1000,6 +1017,8 @@ class Trainer:
         five = _chunks_of_five(captions)
         self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in five])  # N x 5 x L
         self.places = torch.tensor([[names_place(c) for c in caps] for caps in five])  # N x 5 bool, --place-captions
+        # --stf-reference: each caption's reference set (caption_groups), from the shapes world's object attributes
+        self.group, self.members = caption_groups(objects, captions) if args.stf_reference else (None, None)
         self.empty = tokenize(tokenizer, [""])[0]
         mirror = mirror or {}  # mirror_data's, for --mirror-pairs, with each mirror's caption tokens
         self.mirror = {axis: dict(data, tokens=torch.stack([tokenize(tokenizer, caps)
@@ -1092,6 +1111,14 @@ class Trainer:
             ids[b] = self.mirror[axis]["tokens"][idx[b], which[b]]
         ids[drop] = self.empty
         latents = (mean + std * eps) * self.scaling
+        refs = None
+        if args.stf_reference:  # drawn only when asked, so runs without it keep their random stream
+            group = torch.where(drop, -1, self.group[idx, which])
+            rows = (group >= 0).nonzero()[:, 0]
+            picks = [self.members[g][torch.randint(len(self.members[g]), (args.stf_reference - 1,), generator=self.gen)]
+                     for g in group[rows].tolist()]
+            picks = torch.stack(picks) if picks else torch.zeros(0, args.stf_reference - 1, dtype=torch.long)
+            refs = (rows.to(self.device), (self.mean[picks].float() * self.scaling).to(self.device))
         weight = None
         if args.object_weight:
             weight = 1 + args.object_weight * masks.float()
@@ -1103,10 +1130,10 @@ class Trainer:
             tokens = torch.isin(ids, self.ground_ids) & rows[:, None]
             ground = (tokens.to(self.device), masks.float().to(self.device))
         return Batch(latents.to(self.device), ids.to(self.device), noise.to(self.device), t.to(self.device), weight,
-                     pooled_drop, ground)
+                     pooled_drop, ground, refs)
 
     def train_step(self) -> float:
-        latents, ids, noise, t, weight, pooled_drop, ground = self.batch()
+        latents, ids, noise, t, weight, pooled_drop, ground, refs = self.batch()
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
             cond = self.text_encoder(ids)[0]
@@ -1118,6 +1145,12 @@ class Trainer:
                 pred = self.unet(noisy, t, cond).sample
         v_pred = self.args.prediction_type == "v_prediction"
         target = self.noise_scheduler.get_velocity(latents, noise, t) if v_pred else noise
+        if refs is not None and len(refs[0]):
+            rows, a = refs[0], self.alphas[t[refs[0]]]
+            x0 = stable_target(noisy[rows], latents[rows], refs[1], a)
+            eps = (noisy[rows] - a.sqrt().view(-1, 1, 1, 1) * x0) / (1 - a).sqrt().view(-1, 1, 1, 1)
+            target = target.clone()  # (the epsilon target is the noise tensor itself)
+            target[rows] = self.noise_scheduler.get_velocity(x0, eps, t[rows]) if v_pred else eps
         loss = F.mse_loss(pred.float(), target, reduction="none")
         if weight is not None:
             loss = loss * weight
@@ -1274,6 +1307,68 @@ def mirror_data(args, vae, images: torch.Tensor, captions: list[list[str]], name
 def names_place(caption: str) -> bool:
     """Whether a caption says where an object is (a PLACE_WORDS match, case-insensitive)."""
     return PLACE_WORDS.search(caption.lower()) is not None
+
+
+STF_ATTRIBUTES = ("color", "size", "cell")  # what a caption may name besides the shape, which it always names
+
+
+def caption_groups(objects: list[list[dict]], captions: list[list[str]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Reference sets of --stf-reference: which training images fit each caption as well as its own image does.
+
+    Only single-object images get one. Their captions name the shape and sometimes the colour, the size and the 3x3
+    cell (a colour or size word of the object in the caption; a place word, `names_place`); the set is every
+    single-object image whose object agrees on each attribute the caption names, the image itself included.
+
+    Args:
+        objects: per image, the shapes world's object dicts (shape, color, size, cell); [] where unknown.
+        captions: per image, its captions (any number; read as `_chunks_of_five`).
+    Returns:
+        group: long N x 5, the set id of each caption, -1 for images with other than one known object.
+        members: per set id, the long tensor of its image indices.
+    """
+    def key(obj: dict, named) -> tuple:
+        return (obj["shape"],) + tuple(str(obj[a]) if a in named else None for a in STF_ATTRIBUTES)
+
+    ids: dict[tuple, int] = {}
+    members: list[list[int]] = []
+    for i, objs in enumerate(objects):
+        if len(objs) == 1:
+            for r in range(len(STF_ATTRIBUTES) + 1):
+                for named in itertools.combinations(STF_ATTRIBUTES, r):
+                    k = key(objs[0], named)
+                    if k not in ids:
+                        ids[k] = len(members)
+                        members.append([])
+                    members[ids[k]].append(i)
+    group = torch.full((len(objects), 5), -1, dtype=torch.long)
+    for i, (objs, caps) in enumerate(zip(objects, _chunks_of_five(captions))):
+        if len(objs) == 1:
+            obj = objs[0]
+            for j, caption in enumerate(caps):
+                words = set(caption.split())
+                named = [a for a in STF_ATTRIBUTES if (names_place(caption) if a == "cell" else obj[a] in words)]
+                group[i, j] = ids[key(obj, named)]
+    return group, [torch.tensor(m) for m in members]
+
+
+def stable_target(noisy: torch.Tensor, x0: torch.Tensor, refs: torch.Tensor,
+                  alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The Stable Target Field x0 estimate (Xu et al., "Stable Target Field for Reduced Variance Score Estimation in
+    Diffusion Models", ICLR 2023, eq. 6): the mean of the candidates x0 and refs weighted by p(x_t | candidate) =
+    N(x_t; sqrt(a) c, (1 - a) I), a self-normalised importance sample of E[x0 | x_t, caption].
+
+    Args:
+        noisy: x_t, B x C x s x s.
+        x0: the clean latents x_t was made from, B x C x s x s.
+        refs: B x R x C x s x s other clean latents that fit each row's caption.
+        alphas_cumprod: B, alpha-bar at each row's timestep.
+    Returns:
+        B x C x s x s: ~x0 at low noise (its own latent dominates), ~the mean of x0 and refs at SNR ~ 0.
+    """
+    candidates = torch.cat([x0[:, None], refs], 1)
+    a = alphas_cumprod.view(-1, 1, 1, 1, 1).to(noisy.dtype)
+    logw = -((noisy[:, None] - a.sqrt() * candidates) ** 2).flatten(2).sum(2) / (2 * (1 - a.flatten(1)))
+    return (logw.softmax(1).view(*logw.shape, 1, 1, 1) * candidates).sum(1)
 
 
 def _chunks_of_five(captions: list[list[str]]) -> list[list[str]]:
@@ -1915,7 +2010,10 @@ def main(argv=None) -> dict:
     args.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     # 2. images, captions, tokenizer
-    images, captions, eval_images, boxes, names = load_images_and_captions(args)
+    images, captions, eval_images, boxes, names, objects = load_images_and_captions(args)
+    check(not args.stf_reference or any(len(o) == 1 for o in objects),
+          "--stf-reference needs single-object images with the shapes world's object attributes ('objects' in the "
+          "data); this data has none")
     if args.init_text:
         adopt_text_encoder(args)
     check_architecture(args)
@@ -1940,7 +2038,7 @@ def main(argv=None) -> dict:
     del images
 
     # 4. text encoder + UNet
-    trainer = Trainer(args, tokenizer, vae, latents, captions, device, masks, single, mirror)
+    trainer = Trainer(args, tokenizer, vae, latents, captions, device, masks, single, mirror, objects)
     trainer.run(deadline)
 
     # 5. pipeline, model card, training log

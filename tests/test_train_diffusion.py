@@ -1,6 +1,7 @@
 """train_diffusion.py: the --quick run end to end, the saved pipeline, the tokenizer, resuming, argument errors."""
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
      r"^--mirror-pairs 0\.25 makes fewer than one pair per mirror in a batch of 8 \(needs batch x share >= 2 x the "),
     (["--mirror-axes", "x,z"], r"^--mirror-axes must be x, y or x,y, got x,z$"),
     (["--mirror-axes", "y,y"], r"^--mirror-axes must be x, y or x,y, got y,y$"),
+    (["--stf-reference", "1"], r"^--stf-reference must be 0 \(off\) or >= 2 \(the image and at least one other\), got 1$"),
+    (["--stf-reference", "8", "--mirror-pairs", "0.5"], r"^--stf-reference and --mirror-pairs cannot be combined"),
+    (["--stf-reference", "8", "--resolution", "64"], r"^--stf-reference reads the objects' 3x3 cells, which --resol"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_data, extra, message):
     with pytest.raises(UserError, match=message):
@@ -788,3 +792,79 @@ def test_grounding_batches_mark_the_shape_and_place_tokens_of_single_object_imag
         assert words in ([], ["top</w>", "left</w>"])
         assert not words or b.t[row] >= 500
     assert tokens.any()
+
+
+def _obj(shape, color, size, cell):
+    return {"shape": shape, "color": color, "size": size, "cell": list(cell)}
+
+
+def test_caption_groups_hold_the_single_object_images_that_fit_what_the_caption_names():
+    objects = [[_obj("circle", "red", "small", (0, 0))], [_obj("circle", "red", "large", (0, 0))],
+               [_obj("circle", "blue", "small", (0, 0))], [_obj("circle", "red", "small", (2, 2))],
+               [_obj("circle", "red", "small", (0, 0)), _obj("star", "red", "small", (1, 1))], [],
+               [_obj("star", "red", "small", (0, 0))]]
+    captions = [["a red circle in the top left", "a circle", "a picture of a small circle",
+                 "one object: a red circle", "a circle in red"],
+                ["a large red circle"], ["a blue circle"], ["a red circle in the bottom right"],
+                ["a red circle in the top left and a star in the center"], ["a photo of a dog"], ["a star"]]
+    group, members = train_diffusion.caption_groups(objects, captions)
+    assert group.shape == (7, 5)
+
+    def fits(i, k):
+        return sorted(members[group[i, k]].tolist())
+
+    assert fits(0, 0) == [0, 1]  # red circles in the top left, any size
+    assert fits(0, 1) == [0, 1, 2, 3]  # every single circle
+    assert fits(0, 2) == [0, 2, 3]  # small circles
+    assert fits(0, 3) == fits(0, 4) == [0, 1, 3]  # red circles, anywhere
+    assert fits(1, 0) == [1] and fits(3, 0) == [3] and fits(6, 0) == [6]
+    assert (group[4] == -1).all() and (group[5] == -1).all()  # two objects; no attributes (COCO)
+
+
+def test_stable_target_is_its_own_latent_at_low_noise_and_the_references_mean_at_snr_zero():
+    g = torch.Generator().manual_seed(0)
+    x0, refs = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 4, 8, 8, generator=g)
+    a = torch.tensor([0.0, 0.999])
+    noisy = a.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a).sqrt().view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=g)
+    target = train_diffusion.stable_target(noisy, x0, refs, a)
+    assert torch.allclose(target[0], torch.cat([x0[:1], refs[0]]).mean(0), atol=1e-6)  # SNR 0: p(x_t | c) all equal
+    assert torch.allclose(target[1], x0[1], atol=1e-4)  # low noise: x_t rules out the others
+    near = train_diffusion.stable_target(torch.zeros(1, 4, 8, 8), torch.zeros(1, 4, 8, 8),
+                                         torch.stack([torch.full((4, 8, 8), v) for v in (0.1, 3.0)])[None],
+                                         torch.tensor([0.5]))
+    assert 0 < near.mean() < 0.1  # between x0 (0) and the nearer reference (0.1): the farther one (3.0) weighs ~0
+
+
+def test_stf_batches_draw_references_from_each_captions_set_and_skip_dropped_and_unmatched_rows(tiny_data):
+    args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--stf-reference", "4",
+                                       "--cfg-dropout", "0.3", "--batch-size", "64"])
+    n = 6
+    t = bare_trainer(args, torch.arange(n, dtype=torch.float).view(n, 1, 1, 1).expand(n, 4, 8, 8).contiguous())
+    t.group = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 0, 0, 0], [1] * 5, [-1] * 5, [-1] * 5, [2] * 5])
+    t.members = [torch.tensor([0, 1]), torch.tensor([0, 2]), torch.tensor([5])]
+    b = t.batch()
+    rows, refs = b.refs
+    ids = b.ids[:, 0]
+    kept = [r for r in range(64) if ids[r] >= 0 and t.group[ids[r] // 5, ids[r] % 5] >= 0]
+    assert rows.tolist() == kept and 0 < len(kept) < 64
+    assert refs.shape == (len(kept), 3, 4, 8, 8)
+    for r, ref in zip(kept, refs):
+        allowed = t.members[t.group[ids[r] // 5, ids[r] % 5]].tolist()
+        assert set(ref[:, 0, 0, 0].long().tolist()) <= set(allowed)  # latent value = image index
+    plain = bare_trainer(train_diffusion.parse_args(["--quick", "--data", str(tiny_data)]), t.mean)
+    assert plain.batch().refs is None
+
+
+def test_stf_reference_trains_and_needs_the_shapes_worlds_objects(tiny_data, tmp_path):
+    info = quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2", "--stf-reference", "4")
+    log = json.loads((tmp_path / "o" / "training_log.json").read_text())
+    assert info["steps"] == 2 and log["config"]["stf_reference"] == 4
+    assert all(np.isfinite(entry["loss"]) for entry in log["loss_curve"])
+    data = train_diffusion.load_data(tiny_data)
+    for split in data["splits"].values():
+        for record in split:
+            record.pop("objects", None)
+    bare = tmp_path / "no_objects.pkl"
+    bare.write_bytes(pickle.dumps(data))
+    with pytest.raises(UserError, match=r"^--stf-reference needs single-object images with the shapes world's object"):
+        quick(bare, tmp_path / "o2", tmp_path / "c2", "--stf-reference", "4")
