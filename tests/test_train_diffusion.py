@@ -794,11 +794,9 @@ def test_grounding_batches_mark_the_shape_and_place_tokens_of_single_object_imag
     assert tokens.any()
 
 
-def _obj(shape, color, size, cell):
-    return {"shape": shape, "color": color, "size": size, "cell": list(cell)}
-
-
 def test_caption_groups_hold_the_single_object_images_that_fit_what_the_caption_names():
+    from generate_data import _obj
+
     objects = [[_obj("circle", "red", "small", (0, 0))], [_obj("circle", "red", "large", (0, 0))],
                [_obj("circle", "blue", "small", (0, 0))], [_obj("circle", "red", "small", (2, 2))],
                [_obj("circle", "red", "small", (0, 0)), _obj("star", "red", "small", (1, 1))], [],
