@@ -77,6 +77,7 @@ ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 CELLS = tuple((r, c) for r in range(3) for c in range(3))
 JITTER = 0.08  # centre jitter inside a cell, fraction of the image side
+BRIGHTNESS = (0.85, 1.1)  # range of an object's colour scale
 MAX_OBJECTS = 3
 BACKGROUNDS = ("solid", "vgradient", "hgradient", "noise")
 NUMBER_WORDS = ("one", "two", "three")
@@ -196,10 +197,23 @@ def sample_objects(rng: np.random.Generator, probs: np.ndarray | None = None) ->
             "color": list(COLORS)[int(rng.integers(len(COLORS)))],
             "size": size,
             "cell": [row, col],
-            "center": [float((col + 0.5) / 3 + jitter[0]), float((row + 0.5) / 3 + jitter[1])],
-            "brightness": float(rng.uniform(0.85, 1.1)),
+            "center": cell_center((row, col), jitter),
+            "brightness": float(rng.uniform(*BRIGHTNESS)),
         })
     return objects
+
+
+def cell_center(cell, jitter) -> list[float]:
+    """[fx, fy], fractions of the image side: the middle of 3x3 cell (row, col) moved by jitter (dx, dy)."""
+    row, col = cell
+    return [float((col + 0.5) / 3 + jitter[0]), float((row + 0.5) / 3 + jitter[1])]
+
+
+def posed_object(shape: str, color: str, size: str, cell, rng: np.random.Generator) -> dict:
+    """One object of the given attributes with its centre jitter and brightness drawn as `sample_objects` draws them."""
+    jitter = rng.uniform(-JITTER, JITTER, size=2)
+    return {"shape": shape, "color": color, "size": size, "cell": list(cell), "center": cell_center(cell, jitter),
+            "brightness": float(rng.uniform(*BRIGHTNESS))}
 
 
 def _hue(rgb) -> float:
@@ -606,8 +620,7 @@ def scene_for_prompt(prompt: dict, rng: np.random.Generator) -> list[dict]:
         jitter = rng.uniform(-JITTER, JITTER, size=2)
         scene.append({"shape": obj["shape"], "color": obj["color"],
                       "size": obj["size"] or SIZE_NAMES[int(rng.integers(len(SIZE_NAMES)))], "cell": [row, col],
-                      "center": [float((col + 0.5) / 3 + jitter[0]), float((row + 0.5) / 3 + jitter[1])],
-                      "brightness": float(rng.uniform(0.85, 1.1))})
+                      "center": cell_center((row, col), jitter), "brightness": float(rng.uniform(*BRIGHTNESS))})
     return scene
 
 

@@ -248,6 +248,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "and 3x3 cell where named); at high noise that is the caption's mean image, not one draw "
                             "of it, so what only the caption can say (where) is not drowned by what it cannot "
                             "(0: off; else >= 2; needs the shapes world's object attributes)")
+    train.add_argument("--stf-rendered", type=int, default=0,
+                       help="draw --stf-reference's references from this many renders per (shape, colour, size, "
+                            "cell) of the shapes world (generate_data's renderer: centre jitter, brightness and "
+                            "background drawn as in the data; encoded once, cached in --ckpt-dir) instead of the "
+                            "training images, so a caption that names many attributes still has a large set (a "
+                            "colour, shape and place named: 2 x this many; 0: the training images)")
     train.add_argument("--grounding-loss", type=float, default=0.0,
                        help="weight (>= 0) of a token grounding loss on the UNet's cross-attention maps (TokenCompose, "
                             "Wang et al. 2024): in single-object images, the attention that the tokens of the shape "
@@ -315,7 +321,7 @@ def check_args(args: argparse.Namespace) -> None:
         check(value > 0, f"--{name.replace('_', '-')} must be > 0, got {value}")
     for name in ("attn_levels", "object_weight", "cpu_minutes", "max_images", "vae_crop", "decoder_minutes",
                  "warmup_steps", "sample_every", "threads", "seed", "resolution", "max_minutes", "vae_minutes",
-                 "kl_weight", "weight_decay", "snr_gamma", "grounding_loss"):
+                 "kl_weight", "weight_decay", "snr_gamma", "grounding_loss", "stf_rendered"):
         value = getattr(args, name)
         check(value >= 0, f"--{name.replace('_', '-')} must be >= 0, got {value}")
     check(args.lr > 0 and args.vae_lr > 0, f"learning rates must be > 0, got --lr {args.lr}, --vae-lr {args.vae_lr}")
@@ -335,6 +341,8 @@ def check_args(args: argparse.Namespace) -> None:
           f"--stf-reference must be 0 (off) or >= 2 (the image and at least one other), got {args.stf_reference}")
     check(not (args.stf_reference and args.mirror_pairs),
           "--stf-reference and --mirror-pairs cannot be combined (a mirror image has no reference set); drop one")
+    check(not args.stf_rendered or args.stf_reference,
+          "--stf-rendered sets where --stf-reference's references come from; pass --stf-reference R too")
     check(not (args.stf_reference and args.resolution),
           "--stf-reference reads the objects' 3x3 cells, which --resolution's crop would move; drop one of them")
     check(args.mirror_axes and set(args.mirror_axes) <= set(MIRROR_WORDS)
@@ -761,6 +769,40 @@ def encode_latents(args, vae, images, device, name: str = "latents.pt") -> dict:
     return latents
 
 
+def rendered_references(per_key: int, seed: int, side: int) -> tuple[list[dict], torch.Tensor]:
+    """`per_key` renders of every (shape, colour, size, cell) of the shapes world, one object each, centre jitter,
+    brightness and background drawn as the data draws them (generate_data.posed_object, render_scene): the
+    reference pool of --stf-rendered.
+
+    Returns:
+        objects: the object dict of each render (12 x 8 x 2 x 9 x per_key of them, key by key).
+        images: uint8 N x 3 x side x side.
+    """
+    from generate_data import CELLS, COLORS, SHAPES, SIZES, posed_object, render_scene
+
+    keys = list(itertools.product(SHAPES, COLORS, SIZES, CELLS))
+    objects, images = [], []
+    for j, (shape, color, size, cell) in enumerate(tqdm(keys, desc="STF references", leave=False)):
+        rng = np.random.default_rng([seed, j])
+        for _ in range(per_key):
+            obj = posed_object(shape, color, size, cell, rng)
+            objects.append(obj)
+            images.append(np.asarray(render_scene([obj], side, rng)))
+    return objects, torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+
+
+def reference_latents(args, vae, side: int, device) -> dict:
+    """--stf-rendered's pool: {"objects": per render its object, "mean": fp16 N x C x h x w posterior means},
+    rendered and encoded once (cached as --ckpt-dir/stf_rendered_<per key>_<side>px.pt)."""
+    path = args.ckpt_dir / f"stf_rendered_{args.stf_rendered}_{side}px.pt"
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    objects, images = rendered_references(args.stf_rendered, args.seed, side)
+    pool = {"objects": objects, "mean": posterior(vae, images, device)[0].half()}
+    atomic_save(pool, path)
+    return pool
+
+
 # --------------------------------------------------------------------------- 3. text encoder, UNet, training
 def make_text_encoder(args, tokenizer):
     """A fresh CLIPTextModel of the --text-* sizes, or --init-text's text encoder."""
@@ -1004,7 +1046,8 @@ class Trainer:
     """Joint CLIPTextModel + UNet training on precomputed latents, with EMA, checkpoints and sample grids."""
 
     def __init__(self, args, tokenizer, vae, latents, captions, device, masks: torch.Tensor | None = None,
-                 single: torch.Tensor | None = None, mirror: dict | None = None, objects: list | None = None):
+                 single: torch.Tensor | None = None, mirror: dict | None = None, objects: list | None = None,
+                 references: dict | None = None):
         from diffusers.training_utils import EMAModel
 
         self.args, self.tokenizer, self.vae, self.device = args, tokenizer, vae, device
@@ -1017,8 +1060,11 @@ class Trainer:
         five = _chunks_of_five(captions)
         self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in five])  # N x 5 x L
         self.places = torch.tensor([[names_place(c) for c in caps] for caps in five])  # N x 5 bool, --place-captions
-        # --stf-reference: each caption's reference set (caption_groups), from the shapes world's object attributes
-        self.group, self.members = caption_groups(objects, captions) if args.stf_reference else (None, None)
+        # --stf-reference: each caption's reference set (caption_groups), from the shapes world's object attributes;
+        # members index the training images, or with --stf-rendered the rendered pool (reference_latents)
+        self.ref_mean = references["mean"] if references else self.mean
+        self.group, self.members = (caption_groups(objects, captions, references and references["objects"])
+                                    if args.stf_reference else (None, None))
         self.empty = tokenize(tokenizer, [""])[0]
         mirror = mirror or {}  # mirror_data's, for --mirror-pairs, with each mirror's caption tokens
         self.mirror = {axis: dict(data, tokens=torch.stack([tokenize(tokenizer, caps)
@@ -1118,7 +1164,7 @@ class Trainer:
             picks = [self.members[g][torch.randint(len(self.members[g]), (args.stf_reference - 1,), generator=self.gen)]
                      for g in group[rows].tolist()]
             picks = torch.stack(picks) if picks else torch.zeros(0, args.stf_reference - 1, dtype=torch.long)
-            refs = (rows.to(self.device), (self.mean[picks].float() * self.scaling).to(self.device))
+            refs = (rows.to(self.device), (self.ref_mean[picks].float() * self.scaling).to(self.device))
         weight = None
         if args.object_weight:
             weight = 1 + args.object_weight * masks.float()
@@ -1312,34 +1358,38 @@ def names_place(caption: str) -> bool:
 STF_ATTRIBUTES = ("color", "size", "cell")  # what a caption may name besides the shape, which it always names
 
 
-def caption_groups(objects: list[list[dict]], captions: list[list[str]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Reference sets of --stf-reference: which training images fit each caption as well as its own image does.
+def caption_groups(objects: list[list[dict]], captions: list[list[str]],
+                   pool: list[dict] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Reference sets of --stf-reference: which images fit each caption as well as its own image does.
 
     Only single-object images get one. Their captions name the shape and sometimes the colour, the size and the 3x3
     cell (a colour or size word of the object in the caption; a place word, `names_place`); the set is every
-    single-object image whose object agrees on each attribute the caption names, the image itself included.
+    candidate whose object agrees on each attribute the caption names: the single-object training images (the image
+    itself included), or the `pool` of rendered objects (--stf-rendered).
 
     Args:
         objects: per image, the shapes world's object dicts (shape, color, size, cell); [] where unknown.
         captions: per image, its captions (any number; read as `_chunks_of_five`).
+        pool: one object dict per candidate (`rendered_references`); None: the training images.
     Returns:
-        group: long N x 5, the set id of each caption, -1 for images with other than one known object.
-        members: per set id, the long tensor of its image indices.
+        group: long N x 5, the set id of each caption, -1 for images with other than one known object and for
+            captions no candidate fits.
+        members: per set id, the long tensor of its candidates' indices (training images, or rows of `pool`).
     """
     def key(obj: dict, named) -> tuple:
         return (obj["shape"],) + tuple(str(obj[a]) if a in named else None for a in STF_ATTRIBUTES)
 
+    candidates = enumerate(pool) if pool is not None else ((i, o[0]) for i, o in enumerate(objects) if len(o) == 1)
     ids: dict[tuple, int] = {}
     members: list[list[int]] = []
-    for i, objs in enumerate(objects):
-        if len(objs) == 1:
-            for r in range(len(STF_ATTRIBUTES) + 1):
-                for named in itertools.combinations(STF_ATTRIBUTES, r):
-                    k = key(objs[0], named)
-                    if k not in ids:
-                        ids[k] = len(members)
-                        members.append([])
-                    members[ids[k]].append(i)
+    for i, obj in candidates:
+        for r in range(len(STF_ATTRIBUTES) + 1):
+            for named in itertools.combinations(STF_ATTRIBUTES, r):
+                k = key(obj, named)
+                if k not in ids:
+                    ids[k] = len(members)
+                    members.append([])
+                members[ids[k]].append(i)
     group = torch.full((len(objects), 5), -1, dtype=torch.long)
     for i, (objs, caps) in enumerate(zip(objects, _chunks_of_five(captions))):
         if len(objs) == 1:
@@ -1347,7 +1397,7 @@ def caption_groups(objects: list[list[dict]], captions: list[list[str]]) -> tupl
             for j, caption in enumerate(caps):
                 words = set(caption.split())
                 named = [a for a in STF_ATTRIBUTES if (names_place(caption) if a == "cell" else obj[a] in words)]
-                group[i, j] = ids[key(obj, named)]
+                group[i, j] = ids.get(key(obj, named), -1)
     return group, [torch.tensor(m) for m in members]
 
 
@@ -2029,6 +2079,7 @@ def main(argv=None) -> dict:
     print(f"autoencoder: {vae_info.get('steps', '?')} steps, PSNR {vae_info.get('psnr_db', '?')} dB"
           + (f" (from {vae_info['init_from']})" if "init_from" in vae_info else ""))
     latents = encode_latents(args, vae, images, device)
+    references = reference_latents(args, vae, images.shape[-1], device) if args.stf_rendered else None
     mirror = mirror_data(args, vae, images, captions, names, device) if args.mirror_pairs else None
     need_masks = args.object_weight or args.grounding_loss
     masks = object_masks(boxes, images.shape[-1], latents["mean"].shape[-1]) if need_masks else None
@@ -2038,7 +2089,7 @@ def main(argv=None) -> dict:
     del images
 
     # 4. text encoder + UNet
-    trainer = Trainer(args, tokenizer, vae, latents, captions, device, masks, single, mirror, objects)
+    trainer = Trainer(args, tokenizer, vae, latents, captions, device, masks, single, mirror, objects, references)
     trainer.run(deadline)
 
     # 5. pipeline, model card, training log

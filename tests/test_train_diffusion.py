@@ -1,5 +1,6 @@
 """train_diffusion.py: the --quick run end to end, the saved pipeline, the tokenizer, resuming, argument errors."""
 
+import itertools
 import json
 import pickle
 import re
@@ -122,6 +123,8 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     (["--stf-reference", "1"], r"^--stf-reference must be 0 \(off\) or >= 2 \(the image and at least one other\), got 1$"),
     (["--stf-reference", "8", "--mirror-pairs", "0.5"], r"^--stf-reference and --mirror-pairs cannot be combined"),
     (["--stf-reference", "8", "--resolution", "64"], r"^--stf-reference reads the objects' 3x3 cells, which --resol"),
+    (["--stf-rendered", "8"], r"^--stf-rendered sets where --stf-reference's references come from; pass --stf-ref"),
+    (["--stf-rendered", "-1", "--stf-reference", "8"], r"^--stf-rendered must be >= 0, got -1$"),
 ])
 def test_bad_arguments_give_one_line_errors(tiny_data, extra, message):
     with pytest.raises(UserError, match=message):
@@ -264,7 +267,7 @@ def bare_trainer(args, mean: torch.Tensor) -> "train_diffusion.Trainer":
     """A Trainer with only what `batch` reads: latents `mean` (std 1), caption k of image i = token 5 i + k."""
     t = train_diffusion.Trainer.__new__(train_diffusion.Trainer)
     t.args, t.device, t.scaling, t.masks, t.mirror, t.pairs = args, torch.device("cpu"), 1.0, None, {}, {}
-    t.mean, t.std = mean, torch.ones_like(mean)
+    t.mean, t.std, t.ref_mean = mean, torch.ones_like(mean), mean
     t.tokens, t.empty = torch.arange(5 * len(mean)).reshape(len(mean), 5, 1), torch.tensor([-1])
     t.noise_scheduler = train_diffusion.make_noise_scheduler()
     t.gen = torch.Generator().manual_seed(0)
@@ -819,6 +822,48 @@ def test_caption_groups_hold_the_single_object_images_that_fit_what_the_caption_
     assert (group[4] == -1).all() and (group[5] == -1).all()  # two objects; no attributes (COCO)
 
 
+def test_caption_groups_from_a_rendered_pool_index_the_pool_rows_that_fit_the_caption():
+    from generate_data import _obj
+
+    objects = [[_obj("circle", "red", "small", (0, 0))], [_obj("heart", "red", "small", (0, 0))],
+               [_obj("circle", "red", "small", (0, 0)), _obj("star", "red", "small", (1, 1))]]
+    captions = [["a red circle in the top left", "a circle", "a small circle", "a red circle", "a circle in red"],
+                ["a heart"], ["a red circle and a star"]]
+    pool = [_obj("circle", "red", "large", (0, 0)), _obj("circle", "red", "small", (2, 2)),
+            _obj("circle", "blue", "small", (0, 0)), _obj("circle", "red", "small", (0, 0))]
+    group, members = train_diffusion.caption_groups(objects, captions, pool)
+
+    def fits(i, k):
+        return sorted(members[group[i, k]].tolist())
+
+    assert fits(0, 0) == [0, 3] and fits(0, 1) == [0, 1, 2, 3] and fits(0, 2) == [1, 2, 3]
+    assert fits(0, 3) == fits(0, 4) == [0, 1, 3]
+    assert (group[1] == -1).all()  # no heart in the pool
+    assert (group[2] == -1).all()  # two objects
+
+
+def test_rendered_references_render_every_attribute_key_as_the_data_draws_its_objects():
+    from generate_data import BRIGHTNESS, CELLS, COLORS, JITTER, SHAPES, SIZES
+
+    objects, images = train_diffusion.rendered_references(2, 0, 32)
+    keys = [(o["shape"], o["color"], o["size"], tuple(o["cell"])) for o in objects]
+    assert keys[::2] == keys[1::2] == list(itertools.product(SHAPES, COLORS, SIZES, CELLS))
+    assert images.shape == (len(objects), 3, 32, 32) and images.dtype == torch.uint8
+    assert len({o["center"][0] for o in objects}) == len(objects)  # centre jitter drawn per render
+    for o in objects:
+        (row, col), (fx, fy) = o["cell"], o["center"]
+        assert abs(fx - (col + 0.5) / 3) <= JITTER and abs(fy - (row + 0.5) / 3) <= JITTER
+        assert BRIGHTNESS[0] <= o["brightness"] <= BRIGHTNESS[1]
+    big = [i for i, o in enumerate(objects) if o["size"] == "large" and o["shape"] in ("circle", "square")]
+    for i in big:  # the object's colour at its centre (large circles and squares cover their centre pixel)
+        (fx, fy), o = objects[i]["center"], objects[i]
+        pixel = images[i, :, min(max(int(fy * 32), 5), 26), min(max(int(fx * 32), 5), 26)].float()
+        expected = (torch.tensor(COLORS[o["color"]], dtype=torch.float) * o["brightness"]).clamp(0, 255)
+        assert (pixel - expected).abs().max() <= 2
+    again, _ = train_diffusion.rendered_references(2, 0, 32)
+    assert again == objects
+
+
 def test_stable_target_is_its_own_latent_at_low_noise_and_the_references_mean_at_snr_zero():
     g = torch.Generator().manual_seed(0)
     x0, refs = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 4, 8, 8, generator=g)
@@ -866,3 +911,12 @@ def test_stf_reference_trains_and_needs_the_shapes_worlds_objects(tiny_data, tmp
     bare.write_bytes(pickle.dumps(data))
     with pytest.raises(UserError, match=r"^--stf-reference needs single-object images with the shapes world's object"):
         quick(bare, tmp_path / "o2", tmp_path / "c2", "--stf-reference", "4")
+
+
+def test_stf_rendered_trains_on_a_cached_rendered_pool(tiny_data, tmp_path):
+    info = quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2", "--stf-reference", "4",
+                 "--stf-rendered", "1")
+    assert info["steps"] == 2
+    cached, = (tmp_path / "c").glob("stf_rendered_1_*px.pt")
+    pool = torch.load(cached, weights_only=False)
+    assert len(pool["objects"]) == len(pool["mean"]) == 12 * 8 * 2 * 9
