@@ -1554,8 +1554,9 @@ def resample_round_trip(side: int):
 
 def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path, device="cpu",
                    info: dict | None = None) -> dict:
-    """Oracle scores of one pipeline snapshot on the study's prompts, and its `caption_use` on the first 32
-    single-object prompts (cached per snapshot and oracle; a cache from before caption_use gets it added); the
+    """Oracle scores of one pipeline snapshot on the study's prompts, its `caption_use` on the first 32
+    single-object prompts, `word_separation` and `place_response` (cached per snapshot and oracle; a cache from
+    before a measurement gets it added); the
     images are generated on `device` (the initial noise is drawn on the CPU either way). `info` (step, cpu_minutes)
     stands in for the folder's snapshot.json (a final pipeline has none)."""
     from diffusers import DiffusionPipeline
@@ -1564,7 +1565,7 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path, dev
     from utils import bootstrap_ci, generate_images
 
     def complete(result: dict) -> bool:  # a cache from before a measurement was added gets it added
-        return ("word_separation" in result and "caption_use" in result
+        return ("word_separation" in result and "place_response" in result and "caption_use" in result
                 and ("xattn_ratio" in result["caption_use"]["t500"] or not result.get("pooled_path", True)))
 
     result = read_json(cache) if cache.is_file() else None
@@ -1586,6 +1587,8 @@ def score_snapshot(folder: Path, prompts_by_kind: dict, oracle, cache: Path, dev
         result["caption_use"] = caption_use(pipe, prompts_by_kind["single"][:32])
     if "word_separation" not in result:
         result["word_separation"] = word_separation(pipe.text_encoder, pipe.tokenizer)
+    if "place_response" not in result:
+        result["place_response"] = place_response(pipe)
     write_json(cache, result)
     return result
 
@@ -1669,6 +1672,58 @@ def caption_use(pipe, prompts: list[dict], timesteps=(200, 500, 800), seed: int 
                 ratios[f"{path}_ratio"] = round(mse[f"{path}_shuffled"] / mse["own"], 4)
         out[f"t{t}"] = {**mse, **ratios}
     return out
+
+
+PLACE_OBJECTS = (("circle", "red"), ("square", "blue"), ("triangle", "green"), ("star", "yellow"))
+PLACE_DIAGONALS = (((0, 0), (2, 2)), ((0, 2), (2, 0)))  # top left / bottom right, top right / bottom left
+
+
+@torch.no_grad()
+def place_response(pipe, n_noise: int = 16, n_renders: int = 64, seed: int = 0) -> dict:
+    """Does the UNet put the object where the caption says, at the noisiest timestep (where the layout is set)?
+
+    For two prompts that differ only in the place ("a red circle in the top left" / "... in the bottom right";
+    PLACE_OBJECTS x PLACE_DIAGONALS, 8 pairs) it compares the difference of the UNet's x0 prediction at t = T - 1
+    from pure noise (the mean over n_noise draws, the same for both prompts) with the difference of the two prompts'
+    mean latents (n_renders renders each, `render_prompts`, size drawn, encoded by the pipeline's VAE): at SNR ~ 0 the
+    best x0 prediction is the prompt's mean latent, so a model that places like the data has cosine 1 and norm ratio
+    1, one that ignores the place ~0 and ~0. Probe from the README's "Place is learnable from a clean target".
+
+    Returns:
+        {"cosine", "norm_ratio"}: means over the 8 pairs; the cosine of a zero model difference counts as 0.
+    """
+    from diffusers import DDPMScheduler
+
+    from generate_data import prompt_text, render_prompts
+
+    device, unet = pipe.unet.device, pipe.unet
+    alpha = float(DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod[-1])
+    t = pipe.scheduler.config.num_train_timesteps - 1
+    size = pipe.vae_scale_factor * unet.config.sample_size  # the pipeline's image side
+    noise = torch.randn(n_noise, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
+                        generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def predicted_x0(text: str) -> torch.Tensor:
+        hidden = pipe.text_encoder(tokenize(pipe.tokenizer, [text]).to(device))[0].expand(n_noise, -1, -1)
+        out = unet(noise, torch.full((n_noise,), t, device=device), hidden).sample.float()
+        if pipe.scheduler.config.prediction_type == "v_prediction":
+            return (alpha ** 0.5 * noise - (1 - alpha) ** 0.5 * out).mean(0)
+        return ((noise - (1 - alpha) ** 0.5 * out) / alpha ** 0.5).mean(0)
+
+    def mean_latent(prompt: dict) -> torch.Tensor:
+        x = to_unit(torch.from_numpy(render_prompts([prompt] * n_renders, size=size)).permute(0, 3, 1, 2), device)
+        return (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).float().mean(0)
+
+    cosines, ratios = [], []
+    for shape, color in PLACE_OBJECTS:
+        for cells in PLACE_DIAGONALS:
+            prompts = [{"objects": [{"shape": shape, "color": color, "size": None, "cell": list(cell)}],
+                        "relation": None} for cell in cells]
+            model = predicted_x0(prompt_text(prompts[0])) - predicted_x0(prompt_text(prompts[1]))
+            data = mean_latent(prompts[0]) - mean_latent(prompts[1])
+            cosines.append(float(F.cosine_similarity(model.flatten(), data.flatten(), 0, eps=1e-12)))
+            ratios.append(float(model.norm() / data.norm()))
+    return {"cosine": round(float(np.mean(cosines)), 4), "norm_ratio": round(float(np.mean(ratios)), 4)}
 
 
 def train_designs(args: argparse.Namespace, ckpt_root: Path) -> None:
@@ -2004,7 +2059,9 @@ def curve(argv) -> dict:
               f" / two {p['two']['all']:.3f}; single shape {p['single']['shape']:.3f}, colour "
               f"{p['single']['color']:.3f}, position {p['single']['position']:.3f}; caption use (shuffled / own "
               f"loss at t=500) {p['caption_use']['t500']['ratio']:.3f}{xattn_note(p)}; text encoder word separation "
-              + ", ".join(f"{k} {v:.3f}" for k, v in p["word_separation"].items()))
+              + ", ".join(f"{k} {v:.3f}" for k, v in p["word_separation"].items())
+              + f"; place response cosine {p['place_response']['cosine']:.3f}, norm ratio "
+                f"{p['place_response']['norm_ratio']:.3f}")
     name = args.ckpt_dir.name
     metrics = {"ckpt_dir": str(args.ckpt_dir), "n_prompts": args.n_prompts, "oracle_sha256_12": fp,
                "designs": {name: {"curve": points}}}
@@ -2019,7 +2076,8 @@ def curve(argv) -> dict:
              " / ".join(f"{p['caption_use'][t]['ratio']:.3f}" for t in ("t200", "t500", "t800")),
              " / ".join(f"{p['caption_use'][t]['xattn_ratio']:.3f}" if "xattn_ratio" in p["caption_use"][t] else "–"
                         for t in ("t200", "t500", "t800")),
-             " / ".join(f"{p['word_separation'][k]:.3f}" for k in ("position", "color", "shape"))] for p in points]
+             " / ".join(f"{p['word_separation'][k]:.3f}" for k in ("position", "color", "shape")),
+             f"{p['place_response']['cosine']:.3f} / {p['place_response']['norm_ratio']:.3f}"] for p in points]
     write_text(run.dir / "results.md", f"# Learning curve of {args.ckpt_dir}\n\nOracle all-correct on "
                f"{args.n_prompts} single- and {args.n_prompts} two-object prompts (DPM-Solver++ 20 steps, CFG 5, "
                "95% bootstrap CI). Caption use: the UNet's loss with shuffled captions over its loss with each "
@@ -2027,10 +2085,14 @@ def curve(argv) -> dict:
                "ignored; `caption_use`); its cross-attention share, for a UNet that also pools the caption "
                "(--text-film): the loss with only cross-attention reading shuffled captions over the own loss (1.000: "
                "cross-attention, the only path that can say where, is ignored). Word separation: how far the text encoder's hidden states move when one "
-               "word of the prompt changes (`word_separation`; near 0: the UNet cannot read that attribute).\n\n"
+               "word of the prompt changes (`word_separation`; near 0: the UNet cannot read that attribute). Place response: "
+               "at t = T - 1, the cosine and norm ratio of the UNet's x0 difference between two prompts that differ "
+               "only in the place against the difference of their mean latents (`place_response`; 1 / 1: places like "
+               "the data, 0 / 0: the place is ignored).\n\n"
                + "\n".join(md_table(
                    ["CPU-min", "step", "single all-correct", "two all-correct", "single shape / colour / position",
-                    "caption use t200 / t500 / t800", "cross-attention use t200 / t500 / t800", "word separation position / colour / shape"], rows)) + "\n")
+                    "caption use t200 / t500 / t800", "cross-attention use t200 / t500 / t800",
+                    "word separation position / colour / shape", "place response cosine / norm ratio"], rows)) + "\n")
     run.finish(metrics)
     return metrics
 

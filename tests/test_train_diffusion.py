@@ -508,14 +508,17 @@ def test_curve_scores_every_snapshot_in_cpu_order_and_caches_each(tiny_data, tmp
     assert all(f"| {p['cpu_minutes']:g} | {p['step']} |" in table for p in points)
     cached = {**points[0], "single": {**points[0]["single"], "all": 0.5, "all_ci": [0.4, 0.6]}}
     caches[0].write_text(json.dumps(cached))
-    older = {k: v for k, v in points[1].items() if k != "caption_use"}  # a cache written before caption_use
+    older = {k: v for k, v in points[1].items()  # a cache written before caption_use and place_response
+             if k not in ("caption_use", "place_response")}
     caches[1].write_text(json.dumps({**older, "two": {**older["two"], "all": 0.5, "all_ci": [0.4, 0.6]}}))
     assert all(set(p["caption_use"]) == {"t200", "t500", "t800"} for p in points)
-    assert "| caption use t200 / t500 / t800 |" in (run / "results.md").read_text()
+    assert all(-1 <= p["place_response"]["cosine"] <= 1 and p["place_response"]["norm_ratio"] >= 0 for p in points)
+    assert "| caption use t200 / t500 / t800 |" in table and "| place response cosine / norm ratio |" in table
     again = train_diffusion.main(argv)["designs"]["c"]["curve"][0]
     assert again["single"]["all"] == 0.5 and again["caption_use"] == points[0]["caption_use"]  # read from the cache
-    topped_up = json.loads(caches[1].read_text())  # the older cache kept its scores and got caption_use added
+    topped_up = json.loads(caches[1].read_text())  # the older cache kept its scores and got the new measurements
     assert topped_up["two"]["all"] == 0.5 and topped_up["caption_use"] == points[1]["caption_use"]
+    assert topped_up["place_response"] == points[1]["place_response"]
     only = train_diffusion.main(argv + ["--marks", "0.03", "--run-name", "r2"])["designs"]["c"]["curve"]
     assert [p["mark"] for p in only] == [0.03]
     with pytest.raises(UserError, match=r"^--marks \[0\.02\] have no snapshot in .*c.snapshots; it has \[0\.01, 0\.03\]$"):
@@ -552,6 +555,49 @@ def test_caption_use_is_exactly_one_when_the_unet_cannot_read_the_caption(quick_
             torch.nn.init.zeros_(module.bias)
     cut = train_diffusion.caption_use(pipe, prompts, timesteps=(100, 900))
     assert all(r["ratio"] == 1.0 and r["own"] == r["shuffled"] == r["empty"] for r in cut.values())
+
+
+def test_place_response_follows_where_a_unet_draws_the_named_place():
+    """Stub UNets that draw one grey-background render of the caption's object (no jitter, large) in the named
+    cell, in the mirrored cell, or always in the centre: the probe's cosine and norm ratio against the data's mean
+    latents are then high, negative, and exactly 0."""
+    from types import SimpleNamespace
+
+    from diffusers import StableDiffusionPipeline
+
+    from generate_data import parse_prompt, render_scene
+
+    pipe = StableDiffusionPipeline.from_pretrained(REPO / "models" / "shapes-sd-tiny-f2")
+    alpha = float(pipe.scheduler.alphas_cumprod[-1])
+
+    class Ids(torch.nn.Module):  # hidden states = the token ids, so the stub can read the prompt back
+        device = torch.device("cpu")
+
+        def forward(self, ids):
+            return (ids[..., None].float(),)
+
+    class Draws(torch.nn.Module):  # v such that the predicted x0 is the VAE latent of a render of cell(caption)
+        def __init__(self, cell_of):
+            super().__init__()
+            self.config, self.device, self.cell_of = pipe.unet.config, torch.device("cpu"), cell_of
+
+        def forward(self, noisy, t, hidden):
+            text = pipe.tokenizer.decode(hidden[0, :, 0].long(), skip_special_tokens=True)
+            obj = {**parse_prompt(text)["objects"][0], "size": "large"}
+            image = np.array(render_scene([{**obj, "cell": self.cell_of(obj["cell"])}], 64))
+            x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+            x0 = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
+            return SimpleNamespace(sample=(alpha ** 0.5 * noisy - x0) / (1 - alpha) ** 0.5)
+
+    pipe.text_encoder = Ids()
+    found = {}
+    for name, cell_of in (("named", lambda c: c), ("mirrored", lambda c: [2 - c[0], 2 - c[1]]),
+                          ("centre", lambda c: [1, 1])):
+        pipe.unet = Draws(cell_of)
+        found[name] = train_diffusion.place_response(pipe, n_noise=2, n_renders=16)
+    assert found["named"]["cosine"] > 0.7 and 0.5 < found["named"]["norm_ratio"] < 2
+    assert found["mirrored"]["cosine"] < -0.7 and found["mirrored"]["norm_ratio"] == found["named"]["norm_ratio"]
+    assert found["centre"] == {"cosine": 0.0, "norm_ratio": 0.0}
 
 
 def test_word_separation_is_zero_for_an_encoder_that_ignores_words_and_matches_the_documented_numbers():
