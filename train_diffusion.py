@@ -228,6 +228,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="probability, 0..1, that a training step reads one of the image's captions that name a "
                             "place (a position or relation word) instead of any of its five; images without one keep "
                             "the uniform draw (0: uniform, as before)")
+    train.add_argument("--place-focus", type=float, default=0.0,
+                       help="share, 0..1, of each batch given to single-object images read with a caption that names "
+                            "the place (names_place), at timesteps --place-focus-min-t..T-1, where the layout is set: "
+                            "rows that can teach where, which a uniform batch holds too few of to move place "
+                            "(0: off)")
+    train.add_argument("--place-focus-min-t", type=int, default=900,
+                       help="lowest timestep of the --place-focus rows (0..999)")
     train.add_argument("--pooled-dropout", type=float, default=0.0,
                        help="with --text-film: probability, 0..1, that a training sample's pooled caption (the "
                             "attention-pooled path added to the timestep embedding) reads the empty caption while "
@@ -335,6 +342,12 @@ def check_args(args: argparse.Namespace) -> None:
     check(set(args.grounding_words) <= {"shape", "place"} and args.grounding_words,
           f"--grounding-words must name shape, place or both, got {','.join(args.grounding_words)}")
     check(0 <= args.grounding_min_t <= 999, f"--grounding-min-t must be in 0..999, got {args.grounding_min_t}")
+    check(0 <= args.place_focus <= 1, f"--place-focus must be in [0, 1], got {args.place_focus}")
+    check(not args.place_focus or round(args.place_focus * args.batch_size) >= 1,
+          f"--place-focus {args.place_focus} gives no row of a batch of {args.batch_size} (needs share x batch >= 0.5)")
+    check(0 <= args.place_focus_min_t <= 999, f"--place-focus-min-t must be in 0..999, got {args.place_focus_min_t}")
+    check(not (args.place_focus and args.mirror_pairs),
+          "--place-focus and --mirror-pairs both claim rows of the batch; drop one")
     check(0 <= args.pooled_dropout <= 1, f"--pooled-dropout must be in [0, 1], got {args.pooled_dropout}")
     check(0 <= args.mirror_pairs <= 1, f"--mirror-pairs must be in [0, 1], got {args.mirror_pairs}")
     check(args.stf_reference == 0 or args.stf_reference >= 2,
@@ -1060,6 +1073,10 @@ class Trainer:
         five = _chunks_of_five(captions)
         self.tokens = torch.stack([tokenize(tokenizer, caps) for caps in five])  # N x 5 x L
         self.places = torch.tensor([[names_place(c) for c in caps] for caps in five])  # N x 5 bool, --place-captions
+        # --place-focus: the (image, caption) pairs of single-object images whose caption names the place
+        self.focus = (self.places & single[:, None]).nonzero() if args.place_focus else None
+        check(self.focus is None or len(self.focus) > 0,
+              "--place-focus needs single-object training images with a caption that names a place; this data has none")
         # --stf-reference: each caption's reference set (caption_groups), from the shapes world's object attributes;
         # members index the training images, or with --stf-rendered the rendered pool (reference_latents)
         self.ref_mean = references["mean"] if references else self.mean
@@ -1120,7 +1137,9 @@ class Trainer:
     def batch(self) -> Batch:
         """Draw the next batch. With --mirror-pairs the batch ends in one block of k mirror pairs per mirror axis
         (self.pairs), counted from the end: rows a, k images that may be mirrored that way, then rows b, their mirror
-        images (mirrored latents, captions and masks) with a's caption choice, caption dropout, noise and timestep."""
+        images (mirrored latents, captions and masks) with a's caption choice, caption dropout, noise and timestep.
+        With --place-focus it starts with its rows: single-object images read with a caption that names the place (no
+        caption dropout), at timesteps --place-focus-min-t..T-1."""
         args, n, size = self.args, len(self.mean), self.args.batch_size
         idx = torch.randint(n, (size,), generator=self.gen)
         blocks, end = [], size  # (rows a, rows b, axis) of each mirror
@@ -1135,7 +1154,15 @@ class Trainer:
             weights = torch.where(places.any(1, keepdim=True), places.float(), torch.ones_like(places, dtype=torch.float))
             prefer = torch.rand(size, generator=self.gen) < args.place_captions
             which = torch.where(prefer, torch.multinomial(weights, 1, generator=self.gen)[:, 0], which)
+        focus = 0
+        if args.place_focus:  # the first rows: single-object place captions at noisy timesteps (drawn only when asked)
+            focus = round(args.place_focus * size)
+            pick = self.focus[torch.randint(len(self.focus), (focus,), generator=self.gen)]
+            idx[:focus], which[:focus] = pick[:, 0], pick[:, 1]
+            focus_t = torch.randint(args.place_focus_min_t, self.noise_scheduler.config.num_train_timesteps, (focus,),
+                                    generator=self.gen)
         drop = torch.rand(size, generator=self.gen) < args.cfg_dropout
+        drop[:focus] = False  # a --place-focus row is there for its caption
         pooled_drop = None
         if args.pooled_dropout:  # drawn only when asked, so runs without it keep their random stream
             pooled_drop = torch.rand(size, generator=self.gen) < args.pooled_dropout
@@ -1143,6 +1170,8 @@ class Trainer:
         eps = torch.randn(mean.shape, generator=self.gen)
         noise = torch.randn(mean.shape, generator=self.gen)
         t = torch.randint(self.noise_scheduler.config.num_train_timesteps, (size,), generator=self.gen)
+        if focus:
+            t[:focus] = focus_t
         masks = None if self.masks is None else self.masks[idx]
         for a, b, axis in blocks:
             dim, data = FLIP_DIMS[axis], self.mirror[axis]
@@ -2084,9 +2113,9 @@ def curve(argv) -> dict:
                "image's own caption on 32 single-object renders at timesteps 200 / 500 / 800 (1.000: the caption is "
                "ignored; `caption_use`); its cross-attention share, for a UNet that also pools the caption "
                "(--text-film): the loss with only cross-attention reading shuffled captions over the own loss (1.000: "
-               "cross-attention, the only path that can say where, is ignored). Word separation: how far the text encoder's hidden states move when one "
-               "word of the prompt changes (`word_separation`; near 0: the UNet cannot read that attribute). Place response: "
-               "at t = T - 1, the cosine and norm ratio of the UNet's x0 difference between two prompts that differ "
+               "cross-attention, the only path that can say where, is ignored). Word separation: how far the text "
+               "encoder's hidden states move when one word of the prompt changes (`word_separation`; near 0: the UNet "
+               "cannot read that attribute). Place response: at t = T - 1, the cosine and norm ratio of the UNet's x0 difference between two prompts that differ "
                "only in the place against the difference of their mean latents (`place_response`; 1 / 1: places like "
                "the data, 0 / 0: the place is ignored).\n\n"
                + "\n".join(md_table(

@@ -123,6 +123,10 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     (["--stf-reference", "1"], r"^--stf-reference must be 0 \(off\) or >= 2 \(the image and at least one other\), got 1$"),
     (["--stf-reference", "8", "--mirror-pairs", "0.5"], r"^--stf-reference and --mirror-pairs cannot be combined"),
     (["--stf-reference", "8", "--resolution", "64"], r"^--stf-reference reads the objects' 3x3 cells, which --resol"),
+    (["--place-focus", "1.5"], r"^--place-focus must be in \[0, 1\], got 1\.5$"),
+    (["--place-focus", "0.01", "--batch-size", "32"], r"^--place-focus 0\.01 gives no row of a batch of 32 \(needs share"),
+    (["--place-focus", "0.25", "--place-focus-min-t", "1000"], r"^--place-focus-min-t must be in 0\.\.999, got 1000$"),
+    (["--place-focus", "0.25", "--mirror-pairs", "0.5"], r"^--place-focus and --mirror-pairs both claim rows of the"),
     (["--stf-rendered", "8"], r"^--stf-rendered sets where --stf-reference's references come from; pass --stf-ref"),
     (["--stf-rendered", "-1", "--stf-reference", "8"], r"^--stf-rendered must be >= 0, got -1$"),
 ])
@@ -944,6 +948,30 @@ def test_stf_batches_draw_references_from_each_captions_set_and_skip_dropped_and
     assert plain.batch().refs is None
 
 
+def test_place_focus_batches_start_with_single_object_place_captions_at_noisy_timesteps(tiny_data):
+    args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--place-focus", "0.25",
+                                       "--place-focus-min-t", "950", "--cfg-dropout", "0.5", "--batch-size", "64"])
+    t = bare_trainer(args, torch.zeros(6, 4, 8, 8))
+    t.focus = torch.tensor([[1, 3], [4, 0], [4, 2]])  # (image, caption) pairs
+    for _ in range(3):
+        b = t.batch()
+        ids = b.ids[:16, 0]  # bare_trainer's caption k of image i is token 5 i + k; never dropped (-1)
+        assert set(ids.tolist()) <= {5 * 1 + 3, 5 * 4 + 0, 5 * 4 + 2}
+        assert (b.t[:16] >= 950).all() and (b.t[16:] < 950).any()
+        assert (b.ids[16:, 0] == -1).any()  # the other rows keep their caption dropout
+
+
+def test_place_focus_needs_single_object_place_captions(tiny_data, tmp_path):
+    data = train_diffusion.load_data(tiny_data)
+    for split in data["splits"].values():
+        for record in split:
+            record["captions"] = [c for c in record["captions"] if not train_diffusion.names_place(c.lower())] or ["a shape"]
+    bare = tmp_path / "no_place.pkl"
+    bare.write_bytes(pickle.dumps(data))
+    with pytest.raises(UserError, match=r"^--place-focus needs single-object training images with a caption that names"):
+        quick(bare, tmp_path / "o", tmp_path / "c", "--max-steps", "1", "--place-focus", "0.25")
+
+
 def test_stf_reference_trains_and_needs_the_shapes_worlds_objects(tiny_data, tmp_path):
     info = quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2", "--stf-reference", "4")
     log = json.loads((tmp_path / "o" / "training_log.json").read_text())
@@ -961,7 +989,7 @@ def test_stf_reference_trains_and_needs_the_shapes_worlds_objects(tiny_data, tmp
 
 def test_stf_rendered_trains_on_a_cached_rendered_pool(tiny_data, tmp_path):
     info = quick(tiny_data, tmp_path / "o", tmp_path / "c", "--max-steps", "2", "--stf-reference", "4",
-                 "--stf-rendered", "1")
+                 "--stf-rendered", "1", "--place-focus", "0.5")
     assert info["steps"] == 2
     cached, = (tmp_path / "c").glob("stf_rendered_1_*px.pt")
     pool = torch.load(cached, weights_only=False)
