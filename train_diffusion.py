@@ -1704,22 +1704,25 @@ def caption_use(pipe, prompts: list[dict], timesteps=(200, 500, 800), seed: int 
 
 
 PLACE_OBJECTS = (("circle", "red"), ("square", "blue"), ("triangle", "green"), ("star", "yellow"))
-PLACE_DIAGONALS = (((0, 0), (2, 2)), ((0, 2), (2, 0)))  # top left / bottom right, top right / bottom left
+# prompt pairs that differ only in the row word (top / bottom) or only in the column word (left / right)
+PLACE_PAIRS = {"row": (((0, 0), (2, 0)), ((0, 2), (2, 2))), "column": (((0, 0), (0, 2)), ((2, 0), (2, 2)))}
 
 
 @torch.no_grad()
 def place_response(pipe, n_noise: int = 16, n_renders: int = 64, seed: int = 0) -> dict:
     """Does the UNet put the object where the caption says, at the noisiest timestep (where the layout is set)?
 
-    For two prompts that differ only in the place ("a red circle in the top left" / "... in the bottom right";
-    PLACE_OBJECTS x PLACE_DIAGONALS, 8 pairs) it compares the difference of the UNet's x0 prediction at t = T - 1
-    from pure noise (the mean over n_noise draws, the same for both prompts) with the difference of the two prompts'
-    mean latents (n_renders renders each, `render_prompts`, size drawn, encoded by the pipeline's VAE): at SNR ~ 0 the
-    best x0 prediction is the prompt's mean latent, so a model that places like the data has cosine 1 and norm ratio
-    1, one that ignores the place ~0 and ~0. Probe from the README's "Place is learnable from a clean target".
+    For two prompts that differ only in the row word ("a red circle in the top left" / "... in the bottom left") or
+    only in the column word ("... top left" / "... top right"), PLACE_OBJECTS x PLACE_PAIRS (8 pairs per word), it
+    compares the difference of the UNet's x0 prediction at t = T - 1 from pure noise (the mean over n_noise draws,
+    the same for both prompts) with the difference of the two prompts' mean latents (n_renders renders each,
+    `render_prompts`, size drawn, encoded by the pipeline's VAE): at SNR ~ 0 the best x0 prediction is the prompt's
+    mean latent, so a model that places like the data has cosine 1 and norm ratio 1, one that ignores the word ~0
+    and ~0. Probe from the README's "Place is learnable from a clean target".
 
     Returns:
-        {"cosine", "norm_ratio"}: means over the 8 pairs; the cosine of a zero model difference counts as 0.
+        {"row": {"cosine", "norm_ratio"}, "column": {...}}: means over each word's 8 pairs; the cosine of a zero model
+        difference counts as 0.
     """
     from diffusers import DDPMScheduler
 
@@ -1732,9 +1735,10 @@ def place_response(pipe, n_noise: int = 16, n_renders: int = 64, seed: int = 0) 
     noise = torch.randn(n_noise, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
                         generator=torch.Generator().manual_seed(seed)).to(device)
 
-    def predicted_x0(text: str) -> torch.Tensor:
-        hidden = pipe.text_encoder(tokenize(pipe.tokenizer, [text]).to(device))[0].expand(n_noise, -1, -1)
-        out = unet(noise, torch.full((n_noise,), t, device=device), hidden).sample.float()
+    def predicted_x0(prompt: dict) -> torch.Tensor:
+        ids = tokenize(pipe.tokenizer, [prompt_text(prompt)]).to(device)
+        out = unet(noise, torch.full((n_noise,), t, device=device),
+                   pipe.text_encoder(ids)[0].expand(n_noise, -1, -1)).sample.float()
         if pipe.scheduler.config.prediction_type == "v_prediction":
             return (alpha ** 0.5 * noise - (1 - alpha) ** 0.5 * out).mean(0)
         return ((noise - (1 - alpha) ** 0.5 * out) / alpha ** 0.5).mean(0)
@@ -1743,16 +1747,19 @@ def place_response(pipe, n_noise: int = 16, n_renders: int = 64, seed: int = 0) 
         x = to_unit(torch.from_numpy(render_prompts([prompt] * n_renders, size=size)).permute(0, 3, 1, 2), device)
         return (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).float().mean(0)
 
-    cosines, ratios = [], []
-    for shape, color in PLACE_OBJECTS:
-        for cells in PLACE_DIAGONALS:
-            prompts = [{"objects": [{"shape": shape, "color": color, "size": None, "cell": list(cell)}],
-                        "relation": None} for cell in cells]
-            model = predicted_x0(prompt_text(prompts[0])) - predicted_x0(prompt_text(prompts[1]))
-            data = mean_latent(prompts[0]) - mean_latent(prompts[1])
-            cosines.append(float(F.cosine_similarity(model.flatten(), data.flatten(), 0, eps=1e-12)))
-            ratios.append(float(model.norm() / data.norm()))
-    return {"cosine": round(float(np.mean(cosines)), 4), "norm_ratio": round(float(np.mean(ratios)), 4)}
+    out = {}
+    for word, pairs in PLACE_PAIRS.items():
+        cosines, ratios = [], []
+        for shape, color in PLACE_OBJECTS:
+            for cells in pairs:
+                a, b = ({"objects": [{"shape": shape, "color": color, "size": None, "cell": list(cell)}],
+                         "relation": None} for cell in cells)
+                model = predicted_x0(a) - predicted_x0(b)
+                data = mean_latent(a) - mean_latent(b)
+                cosines.append(float(F.cosine_similarity(model.flatten(), data.flatten(), 0, eps=1e-12)))
+                ratios.append(float(model.norm() / data.norm()))
+        out[word] = {"cosine": round(float(np.mean(cosines)), 4), "norm_ratio": round(float(np.mean(ratios)), 4)}
+    return out
 
 
 def train_designs(args: argparse.Namespace, ckpt_root: Path) -> None:
@@ -2089,8 +2096,8 @@ def curve(argv) -> dict:
               f"{p['single']['color']:.3f}, position {p['single']['position']:.3f}; caption use (shuffled / own "
               f"loss at t=500) {p['caption_use']['t500']['ratio']:.3f}{xattn_note(p)}; text encoder word separation "
               + ", ".join(f"{k} {v:.3f}" for k, v in p["word_separation"].items())
-              + f"; place response cosine {p['place_response']['cosine']:.3f}, norm ratio "
-                f"{p['place_response']['norm_ratio']:.3f}")
+              + "; place response (cosine / norm ratio) " + ", ".join(
+                  f"{word} {r['cosine']:.3f} / {r['norm_ratio']:.3f}" for word, r in p["place_response"].items()))
     name = args.ckpt_dir.name
     metrics = {"ckpt_dir": str(args.ckpt_dir), "n_prompts": args.n_prompts, "oracle_sha256_12": fp,
                "designs": {name: {"curve": points}}}
@@ -2106,7 +2113,8 @@ def curve(argv) -> dict:
              " / ".join(f"{p['caption_use'][t]['xattn_ratio']:.3f}" if "xattn_ratio" in p["caption_use"][t] else "–"
                         for t in ("t200", "t500", "t800")),
              " / ".join(f"{p['word_separation'][k]:.3f}" for k in ("position", "color", "shape")),
-             f"{p['place_response']['cosine']:.3f} / {p['place_response']['norm_ratio']:.3f}"] for p in points]
+             ", ".join(f"{r['cosine']:.3f} / {r['norm_ratio']:.3f}" for r in p["place_response"].values())]
+            for p in points]
     write_text(run.dir / "results.md", f"# Learning curve of {args.ckpt_dir}\n\nOracle all-correct on "
                f"{args.n_prompts} single- and {args.n_prompts} two-object prompts (DPM-Solver++ 20 steps, CFG 5, "
                "95% bootstrap CI). Caption use: the UNet's loss with shuffled captions over its loss with each "
@@ -2115,13 +2123,15 @@ def curve(argv) -> dict:
                "(--text-film): the loss with only cross-attention reading shuffled captions over the own loss (1.000: "
                "cross-attention, the only path that can say where, is ignored). Word separation: how far the text "
                "encoder's hidden states move when one word of the prompt changes (`word_separation`; near 0: the UNet "
-               "cannot read that attribute). Place response: at t = T - 1, the cosine and norm ratio of the UNet's x0 difference between two prompts that differ "
-               "only in the place against the difference of their mean latents (`place_response`; 1 / 1: places like "
-               "the data, 0 / 0: the place is ignored).\n\n"
+               "cannot read that attribute). Place response: at t = T - 1, the cosine and norm ratio of the UNet's "
+               "x0 difference between two prompts that differ only in the row (resp. column) word against the "
+               "difference of their mean latents (`place_response`; 1 / 1: places like the data, 0 / 0: the word is "
+               "ignored).\n\n"
                + "\n".join(md_table(
                    ["CPU-min", "step", "single all-correct", "two all-correct", "single shape / colour / position",
                     "caption use t200 / t500 / t800", "cross-attention use t200 / t500 / t800",
-                    "word separation position / colour / shape", "place response cosine / norm ratio"], rows)) + "\n")
+                    "word separation position / colour / shape",
+                    "place response row, column (cosine / norm ratio)"], rows)) + "\n")
     run.finish(metrics)
     return metrics
 

@@ -516,8 +516,10 @@ def test_curve_scores_every_snapshot_in_cpu_order_and_caches_each(tiny_data, tmp
              if k not in ("caption_use", "place_response")}
     caches[1].write_text(json.dumps({**older, "two": {**older["two"], "all": 0.5, "all_ci": [0.4, 0.6]}}))
     assert all(set(p["caption_use"]) == {"t200", "t500", "t800"} for p in points)
-    assert all(-1 <= p["place_response"]["cosine"] <= 1 and p["place_response"]["norm_ratio"] >= 0 for p in points)
-    assert "| caption use t200 / t500 / t800 |" in table and "| place response cosine / norm ratio |" in table
+    assert all(set(p["place_response"]) == {"row", "column"} for p in points)
+    assert all(-1 <= r["cosine"] <= 1 and r["norm_ratio"] >= 0 for p in points for r in p["place_response"].values())
+    assert "| caption use t200 / t500 / t800 |" in table
+    assert "| place response row, column (cosine / norm ratio) |" in table
     again = train_diffusion.main(argv)["designs"]["c"]["curve"][0]
     assert again["single"]["all"] == 0.5 and again["caption_use"] == points[0]["caption_use"]  # read from the cache
     topped_up = json.loads(caches[1].read_text())  # the older cache kept its scores and got the new measurements
@@ -563,8 +565,8 @@ def test_caption_use_is_exactly_one_when_the_unet_cannot_read_the_caption(quick_
 
 def test_place_response_follows_where_a_unet_draws_the_named_place():
     """Stub UNets that draw one grey-background render of the caption's object (no jitter, large) in the named
-    cell, in the mirrored cell, or always in the centre: the probe's cosine and norm ratio against the data's mean
-    latents are then high, negative, and exactly 0."""
+    cell, in the other row, always in the centre, or in the named row's middle cell: the probe's cosine and norm
+    ratio against the data's mean latents are high, negated for the row, 0 for both words, 0 for the column."""
     from types import SimpleNamespace
 
     from diffusers import StableDiffusionPipeline
@@ -595,13 +597,15 @@ def test_place_response_follows_where_a_unet_draws_the_named_place():
 
     pipe.text_encoder = Ids()
     found = {}
-    for name, cell_of in (("named", lambda c: c), ("mirrored", lambda c: [2 - c[0], 2 - c[1]]),
-                          ("centre", lambda c: [1, 1])):
+    for name, cell_of in (("named", lambda c: c), ("rows flipped", lambda c: [2 - c[0], c[1]]),
+                          ("centre", lambda c: [1, 1]), ("middle column", lambda c: [c[0], 1])):
         pipe.unet = Draws(cell_of)
         found[name] = train_diffusion.place_response(pipe, n_noise=2, n_renders=16)
-    assert found["named"]["cosine"] > 0.7 and 0.5 < found["named"]["norm_ratio"] < 2
-    assert found["mirrored"]["cosine"] < -0.7 and found["mirrored"]["norm_ratio"] == found["named"]["norm_ratio"]
-    assert found["centre"] == {"cosine": 0.0, "norm_ratio": 0.0}
+    named, flipped = found["named"], found["rows flipped"]
+    assert all(named[w]["cosine"] > 0.7 and 0.5 < named[w]["norm_ratio"] < 2 for w in ("row", "column"))
+    assert flipped["row"] == {"cosine": -named["row"]["cosine"], "norm_ratio": named["row"]["norm_ratio"]}
+    assert found["centre"] == {w: {"cosine": 0.0, "norm_ratio": 0.0} for w in ("row", "column")}
+    assert found["middle column"]["column"] == {"cosine": 0.0, "norm_ratio": 0.0}  # the column word moves nothing
 
 
 def test_word_separation_is_zero_for_an_encoder_that_ignores_words_and_matches_the_documented_numbers():
@@ -965,10 +969,11 @@ def test_place_focus_needs_single_object_place_captions(tiny_data, tmp_path):
     data = train_diffusion.load_data(tiny_data)
     for split in data["splits"].values():
         for record in split:
-            record["captions"] = [c for c in record["captions"] if not train_diffusion.names_place(c.lower())] or ["a shape"]
+            kept = [c for c in record["captions"] if not train_diffusion.names_place(c.lower())]
+            record["captions"] = kept or ["a shape"]
     bare = tmp_path / "no_place.pkl"
     bare.write_bytes(pickle.dumps(data))
-    with pytest.raises(UserError, match=r"^--place-focus needs single-object training images with a caption that names"):
+    with pytest.raises(UserError, match=r"^--place-focus needs single-object training images with a caption that"):
         quick(bare, tmp_path / "o", tmp_path / "c", "--max-steps", "1", "--place-focus", "0.25")
 
 
