@@ -231,8 +231,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--place-focus", type=float, default=0.0,
                        help="share, 0..1, of each batch given to single-object images read with a caption that names "
                             "the place (names_place), at timesteps --place-focus-min-t..T-1, where the layout is set: "
-                            "rows that can teach where, which a uniform batch holds too few of to move place "
-                            "(0: off)")
+                            "rows that can teach where, which a uniform batch holds too few of to move place (from "
+                            "ft4: 0.5 placed within 20 CPU-minutes, 0.25 with STF targets did not; README; 0: off)")
     train.add_argument("--place-focus-min-t", type=int, default=900,
                        help="lowest timestep of the --place-focus rows (0..999)")
     train.add_argument("--pooled-dropout", type=float, default=0.0,
