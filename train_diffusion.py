@@ -1726,38 +1726,33 @@ def place_response(pipe, n_noise: int = 16, n_renders: int = 64, seed: int = 0) 
     """
     from diffusers import DDPMScheduler
 
+    from distill import x0_and_eps
     from generate_data import prompt_text, render_prompts
 
     device, unet = pipe.unet.device, pipe.unet
-    alpha = float(DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod[-1])
+    alpha = DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod[-1].to(device)
     t = pipe.scheduler.config.num_train_timesteps - 1
     size = pipe.vae_scale_factor * unet.config.sample_size  # the pipeline's image side
     noise = torch.randn(n_noise, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size,
                         generator=torch.Generator().manual_seed(seed)).to(device)
-
-    def predicted_x0(prompt: dict) -> torch.Tensor:
-        ids = tokenize(pipe.tokenizer, [prompt_text(prompt)]).to(device)
-        out = unet(noise, torch.full((n_noise,), t, device=device),
-                   pipe.text_encoder(ids)[0].expand(n_noise, -1, -1)).sample.float()
-        if pipe.scheduler.config.prediction_type == "v_prediction":
-            return (alpha ** 0.5 * noise - (1 - alpha) ** 0.5 * out).mean(0)
-        return ((noise - (1 - alpha) ** 0.5 * out) / alpha ** 0.5).mean(0)
-
-    def mean_latent(prompt: dict) -> torch.Tensor:
-        x = to_unit(torch.from_numpy(render_prompts([prompt] * n_renders, size=size)).permute(0, 3, 1, 2), device)
-        return (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).float().mean(0)
-
+    model, data = {}, {}  # per prompt (in one row and one column pair): mean predicted x0, mean latent
+    for shape, color in PLACE_OBJECTS:
+        for cell in {cell for pairs in PLACE_PAIRS.values() for pair in pairs for cell in pair}:
+            prompt = {"objects": [{"shape": shape, "color": color, "size": None, "cell": list(cell)}], "relation": None}
+            ids = tokenize(pipe.tokenizer, [prompt_text(prompt)]).to(device)
+            out = unet(noise, torch.full((n_noise,), t, device=device),
+                       pipe.text_encoder(ids)[0].expand(n_noise, -1, -1)).sample.float()
+            model[shape, cell] = x0_and_eps(out, noise, alpha, pipe.scheduler.config.prediction_type)[0].mean(0)
+            x = to_unit(torch.from_numpy(render_prompts([prompt] * n_renders, size=size)).permute(0, 3, 1, 2), device)
+            data[shape, cell] = (pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor).float().mean(0)
     out = {}
     for word, pairs in PLACE_PAIRS.items():
         cosines, ratios = [], []
-        for shape, color in PLACE_OBJECTS:
-            for cells in pairs:
-                a, b = ({"objects": [{"shape": shape, "color": color, "size": None, "cell": list(cell)}],
-                         "relation": None} for cell in cells)
-                model = predicted_x0(a) - predicted_x0(b)
-                data = mean_latent(a) - mean_latent(b)
-                cosines.append(float(F.cosine_similarity(model.flatten(), data.flatten(), 0, eps=1e-12)))
-                ratios.append(float(model.norm() / data.norm()))
+        for shape, _ in PLACE_OBJECTS:
+            for a, b in pairs:
+                moved, wanted = model[shape, a] - model[shape, b], data[shape, a] - data[shape, b]
+                cosines.append(float(F.cosine_similarity(moved.flatten(), wanted.flatten(), 0, eps=1e-12)))
+                ratios.append(float(moved.norm() / wanted.norm()))
         out[word] = {"cosine": round(float(np.mean(cosines)), 4), "norm_ratio": round(float(np.mean(ratios)), 4)}
     return out
 
