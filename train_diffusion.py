@@ -235,6 +235,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "ft4: 0.5 placed within 20 CPU-minutes, 0.25 with STF targets did not; README; 0: off)")
     train.add_argument("--place-focus-min-t", type=int, default=900,
                        help="lowest timestep of the --place-focus rows (0..999)")
+    train.add_argument("--place-focus-after", default="", metavar="MINUTES:SHARE",
+                       help="from MINUTES CPU-minutes of this run on, --place-focus's share becomes SHARE (0..1): "
+                            "a high share until place is in, a low one to win shape back (README: 0.5 then 0.15 "
+                            "after 20 minutes; empty: the share stays)")
     train.add_argument("--pooled-dropout", type=float, default=0.0,
                        help="with --text-film: probability, 0..1, that a training sample's pooled caption (the "
                             "attention-pooled path added to the timestep embedding) reads the empty caption while "
@@ -346,6 +350,7 @@ def check_args(args: argparse.Namespace) -> None:
     check(not args.place_focus or round(args.place_focus * args.batch_size) >= 1,
           f"--place-focus {args.place_focus} gives no row of a batch of {args.batch_size} (needs share x batch >= 0.5)")
     check(0 <= args.place_focus_min_t <= 999, f"--place-focus-min-t must be in 0..999, got {args.place_focus_min_t}")
+    args.place_focus_switch = _focus_switch(args)
     check(not (args.place_focus and args.mirror_pairs),
           "--place-focus and --mirror-pairs both claim rows of the batch; drop one")
     check(0 <= args.pooled_dropout <= 1, f"--pooled-dropout must be in [0, 1], got {args.pooled_dropout}")
@@ -380,6 +385,25 @@ def check_args(args: argparse.Namespace) -> None:
           f"--attn-levels {args.attn_levels} must be below the {len(args.unet_widths)} UNet levels")
     args.snapshot_marks = _marks(args.snapshot_cpu_minutes, "--snapshot-cpu-minutes")
     args.ckpt_dir = args.ckpt_dir or CHECKPOINTS / args.out.name
+
+
+def _focus_switch(args) -> tuple[float, float] | None:
+    """--place-focus-after MINUTES:SHARE as (minutes, share), or None when empty; the share must give a batch row or
+    be 0 (the focus ends)."""
+    if not args.place_focus_after:
+        return None
+    check(args.place_focus > 0, "--place-focus-after changes --place-focus's share; pass --place-focus F too")
+    parts = args.place_focus_after.split(":")
+    try:
+        minutes, share = map(float, parts)  # ValueError on a non-number or on other than two parts
+    except ValueError:
+        raise UserError("--place-focus-after must be MINUTES:SHARE (e.g. 20:0.15), "
+                        f"got {args.place_focus_after!r}") from None
+    check(minutes > 0 and 0 <= share <= 1,
+          f"--place-focus-after needs MINUTES > 0 and SHARE in [0, 1], got {args.place_focus_after!r}")
+    check(share == 0 or round(share * args.batch_size) >= 1,
+          f"--place-focus-after share {share:g} gives no row of a batch of {args.batch_size} (use 0 to end the focus)")
+    return minutes, share
 
 
 def _marks(minutes: list[float], flag: str) -> tuple[float, ...]:
@@ -1154,9 +1178,9 @@ class Trainer:
             weights = torch.where(places.any(1, keepdim=True), places.float(), torch.ones_like(places, dtype=torch.float))
             prefer = torch.rand(size, generator=self.gen) < args.place_captions
             which = torch.where(prefer, torch.multinomial(weights, 1, generator=self.gen)[:, 0], which)
-        focus = 0
-        if args.place_focus:  # the first rows: single-object place captions at noisy timesteps (drawn only when asked)
-            focus = round(args.place_focus * size)
+        share = self.place_focus_share()
+        focus = round(share * size)
+        if focus:  # the first rows: single-object place captions at noisy timesteps (drawn only when asked)
             pick = self.focus[torch.randint(len(self.focus), (focus,), generator=self.gen)]
             idx[:focus], which[:focus] = pick[:, 0], pick[:, 1]
             focus_t = torch.randint(args.place_focus_min_t, self.noise_scheduler.config.num_train_timesteps, (focus,),
@@ -1250,6 +1274,13 @@ class Trainer:
         self.ema_text.step(self.text_encoder.parameters())
         self.step += 1
         return float(loss.detach())
+
+    def place_focus_share(self) -> float:
+        """--place-focus's share of the batch at this point of the run (--place-focus-after switches it)."""
+        switch = self.args.place_focus_switch
+        if switch and self.cpu_seconds >= 60 * switch[0]:
+            return switch[1]
+        return self.args.place_focus
 
     def cpu_budget_left(self) -> bool:
         return not self.args.cpu_minutes or self.cpu_seconds < 60 * self.args.cpu_minutes
