@@ -235,10 +235,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                             "ft4: 0.5 placed within 20 CPU-minutes, 0.25 with STF targets did not; README; 0: off)")
     train.add_argument("--place-focus-min-t", type=int, default=900,
                        help="lowest timestep of the --place-focus rows (0..999)")
-    train.add_argument("--place-focus-after", default="", metavar="MINUTES:SHARE",
-                       help="from MINUTES CPU-minutes of this run on, --place-focus's share becomes SHARE (0..1): "
-                            "a high share until place is in, a low one to win shape back (README: 0.5 then 0.15 "
-                            "after 20 minutes; empty: the share stays)")
+    train.add_argument("--place-focus-after", default="", metavar="STEPS:SHARE",
+                       help="from UNet step STEPS of this run on, --place-focus's share becomes SHARE (0..1): a high "
+                            "share until place is in, a low one to win shape back (README: 0.5, then 0.15 from step "
+                            "1000; empty: the share stays)")
     train.add_argument("--pooled-dropout", type=float, default=0.0,
                        help="with --text-film: probability, 0..1, that a training sample's pooled caption (the "
                             "attention-pooled path added to the timestep embedding) reads the empty caption while "
@@ -387,23 +387,24 @@ def check_args(args: argparse.Namespace) -> None:
     args.ckpt_dir = args.ckpt_dir or CHECKPOINTS / args.out.name
 
 
-def _focus_switch(args) -> tuple[float, float] | None:
-    """--place-focus-after MINUTES:SHARE as (minutes, share), or None when empty; the share must give a batch row or
-    be 0 (the focus ends)."""
+def _focus_switch(args) -> tuple[int, float] | None:
+    """--place-focus-after STEPS:SHARE as (steps, share), or None when empty; the share must give a batch row or be
+    0 (the focus ends)."""
     if not args.place_focus_after:
         return None
     check(args.place_focus > 0, "--place-focus-after changes --place-focus's share; pass --place-focus F too")
     parts = args.place_focus_after.split(":")
     try:
-        minutes, share = map(float, parts)  # ValueError on a non-number or on other than two parts
+        steps, share = parts  # ValueError unless exactly two parts, and unless both are numbers below
+        steps, share = int(steps), float(share)
     except ValueError:
-        raise UserError("--place-focus-after must be MINUTES:SHARE (e.g. 20:0.15), "
+        raise UserError("--place-focus-after must be STEPS:SHARE (e.g. 1000:0.15), "
                         f"got {args.place_focus_after!r}") from None
-    check(minutes > 0 and 0 <= share <= 1,
-          f"--place-focus-after needs MINUTES > 0 and SHARE in [0, 1], got {args.place_focus_after!r}")
+    check(steps > 0 and 0 <= share <= 1,
+          f"--place-focus-after needs STEPS > 0 and SHARE in [0, 1], got {args.place_focus_after!r}")
     check(share == 0 or round(share * args.batch_size) >= 1,
           f"--place-focus-after share {share:g} gives no row of a batch of {args.batch_size} (use 0 to end the focus)")
-    return minutes, share
+    return steps, share
 
 
 def _marks(minutes: list[float], flag: str) -> tuple[float, ...]:
@@ -1278,7 +1279,7 @@ class Trainer:
     def place_focus_share(self) -> float:
         """--place-focus's share of the batch at this point of the run (--place-focus-after switches it)."""
         switch = self.args.place_focus_switch
-        if switch and self.cpu_seconds >= 60 * switch[0]:
+        if switch and self.step >= switch[0]:
             return switch[1]
         return self.args.place_focus
 

@@ -127,12 +127,12 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     (["--place-focus", "0.01", "--batch-size", "32"], r"^--place-focus 0\.01 gives no row of a batch of 32 \(needs share"),
     (["--place-focus", "0.25", "--place-focus-min-t", "1000"], r"^--place-focus-min-t must be in 0\.\.999, got 1000$"),
     (["--place-focus", "0.25", "--mirror-pairs", "0.5"], r"^--place-focus and --mirror-pairs both claim rows of the"),
-    (["--place-focus-after", "20:0.15"], r"^--place-focus-after changes --place-focus's share; pass --place-focus F"),
-    (["--place-focus", "0.5", "--place-focus-after", "20"], r"^--place-focus-after must be MINUTES:SHARE \(e\.g\."),
-    (["--place-focus", "0.5", "--place-focus-after", "a:0.1"], r"^--place-focus-after must be MINUTES:SHARE"),
-    (["--place-focus", "0.5", "--place-focus-after", "20:0.1:3"], r"^--place-focus-after must be MINUTES:SHARE"),
-    (["--place-focus", "0.5", "--place-focus-after", "0:0.1"], r"^--place-focus-after needs MINUTES > 0 and SHARE in"),
-    (["--place-focus", "0.5", "--place-focus-after", "20:1.5"], r"^--place-focus-after needs MINUTES > 0 and SHARE in"),
+    (["--place-focus-after", "1000:0.15"], r"^--place-focus-after changes --place-focus's share; pass --place-focus F"),
+    (["--place-focus", "0.5", "--place-focus-after", "1000"], r"^--place-focus-after must be STEPS:SHARE \(e\.g\."),
+    (["--place-focus", "0.5", "--place-focus-after", "2.5:0.1"], r"^--place-focus-after must be STEPS:SHARE"),
+    (["--place-focus", "0.5", "--place-focus-after", "20:0.1:3"], r"^--place-focus-after must be STEPS:SHARE"),
+    (["--place-focus", "0.5", "--place-focus-after", "0:0.1"], r"^--place-focus-after needs STEPS > 0 and SHARE in"),
+    (["--place-focus", "0.5", "--place-focus-after", "20:1.5"], r"^--place-focus-after needs STEPS > 0 and SHARE in"),
     (["--place-focus", "0.5", "--place-focus-after", "20:0.01", "--batch-size", "32"],
      r"^--place-focus-after share 0\.01 gives no row of a batch of 32 \(use 0 to end the focus\)$"),
     (["--stf-rendered", "8"], r"^--stf-rendered sets where --stf-reference's references come from; pass --stf-ref"),
@@ -973,18 +973,17 @@ def test_place_focus_batches_start_with_single_object_place_captions_at_noisy_ti
         assert (b.ids[16:, 0] == -1).any()  # the other rows keep their caption dropout
 
 
-def test_place_focus_after_switches_the_share_at_its_cpu_minute(tiny_data):
+def test_place_focus_after_switches_the_share_at_its_step(tiny_data):
     args = train_diffusion.parse_args(["--quick", "--data", str(tiny_data), "--place-focus", "0.5",
-                                       "--place-focus-after", "20:0.125", "--batch-size", "64"])
+                                       "--place-focus-after", "1000:0.125", "--batch-size", "64"])
     t = bare_trainer(args, torch.zeros(6, 4, 8, 8))
     t.focus = torch.tensor([[1, 3]])  # one (image, caption) pair: caption token 5 * 1 + 3 = 8
-    for cpu_minutes, rows in ((0, 32), (19.9, 32), (20, 8), (45, 8)):
-        t.cpu_seconds = 60 * cpu_minutes
+    for step, rows in ((0, 32), (999, 32), (1000, 8), (2500, 8)):
+        t.step = step
         b = t.batch()
         assert (b.ids[:rows, 0] == 8).all() and (b.t[:rows] >= 900).all()
         assert (b.ids[rows:, 0] != 8).any() or (b.t[rows:] < 900).any()  # the rows after the focus are drawn freely
-    args.place_focus_switch = (20, 0.0)  # a share of 0 ends the focus
-    t.cpu_seconds = 60 * 30
+    args.place_focus_switch = (1000, 0.0)  # a share of 0 ends the focus
     assert t.place_focus_share() == 0 and (t.batch().t < 900).any()
 
 
