@@ -1265,7 +1265,7 @@ small/large, "in the top left" ... "in the center", "to the left of" / "to the r
 ## Data
 {info['n_images']} images of split `{a['split']}` from {data} (each with 5 captions; one drawn per step,
 {a['cfg_dropout']:.0%} replaced by the empty caption for classifier-free guidance). No flips or other
-augmentation that would change left/right/top/bottom.
+augmentation that would change left/right/top/bottom.{_caption_draw_text(a)}
 
 ## Architecture ({sum(p.values()) / 1e6:.2f} M parameters, stored in fp16)
 | part | details | parameters |
@@ -1308,6 +1308,23 @@ def _warm_start_text(ws: dict | None) -> str:
         return ""
     return (f", warm-started from `{ws['from']}`'s UNet (its {ws['steps']:,} steps, {ws['cpu_seconds'] / 3600:.2f} "
             f"CPU-hours, before these; a fresh optimiser)")
+
+
+def _caption_draw_text(a: dict) -> str:
+    """The card's words for train_diffusion's --place-captions, --place-focus and --place-focus-after (a run's
+    config; empty when none was set)."""
+    parts = []
+    if a.get("place_captions"):
+        parts.append(f"with probability {a['place_captions']:g} the caption drawn is one that names a place, where the "
+                     "image has one")
+    if a.get("place_focus"):
+        share = f"{a['place_focus']:.0%}"
+        if a.get("place_focus_after"):
+            steps, after = a["place_focus_after"].split(":")
+            share += f" ({float(after):.0%} from this run's step {int(steps):,} on)"
+        parts.append(f"the first {share} of every batch are single-object images read with a caption that names "
+                     f"their place, at timesteps {a['place_focus_min_t']}..999 and never dropped (`--place-focus`)")
+    return (" In this run " + "; ".join(parts) + ".") if parts else ""
 
 
 def _object_weight_text(a: dict) -> str:
