@@ -62,6 +62,10 @@ MIN_SIZE = 100  # database sizes must be at least this (IVF needs training point
 BF16_FLAGS = {"amx_bf16", "avx512_bf16"}  # /proc/cpuinfo flags of CPU units that compute bf16 matmuls natively
 PEAK_MATMUL_N = 2048  # (n, n) @ (n, n) fp32: 17 GFLOP a call, compute-bound on any CPU
 PEAK_CONV = (16, 128, 32)  # batch, channels (in = out), height = width of a 3x3 fp32 conv2d: 4.8 GFLOP a call
+# Where the CPU has no bf16 unit (no BF16_FLAGS) torch emulates bf16 kernels at ~0.3-2 GFLOP/s (an AMD EPYC, 2026-12-06):
+# the ops above would take ~60 s a call there, so the bf16 peak is timed on ops this many times smaller per side
+# (matmul n / 4: 64x fewer FLOPs; conv batch / 4 and side / 2: 16x fewer), which emulation runs as fast per FLOP.
+PEAK_BF16_EMULATED_SHRINK = 4
 QUICK = {"n_images": 2, "batch_size": 2, "min_seconds": 0.2, "compile": False, "fidelity_images": 0,
          "sizes": "10000,100000", "queries": 200,
          "naive_queries": 300, "hnsw_max_n": 10000, "sd21_images": 2, "sd21_steps": 2, "sd21_batch": 2,
@@ -599,9 +603,11 @@ def unet_evals_per_image(unet, generate_one: Callable[[], Any]) -> int:
     return sum(seen)
 
 
-def peak_flops(args: argparse.Namespace) -> dict:
+def peak_flops(args: argparse.Namespace, native_bf16: bool = True) -> dict:
     """This machine's matmul and conv2d FLOP/s in fp32 and in bf16: one large op of each, timed (warm-up, repeats,
-    min, median). bf16 is the precision of the `bf16_autocast` configurations (AMX / AVX512-BF16 where present).
+    min, median). bf16 is the precision of the `bf16_autocast` configurations (AMX / AVX512-BF16 where present);
+    without such a unit (`native_bf16` False: hardware_info's cpu_bf16_units is empty) the bf16 ops are
+    PEAK_BF16_EMULATED_SHRINK times smaller per side, so that timing the emulated kernels takes seconds, not minutes.
 
     Returns:
         {"matmul", "conv2d", "matmul_bf16", "conv2d_bf16": {...}, "peak_flops_per_s": the faster fp32 kernel's FLOPs
@@ -616,12 +622,15 @@ def peak_flops(args: argparse.Namespace) -> dict:
     a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     batch, ch, hw = PEAK_CONV
     x, w = torch.randn(batch, ch, hw, hw, generator=gen), torch.randn(ch, ch, 3, 3, generator=gen)
-    a16, b16, x16, w16 = (t.to(torch.bfloat16) for t in (a, b, x, w))
+    k = 1 if native_bf16 else PEAK_BF16_EMULATED_SHRINK
+    n16, batch16, hw16 = n // k, batch // k, hw // max(1, k // 2)
+    a16, b16 = (t[:n16, :n16].to(torch.bfloat16) for t in (a, b))
+    x16, w16 = x[:batch16, :, :hw16, :hw16].to(torch.bfloat16), w.to(torch.bfloat16)
     kernels = {"matmul": (f"({n}, {n}) @ ({n}, {n})", "float32", lambda: torch.mm(a, b)),
                "conv2d": (f"({batch}, {ch}, {hw}, {hw}) * ({ch}, {ch}, 3, 3), padding 1", "float32",
                           lambda: F.conv2d(x, w, padding=1)),
-               "matmul_bf16": (f"({n}, {n}) @ ({n}, {n})", "bfloat16", lambda: torch.mm(a16, b16)),
-               "conv2d_bf16": (f"({batch}, {ch}, {hw}, {hw}) * ({ch}, {ch}, 3, 3), padding 1", "bfloat16",
+               "matmul_bf16": (f"({n16}, {n16}) @ ({n16}, {n16})", "bfloat16", lambda: torch.mm(a16, b16)),
+               "conv2d_bf16": (f"({batch16}, {ch}, {hw16}, {hw16}) * ({ch}, {ch}, 3, 3), padding 1", "bfloat16",
                                lambda: F.conv2d(x16, w16, padding=1))}
     out: dict = {"torch_threads": torch.get_num_threads()}
     with torch.inference_mode():
@@ -640,20 +649,21 @@ def precision_of(row: dict) -> str:
     return "bf16" if "bf16_autocast" in row.get("optimisations", []) else "fp32"
 
 
-def bench_limit(args: argparse.Namespace, generation: dict) -> dict:
+def bench_limit(args: argparse.Namespace, generation: dict, native_bf16: bool = True) -> dict:
     """Achieved UNet FLOP/s of each generation configuration as a fraction of the measured peak of its precision
     (`precision_of`: the bf16 peak for bf16_autocast configurations, else the fp32 peak).
 
     Args:
         args: parsed arguments (--repeats, --min-seconds, --seed).
         generation: bench_generation's result (its rows' images/s and UNet evaluations per image).
+        native_bf16: whether the CPU has a bf16 unit (peak_flops times smaller bf16 ops without one).
 
     Returns:
         {"peak": peak_flops(...), "unet_flops_per_eval", "configs": one row per configuration with
         "flops_per_image", "achieved_flops_per_s", "precision", "fraction_of_peak"; "plain" and "ours": the plain
         path's and the best configuration's fraction}.
     """
-    peak = peak_flops(args)
+    peak = peak_flops(args, native_bf16)
     per_eval = generation["unet_flops_per_eval"]
     rows = []
     for r in generation["configs"]:
@@ -1246,7 +1256,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         with run.step("generation"):
             metrics["generation"] = bench_generation(args, run.dir)
         with run.step("limit"):
-            metrics["limit"] = bench_limit(args, metrics["generation"])
+            metrics["limit"] = bench_limit(args, metrics["generation"],
+                                           native_bf16=bool(hardware["cpu_bf16_units"]))
 
     # 3. the SD 2.1 architecture (GPU; tiny scale on CPU)
     if "sd21" in args.only:

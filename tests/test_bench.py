@@ -1,6 +1,7 @@
 """bench.py: a --quick run's metrics (ratios from measured times, FAISS equal to the loop, the share of peak
 FLOP/s), FLOPs counted by hand, recall on replicated embeddings, top-k ties, bad inputs."""
 
+import argparse
 import json
 import math
 import subprocess
@@ -118,6 +119,21 @@ def test_quick_run_writes_files_and_hardware(quick_run):
     for name, value in EXPECTED_RATIOS.items():
         assert f"| {name} | {value:.2f} |" in results
     assert "**contended**" in results
+
+
+@pytest.mark.parametrize("native, matmul, conv", [(True, "(2048, 2048) @ (2048, 2048)", "(16, 128, 32, 32)"),
+                                                  (False, "(512, 512) @ (512, 512)", "(4, 128, 16, 16)")])
+def test_emulated_bf16_peak_is_timed_on_smaller_ops(monkeypatch, native, matmul, conv):
+    """Without a bf16 unit the emulated bf16 kernels run at ~0.3-2 GFLOP/s: the 17-GFLOP matmul took ~60 s a call
+    and made `bench --quick` 364 s instead of ~60 (AMD EPYC, 2026-12-06); fp32 ops keep their size either way."""
+    ran = []
+    monkeypatch.setattr(bench, "timed", lambda fn, args, **kw: (ran.append(fn) or {"min_s": 1.0, "median_s": 1.0,
+                                                                                      "runs": 1, "warmup_s": 0.0}, None))
+    monkeypatch.setattr(bench, "count_flops", lambda fn: 1.0)  # FLOP counting runs the op; not needed here
+    peak = bench.peak_flops(argparse.Namespace(seed=0), native_bf16=native)
+    assert peak["matmul"]["shape"] == "(2048, 2048) @ (2048, 2048)" and peak["conv2d"]["shape"].startswith("(16, 128, 32")
+    assert peak["matmul_bf16"]["shape"] == matmul and peak["conv2d_bf16"]["shape"].startswith(conv)
+    assert len(ran) == 4
 
 
 def test_an_idle_machine_is_not_contended(monkeypatch):
@@ -249,8 +265,14 @@ def test_the_limit_is_achieved_flops_over_the_measured_peak(quick_run):
     assert peak["matmul"]["flops_per_s"] == pytest.approx(2 * n ** 3 / 0.5)
     assert peak["matmul"]["flops_per_s_median"] == pytest.approx(2 * n ** 3 / 0.75)
     assert peak["peak_flops_per_s"] == max(peak["matmul"]["flops_per_s"], peak["conv2d"]["flops_per_s"])
-    assert peak["matmul_bf16"]["dtype"] == "bfloat16" and peak["matmul_bf16"]["flops"] == 2 * n ** 3
-    assert peak["peak_flops_per_s_bf16"] == pytest.approx(max(2 * n ** 3 / 0.125, peak["conv2d"]["flops"] / 0.1))
+    # bf16: the same ops on a CPU with a bf16 unit; 4x smaller matmul sides, 1/4 the batch and 1/2 the side of the
+    # conv where bf16 is emulated (PEAK_BF16_EMULATED_SHRINK = 4: 64x and 16x fewer FLOPs)
+    native = bool(metrics["hardware"]["cpu_bf16_units"])
+    n16, conv_share = (n, 1) if native else (n // 4, 1 / 16)
+    assert bench.PEAK_BF16_EMULATED_SHRINK == 4
+    assert peak["matmul_bf16"]["dtype"] == "bfloat16" and peak["matmul_bf16"]["flops"] == 2 * n16 ** 3
+    assert peak["conv2d_bf16"]["flops"] == peak["conv2d"]["flops"] * conv_share
+    assert peak["peak_flops_per_s_bf16"] == pytest.approx(max(2 * n16 ** 3 / 0.125, peak["conv2d_bf16"]["flops"] / 0.1))
     # each configuration's share is of its own precision's peak: bf16_autocast's of the bf16 one
     rows = {r["config"]: r for r in lim["configs"]}
     assert rows["+ bf16_autocast"]["precision"] == "bf16" and rows["+ fused_qkv"]["precision"] == "fp32"
