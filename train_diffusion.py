@@ -1179,8 +1179,7 @@ class Trainer:
             weights = torch.where(places.any(1, keepdim=True), places.float(), torch.ones_like(places, dtype=torch.float))
             prefer = torch.rand(size, generator=self.gen) < args.place_captions
             which = torch.where(prefer, torch.multinomial(weights, 1, generator=self.gen)[:, 0], which)
-        share = self.place_focus_share()
-        focus = round(share * size)
+        focus = round(self.place_focus_share() * size)
         if focus:  # the first rows: single-object place captions at noisy timesteps (drawn only when asked)
             pick = self.focus[torch.randint(len(self.focus), (focus,), generator=self.gen)]
             idx[:focus], which[:focus] = pick[:, 0], pick[:, 1]

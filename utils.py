@@ -1312,16 +1312,16 @@ def _warm_start_text(ws: dict | None) -> str:
 
 def _caption_draw_text(a: dict) -> str:
     """The card's words for train_diffusion's --place-captions, --place-focus and --place-focus-after (a run's
-    config; empty when none was set)."""
+    config, whose place_focus_switch is the parsed --place-focus-after; empty when none was set)."""
     parts = []
     if a.get("place_captions"):
         parts.append(f"with probability {a['place_captions']:g} the caption drawn is one that names a place, where the "
                      "image has one")
     if a.get("place_focus"):
         share = f"{a['place_focus']:.0%}"
-        if a.get("place_focus_after"):
-            steps, after = a["place_focus_after"].split(":")
-            share += f" ({float(after):.0%} from this run's step {int(steps):,} on)"
+        if a.get("place_focus_switch"):  # train_diffusion's parsed --place-focus-after: [steps, share]
+            steps, after = a["place_focus_switch"]
+            share += f" ({after:.0%} from this run's step {steps:,} on)"
         parts.append(f"the first {share} of every batch are single-object images read with a caption that names "
                      f"their place, at timesteps {a['place_focus_min_t']}..999 and never dropped (`--place-focus`)")
     return (" In this run " + "; ".join(parts) + ".") if parts else ""

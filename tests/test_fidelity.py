@@ -202,13 +202,13 @@ def test_model_card_says_how_the_captions_were_drawn():
     plain = model_card("m", log)
     assert "In this run" not in plain  # the shipped f=4 model drew its captions uniformly
     config = dict(log["config"], place_captions=0.8, place_focus=0.5, place_focus_after="1000:0.15",
-                  place_focus_min_t=900)
+                  place_focus_switch=[1000, 0.15], place_focus_min_t=900)
     text = model_card("m", dict(log, config=config))
     assert ("augmentation that would change left/right/top/bottom. In this run with probability 0.8 the caption "
             "drawn is one that names a place, where the image has one; the first 50% (15% from this run's step "
             "1,000 on) of every batch are single-object images read with a caption that names their place, at "
             "timesteps 900..999 and never dropped (`--place-focus`).") in " ".join(text.split())
-    focus_only = model_card("m", dict(log, config=dict(config, place_captions=0, place_focus_after="")))
+    focus_only = model_card("m", dict(log, config=dict(config, place_captions=0, place_focus_after="", place_focus_switch=None)))
     assert "In this run the first 50% of every batch are single-object images" in " ".join(focus_only.split())
 
 
