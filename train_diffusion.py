@@ -1131,9 +1131,12 @@ class Trainer:
         self.autocast = pick_dtype(device, args.dtype) if device.type == "cuda" else None
         self.alphas = self.noise_scheduler.alphas_cumprod.to(device)
         self.state_path = args.ckpt_dir / "state.pt"
+        self.starts: list[dict] = []  # every start of this run: {step, cpu_minutes, args}; kept in the checkpoint
         if self.state_path.is_file():
             self.load()
         self.resumed_from_step = self.step
+        self.starts.append({"step": self.step, "cpu_minutes": round(self.cpu_seconds / 60, 2),
+                            "args": args_as_read(args)})
 
     # ---- checkpoints
     def save(self) -> None:
@@ -1141,7 +1144,7 @@ class Trainer:
                      "ema_unet": self.ema_unet.state_dict(), "ema_text": self.ema_text.state_dict(),
                      "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "gen": self.gen.get_state(),
                      "torch_rng": torch.get_rng_state(), "step": self.step, "seconds": self.seconds,
-                     "cpu_seconds": self.cpu_seconds, "log": self.log}, self.state_path)
+                     "cpu_seconds": self.cpu_seconds, "log": self.log, "starts": self.starts}, self.state_path)
 
     def load(self) -> None:
         state = torch.load(self.state_path, map_location="cpu", weights_only=False)
@@ -1157,6 +1160,7 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
         self.step, self.seconds, self.log = state["step"], state["seconds"], state["log"]
         self.cpu_seconds = state.get("cpu_seconds", state["seconds"])
+        self.starts = state.get("starts", [])  # absent in checkpoints saved before starts were kept
 
     # ---- one step
     def batch(self) -> Batch:
@@ -1520,6 +1524,31 @@ def load_as_float32(folder: Path) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+# Arguments check_args derives from others (each changes with its flag): left out of a resume's changes.
+DERIVED_ARGS = ("vae_widths", "unet_widths", "attention_heads", "snapshot_marks", "place_focus_switch")
+
+
+def args_as_read(args: argparse.Namespace) -> dict:
+    """The training arguments as a reader of the repo would type them (paths relative to it; a design's default is
+    absolute): the training log's "config" and each start's record."""
+    def as_read(v):
+        return repo_path(v) if isinstance(v, Path) or (isinstance(v, str) and os.path.isabs(v)) else v
+
+    return {k: [as_read(x) for x in v] if k == "data" else as_read(v) for k, v in vars(args).items()}
+
+
+def start_history(starts: list[dict]) -> dict:
+    """The training log's "starts": where the run's first recorded start began ("first_step", 0 unless its
+    checkpoint predates this record) and, for every resume, its step, CPU-minutes and the arguments that changed
+    ({name: [before, after]}; `DERIVED_ARGS` and flags the earlier start's code did not have left out), so a card
+    can say what a resumed run really did."""
+    resumes = [{"step": cur["step"], "cpu_minutes": cur["cpu_minutes"],
+                "changed": {k: [prev["args"].get(k), v] for k, v in cur["args"].items()
+                            if k not in DERIVED_ARGS and k in prev["args"] and prev["args"][k] != v}}
+               for prev, cur in zip(starts, starts[1:])]
+    return {"first_step": starts[0]["step"] if starts else 0, "resumes": resumes}
+
+
 def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_start: float) -> dict:
     from diffusers import AutoencoderKL
 
@@ -1538,14 +1567,11 @@ def finish(trainer: Trainer, args, vae_info: dict, n_images: int, device, wall_s
         "final_loss": float(np.mean([r["loss"] for r in log[-1:]])) if log else None,
         "resumed_from_step": trainer.resumed_from_step,
     }
-    def as_read(v):  # paths as a reader of the repo would type them (a design's default is absolute)
-        return repo_path(v) if isinstance(v, Path) or (isinstance(v, str) and os.path.isabs(v)) else v
-
-    config = {k: [as_read(x) for x in v] if k == "data" else as_read(v) for k, v in vars(args).items()}
     training_log = {
-        "config": config, "git_commit": git_commit(), "versions": library_versions(), "device": str(device),
-        "hardware": hardware, "params": info["params"], "vae": vae_info, "scaling_factor": trainer.scaling,
-        "steps": trainer.step, "resumed_from_step": trainer.resumed_from_step,
+        "config": args_as_read(args), "git_commit": git_commit(), "versions": library_versions(),
+        "device": str(device), "hardware": hardware, "params": info["params"], "vae": vae_info,
+        "scaling_factor": trainer.scaling, "steps": trainer.step, "resumed_from_step": trainer.resumed_from_step,
+        "starts": start_history(trainer.starts),
         "warm_start": warm_start_of(args.ckpt_dir),
         "train_seconds": round(trainer.seconds, 1), "cpu_seconds": round(trainer.cpu_seconds, 1),
         "steps_per_second": round(info["steps_per_second"], 3),

@@ -1283,7 +1283,7 @@ augmentation that would change left/right/top/bottom.{_caption_draw_text(a)}
 - text encoder + UNet: {info['steps']} steps of batch {a['batch_size']} ({info['train_minutes']:.1f} min,
   {info['steps_per_second']:.2f} steps/s){_warm_start_text(log.get('warm_start'))}, DDPM noise (linear betas 1e-4..0.02, 1000 steps, {a['prediction_type'].replace('_', '-')}),
   min-SNR-{a['snr_gamma']:g} weighting{_object_weight_text(a)}, AdamW lr {a['lr']:g} (warm-up {a['warmup_steps']},
-  {a.get('lr_schedule', 'cosine')}), EMA (max decay {a['ema_decay']}) weights saved
+  {a.get('lr_schedule', 'cosine')}), EMA (max decay {a['ema_decay']}) weights saved{_resume_text(log.get('starts'))}
 - final loss (mean of the last 10 steps): {info['final_loss']}
 - loss curve, timings and the full configuration: `training_log.json`
 
@@ -1308,6 +1308,28 @@ def _warm_start_text(ws: dict | None) -> str:
         return ""
     return (f", warm-started from `{ws['from']}`'s UNet (its {ws['steps']:,} steps, {ws['cpu_seconds'] / 3600:.2f} "
             f"CPU-hours, before these; a fresh optimiser)")
+
+
+def _resume_text(starts: dict | None) -> str:
+    """The card's line on the run's resumes (`train_diffusion.start_history`): where each began and which
+    arguments it changed, so the configuration above (the last start's) is not read as the whole run's."""
+    if not starts or not starts["resumes"]:
+        return ""
+    def flag(name: str, before, after) -> str:
+        return f"`--{name.replace('_', '-')}` {_arg_text(before)} -> {_arg_text(after)}"
+
+    parts = [f"at step {r['step']:,} ({r['cpu_minutes']:g} CPU-min): "
+             + (", ".join(flag(k, *v) for k, v in r["changed"].items()) or "no argument changed")
+             for r in starts["resumes"]]
+    before = (f"; starts before step {starts['first_step']:,} were not recorded" if starts["first_step"] else "")
+    return (f"\n- resumed {len(parts)} time{'s' if len(parts) > 1 else ''} (the configuration above is the last "
+            f"start's{before}): " + "; ".join(parts))
+
+
+def _arg_text(value) -> str:
+    if isinstance(value, bool) or value is None or value == "":
+        return {True: "on", False: "off", None: "unset", "": "unset"}[value]
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 def _caption_draw_text(a: dict) -> str:

@@ -212,6 +212,20 @@ def test_model_card_says_how_the_captions_were_drawn():
     assert "In this run the first 50% of every batch are single-object images" in " ".join(focus_only.split())
 
 
+def test_model_card_lists_each_resume_and_what_it_changed():
+    log = _training_log()
+    assert "- resumed" not in model_card("m", log) and "- resumed" not in model_card("m", dict(log, starts=None))
+    # the `pf` run of 2026-12-06: resumed with its switch moved (its checkpoint predated the record, hence first_step)
+    starts = {"first_step": 1000, "resumes": [
+        {"step": 1500, "cpu_minutes": 52.3, "changed": {"place_focus_after": ["1000:0.15", "2000:0.15"],
+                                                         "threads": [1, 2], "freeze_text": [True, False]}},
+        {"step": 3000, "cpu_minutes": 90, "changed": {}}]}
+    line = next(x for x in model_card("m", dict(log, starts=starts)).splitlines() if x.startswith("- resumed"))
+    assert line == ("- resumed 2 times (the configuration above is the last start's; starts before step 1,000 were "
+                    "not recorded): at step 1,500 (52.3 CPU-min): `--place-focus-after` 1000:0.15 -> 2000:0.15, "
+                    "`--threads` 1 -> 2, `--freeze-text` on -> off; at step 3,000 (90 CPU-min): no argument changed")
+
+
 def test_model_card_shows_the_learning_curve_and_whether_it_still_rises():
     def point(step, minutes, single, ci):
         score = {"all": single, "all_ci": ci, "shape": 0.5, "color": 0.75, "position": None, "count": 1.0}

@@ -98,6 +98,16 @@ def test_rerun_resumes_from_the_checkpoint_step(tiny_data, tmp_path):
     assert second["vae"] == first["vae"]  # the finished autoencoder stage is loaded, not retrained
     log = json.loads((tmp_path / "b" / "training_log.json").read_text())
     assert log["resumed_from_step"] == 2
+    # the resume and the one flag it changed are recorded, and the card says so (the config is the last start's)
+    assert log["starts"]["first_step"] == 0
+    [resume] = log["starts"]["resumes"]
+    assert resume["step"] == 2 and resume["changed"] == {"max_steps": [2, 3], "out": [str(tmp_path / "a"),
+                                                                                        str(tmp_path / "b")]}
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "- resumed 1 time (the configuration above is the last start's): at step 2 (" in card
+    assert "`--max-steps` 2 -> 3" in card
+    first = json.loads((tmp_path / "a" / "training_log.json").read_text())
+    assert first["starts"] == {"first_step": 0, "resumes": []} and "- resumed" not in (tmp_path / "a" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
