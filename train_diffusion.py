@@ -1543,7 +1543,7 @@ def start_history(starts: list[dict]) -> dict:
     ({name: [before, after]}; `DERIVED_ARGS` and flags the earlier start's code did not have left out), so a card
     can say what a resumed run really did."""
     resumes = [{"step": cur["step"], "cpu_minutes": cur["cpu_minutes"],
-                "changed": {k: [prev["args"].get(k), v] for k, v in cur["args"].items()
+                "changed": {k: [prev["args"][k], v] for k, v in cur["args"].items()
                             if k not in DERIVED_ARGS and k in prev["args"] and prev["args"][k] != v}}
                for prev, cur in zip(starts, starts[1:])]
     return {"first_step": starts[0]["step"] if starts else 0, "resumes": resumes}

@@ -1318,11 +1318,9 @@ def _resume_text(starts: dict | None) -> str:
     arguments it changed, so the configuration above (the last start's) is not read as the whole run's."""
     if not starts or not starts["resumes"]:
         return ""
-    def flag(name: str, before, after) -> str:
-        return f"`--{name.replace('_', '-')}` {_arg_text(before)} -> {_arg_text(after)}"
-
     parts = [f"at step {r['step']:,} ({r['cpu_minutes']:g} CPU-min): "
-             + (", ".join(flag(k, *v) for k, v in r["changed"].items()) or "no argument changed")
+             + (", ".join(f"`--{k.replace('_', '-')}` {_arg_text(a)} -> {_arg_text(b)}"
+                          for k, (a, b) in r["changed"].items()) or "no argument changed")
              for r in starts["resumes"]]
     before = (f"; starts before step {starts['first_step']:,} were not recorded" if starts["first_step"] else "")
     return (f"\n- resumed {len(parts)} time{'s' if len(parts) > 1 else ''} (the configuration above is the last "
@@ -1330,8 +1328,11 @@ def _resume_text(starts: dict | None) -> str:
 
 
 def _arg_text(value) -> str:
-    if isinstance(value, bool) or value is None or value == "":
-        return {True: "on", False: "off", None: "unset", "": "unset"}[value]
+    """An argument's value as the card shows it: on / off for switches, unset for None or "", lists comma-joined."""
+    if value is None or value == "":
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
 
 
